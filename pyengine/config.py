@@ -1,0 +1,109 @@
+"""Frozen configuration dataclasses: what the weights are (ModelConfig), how to decode
+(DecodeOptions), and how to run (EngineConfig)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import OptionError
+
+ACTIVATIONS = ("relu", "gelu", "swish")
+POSITION_KINDS = ("sinusoidal_half", "learned", "none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of an encoder-decoder Transformer, read from a checkpoint's own config."""
+
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_heads: int
+    decoder_heads: int
+    encoder_ffn_dim: int
+    decoder_ffn_dim: int
+    src_vocab_size: int
+    tgt_vocab_size: int
+    activation: str
+    pad_id: int
+    eos_id: int
+    decoder_start_id: int
+    max_positions: int
+    embed_scale: float = 1.0
+    positions: str = "sinusoidal_half"  # sin in the first half, cos in the second (Marian)
+    position_offset: int = 0  # added to the position index before the table lookup
+    normalize_before: bool = False  # pre-norm layers
+    encoder_final_norm: bool = False
+    decoder_final_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    shared_embeddings: bool = True  # encoder and decoder read one embedding table
+    tie_output: bool = True  # output projection is the decoder embedding
+    final_logits_bias: bool = False
+    family: str = "hf"  # whose decoding rules apply (stopping, length penalty)
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.positions not in POSITION_KINDS:
+            raise ValueError(f"positions {self.positions!r} is not one of {POSITION_KINDS}")
+        for name in ("encoder", "decoder"):
+            heads = getattr(self, f"{name}_heads")
+            if self.d_model % heads:
+                raise ValueError(f"d_model {self.d_model} is not divisible by {name}_heads {heads}")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding options, named like CTranslate2's; see README for the mapping to HF `generate`."""
+
+    beam_size: int = 1
+    num_hypotheses: int = 1  # n-best returned per input
+    length_penalty: float = 1.0  # score / generated_length ** length_penalty
+    max_decoding_length: int = 256  # generated tokens, EOS included (HF max_new_tokens)
+    min_decoding_length: int = 0  # generated tokens, EOS included (HF min_new_tokens)
+    return_scores: bool = False
+    early_stopping: bool | str = False  # HF's beam stopping rule: False, True or "never"
+    suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
+    forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
+    truncate_input: bool = False  # cut over-long inputs instead of refusing them
+    max_input_length: int | None = None  # source tokens, EOS included; None = model positions
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise OptionError(f"beam_size must be an integer >= 1, got {self.beam_size!r}")
+        if not isinstance(self.num_hypotheses, int) or not 1 <= self.num_hypotheses <= self.beam_size:
+            raise OptionError(
+                f"num_hypotheses must be between 1 and beam_size ({self.beam_size}), got {self.num_hypotheses!r}")
+        if not isinstance(self.max_decoding_length, int) or self.max_decoding_length < 1:
+            raise OptionError(f"max_decoding_length must be an integer >= 1, got {self.max_decoding_length!r}")
+        if not isinstance(self.min_decoding_length, int) or not 0 <= self.min_decoding_length <= self.max_decoding_length:
+            raise OptionError(f"min_decoding_length must be between 0 and max_decoding_length "
+                              f"({self.max_decoding_length}), got {self.min_decoding_length!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise OptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not isinstance(self.length_penalty, (int, float)):
+            raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+    def replace(self, **changes: Any) -> "DecodeOptions":
+        """A copy with `changes`; an unknown option name is an error that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise OptionError(f"unknown decoding option(s) {unknown}; known options: {sorted(known)}")
+        if "suppress_tokens" in changes:
+            changes["suppress_tokens"] = tuple(changes["suppress_tokens"])
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs: device, dtype, backend and batching budget."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    backend: str = "auto"  # "auto", "torch" or "triton"
+    max_batch_tokens: int = 8192  # padded source tokens × beam per batch
+    max_batch_size: int = 64  # sentences per batch

@@ -1,0 +1,196 @@
+"""Greedy and beam search over the model's decoder, with Hugging Face's rules for HF checkpoints.
+
+Beam search keeps, per sentence, `beam` running hypotheses and a set of `beam` finished ones.
+Each step scores 2×beam candidates over beam × vocab; candidates ending in EOS (or at the length
+limit) among the first `beam` enter the finished set with score / length ** length_penalty;
+the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its
+worst finished one (HF's heuristic), and its rows are then dropped from the batch and the cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DecodeOptions
+from .model import Memory, Transformer
+
+NEG = -1.0e9  # HF's "excluded" score
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # generated ids without the start token and without EOS
+    score: float
+
+
+def process_log_probs(logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
+    """Apply the logits processors HF would apply for these options (in place), for generated-token index `step`."""
+    if opts.suppress_tokens:
+        logp[:, list(opts.suppress_tokens)] = float("-inf")
+    if step < opts.min_decoding_length:
+        logp[:, eos] = float("-inf")
+    if opts.forced_eos and step == opts.max_decoding_length - 1:
+        logp.fill_(float("-inf"))
+        logp[:, eos] = 0.0
+    return logp
+
+
+def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
+                  dtype: torch.dtype) -> list[list[Hypothesis]]:
+    """Argmax decoding; finished rows leave the batch at once."""
+    batch = memory.kv.shape[0]
+    device = memory.kv.device
+    cache = model.new_cache(batch, opts.max_decoding_length, device, dtype)
+    alive = torch.arange(batch, device=device)  # sentence index of each row
+    tokens = torch.full((batch, 1), start_id, dtype=torch.long, device=device)
+    history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
+    scores = torch.zeros(batch, dtype=torch.float32, device=device)
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    for step in range(opts.max_decoding_length):
+        logits = model.decode(tokens, step, cache, memory)[:, -1]
+        logp = process_log_probs(torch.log_softmax(logits, dim=-1), step, opts, eos_id)
+        nxt = process_log_probs(logits, step, opts, eos_id).argmax(dim=-1)  # HF takes argmax of processed logits
+        scores += logp.gather(1, nxt[:, None])[:, 0]
+        history[:, step] = nxt
+        done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
+        if bool(done.any()):
+            for row in done.nonzero()[:, 0].tolist():
+                n = step + 1
+                toks = history[row, :n].tolist()
+                if toks and toks[-1] == eos_id:
+                    toks = toks[:-1]
+                results[int(alive[row])] = [Hypothesis(toks, float(scores[row]) / (n ** opts.length_penalty))]
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            alive, history, scores, nxt = alive[keep], history[keep], scores[keep], nxt[keep]
+            cache.select(keep)
+            memory = memory.select(keep)
+        tokens = nxt[:, None]
+    return results
+
+
+class BeamState:
+    """Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...); B shrinks as sentences finish."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+        self.beam, self.max_len = beam, max_len
+        self.sentence = torch.arange(batch, device=device)  # caller's index of each live sentence
+        self.run_scores = torch.full((batch, beam), NEG, device=device)
+        self.run_scores[:, 0] = 0.0  # only the first beam is live at the start
+        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.fin_scores = torch.full((batch, beam), NEG, device=device)
+        self.fin_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.fin_len = torch.zeros(batch, beam, dtype=torch.long, device=device)
+        self.fin_flag = torch.zeros(batch, beam, dtype=torch.bool, device=device)
+        self.open = torch.ones(batch, dtype=torch.bool, device=device)  # HF: early-stop heuristic unsatisfied
+
+    def step(self, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """logp (B·K, V) processed log-probs → (parent row per new row (B·K,), next token (B·K,))."""
+        b, k = self.run_scores.shape
+        vocab = logp.shape[-1]
+        acc = (logp.view(b, k, vocab) + self.run_scores[:, :, None]).view(b, k * vocab)
+        top_scores, top_idx = torch.topk(acc, 2 * k)  # (B, 2K)
+        parent = torch.div(top_idx, vocab, rounding_mode="floor")
+        token = top_idx % vocab
+        cand_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, 2 * k, self.max_len)).clone()
+        cand_hist[:, :, step] = token
+        hits = (token == eos) | (step + 1 >= self.max_len)
+
+        # the best `beam` candidates that did not finish continue
+        run_scores = top_scores + hits.float() * NEG
+        keep = torch.topk(run_scores, k).indices
+        self.run_scores = run_scores.gather(1, keep)
+        self.run_hist = cand_hist.gather(1, keep[:, :, None].expand(b, k, self.max_len))
+        next_parent = parent.gather(1, keep)
+        next_token = token.gather(1, keep)
+
+        # finished candidates among the first `beam` compete for the finished set
+        cand = top_scores / float((step + 1) ** opts.length_penalty)
+        if opts.early_stopping is True:
+            cand = cand + (self.fin_flag.all(dim=1, keepdim=True)).float() * NEG
+        cand = cand + (~self.open[:, None]).float() * NEG
+        first_k = torch.zeros(2 * k, dtype=torch.bool, device=cand.device)
+        first_k[:k] = True
+        just_finished = hits & first_k[None, :]
+        cand = cand + (~just_finished).float() * NEG
+        merged_scores = torch.cat([self.fin_scores, cand], dim=1)
+        pick = torch.topk(merged_scores, k).indices
+        self.fin_scores = merged_scores.gather(1, pick)
+        self.fin_hist = torch.cat([self.fin_hist, cand_hist], 1).gather(1, pick[:, :, None].expand(b, k, self.max_len))
+        cand_len = torch.full((b, 2 * k), step + 1, dtype=torch.long, device=cand.device)
+        self.fin_len = torch.cat([self.fin_len, cand_len], 1).gather(1, pick)
+        self.fin_flag = torch.cat([self.fin_flag, just_finished], 1).gather(1, pick)
+
+        # HF's heuristic: can the best running hypothesis still beat the worst finished one?
+        if opts.early_stopping == "never" and opts.length_penalty > 0:
+            best_len = self.max_len
+        else:
+            best_len = step + 1
+        best_possible = self.run_scores[:, :1] / float(best_len ** opts.length_penalty)
+        worst = torch.where(self.fin_flag, self.fin_scores.min(dim=1, keepdim=True).values, torch.tensor(NEG))
+        self.open &= (best_possible > worst).any(dim=1)
+        rows = (next_parent + torch.arange(b, device=cand.device)[:, None] * k).view(-1)
+        return rows, next_token.view(-1)
+
+    def done(self, opts: DecodeOptions) -> torch.Tensor:
+        """(B,) sentences whose finished set can no longer change."""
+        full = self.fin_flag.all(dim=1) if opts.early_stopping is True else torch.zeros_like(self.open)
+        return ~self.open | full
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for r in rows.tolist():
+            hyps = []
+            for j in range(opts.num_hypotheses):
+                n = int(self.fin_len[r, j])
+                toks = self.fin_hist[r, j, :n].tolist()
+                if toks and toks[-1] == eos:
+                    toks = toks[:-1]
+                hyps.append(Hypothesis(toks, float(self.fin_scores[r, j])))
+            out.append((int(self.sentence[r]), hyps))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for name in ("sentence", "run_scores", "run_hist", "fin_scores", "fin_hist", "fin_len", "fin_flag", "open"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
+def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
+                dtype: torch.dtype) -> list[list[Hypothesis]]:
+    """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch."""
+    batch, k = memory.kv.shape[0], opts.beam_size
+    device = memory.kv.device
+    state = BeamState(batch, k, opts.max_decoding_length, device)
+    cache = model.new_cache(batch * k, opts.max_decoding_length, device, dtype)
+    tokens = torch.full((batch * k, 1), start_id, dtype=torch.long, device=device)
+    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    for step in range(opts.max_decoding_length):
+        logits = model.decode(tokens, step, cache, memory)[:, -1]
+        logp = process_log_probs(torch.log_softmax(logits, dim=-1), step, opts, eos_id)
+        rows, nxt = state.step(logp, step, opts, eos_id)
+        done = state.done(opts)
+        if step + 1 >= opts.max_decoding_length:
+            done = torch.ones_like(done)
+        if bool(done.any()):
+            for sentence, hyps in state.results(done.nonzero()[:, 0], opts, eos_id):
+                results[sentence] = hyps
+            keep = (~done).nonzero()[:, 0]
+            if keep.numel() == 0:
+                break
+            state.keep(keep)
+            memory = memory.select(keep)
+            # parent rows still index the pre-drop cache, so one select both drops and reorders
+            rows, nxt = rows.view(-1, k)[keep].view(-1), nxt.view(-1, k)[keep].view(-1)
+        cache.select(rows)
+        tokens = nxt[:, None]
+    return results
+
+
+def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
+           dtype: torch.dtype) -> list[list[Hypothesis]]:
+    """Greedy for beam 1, beam search otherwise."""
+    if opts.beam_size == 1:
+        return greedy_search(model, memory, opts, start_id, eos_id, dtype)
+    return beam_search(model, memory, opts, start_id, eos_id, dtype)

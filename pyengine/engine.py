@@ -1,0 +1,180 @@
+"""The user-facing engine: load a checkpoint, batch inputs, encode, decode, detokenize."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .batching import plan_batches, restore_order
+from .config import DecodeOptions, EngineConfig, ModelConfig
+from .decoding import Hypothesis, search
+from .errors import InputError, OptionError, PyEngineError
+from .loaders import load_model
+from .model import Transformer
+from .ops import resolve_ops
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class Translation:
+    """n-best result for one input: target ids (no start token, no EOS), scores, and detokenized text."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+    hypotheses: list[str]
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """'default' names the model shipped with the package; anything else is a path."""
+    if str(path) == "default":
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise PyEngineError(f"the default model is not installed (expected it in {DEFAULT_MODEL_DIR})")
+        return DEFAULT_MODEL_DIR
+    return Path(path).expanduser()
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype not in DTYPES:
+        raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX), where bf16 is the fast path."""
+    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2"
+    if "AVX512" not in capability:
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+class Engine:
+    """A loaded model ready to translate. Build with `Engine.load(path)`."""
+
+    def __init__(self, model: Transformer, config: ModelConfig, defaults: DecodeOptions, tokenizer: Any,
+                 engine_config: EngineConfig, backends: dict[str, str], source: str):
+        self.model, self.config, self.defaults = model, config, defaults
+        self.tokenizer, self.engine_config = tokenizer, engine_config
+        self.backends, self.source = backends, source
+
+    @classmethod
+    def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
+             dtype: torch.dtype | str = torch.float32, backend: str = "auto", **engine_options: Any) -> "Engine":
+        """Load a model directory (format detected from its files) onto `device` in `dtype`."""
+        device = torch.device(device)
+        known = {f.name for f in dataclasses.fields(EngineConfig)} - {"device", "dtype", "backend"}
+        unknown = sorted(set(engine_options) - known)
+        if unknown:
+            raise OptionError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        engine_config = EngineConfig(device=device, dtype=resolve_dtype(dtype), backend=backend, **engine_options)
+        ops, backends = resolve_ops(backend, device)
+        loaded = load_model(resolve_model_path(path))
+        with torch.device("meta"):
+            model = Transformer(loaded.config, ops)
+        model.load_weights(loaded.state, engine_config.dtype, device)
+        model.eval()
+        return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source)
+
+    # -- public API ----------------------------------------------------------------------------
+    def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
+        """Best translation of each text."""
+        return [t.hypotheses[0] for t in self.translate_batch(texts, **options)]
+
+    def translate_batch(self, texts: Sequence[str], **options: Any) -> list[Translation]:
+        """n-best translations (ids, scores, text) of each text, in the caller's order."""
+        if self.tokenizer is None:
+            raise PyEngineError(f"{self.source}: no tokenizer files were found; use generate() with token ids")
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
+        opts = self.options(**options)
+        ids: list[list[int] | None] = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InputError(f"expected str, got {type(text).__name__}", index=i)
+            ids.append(self.tokenizer.encode(text) if text.strip() else None)  # blank text translates to ""
+        results = self._generate([x for x in ids if x is not None], opts)
+        it = iter(results)
+        out = []
+        for x in ids:
+            if x is None:
+                out.append(Translation([[]] * opts.num_hypotheses, [0.0] * opts.num_hypotheses,
+                                       [""] * opts.num_hypotheses))
+                continue
+            hyps = next(it)
+            out.append(Translation([h.tokens for h in hyps], [h.score for h in hyps],
+                                   [self.tokenizer.decode(h.tokens) for h in hyps]))
+        return out
+
+    def generate(self, source_ids: Sequence[Sequence[int]], **options: Any) -> list[Translation]:
+        """Decode from source token ids (EOS included, as the tokenizer makes them)."""
+        opts = self.options(**options)
+        if isinstance(source_ids, (str, bytes)) or not isinstance(source_ids, Sequence):
+            raise InputError(f"source_ids must be a list of lists of ints, got {type(source_ids).__name__}")
+        checked = []
+        for i, seq in enumerate(source_ids):
+            if not isinstance(seq, Sequence) or isinstance(seq, (str, bytes)) or not seq:
+                raise InputError("expected a non-empty list of token ids", index=i)
+            if not all(isinstance(t, int) and 0 <= t < self.config.src_vocab_size for t in seq):
+                raise InputError(f"token ids must be ints in [0, {self.config.src_vocab_size})", index=i)
+            checked.append(list(seq))
+        results = self._generate(checked, opts)
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda toks: "")
+        return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps])
+                for hyps in results]
+
+    def options(self, **options: Any) -> DecodeOptions:
+        """The model's default decoding options with `options` applied (unknown names are an error)."""
+        opts = self.defaults.replace(**options)
+        if "beam_size" in options and "num_hypotheses" not in options:
+            opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
+        if opts.max_decoding_length > self.config.max_positions:
+            raise OptionError(f"max_decoding_length {opts.max_decoding_length} exceeds the model's "
+                              f"{self.config.max_positions} target positions")
+        return opts
+
+    # -- internals -----------------------------------------------------------------------------
+    def _check_lengths(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[int]]:
+        limit = min(opts.max_input_length or self.config.max_positions, self.config.max_positions)
+        out = []
+        for i, seq in enumerate(ids):
+            if len(seq) > limit:
+                if not opts.truncate_input:
+                    raise InputError(f"{len(seq)} tokens exceed the limit of {limit} "
+                                     "(pass truncate_input=True to cut it)", index=i)
+                seq = seq[: limit - 1] + [seq[-1]]  # keep the closing EOS
+            out.append(seq)
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[Hypothesis]]:
+        if not ids:
+            return []
+        ids = self._check_lengths(ids, opts)
+        cfg, ec = self.config, self.engine_config
+        batches = plan_batches([len(x) for x in ids], ec.max_batch_tokens, ec.max_batch_size, opts.beam_size)
+        outputs = [self._run_batch([ids[i] for i in batch], opts) for batch in batches]
+        return restore_order(batches, outputs, len(ids))
+
+    def _run_batch(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[Hypothesis]]:
+        cfg, device = self.config, self.engine_config.device
+        lengths = torch.tensor([len(x) for x in ids], device=device)
+        src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
+        for i, seq in enumerate(ids):
+            src[i, : len(seq)] = torch.tensor(seq, device=device)
+        hidden, mask = self.model.encode(src, lengths)
+        memory = self.model.memory(hidden, mask)
+        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype)

@@ -1,0 +1,33 @@
+"""Checkpoint formats, one module each; `find_loader` picks the one whose `detect` accepts a path."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UnknownFormatError
+from . import marian_hf
+from .common import FormatLoader, LoadedModel
+
+FORMATS: tuple[FormatLoader, ...] = (
+    FormatLoader("hf-marian", marian_hf.detect, marian_hf.load,
+                 "config.json with model_type 'marian' (MarianMTModel.save_pretrained)"),
+)
+
+
+def find_loader(path: Path) -> FormatLoader:
+    """The loader for a model directory; an error listing what was looked for when none applies."""
+    if not path.exists():
+        raise UnknownFormatError(f"{path}: no such file or directory")
+    for fmt in FORMATS:
+        if fmt.detect(path):
+            return fmt
+    looked = "; ".join(f"{f.name}: {f.looks_for}" for f in FORMATS)
+    present = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else [path.name]
+    raise UnknownFormatError(f"{path}: no known model format. Looked for: {looked}. Found: {present}")
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Detect the format of `path` and load it."""
+    return find_loader(path).load(path)
+
+
+__all__ = ["FORMATS", "LoadedModel", "find_loader", "load_model"]

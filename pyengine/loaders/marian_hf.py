@@ -1,0 +1,163 @@
+"""Hugging Face Marian (OPUS-MT) directories written by `MarianMTModel.save_pretrained`.
+
+Reads config.json and generation_config.json; tensors from model.safetensors or pytorch_model.bin.
+Semantics follow HF's MarianMTModel (the reference): post-norm layers, no final or embedding
+norm, embeddings × √d when scale_embedding, Marian's half-sin/half-cos positions from 0,
+final_logits_bias, decoding from decoder_start_token_id (= pad).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..config import DecodeOptions, ModelConfig
+from ..errors import CheckpointError
+from .common import LoadedModel, TensorSource, fuse, read_json, read_tensors
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ACTIVATION_NAMES = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
+
+
+def detect(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return read_json(cfg).get("model_type") == "marian"
+    except CheckpointError:
+        return False
+
+
+def _weights_file(path: Path) -> Path:
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    if any(path.glob("model-*.safetensors")):
+        raise CheckpointError(f"{path}: sharded safetensors checkpoints are not supported yet")
+    raise CheckpointError(f"{path}: no weights file; looked for {list(WEIGHT_FILES)}")
+
+
+def model_config(raw: dict, origin: str) -> ModelConfig:
+    """ModelConfig from a Marian config.json, refusing settings HF's MarianMTModel would not honour."""
+    for key in ("normalize_before", "normalize_embedding", "add_final_layer_norm"):
+        if raw.get(key):
+            raise CheckpointError(f"{origin}: config sets {key}=true, which Hugging Face's MarianMTModel "
+                                  "(the reference for this format) ignores; refusing to guess its meaning")
+    if raw.get("static_position_embeddings") is False:
+        raise CheckpointError(f"{origin}: learned positions (static_position_embeddings=false) are not Marian's")
+    act = raw.get("activation_function", "gelu")
+    if act not in ACTIVATION_NAMES:
+        raise CheckpointError(f"{origin}: unsupported activation_function {act!r}; "
+                              f"supported: {sorted(ACTIVATION_NAMES)}")
+    d = raw["d_model"]
+    vocab = raw["vocab_size"]
+    shared = raw.get("share_encoder_decoder_embeddings", True)
+    tgt_vocab = vocab if shared else (raw.get("decoder_vocab_size") or vocab)
+    eos = raw.get("eos_token_id", 0)
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise CheckpointError(f"{origin}: several eos_token_id values {eos} are not supported")
+        eos = eos[0]
+    return ModelConfig(
+        d_model=d, encoder_layers=raw["encoder_layers"], decoder_layers=raw["decoder_layers"],
+        encoder_heads=raw["encoder_attention_heads"], decoder_heads=raw["decoder_attention_heads"],
+        encoder_ffn_dim=raw["encoder_ffn_dim"], decoder_ffn_dim=raw["decoder_ffn_dim"],
+        src_vocab_size=vocab, tgt_vocab_size=tgt_vocab, activation=ACTIVATION_NAMES[act],
+        pad_id=raw["pad_token_id"], eos_id=eos, decoder_start_id=raw.get("decoder_start_token_id", raw["pad_token_id"]),
+        max_positions=raw.get("max_position_embeddings", 1024),
+        embed_scale=math.sqrt(d) if raw.get("scale_embedding", False) else 1.0,
+        positions="sinusoidal_half", normalize_before=False, layer_norm_eps=1e-5,
+        shared_embeddings=shared, tie_output=raw.get("tie_word_embeddings", True), final_logits_bias=True,
+        family="hf")
+
+
+def decode_defaults(gen: dict, cfg: ModelConfig) -> DecodeOptions:
+    """DecodeOptions from generation_config.json, in HF's meaning of each field."""
+    max_length = gen.get("max_length", 20)  # HF's default when the file does not say
+    max_new = gen.get("max_new_tokens") or max(1, max_length - 1)  # HF counts the start token in max_length
+    min_new = gen.get("min_new_tokens") or max(0, gen.get("min_length", 0) - 1)
+    bad_words = gen.get("bad_words_ids") or []
+    if any(len(seq) != 1 for seq in bad_words):
+        raise CheckpointError("bad_words_ids with multi-token sequences are not supported yet")
+    forced_eos = gen.get("forced_eos_token_id")
+    beam = gen.get("num_beams", 1)
+    return DecodeOptions(
+        beam_size=beam, num_hypotheses=1, length_penalty=gen.get("length_penalty", 1.0),
+        max_decoding_length=max_new, min_decoding_length=min(min_new, max_new),
+        early_stopping=gen.get("early_stopping", False), suppress_tokens=tuple(s[0] for s in bad_words),
+        forced_eos=forced_eos is not None and forced_eos in (cfg.eos_id, [cfg.eos_id]))
+
+
+def tensor_map(src: TensorSource, cfg: ModelConfig) -> dict:
+    """HF Marian names → pyengine names, with q/k/v (self) and k/v (cross) fused."""
+    d, ff_e, ff_d = cfg.d_model, cfg.encoder_ffn_dim, cfg.decoder_ffn_dim
+    out = {}
+    if cfg.shared_embeddings:
+        out["src_embed.weight"] = src.first(
+            ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
+            + (["lm_head.weight"] if cfg.tie_output else []), (cfg.src_vocab_size, d))
+    else:
+        out["src_embed.weight"] = src.first(["model.encoder.embed_tokens.weight"], (cfg.src_vocab_size, d))
+        out["tgt_embed.weight"] = src.first(["model.decoder.embed_tokens.weight"]
+                                            + (["lm_head.weight"] if cfg.tie_output else []), (cfg.tgt_vocab_size, d))
+        src.ignore(["model.shared.weight"])  # HF keeps a copy of the encoder table under this name
+    if not cfg.tie_output:
+        out["lm_head.weight"] = src.get("lm_head.weight", (cfg.tgt_vocab_size, d))
+    out["final_logits_bias"] = src.get("final_logits_bias", (1, cfg.tgt_vocab_size))[0]
+    src.ignore(["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"])  # recomputed
+
+    def linear(prefix: str, shape: tuple[int, int]):
+        return src.get(f"{prefix}.weight", shape), src.get(f"{prefix}.bias", shape[:1])
+
+    def norm(ours: str, theirs: str):
+        out[f"{ours}.weight"] = src.get(f"{theirs}.weight", (d,))
+        out[f"{ours}.bias"] = src.get(f"{theirs}.bias", (d,))
+
+    def self_attn(ours: str, theirs: str):
+        (qw, qb), (kw, kb), (vw, vb) = (linear(f"{theirs}.{p}_proj", (d, d)) for p in "qkv")
+        out[f"{ours}.qkv.weight"], out[f"{ours}.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
+        out[f"{ours}.out.weight"], out[f"{ours}.out.bias"] = linear(f"{theirs}.out_proj", (d, d))
+
+    def ffn(ours: str, theirs: str, ff: int):
+        out[f"{ours}.fc1.weight"], out[f"{ours}.fc1.bias"] = linear(f"{theirs}.fc1", (ff, d))
+        out[f"{ours}.fc2.weight"], out[f"{ours}.fc2.bias"] = linear(f"{theirs}.fc2", (d, ff))
+
+    for i in range(cfg.encoder_layers):
+        ours, theirs = f"encoder_layers.{i}", f"model.encoder.layers.{i}"
+        self_attn(f"{ours}.self_attn", f"{theirs}.self_attn")
+        norm(f"{ours}.self_attn_norm", f"{theirs}.self_attn_layer_norm")
+        ffn(f"{ours}.ffn", theirs, ff_e)
+        norm(f"{ours}.ffn_norm", f"{theirs}.final_layer_norm")
+    for i in range(cfg.decoder_layers):
+        ours, theirs = f"decoder_layers.{i}", f"model.decoder.layers.{i}"
+        self_attn(f"{ours}.self_attn", f"{theirs}.self_attn")
+        norm(f"{ours}.self_attn_norm", f"{theirs}.self_attn_layer_norm")
+        (qw, qb), (kw, kb), (vw, vb) = (linear(f"{theirs}.encoder_attn.{p}_proj", (d, d)) for p in "qkv")
+        out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
+        out[f"{ours}.cross_attn.kv.weight"], out[f"{ours}.cross_attn.kv.bias"] = fuse(kw, vw), fuse(kb, vb)
+        out[f"{ours}.cross_attn.out.weight"], out[f"{ours}.cross_attn.out.bias"] = linear(
+            f"{theirs}.encoder_attn.out_proj", (d, d))
+        norm(f"{ours}.cross_attn_norm", f"{theirs}.encoder_attn_layer_norm")
+        ffn(f"{ours}.ffn", theirs, ff_d)
+        norm(f"{ours}.ffn_norm", f"{theirs}.final_layer_norm")
+    return out
+
+
+def load(path: Path) -> LoadedModel:
+    from ..tokenizer import MarianTokenizer
+
+    raw = read_json(path / "config.json")
+    origin = str(path)
+    try:
+        cfg = model_config(raw, origin)
+    except KeyError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: missing field {exc.args[0]!r}") from None
+    gen_file = path / "generation_config.json"
+    gen = read_json(gen_file) if gen_file.is_file() else {}
+    weights = _weights_file(path)
+    src = TensorSource(read_tensors(weights), str(weights))
+    state = tensor_map(src, cfg)
+    src.check_all_consumed()
+    tokenizer = MarianTokenizer.from_dir(path, cfg) if (path / "source.spm").is_file() else None
+    return LoadedModel(config=cfg, state=state, defaults=decode_defaults(gen, cfg), tokenizer=tokenizer,
+                       source=f"hf-marian:{path}")

@@ -1,0 +1,278 @@
+"""The encoder-decoder Transformer for inference: one file, no training code.
+
+Shapes: B sentences, N = B × beam decoder rows, S source length, T target tokens in a step,
+H heads, Dh head dim, D model dim, L decoder layers, V target vocabulary.
+Weights are assigned by `load_weights` from a loader's state dict in the names used here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .errors import CheckpointError
+
+
+def sinusoid_half(n_positions: int, dim: int) -> torch.Tensor:
+    """Marian/XLM table: angle pos / 10000^(2⌊j/2⌋/dim); sin of even j in the first half, cos of odd j after."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    j = torch.arange(dim, dtype=torch.float64)
+    angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+    sentinel = (dim + 1) // 2
+    out = torch.empty(n_positions, dim, dtype=torch.float64)
+    out[:, :sentinel] = torch.sin(angle[:, 0::2])
+    out[:, sentinel:] = torch.cos(angle[:, 1::2])
+    return out.float()
+
+
+class KVCache:
+    """Preallocated decoder self-attention cache (N, L, 2, H, T_max, Dh); rows move together."""
+
+    def __init__(self, rows: int, layers: int, heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(rows, layers, 2, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (N, H, T, Dh) at positions start.. and return the cached (N, H, start+T, Dh) views."""
+        end = start + k.shape[2]
+        if end > self.buffer.shape[4]:
+            raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.buffer.shape[4]}")
+        self.buffer[:, layer, 0, :, start:end] = k
+        self.buffer[:, layer, 1, :, start:end] = v
+        return self.buffer[:, layer, 0, :, :end], self.buffer[:, layer, 1, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
+        self.buffer = self.buffer.index_select(0, rows)
+
+
+class Memory:
+    """Encoder output prepared for decoding: cross-attention K/V per sentence, computed once.
+
+    kv: (B, L, 2, H, S, Dh), one copy per sentence shared by its beams; mask: (B, 1, 1, S) True = token.
+    """
+
+    def __init__(self, kv: torch.Tensor, mask: torch.Tensor):
+        self.kv, self.mask = kv, mask
+
+    def select(self, sentences: torch.Tensor) -> "Memory":
+        return Memory(self.kv.index_select(0, sentences), self.mask.index_select(0, sentences))
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.bias = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with the q, k, v projections fused into one (3D, D) matrix."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
+        return q, k, v
+
+    def merge(self, ctx: torch.Tensor) -> torch.Tensor:
+        b, h, t, dh = ctx.shape
+        return F.linear(ctx.transpose(1, 2).reshape(b, t, h * dh), self.out.weight, self.out.bias)
+
+
+class CrossAttention(nn.Module):
+    """Encoder-decoder attention: queries per decoder row, K/V per sentence (fused (2D, D) projection)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) → (B, 2, H, S, Dh)."""
+        b, s, _ = memory.shape
+        kv = F.linear(memory, self.kv.weight, self.kv.bias).view(b, s, 2, self.heads, self.head_dim)
+        return kv.permute(0, 2, 3, 1, 4)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+        """x (N, T, D) with N = B × beam; kv (B, 2, H, S, Dh); beams become extra query rows of their sentence."""
+        n, t, d = x.shape
+        b = kv.shape[0]
+        beam = n // b
+        q = F.linear(x, self.q.weight, self.q.bias).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
+        ctx = ops.attention(q, kv[:, 0], kv[:, 1], mask)  # (B, H, beam·T, Dh)
+        ctx = ctx.transpose(1, 2).reshape(n, t, d)
+        return F.linear(ctx, self.out.weight, self.out.bias)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, activation: str):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, dim)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
+        return F.linear(ops.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation),
+                        self.fc2.weight, self.fc2.bias)
+
+
+def _sublayer(x: torch.Tensor, norm: LayerNorm, pre_norm: bool, fn, ops) -> torch.Tensor:
+    """Residual sub-layer: x + fn(LN(x)) (pre-norm) or LN(x + fn(x)) (post-norm)."""
+    if pre_norm:
+        return x + fn(ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps))
+    return ops.add_layer_norm(fn(x), x, norm.weight, norm.bias, norm.eps)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.encoder_heads)
+        self.self_attn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.encoder_ffn_dim, cfg.activation)
+        self.ffn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.pre_norm = cfg.normalize_before
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+        def attend(h):
+            q, k, v = self.self_attn.project(h)
+            return self.self_attn.merge(ops.attention(q, k, v, mask))
+
+        x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend, ops)
+        return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg.d_model, cfg.decoder_heads)
+        self.self_attn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.cross_attn = CrossAttention(cfg.d_model, cfg.decoder_heads)
+        self.cross_attn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.decoder_ffn_dim, cfg.activation)
+        self.ffn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
+        self.pre_norm = cfg.normalize_before
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int,
+                kv: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+        def attend_self(h):
+            q, k, v = self.self_attn.project(h)
+            k_all, v_all = cache.write(layer, k, v, start)
+            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True))
+
+        x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
+        x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, mask, ops), ops)
+        return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
+
+
+class Transformer(nn.Module):
+    """Encoder + decoder + output layer; call `encode` once, then `decode` per step."""
+
+    def __init__(self, cfg: ModelConfig, ops):
+        super().__init__()
+        self.cfg, self.ops = cfg, ops
+        d = cfg.d_model
+        self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
+        self.tgt_embed = None if cfg.shared_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
+        self.lm_head = None if cfg.tie_output else nn.Linear(d, cfg.tgt_vocab_size, bias=False)
+        if cfg.final_logits_bias:
+            self.final_logits_bias = nn.Parameter(torch.empty(cfg.tgt_vocab_size))
+        if cfg.positions == "learned":
+            self.src_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
+            self.tgt_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        if cfg.encoder_final_norm:
+            self.encoder_norm = LayerNorm(d, cfg.layer_norm_eps)
+        if cfg.decoder_final_norm:
+            self.decoder_norm = LayerNorm(d, cfg.layer_norm_eps)
+
+    # -- weights -------------------------------------------------------------------------------
+    def load_weights(self, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+        """Assign every parameter from `state` (our names); missing, extra or mis-shaped tensors are errors."""
+        expected = dict(self.named_parameters())
+        missing = sorted(set(expected) - set(state))
+        extra = sorted(set(state) - set(expected))
+        if missing or extra:
+            raise CheckpointError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}")
+        for name, param in expected.items():
+            tensor = state[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"the config implies {tuple(param.shape)}")
+            module_name, _, leaf = name.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        cfg = self.cfg
+        if cfg.positions == "sinusoidal_half":
+            table = sinusoid_half(cfg.max_positions + cfg.position_offset, cfg.d_model)
+            self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
+        self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).item()
+
+    # -- embeddings ----------------------------------------------------------------------------
+    def _positions(self, side: str, start: int, length: int) -> torch.Tensor:
+        cfg = self.cfg
+        if start + length > cfg.max_positions:
+            raise ValueError(f"position {start + length} exceeds the model's {cfg.max_positions} positions")
+        lo = start + cfg.position_offset
+        if cfg.positions == "sinusoidal_half":
+            return self.sin_positions[lo: lo + length]
+        if cfg.positions == "learned":
+            return getattr(self, f"{side}_positions")[lo: lo + length]
+        return None
+
+    def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int) -> torch.Tensor:
+        x = table(ids) * self.cfg.embed_scale
+        pos = self._positions(side, start, ids.shape[1])
+        return x if pos is None else x + pos
+
+    @property
+    def _tgt_table(self) -> nn.Embedding:
+        return self.src_embed if self.tgt_embed is None else self.tgt_embed
+
+    # -- encoder -------------------------------------------------------------------------------
+    def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """src (B, S) right-padded, lengths (B,) → hidden (B, S, D), key mask (B, 1, 1, S)."""
+        s = src.shape[1]
+        mask = (torch.arange(s, device=src.device)[None, :] < lengths[:, None])[:, None, None, :]
+        x = self._embed(self.src_embed, src, "src", 0)
+        for layer in self.encoder_layers:
+            x = layer(x, mask, self.ops)
+        if self.cfg.encoder_final_norm:
+            x = self.ops.add_layer_norm(x, None, self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps)
+        return x, mask
+
+    def memory(self, hidden: torch.Tensor, mask: torch.Tensor) -> Memory:
+        """Cross-attention K/V of every decoder layer, once per sentence."""
+        kv = torch.stack([layer.cross_attn.memory_kv(hidden) for layer in self.decoder_layers], dim=1)
+        return Memory(kv, mask)
+
+    # -- decoder -------------------------------------------------------------------------------
+    def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        cfg = self.cfg
+        return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
+                       dtype, device)
+
+    def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory) -> torch.Tensor:
+        """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent."""
+        x = self._embed(self._tgt_table, tokens, "tgt", start)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, i, cache, start, memory.kv[:, i], memory.mask, self.ops)
+        if self.cfg.decoder_final_norm:
+            x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
+        weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, weight, self.final_logits_bias if self.cfg.final_logits_bias else None)
+        return logits.float()

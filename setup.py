@@ -1,0 +1,52 @@
+"""Build pyengine: the Python package, kernels/ as pyengine.kernels, and the C++ extension pyengine._C.
+
+torch must be installed first and the build run without isolation (an isolated build resolves
+`torch` on its own and pulls a multi-GB CUDA wheel):
+
+    pip install torch==2.13.0 && pip install --no-build-isolation -e .
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+try:
+    import torch  # noqa: F401
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # fail loudly: there is no pure-Python release install
+    raise SystemExit("pyengine's build needs torch installed first: pip install torch==2.13.0, then "
+                     "pip install --no-build-isolation -e .") from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extension():
+    """C++ always; the CUDA sources only where nvcc and a CUDA build of torch are both present."""
+    cpp = sorted(glob.glob("csrc/*.cpp"))
+    cuda = sorted(glob.glob("csrc/*.cu"))
+    args = {"cxx": ["-O3", "-std=c++17"]}
+    if cuda and CUDA_HOME and torch.version.cuda and shutil.which("nvcc"):
+        args["nvcc"] = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        return CUDAExtension("pyengine._C", cpp + cuda, extra_compile_args=args,
+                             define_macros=[("PYENGINE_WITH_CUDA", None)])
+    return CppExtension("pyengine._C", cpp, extra_compile_args=args)
+
+
+setup(
+    name="pyengine",
+    version="0.1.0",
+    description="Fast inference for encoder-decoder Transformer translation models",
+    python_requires=">=3.10",
+    packages=["pyengine", "pyengine.loaders", "pyengine.kernels"],
+    package_dir={"pyengine.kernels": "kernels"},
+    package_data={"pyengine": ["models/default/*"]},
+    include_package_data=True,
+    install_requires=["torch>=2.4", "sentencepiece>=0.2", "safetensors>=0.4", "tqdm>=4.60"],
+    extras_require={
+        "test": ["pytest>=8", "transformers>=5.0", "sacrebleu>=2.4"],
+    },
+    entry_points={"console_scripts": ["pyengine=pyengine.cli:main"]},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,128 @@
+"""pyengine against Hugging Face's own MarianMTModel forward pass and `generate` (float32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyengine
+from conftest import hf_model, pad_batch, random_sources
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pair(marian_dir):
+    return pyengine.Engine.load(marian_dir), hf_model(marian_dir)
+
+
+def _sources(engine, n=7, seed=0):
+    return random_sources(n, engine.config.src_vocab_size, seed)
+
+
+def test_encoder_output_matches_hf(pair):
+    engine, hf = pair
+    src = _sources(engine)
+    x, mask = pad_batch(src, engine.config.pad_id)
+    with torch.no_grad():
+        ref = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
+        ours, _ = engine.model.encode(x, mask.sum(1))
+    valid = mask.bool()
+    assert torch.allclose(ours[valid], ref[valid], atol=ATOL, rtol=0)
+
+
+def test_step_logits_match_hf_forward(pair):
+    """Teacher-forced logits, decoded all at once (causal) and one token per step over the KV cache."""
+    engine, hf = pair
+    src = _sources(engine, seed=1)
+    x, mask = pad_batch(src, engine.config.pad_id)
+    gen = torch.Generator().manual_seed(5)
+    tgt = torch.randint(1, engine.config.tgt_vocab_size - 1, (len(src), 9), generator=gen)
+    tgt[:, 0] = engine.config.decoder_start_id
+    with torch.no_grad():
+        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
+        hidden, key_mask = engine.model.encode(x, mask.sum(1))
+        memory = engine.model.memory(hidden, key_mask)
+        cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
+        all_at_once = engine.model.decode(tgt, 0, cache, memory)
+        cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
+        stepwise = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
+    assert torch.allclose(all_at_once, ref, atol=ATOL, rtol=0)
+    assert torch.allclose(stepwise, ref, atol=ATOL, rtol=0), (stepwise - ref).abs().max()
+
+
+def _hf_generate(hf, src, pad, **kwargs):
+    x, mask = pad_batch(src, pad)
+    with torch.no_grad():
+        return hf.generate(input_ids=x, attention_mask=mask, return_dict_in_generate=True, output_scores=True,
+                           **kwargs)
+
+
+def _strip(seq: list[int], start: int, eos: int, pad: int) -> list[int]:
+    assert seq[0] == start
+    out = []
+    for t in seq[1:]:
+        if t == eos:
+            break
+        out.append(t)
+    return out
+
+
+def test_greedy_tokens_match_hf(pair):
+    engine, hf = pair
+    cfg = engine.config
+    src = _sources(engine, n=9, seed=2)
+    ref = _hf_generate(hf, src, cfg.pad_id, num_beams=1, max_new_tokens=20, output_logits=True)
+    ours = engine.generate(src, beam_size=1, max_decoding_length=20, return_scores=True)
+    for i, seq in enumerate(ref.sequences.tolist()):
+        assert ours[i].tokens[0] == _strip(seq, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id), f"sentence {i}"
+    # greedy score = sum of the chosen tokens' log-probs (raw logits) / length; a forced EOS counts 0, as in beam
+    logp = torch.stack([torch.log_softmax(s, -1) for s in ref.logits], 1)  # (B, T, V)
+    for i, seq in enumerate(ref.sequences.tolist()):
+        n = min(len(ours[i].tokens[0]) + 1, 20)
+        picked = logp[i, torch.arange(n), torch.tensor(seq[1:n + 1])]
+        if n == 20:
+            picked[-1] = 0.0
+        assert ours[i].scores[0] == pytest.approx(float(picked.sum()) / n, abs=ATOL)
+
+
+@pytest.mark.parametrize("beam", [2, 4, 5])
+@pytest.mark.parametrize("length_penalty", [0.6, 1.0, 2.0])
+def test_beam_nbest_and_scores_match_hf(pair, beam, length_penalty):
+    engine, hf = pair
+    cfg = engine.config
+    src = _sources(engine, n=6, seed=10 + beam)
+    ref = _hf_generate(hf, src, cfg.pad_id, num_beams=beam, num_return_sequences=beam, max_new_tokens=16,
+                       length_penalty=length_penalty)
+    ours = engine.generate(src, beam_size=beam, num_hypotheses=beam, max_decoding_length=16,
+                           length_penalty=length_penalty, return_scores=True)
+    seqs = ref.sequences.view(len(src), beam, -1).tolist()
+    scores = ref.sequences_scores.view(len(src), beam)
+    for i in range(len(src)):
+        expected = [_strip(s, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id) for s in seqs[i]]
+        assert ours[i].tokens == expected, f"sentence {i}"
+        assert torch.allclose(torch.tensor(ours[i].scores), scores[i], atol=ATOL, rtol=0), f"sentence {i}"
+
+
+def test_defaults_come_from_generation_config(pair):
+    """No options: beam size, max length, bad words and forced EOS as generation_config.json says."""
+    engine, hf = pair
+    cfg = engine.config
+    assert engine.defaults.beam_size == 4 and engine.defaults.max_decoding_length == 39
+    assert engine.defaults.suppress_tokens == (cfg.pad_id,) and engine.defaults.forced_eos
+    src = _sources(engine, n=5, seed=3)
+    ref = _hf_generate(hf, src, cfg.pad_id)
+    ours = engine.generate(src)
+    for i, seq in enumerate(ref.sequences.tolist()):
+        assert ours[i].tokens[0] == _strip(seq, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id)
+
+
+def test_min_decoding_length_matches_hf(pair):
+    engine, hf = pair
+    cfg = engine.config
+    src = _sources(engine, n=4, seed=4)
+    for beam in (1, 3):
+        ref = _hf_generate(hf, src, cfg.pad_id, num_beams=beam, max_new_tokens=14, min_new_tokens=9)
+        ours = engine.generate(src, beam_size=beam, max_decoding_length=14, min_decoding_length=9)
+        for i, seq in enumerate(ref.sequences.tolist()):
+            assert ours[i].tokens[0] == _strip(seq, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id)
+            assert len(ours[i].tokens[0]) >= 8  # 9 generated tokens at least, EOS included
