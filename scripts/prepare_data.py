@@ -45,6 +45,18 @@ def owning_package(path: str) -> str:
         return "unknown"
 
 
+def package_licence(package: str) -> str:
+    """The first `License:` line of the package's Debian copyright file."""
+    try:
+        with open(f"/usr/share/doc/{package}/copyright", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("License:"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "see the package's copyright file"
+
+
 def gettext_pairs() -> tuple[list[tuple[str, str]], dict[str, int]]:
     pairs, per_catalog = [], {}
     for pattern in MO_GLOBS:
@@ -74,7 +86,8 @@ def gettext_pairs() -> tuple[list[tuple[str, str]], dict[str, int]]:
                     continue
                 pairs.append((source, target))
                 n += 1
-            per_catalog[f"{Path(path).name} ({owning_package(path)})"] = n
+            package = owning_package(path)
+            per_catalog[f"{Path(path).name} ({package}; {package_licence(package)})"] = n
     return pairs, per_catalog
 
 

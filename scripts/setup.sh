@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Install pyengine into ./.venv from nothing: torch first (the CPU build of 2.13.0 on this disk),
+# then the package built without build isolation (an isolated build would resolve torch on its
+# own and pull a multi-GB CUDA wheel). `--test` adds the test and reference dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade "pip>=23" "setuptools>=69" wheel ninja
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q "sentencepiece>=0.2" "safetensors>=0.4" "tqdm>=4.60" "numpy"
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install -q -r requirements-test.txt
+fi
+.venv/bin/python -m pip install -q --no-build-isolation -e .
+.venv/bin/python -c "import pyengine, pyengine._C; print('pyengine', pyengine.__version__, 'installed; _C:', pyengine._C.build_info())"
