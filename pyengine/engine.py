@@ -175,6 +175,6 @@ class Engine:
         src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
         for i, seq in enumerate(ids):
             src[i, : len(seq)] = torch.tensor(seq, device=device)
-        hidden, mask = self.model.encode(src, lengths)
-        memory = self.model.memory(hidden, mask)
+        hidden = self.model.encode(src, lengths)
+        memory = self.model.memory(hidden, lengths)
         return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype)

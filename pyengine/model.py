@@ -53,14 +53,14 @@ class KVCache:
 class Memory:
     """Encoder output prepared for decoding: cross-attention K/V per sentence, computed once.
 
-    kv: (B, L, 2, H, S, Dh), one copy per sentence shared by its beams; mask: (B, 1, 1, S) True = token.
+    kv: (B, L, 2, H, S, Dh), one copy per sentence shared by its beams; lengths: (B,) source lengths.
     """
 
-    def __init__(self, kv: torch.Tensor, mask: torch.Tensor):
-        self.kv, self.mask = kv, mask
+    def __init__(self, kv: torch.Tensor, lengths: torch.Tensor):
+        self.kv, self.lengths = kv, lengths
 
     def select(self, sentences: torch.Tensor) -> "Memory":
-        return Memory(self.kv.index_select(0, sentences), self.mask.index_select(0, sentences))
+        return Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
 
 
 class LayerNorm(nn.Module):
@@ -107,13 +107,14 @@ class CrossAttention(nn.Module):
         kv = F.linear(memory, self.kv.weight, self.kv.bias).view(b, s, 2, self.heads, self.head_dim)
         return kv.permute(0, 2, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, ops) -> torch.Tensor:
         """x (N, T, D) with N = B × beam; kv (B, 2, H, S, Dh); beams become extra query rows of their sentence."""
         n, t, d = x.shape
         b = kv.shape[0]
         beam = n // b
         q = F.linear(x, self.q.weight, self.q.bias).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
-        ctx = ops.attention(q, kv[:, 0], kv[:, 1], mask)  # (B, H, beam·T, Dh)
+        # one K/V read per sentence serves all its beams
+        ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths)  # (B, H, beam·T, Dh)
         ctx = ctx.transpose(1, 2).reshape(n, t, d)
         return F.linear(ctx, self.out.weight, self.out.bias)
 
@@ -146,10 +147,10 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.pre_norm = cfg.normalize_before
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, ops) -> torch.Tensor:
         def attend(h):
             q, k, v = self.self_attn.project(h)
-            return self.self_attn.merge(ops.attention(q, k, v, mask))
+            return self.self_attn.merge(ops.attention(q, k, v, lengths))
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend, ops)
         return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
@@ -167,14 +168,14 @@ class DecoderLayer(nn.Module):
         self.pre_norm = cfg.normalize_before
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int,
-                kv: torch.Tensor, mask: torch.Tensor, ops) -> torch.Tensor:
+                kv: torch.Tensor, src_lengths: torch.Tensor, ops) -> torch.Tensor:
         def attend_self(h):
             q, k, v = self.self_attn.project(h)
             k_all, v_all = cache.write(layer, k, v, start)
             return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True))
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
-        x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, mask, ops), ops)
+        x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops), ops)
         return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
 
 
@@ -244,21 +245,19 @@ class Transformer(nn.Module):
         return self.src_embed if self.tgt_embed is None else self.tgt_embed
 
     # -- encoder -------------------------------------------------------------------------------
-    def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """src (B, S) right-padded, lengths (B,) → hidden (B, S, D), key mask (B, 1, 1, S)."""
-        s = src.shape[1]
-        mask = (torch.arange(s, device=src.device)[None, :] < lengths[:, None])[:, None, None, :]
+    def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """src (B, S) right-padded, lengths (B,) → hidden (B, S, D); rows past a length are padding."""
         x = self._embed(self.src_embed, src, "src", 0)
         for layer in self.encoder_layers:
-            x = layer(x, mask, self.ops)
+            x = layer(x, lengths, self.ops)
         if self.cfg.encoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps)
-        return x, mask
+        return x
 
-    def memory(self, hidden: torch.Tensor, mask: torch.Tensor) -> Memory:
+    def memory(self, hidden: torch.Tensor, lengths: torch.Tensor) -> Memory:
         """Cross-attention K/V of every decoder layer, once per sentence."""
         kv = torch.stack([layer.cross_attn.memory_kv(hidden) for layer in self.decoder_layers], dim=1)
-        return Memory(kv, mask)
+        return Memory(kv, lengths)
 
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
@@ -270,7 +269,7 @@ class Transformer(nn.Module):
         """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent."""
         x = self._embed(self._tgt_table, tokens, "tgt", start)
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, i, cache, start, memory.kv[:, i], memory.mask, self.ops)
+            x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
         weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight

@@ -30,12 +30,18 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        """softmax(q·kᵀ/√Dh + mask)·v for q (B, H, Tq, Dh), k/v (B, H, Tk, Dh); mask (B, 1, 1|Tq, Tk) bool, True = attend."""
-        if causal and q.shape[2] > 1:
-            tq, tk = q.shape[2], k.shape[2]
-            # query i of this block sits at absolute position tk - tq + i
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
+                  causal: bool = False) -> torch.Tensor:
+        """softmax(q·kᵀ/√Dh)·v for q (B, H, Tq, Dh), k/v (B, H, Tk, Dh).
+
+        kv_lengths (B,): keys at or past a row's length are padding. causal: query i sits at absolute
+        position Tk - Tq + i and sees keys up to it (a block of new tokens after a cache).
+        """
+        tq, tk = q.shape[2], k.shape[2]
+        mask = None
+        if kv_lengths is not None:
+            mask = (torch.arange(tk, device=q.device)[None, :] < kv_lengths[:, None])[:, None, None, :]
+        if causal and tq > 1:
             causal_mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
             mask = causal_mask if mask is None else mask & causal_mask
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

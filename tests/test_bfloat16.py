@@ -26,8 +26,8 @@ def _teacher_forced(model_dir):
 def _ours(model_dir, dtype, x, mask, tgt):
     engine = pyengine.Engine.load(model_dir, dtype=dtype)
     with torch.no_grad():
-        hidden, key_mask = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, key_mask)
+        hidden = engine.model.encode(x, mask.sum(1))
+        memory = engine.model.memory(hidden, mask.sum(1))
         cache = engine.model.new_cache(len(x), 8, torch.device("cpu"), dtype)
         logits = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
     return hidden.double(), logits.double()

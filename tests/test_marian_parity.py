@@ -25,7 +25,7 @@ def test_encoder_output_matches_hf(pair):
     x, mask = pad_batch(src, engine.config.pad_id)
     with torch.no_grad():
         ref = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
-        ours, _ = engine.model.encode(x, mask.sum(1))
+        ours = engine.model.encode(x, mask.sum(1))
     valid = mask.bool()
     assert torch.allclose(ours[valid], ref[valid], atol=ATOL, rtol=0)
 
@@ -40,8 +40,8 @@ def test_step_logits_match_hf_forward(pair):
     tgt[:, 0] = engine.config.decoder_start_id
     with torch.no_grad():
         ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
-        hidden, key_mask = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, key_mask)
+        hidden = engine.model.encode(x, mask.sum(1))
+        memory = engine.model.memory(hidden, mask.sum(1))
         cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
         all_at_once = engine.model.decode(tgt, 0, cache, memory)
         cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
