@@ -60,6 +60,42 @@ class TorchOps:
         return _activation(F.linear(x, weight, bias), activation)
 
 
+class TritonOps:
+    """The fused Triton kernels of pyengine.kernels (CUDA; CPU only under the Triton interpreter)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from .kernels import attention, ffn, layernorm  # imported here: no compilation at import time
+        self._attention, self._layernorm, self._ffn = attention, layernorm, ffn
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
+                  causal: bool = False) -> torch.Tensor:
+        return self._attention.attention(q, k, v, kv_lengths, causal)
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
+
+    def linear_act(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+        return self._ffn.linear_act(x, weight, bias, activation)
+
+
+def _triton_ops(device: torch.device) -> TritonOps:
+    try:
+        import triton
+    except ImportError:
+        raise BackendError("backend='triton' needs the triton package (pip install triton)") from None
+    if device.type == "cpu" and not triton.knobs.runtime.interpret:
+        raise BackendError("backend='triton' on CPU runs under the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported (slow; for tests), or use backend='torch'")
+    if device.type not in ("cpu", "cuda"):
+        raise BackendError(f"backend='triton' does not run on {device.type} devices")
+    if device.type == "cuda" and triton.knobs.runtime.interpret:
+        raise BackendError("TRITON_INTERPRET=1 is set: the Triton kernels would not run on the GPU")
+    return TritonOps()
+
+
 def resolve_ops(backend: str, device: torch.device) -> tuple[object, dict[str, str]]:
     """Pick the op implementation for `backend` on `device`; report which implementation each op uses."""
     if backend == "auto":
@@ -67,6 +103,5 @@ def resolve_ops(backend: str, device: torch.device) -> tuple[object, dict[str, s
     if backend == "torch":
         return TorchOps(), {op: "torch" for op in OP_NAMES}
     if backend == "triton":
-        raise BackendError("backend='triton' is not available in this build: the Triton kernels are not "
-                           "installed (pyengine.kernels has no fused ops yet); use backend='torch'")
+        return _triton_ops(device), {op: "triton" for op in OP_NAMES}
     raise BackendError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")

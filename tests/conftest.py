@@ -4,6 +4,11 @@ and a sentencepiece vocabulary trained on real English text (tests/data/sample.e
 strings of the project's corpus, see data/DATA_CARD.md)."""
 from __future__ import annotations
 
+import os
+
+# Triton kernels run on CPU tensors under the interpreter; set before anything imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import json
 from pathlib import Path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -153,8 +154,13 @@ def test_pre_norm_config_is_refused(text_model_dir, tmp_path):
 
 
 def test_unavailable_backend_is_an_error(text_model_dir):
-    with pytest.raises(pyengine.BackendError, match="triton"):
-        pyengine.Engine.load(text_model_dir, backend="triton")
+    with pytest.raises(pyengine.BackendError, match="unknown backend"):
+        pyengine.Engine.load(text_model_dir, backend="tensorrt")
+    # on CPU without the interpreter, asking for Triton is an error, never a silent fallback to torch
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", f"import pyengine; pyengine.Engine.load({str(text_model_dir)!r}, "
+                          "backend='triton')"], env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "BackendError" in run.stderr and "TRITON_INTERPRET=1" in run.stderr
     assert pyengine.Engine.load(text_model_dir).backends == {
         "attention": "torch", "add_layer_norm": "torch", "linear_act": "torch"}
 

@@ -1,0 +1,26 @@
+"""The tolerance rule for kernels (DESIGN.md): compare against float64; low precision may err at most
+twice as much as PyTorch's own computation in that precision."""
+from __future__ import annotations
+
+import torch
+
+FP32_RTOL = 1e-5
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def check(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor | None = None, what: str = "") -> None:
+    """out: the kernel's result; ref64: the reference in float64; torch_lowp: the reference in out's dtype."""
+    assert not torch.isnan(out).any(), f"{what}: NaN in the output (an element was not written)"
+    scale = max(1.0, ref64.abs().max().item())
+    if out.dtype == torch.float32:
+        err = max_err(out, ref64)
+        assert err <= FP32_RTOL * scale, f"{what}: float32 error {err:.3g} > {FP32_RTOL} × {scale:.3g}"
+    else:
+        assert torch_lowp is not None
+        err, base = max_err(out, ref64), max_err(torch_lowp, ref64)
+        # one rounding of the output (half an ulp at the largest magnitude) is unavoidable for any kernel
+        floor = torch.finfo(out.dtype).eps * ref64.abs().max().item() / 2
+        assert err <= 2 * max(base, floor), f"{what}: {out.dtype} error {err:.3g} > 2 × PyTorch's {base:.3g}"
