@@ -29,25 +29,35 @@ def sinusoid_half(n_positions: int, dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated decoder self-attention cache (N, L, 2, H, T_max, Dh); rows move together."""
+    """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh).
+
+    Layer-major so that each layer's K and V are plain strided blocks for the attention matmuls;
+    reordering (beam origin) and dropping (finished rows) gather only the filled prefix.
+    """
 
     def __init__(self, rows: int, layers: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        self.buffer = torch.empty(rows, layers, 2, heads, max_len, head_dim, dtype=dtype, device=device)
-        self.length = 0
+        self.buffer = torch.empty(layers, 2, rows, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.length = 0  # positions filled
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (N, H, T, Dh) at positions start.. and return the cached (N, H, start+T, Dh) views."""
         end = start + k.shape[2]
         if end > self.buffer.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.buffer.shape[4]}")
-        self.buffer[:, layer, 0, :, start:end] = k
-        self.buffer[:, layer, 1, :, start:end] = v
-        return self.buffer[:, layer, 0, :, :end], self.buffer[:, layer, 1, :, :end]
+        self.buffer[layer, 0, :, :, start:end] = k
+        self.buffer[layer, 1, :, :, start:end] = v
+        self.length = max(self.length, end)
+        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
-        self.buffer = self.buffer.index_select(0, rows)
+        """Keep rows in the given order (beam reorder and finished-row dropping in one gather of the filled prefix)."""
+        shape = list(self.buffer.shape)
+        shape[2] = rows.numel()
+        new = torch.empty(shape, dtype=self.buffer.dtype, device=self.buffer.device)
+        if self.length:
+            new[..., : self.length, :] = self.buffer[..., : self.length, :].index_select(2, rows)
+        self.buffer = new
 
 
 class Memory:

@@ -23,7 +23,7 @@ def sample_lines() -> list[str]:
     return SAMPLE_TEXT.read_text(encoding="utf-8").splitlines()
 
 
-def randomize_(model, seed: int, embed_std: float = 0.45, weight_gain: float = 2.5) -> None:
+def randomize_(model, seed: int, embed_std: float = 0.45, weight_gain: float = 2.0) -> None:
     """Random values everywhere (biases and norms too); embeddings wide so the output distribution is peaky."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_step_logits_match_hf_forward(pair):
         all_at_once = engine.model.decode(tgt, 0, cache, memory)
         cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
         stepwise = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
-    assert torch.allclose(all_at_once, ref, atol=ATOL, rtol=0)
+    assert torch.allclose(all_at_once, ref, atol=ATOL, rtol=0), (all_at_once - ref).abs().max()
     assert torch.allclose(stepwise, ref, atol=ATOL, rtol=0), (stepwise - ref).abs().max()
 
 
