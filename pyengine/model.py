@@ -124,7 +124,7 @@ class CrossAttention(nn.Module):
         beam = n // b
         q = F.linear(x, self.q.weight, self.q.bias).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
         # one K/V read per sentence serves all its beams
-        ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths)  # (B, H, beam·T, Dh)
+        ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths, step=True)  # (B, H, beam·T, Dh)
         ctx = ctx.transpose(1, 2).reshape(n, t, d)
         return F.linear(ctx, self.out.weight, self.out.bias)
 
@@ -182,7 +182,7 @@ class DecoderLayer(nn.Module):
         def attend_self(h):
             q, k, v = self.self_attn.project(h)
             k_all, v_all = cache.write(layer, k, v, start)
-            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True))
+            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True))
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
         x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops), ops)

@@ -32,11 +32,12 @@ class TorchOps:
 
     @staticmethod
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-                  causal: bool = False) -> torch.Tensor:
+                  causal: bool = False, step: bool = False) -> torch.Tensor:
         """softmax(q·kᵀ/√Dh)·v for q (B, H, Tq, Dh), k/v (B, H, Tk, Dh).
 
         kv_lengths (B,): keys at or past a row's length are padding. causal: query i sits at absolute
         position Tk - Tq + i and sees keys up to it (a block of new tokens after a cache).
+        step: a decoder step (few query rows), where explicit matmuls beat the CPU flash kernel.
         """
         tq, tk = q.shape[2], k.shape[2]
         mask = None
@@ -45,7 +46,7 @@ class TorchOps:
         if causal and tq > 1:
             causal_mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
             mask = causal_mask if mask is None else mask & causal_mask
-        if tq > SMALL_QUERY:
+        if not step or tq > SMALL_QUERY:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         # decode steps (a few query rows): two batched matmuls beat the CPU flash kernel several-fold
         scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
@@ -78,7 +79,7 @@ class TritonOps:
         self._attention, self._layernorm, self._ffn = attention, layernorm, ffn
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-                  causal: bool = False) -> torch.Tensor:
+                  causal: bool = False, step: bool = False) -> torch.Tensor:
         return self._attention.attention(q, k, v, kv_lengths, causal)
 
     def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
