@@ -24,16 +24,21 @@ class Hypothesis:
     score: float
 
 
-def process_log_probs(logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
-    """Apply the logits processors HF would apply for these options (in place), for generated-token index `step`."""
+def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
+    """HF's logits processors for these options, in place on (N, V) logits or log-probs at generated index `step`."""
     if opts.suppress_tokens:
-        logp[:, list(opts.suppress_tokens)] = float("-inf")
+        scores[:, list(opts.suppress_tokens)] = float("-inf")
     if step < opts.min_decoding_length:
-        logp[:, eos] = float("-inf")
+        scores[:, eos] = float("-inf")
     if opts.forced_eos and step == opts.max_decoding_length - 1:
-        logp.fill_(float("-inf"))
-        logp[:, eos] = 0.0
-    return logp
+        scores.fill_(float("-inf"))
+        scores[:, eos] = 0.0
+    return scores
+
+
+def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
+    """processors(log_softmax(logits)), HF's beam-search scores for the next token."""
+    return apply_processors(torch.log_softmax(logits, dim=-1), step, opts, eos)
 
 
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
@@ -49,8 +54,10 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(opts.max_decoding_length):
         logits = model.decode(tokens, step, cache, memory)[:, -1]
-        logp = process_log_probs(torch.log_softmax(logits, dim=-1), step, opts, eos_id)
-        nxt = process_log_probs(logits, step, opts, eos_id).argmax(dim=-1)  # HF takes argmax of processed logits
+        logp = log_probs(logits, step, opts, eos_id)
+        # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
+        # near-equal logits to one value)
+        nxt = apply_processors(logits, step, opts, eos_id).argmax(dim=-1)
         scores += logp.gather(1, nxt[:, None])[:, 0]
         history[:, step] = nxt
         done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
@@ -86,14 +93,18 @@ class BeamState:
         self.fin_flag = torch.zeros(batch, beam, dtype=torch.bool, device=device)
         self.open = torch.ones(batch, dtype=torch.bool, device=device)  # HF: early-stop heuristic unsatisfied
 
-    def step(self, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """logp (B·K, V) processed log-probs → (parent row per new row (B·K,), next token (B·K,))."""
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's 2K best (log-prob, token) → (parent row per new row (B·K,), next token (B·K,)).
+
+        The best 2K of a sentence over beam × vocab are among its rows' own best 2K each.
+        """
         b, k = self.run_scores.shape
-        vocab = logp.shape[-1]
-        acc = (logp.view(b, k, vocab) + self.run_scores[:, :, None]).view(b, k * vocab)
-        top_scores, top_idx = torch.topk(acc, 2 * k)  # (B, 2K)
-        parent = torch.div(top_idx, vocab, rounding_mode="floor")
-        token = top_idx % vocab
+        per_row = cand_logp.shape[-1]
+        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
+        top_scores, top_pos = torch.topk(acc, 2 * k)  # (B, 2K)
+        parent = torch.div(top_pos, per_row, rounding_mode="floor")
+        token = cand_ids.view(b, k * per_row).gather(1, top_pos)
         cand_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, 2 * k, self.max_len)).clone()
         cand_hist[:, :, step] = token
         hits = (token == eos) | (step + 1 >= self.max_len)
@@ -168,8 +179,10 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     for step in range(opts.max_decoding_length):
         logits = model.decode(tokens, step, cache, memory)[:, -1]
-        logp = process_log_probs(torch.log_softmax(logits, dim=-1), step, opts, eos_id)
-        rows, nxt = state.step(logp, step, opts, eos_id)
+        # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
+        # avoids HF's top-k over a (B, K·V) tensor
+        cand_logp, cand_ids = torch.topk(log_probs(logits, step, opts, eos_id), 2 * k, dim=-1)
+        rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:
             done = torch.ones_like(done)
