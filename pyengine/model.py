@@ -265,15 +265,16 @@ class Transformer(nn.Module):
         return x
 
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor) -> Memory:
-        """Cross-attention K/V of every decoder layer, once per sentence."""
+        """Cross-attention K/V of every decoder layer, once per sentence, in the ops' cache dtype."""
         kv = torch.stack([layer.cross_attn.memory_kv(hidden) for layer in self.decoder_layers], dim=1)
-        return Memory(kv, lengths)
+        return Memory(kv.to(self.ops.cache_dtype(hidden.dtype, hidden.device)), lengths)
 
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """A self-attention cache for `rows` decoder rows of a model running in `dtype`."""
         cfg = self.cfg
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
-                       dtype, device)
+                       self.ops.cache_dtype(dtype, device), device)
 
     def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory) -> torch.Tensor:
         """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent."""
