@@ -81,7 +81,7 @@ class Engine:
         if unknown:
             raise OptionError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
         engine_config = EngineConfig(device=device, dtype=resolve_dtype(dtype), backend=backend, **engine_options)
-        ops, backends = resolve_ops(backend, device)
+        ops, backends = resolve_ops(backend, device, engine_config.dtype)
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):
             model = Transformer(loaded.config, ops)

@@ -73,6 +73,13 @@ class Memory:
         return Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
 
 
+class OutputProjection:
+    """The final linear (often the tied target embedding) and its bias, as a layer the ops can pack."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+
 class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -90,15 +97,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, ops) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(b, t, 3, self.heads, self.head_dim)
+        qkv = ops.linear(x, self.qkv).view(b, t, 3, self.heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, Dh)
         return q, k, v
 
-    def merge(self, ctx: torch.Tensor) -> torch.Tensor:
+    def merge(self, ctx: torch.Tensor, ops) -> torch.Tensor:
         b, h, t, dh = ctx.shape
-        return F.linear(ctx.transpose(1, 2).reshape(b, t, h * dh), self.out.weight, self.out.bias)
+        return ops.linear(ctx.transpose(1, 2).reshape(b, t, h * dh), self.out)
 
 
 class CrossAttention(nn.Module):
@@ -111,10 +118,10 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def memory_kv(self, memory: torch.Tensor) -> torch.Tensor:
+    def memory_kv(self, memory: torch.Tensor, ops) -> torch.Tensor:
         """(B, S, D) → (B, 2, H, S, Dh)."""
         b, s, _ = memory.shape
-        kv = F.linear(memory, self.kv.weight, self.kv.bias).view(b, s, 2, self.heads, self.head_dim)
+        kv = ops.linear(memory, self.kv).view(b, s, 2, self.heads, self.head_dim)
         return kv.permute(0, 2, 3, 1, 4)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, ops) -> torch.Tensor:
@@ -122,11 +129,11 @@ class CrossAttention(nn.Module):
         n, t, d = x.shape
         b = kv.shape[0]
         beam = n // b
-        q = F.linear(x, self.q.weight, self.q.bias).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
+        q = ops.linear(x, self.q).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
         # one K/V read per sentence serves all its beams
         ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths, step=True)  # (B, H, beam·T, Dh)
         ctx = ctx.transpose(1, 2).reshape(n, t, d)
-        return F.linear(ctx, self.out.weight, self.out.bias)
+        return ops.linear(ctx, self.out)
 
 
 class FeedForward(nn.Module):
@@ -137,8 +144,7 @@ class FeedForward(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        return F.linear(ops.linear_act(x, self.fc1.weight, self.fc1.bias, self.activation),
-                        self.fc2.weight, self.fc2.bias)
+        return ops.linear(ops.linear_act(x, self.fc1, self.activation), self.fc2)
 
 
 def _sublayer(x: torch.Tensor, norm: LayerNorm, pre_norm: bool, fn, ops) -> torch.Tensor:
@@ -159,8 +165,8 @@ class EncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, ops) -> torch.Tensor:
         def attend(h):
-            q, k, v = self.self_attn.project(h)
-            return self.self_attn.merge(ops.attention(q, k, v, lengths))
+            q, k, v = self.self_attn.project(h, ops)
+            return self.self_attn.merge(ops.attention(q, k, v, lengths), ops)
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend, ops)
         return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
@@ -180,9 +186,9 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int,
                 kv: torch.Tensor, src_lengths: torch.Tensor, ops) -> torch.Tensor:
         def attend_self(h):
-            q, k, v = self.self_attn.project(h)
+            q, k, v = self.self_attn.project(h, ops)
             k_all, v_all = cache.write(layer, k, v, start)
-            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True))
+            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True), ops)
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
         x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops), ops)
@@ -231,7 +237,10 @@ class Transformer(nn.Module):
         if cfg.positions == "sinusoidal_half":
             table = sinusoid_half(cfg.max_positions + cfg.position_offset, cfg.d_model)
             self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
-        self.embed_scale = torch.tensor(cfg.embed_scale, dtype=dtype).item()
+        weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
+        self.output = OutputProjection(weight, self.final_logits_bias if cfg.final_logits_bias else None)
+        for module in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.output]:
+            self.ops.prepare_linear(module)
 
     # -- embeddings ----------------------------------------------------------------------------
     def _positions(self, side: str, start: int, length: int) -> torch.Tensor:
@@ -266,7 +275,7 @@ class Transformer(nn.Module):
 
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor) -> Memory:
         """Cross-attention K/V of every decoder layer, once per sentence, in the ops' cache dtype."""
-        kv = torch.stack([layer.cross_attn.memory_kv(hidden) for layer in self.decoder_layers], dim=1)
+        kv = torch.stack([layer.cross_attn.memory_kv(hidden, self.ops) for layer in self.decoder_layers], dim=1)
         return Memory(kv.to(self.ops.cache_dtype(hidden.dtype, hidden.device)), lengths)
 
     # -- decoder -------------------------------------------------------------------------------
@@ -283,6 +292,4 @@ class Transformer(nn.Module):
             x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
-        weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, weight, self.final_logits_bias if self.cfg.final_logits_bias else None)
-        return logits.float()
+        return self.ops.linear(x, self.output).float()

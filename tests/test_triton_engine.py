@@ -18,7 +18,8 @@ def tiny_dir(tmp_path_factory):
 def test_triton_backend_matches_torch_backend(tiny_dir, beam):
     triton_engine = pyengine.Engine.load(tiny_dir, backend="triton")
     torch_engine = pyengine.Engine.load(tiny_dir, backend="torch")
-    assert set(triton_engine.backends.values()) == {"triton"}
+    fused = ("attention", "add_layer_norm", "linear_act")
+    assert all(triton_engine.backends[op] == "triton" for op in fused), triton_engine.backends
     src = random_sources(5, 61, seed=beam, lo=1, hi=20)  # mixed lengths, padding
     got = triton_engine.generate(src, beam_size=beam, num_hypotheses=beam, max_decoding_length=8)
     ref = torch_engine.generate(src, beam_size=beam, num_hypotheses=beam, max_decoding_length=8)

@@ -1,0 +1,271 @@
+"""Side-by-side speed: pyengine (float32, bfloat16) vs Hugging Face `generate` (float32, bfloat16) vs
+CTranslate2 (float32, int8), on the same source ids and the same work (exactly N target positions:
+min = max decoding length, so nobody stops early), each system in its own process, interleaved.
+
+    python -m benchmarks.compare                   # all cases, 2 threads, writes benchmarks/results/*.json
+    python -m benchmarks.compare --cases beam4_b32 --rounds 1
+
+The model is opus-mt-en-de's shape (d_model 512, 6+6 layers, 8 heads, FFN 2048, vocab 58101, swish)
+with random weights, saved by `MarianMTModel.save_pretrained` and converted offline by CTranslate2's
+own converter. Needs transformers and ctranslate2 installed (benchmark dependencies, not runtime).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / ".cache"
+RESULTS = ROOT / "benchmarks" / "results"
+SHAPE = dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=58101)
+SYSTEMS = ("pyengine-fp32", "pyengine-bf16", "hf-fp32", "hf-bf16", "ct2-fp32", "ct2-int8")
+CASES = {
+    # name: (batch, source length, target positions, beam)
+    "beam4_b32": (32, 24, 32, 4),
+    "greedy_b32": (32, 24, 32, 1),
+    "greedy_b1": (1, 24, 32, 1),
+    "corpus_beam4": (500, None, 32, 4),  # ~500 sentences of mixed lengths, each engine's own batching
+}
+
+
+# -- model preparation --------------------------------------------------------------------------
+def prepare_model() -> Path:
+    """Random opus-mt-en-de-shaped Marian model + its CTranslate2 conversions (cached)."""
+    model_dir = CACHE / "opus-mt-en-de-shape"
+    if not (model_dir / "model.safetensors").exists():
+        import torch
+        from transformers import GenerationConfig, MarianConfig, MarianMTModel
+        torch.manual_seed(0)
+        v = SHAPE["vocab"]
+        cfg = MarianConfig(vocab_size=v, decoder_vocab_size=v, d_model=SHAPE["d_model"],
+                           encoder_layers=SHAPE["layers"], decoder_layers=SHAPE["layers"],
+                           encoder_attention_heads=SHAPE["heads"], decoder_attention_heads=SHAPE["heads"],
+                           encoder_ffn_dim=SHAPE["ffn"], decoder_ffn_dim=SHAPE["ffn"], activation_function="swish",
+                           scale_embedding=True, pad_token_id=v - 1, decoder_start_token_id=v - 1, eos_token_id=0,
+                           forced_eos_token_id=0, max_position_embeddings=512)
+        model = MarianMTModel(cfg)
+        model.generation_config = GenerationConfig(num_beams=4, max_length=512, bad_words_ids=[[v - 1]],
+                                                   pad_token_id=v - 1, eos_token_id=0, decoder_start_token_id=v - 1,
+                                                   forced_eos_token_id=0)
+        model.save_pretrained(model_dir)
+        _write_dummy_vocab(model_dir, v)
+    for quant in ("float32", "int8"):
+        out = CACHE / f"ct2-{quant}"
+        if not (out / "model.bin").exists():
+            from ctranslate2.converters import TransformersConverter
+            TransformersConverter(str(model_dir)).convert(str(out), quantization=quant, force=True)
+    return model_dir
+
+
+def _write_dummy_vocab(model_dir: Path, vocab: int) -> None:
+    """CTranslate2's converter reads the vocabulary through MarianTokenizer: tok<i> names for the random ids."""
+    import sentencepiece as spm
+    words = {"</s>": 0, "<unk>": 1, **{f"tok{i}": i for i in range(2, vocab - 1)}, "<pad>": vocab - 1}
+    (model_dir / "vocab.json").write_text(json.dumps(words))
+    text = model_dir / "spm.txt"
+    text.write_text("\n".join(f"tok{i} tok{i + 1}" for i in range(2, 2000)))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(model_dir / "spm"), vocab_size=200,
+                                   minloglevel=2)
+    for name in ("source.spm", "target.spm"):
+        (model_dir / name).write_bytes((model_dir / "spm.model").read_bytes())
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"source_lang": "en", "target_lang": "de"}))
+
+
+def sources(case: str) -> list[list[int]]:
+    """Source ids (EOS included): fixed length for the batch cases, mixed 3..60 for the corpus."""
+    import random
+    batch, length, _, _ = CASES[case]
+    rng = random.Random(1234)
+    v = SHAPE["vocab"]
+    lengths = [length] * batch if length else [rng.randint(3, 60) for _ in range(batch)]
+    return [[rng.randrange(2, v - 1) for _ in range(n - 1)] + [0] for n in lengths]
+
+
+# -- workers: one system, one case, in its own process -------------------------------------------
+def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: int, threads: int):
+    import torch
+    torch.set_num_threads(threads)
+    if system.startswith("pyengine"):
+        sys.path.insert(0, str(ROOT))
+        import pyengine
+        engine = pyengine.Engine.load(model_dir, dtype=torch.bfloat16 if system.endswith("bf16") else torch.float32)
+        return lambda: [len(t.tokens[0]) + 1 for t in engine.generate(
+            src, beam_size=beam, max_decoding_length=n, min_decoding_length=n)]
+    if system.startswith("hf"):
+        from transformers import MarianMTModel
+        model = MarianMTModel.from_pretrained(model_dir, dtype=torch.bfloat16 if system.endswith("bf16")
+                                              else torch.float32).eval()
+        pad = model.config.pad_token_id
+        order = sorted(range(len(src)), key=lambda i: -len(src[i]))  # sorted batches of 32, as a user would
+
+        def run():
+            lengths = []
+            for start in range(0, len(order), 32):
+                chunk = [src[i] for i in order[start:start + 32]]
+                width = max(map(len, chunk))
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk])
+                with torch.inference_mode():
+                    out = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), num_beams=beam,
+                                         max_new_tokens=n, min_new_tokens=n, do_sample=False)
+                lengths += [int((row != pad).sum()) - 1 + int(row[0] == pad) for row in out]
+            return lengths
+        return run
+    import ctranslate2
+    translator = ctranslate2.Translator(str(CACHE / system.replace("fp32", "float32")),
+                                        device="cpu", intra_threads=threads, inter_threads=1)
+    tokens = [[f"tok{i}" for i in s[:-1]] + ["</s>"] for s in src]
+    return lambda: [len(r.hypotheses[0]) + 1 for r in translator.translate_batch(
+        tokens, beam_size=beam, max_decoding_length=n, min_decoding_length=n, max_batch_size=32)]
+
+
+def worker(system: str, case: str, threads: int, repeats: int) -> dict:
+    model_dir = CACHE / "opus-mt-en-de-shape"
+    batch, _, n, beam = CASES[case]
+    src = sources(case)
+    run = _runner(system, model_dir, src if case != "greedy_b1" else src[:1], n, beam, threads)
+    lengths = run()  # warm-up; also the work check
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"system": system, "case": case, "seconds": times, "min_len": min(lengths), "max_len": max(lengths),
+            "sentences": len(lengths)}
+
+
+# -- the machine's floor ------------------------------------------------------------------------
+def machine_floor(threads: int) -> dict:
+    import torch
+    torch.set_num_threads(threads)
+
+    def rate(fn, work, reps=5):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return work * reps / (time.perf_counter() - t0)
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        out[f"{name}_matmul_tflops"] = rate(lambda: a @ b, 2 * 2048 ** 3) / 1e12
+    x = torch.empty(64 * 2 ** 20, dtype=torch.float32).fill_(1.0)
+    y = torch.empty_like(x)
+    out["copy_gb_s"] = rate(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
+    return out
+
+
+def decode_flops(case: str) -> float:
+    """GEMM FLOPs of the case: encoder once, decoder + output layer per target position and row."""
+    d, ff, layers, v = SHAPE["d_model"], SHAPE["ffn"], SHAPE["layers"], SHAPE["vocab"]
+    src = sources(case)
+    _, _, n, beam = CASES[case]
+    if case == "greedy_b1":
+        src = src[:1]
+    enc = sum(2 * len(s) * layers * (4 * d * d + 2 * d * ff) for s in src)
+    cross_kv = sum(2 * len(s) * layers * 2 * d * d for s in src)
+    dec = 2 * len(src) * beam * n * (layers * (6 * d * d + 2 * d * ff) + v * d)
+    return enc + cross_kv + dec
+
+
+# -- driver -------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each system once per round)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker after its warm-up")
+    ap.add_argument("--cases", nargs="*", default=list(CASES))
+    ap.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "CASE"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.threads, args.repeats)))
+        return 0
+
+    prepare_model()
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env.pop("TRITON_INTERPRET", None)
+    runs: dict[tuple[str, str], list[float]] = {}
+    checks: dict[tuple[str, str], dict] = {}
+    floor = machine_floor(args.threads)
+    for rnd in range(args.rounds):
+        for case in args.cases:
+            systems = args.systems if rnd % 2 == 0 else list(reversed(args.systems))  # alternate the order
+            for system in systems:
+                proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--worker", system, case,
+                                       "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                                      cwd=ROOT, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"{system} {case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs.setdefault((system, case), []).extend(res["seconds"])
+                checks[(system, case)] = res
+                print(f"round {rnd + 1} {case:<13} {system:<14} {min(res['seconds']):8.3f} s", file=sys.stderr)
+    report = summarize(runs, checks, floor, args)
+    print_table(report)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print(f"\nwritten {path.relative_to(ROOT)}")
+    return 0
+
+
+def summarize(runs, checks, floor, args) -> dict:
+    rows = []
+    for (system, case), secs in sorted(runs.items()):
+        batch, _, n, beam = CASES[case]
+        sentences = checks[(system, case)]["sentences"]
+        median = statistics.median(secs)
+        tokens = sentences * n
+        peak = floor["bf16_matmul_tflops"] if system.endswith("bf16") else floor["fp32_matmul_tflops"]
+        ideal = decode_flops(case) / (peak * 1e12)
+        rows.append({"system": system, "case": case, "median_s": median, "tokens_per_s": tokens / median,
+                     "latency_ms": median * 1e3 if case == "greedy_b1" else None,
+                     "floor_fraction": None if system.endswith("int8") else ideal / median,
+                     "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
+                     "runs": secs})
+    return {"machine": {"cpu": _cpu_name(), "threads": args.threads, "python": platform.python_version(),
+                        **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(report: dict) -> None:
+    m = report["machine"]
+    print(f"\nCPU: {m['cpu']}, {m['threads']} threads. Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
+          f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s, copy {m['copy_gb_s']:.0f} GB/s")
+    by = {(r["system"], r["case"]): r for r in report["results"]}
+    for case in report["cases"]:
+        print(f"\n{case}: batch/beam/target positions = {CASES[case][0]}/{CASES[case][3]}/{CASES[case][2]}")
+        print(f"  {'system':<14} {'tokens/s':>9} {'latency':>9} {'vs ct2-int8':>11} {'vs ct2-fp32':>11} "
+              f"{'vs hf-bf16':>10} {'floor':>6}")
+        for system in SYSTEMS:
+            r = by.get((system, case))
+            if not r:
+                continue
+            ratio = lambda other: (f"{r['tokens_per_s'] / by[(other, case)]['tokens_per_s']:.2f}x"  # noqa: E731
+                                   if (other, case) in by else "-")
+            lat = f"{r['latency_ms']:.0f} ms" if r["latency_ms"] else ""
+            fl = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "n/a"
+            print(f"  {system:<14} {r['tokens_per_s']:>9.0f} {lat:>9} {ratio('ct2-int8'):>11} "
+                  f"{ratio('ct2-fp32'):>11} {ratio('hf-bf16'):>10} {fl:>6}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
