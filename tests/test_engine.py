@@ -183,3 +183,17 @@ def test_cli_reports_bad_lines(text_model_dir):
     long = (" ".join(sample_lines()[:40])).encode()
     run = _cli(["translate", "-m", str(text_model_dir)], b"ok\n" + long + b"\n")
     assert run.returncode == 2 and b"line 2:" in run.stderr and b"exceed the limit" in run.stderr
+
+
+@pytest.mark.parametrize("v,k", [(58101, 8), (5000, 1), (1024, 10), (40, 3)])
+def test_topk_rows_equals_torch_topk(v, k):
+    from pyengine.decoding import topk_rows
+    gen = torch.Generator().manual_seed(v + k)
+    x = torch.randn(37, v, generator=gen)
+    x[3, :] = float("-inf")
+    x[3, 17] = 0.0  # a forced-EOS-like row
+    x[5, torch.randint(0, v, (k,), generator=gen)] = 50.0  # several maxima in one chunk
+    values, ids = topk_rows(x, k)
+    ref_values, _ = torch.topk(x, k, dim=-1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(x.gather(1, ids), values)  # the ids point at those values
