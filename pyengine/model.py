@@ -29,35 +29,45 @@ def sinusoid_half(n_positions: int, dim: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh).
+    """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh), double-buffered.
 
-    Layer-major so that each layer's K and V are plain strided blocks for the attention matmuls;
-    reordering (beam origin) and dropping (finished rows) gather only the filled prefix.
+    Layer-major so each layer's K and V are plain strided blocks for the attention matmuls.
+    Reordering rows (beam origin) and dropping rows (finished sentences) gather the filled prefix
+    into the other preallocated buffer in one pass: no allocation per step (a fresh buffer each
+    step costs more in page faults than the gather itself).
     """
 
     def __init__(self, rows: int, layers: int, heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
-        self.buffer = torch.empty(layers, 2, rows, heads, max_len, head_dim, dtype=dtype, device=device)
+        shape = (layers, 2, rows, heads, max_len, head_dim)
+        self._buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        self._active = 0
+        self.rows = rows
         self.length = 0  # positions filled
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self._buffers[self._active][:, :, : self.rows]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (N, H, T, Dh) at positions start.. and return the cached (N, H, start+T, Dh) views."""
         end = start + k.shape[2]
-        if end > self.buffer.shape[4]:
-            raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.buffer.shape[4]}")
-        self.buffer[layer, 0, :, :, start:end] = k
-        self.buffer[layer, 1, :, :, start:end] = v
+        buf = self.buffer
+        if end > buf.shape[4]:
+            raise RuntimeError(f"KV cache overflow: position {end} > capacity {buf.shape[4]}")
+        buf[layer, 0, :, :, start:end] = k
+        buf[layer, 1, :, :, start:end] = v
         self.length = max(self.length, end)
-        return self.buffer[layer, 0, :, :, :end], self.buffer[layer, 1, :, :, :end]
+        return buf[layer, 0, :, :, :end], buf[layer, 1, :, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep rows in the given order (beam reorder and finished-row dropping in one gather of the filled prefix)."""
-        shape = list(self.buffer.shape)
-        shape[2] = rows.numel()
-        new = torch.empty(shape, dtype=self.buffer.dtype, device=self.buffer.device)
+        """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
+        n = rows.numel()
+        target = self._buffers[1 - self._active][:, :, :n, :, : self.length]
         if self.length:
-            new[..., : self.length, :] = self.buffer[..., : self.length, :].index_select(2, rows)
-        self.buffer = new
+            torch.index_select(self.buffer[:, :, :, :, : self.length], 2, rows, out=target)
+        self._active = 1 - self._active
+        self.rows = n
 
 
 class Memory:
