@@ -1,0 +1,108 @@
+"""Micro-benchmarks (pytest-benchmark) of the CPU ops and one decode step at the opus-mt-en-de shape.
+
+    pytest benchmarks/ --benchmark-only
+
+Timings are reported, never asserted. Shapes: batch 32 × beam 4 = 128 decoder rows, d_model 512,
+8 heads, cache length 30, source length 24, vocabulary 58101.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyengine.decoding import log_probs, topk_rows
+from pyengine.model import KVCache
+from pyengine.ops import TorchOps
+
+ROWS, HEADS, DH, T, S, V, D = 128, 8, 64, 30, 24, 58101, 512
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decoder_self_attention_step(benchmark, dtype):
+    cache = KVCache(ROWS, 6, HEADS, 64, DH, torch.float32, torch.device("cpu"))
+    cache.buffer.normal_()
+    cache.length = T
+    q = torch.randn(ROWS, HEADS, 1, DH, dtype=dtype)
+    k, v = cache.buffer[2, 0, :, :, :T], cache.buffer[2, 1, :, :, :T]
+    benchmark(TorchOps.attention, q, k, v, None, True, True)
+
+
+def test_cross_attention_step_beams_share_kv(benchmark):
+    q = torch.randn(ROWS // 4, HEADS, 4, DH)  # beams folded into the query axis
+    kv = torch.randn(ROWS // 4, 2, HEADS, S, DH)
+    benchmark(TorchOps.attention, q, kv[:, 0], kv[:, 1], torch.full((ROWS // 4,), S), False, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_residual_layer_norm(benchmark, dtype):
+    x, r = torch.randn(ROWS, 1, D, dtype=dtype), torch.randn(ROWS, 1, D, dtype=dtype)
+    w, b = torch.ones(D, dtype=dtype), torch.zeros(D, dtype=dtype)
+    benchmark(TorchOps.add_layer_norm, x, r, w, b, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
+def test_linear_onednn_prepacked(benchmark, dtype, shape):
+    ops = TorchOps(onednn=True)
+    layer = torch.nn.Linear(*shape).to(dtype)
+    ops.prepare_linear(layer)
+    x = torch.randn(ROWS, 1, shape[0], dtype=dtype)
+    with torch.inference_mode():
+        benchmark(ops.linear, x, layer)
+
+
+def test_beam_candidates_two_level_topk(benchmark):
+    logits = torch.randn(ROWS, V)
+    benchmark(topk_rows, logits, 8)
+
+
+def test_beam_candidates_torch_topk(benchmark):
+    logits = torch.randn(ROWS, V)
+    benchmark(torch.topk, logits, 8, -1)
+
+
+def test_log_softmax_with_processors(benchmark):
+    from pyengine.config import DecodeOptions
+    logits = torch.randn(ROWS, V)
+    opts = DecodeOptions(beam_size=4, suppress_tokens=(V - 1,), min_decoding_length=5)
+    benchmark(log_probs, logits, 3, opts, 0)
+
+
+def test_kv_cache_reorder(benchmark):
+    cache = KVCache(ROWS, 6, HEADS, 64, DH, torch.float32, torch.device("cpu"))
+    cache.length = T
+    rows = torch.randint(0, ROWS, (ROWS,))
+    benchmark(cache.select, rows)
+
+
+@pytest.fixture(scope="module")
+def opus_engines():
+    from benchmarks.compare import prepare_model
+    import pyengine
+    path = prepare_model()
+    return {name: pyengine.Engine.load(path, dtype=dtype)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_decode_step_batch32_beam4(benchmark, opus_engines, dtype):
+    """One decoder forward (6 layers + output layer) for 128 rows at cache length 30."""
+    engine = opus_engines[dtype]
+    model = engine.model
+    src = torch.randint(2, V - 1, (32, S))
+    lengths = torch.full((32,), S)
+    with torch.inference_mode():
+        memory = model.memory(model.encode(src, lengths), lengths)
+        cache = model.new_cache(ROWS, 64, torch.device("cpu"), engine.engine_config.dtype)
+        model.decode(torch.zeros(ROWS, T, dtype=torch.long), 0, cache, memory)  # fill 30 positions
+        tokens = torch.zeros(ROWS, 1, dtype=torch.long)
+
+        def step():
+            cache.length = T
+            return model.decode(tokens, T, cache, memory)
+        benchmark(step)
