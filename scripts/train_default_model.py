@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and stop")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -150,6 +151,9 @@ def main() -> None:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}, epoch {epoch}", flush=True)
+    if args.export_only:
+        export(model, tok, vocab_dir, out, step, epoch)
+        return
     amp = torch.cpu._is_amx_tile_supported() or torch.backends.mkldnn.is_available()
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=0.1)
     start, done = time.time(), False
