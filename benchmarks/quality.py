@@ -92,10 +92,11 @@ def evaluate(model_dir: Path, limit: int | None) -> dict:
 
 
 def parity_model_guard(n_sentences: int = 200) -> dict:
-    """bf16 vs fp32 best tokens on random peaky Marian models (the parity tests' construction)."""
+    """bf16 vs fp32 best tokens on random peaky Marian models (the parity tests' construction), for
+    pyengine and, as the yardstick, for HF's own bf16 against HF's fp32."""
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
-    from conftest import ARCHS, build_marian, random_sources  # the tests' own model builder
+    from conftest import ARCHS, build_marian, hf_model, pad_batch, random_sources  # the tests' own builders
     import pyengine
     out = {}
     for name, arch in ARCHS.items():
@@ -106,8 +107,20 @@ def parity_model_guard(n_sentences: int = 200) -> dict:
             src = random_sources(n_sentences, fp32.config.src_vocab_size, seed=99)
             a = [t.tokens[0] for t in fp32.generate(src, beam_size=4, max_decoding_length=20)]
             b = [t.tokens[0] for t in bf16.generate(src, beam_size=4, max_decoding_length=20)]
-            out[name] = same_share(a, b)
+            x, mask = pad_batch(src, fp32.config.pad_id)
+            hf = {}
+            for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                with torch.inference_mode():
+                    seqs = hf_model(path, dtype=dtype).generate(input_ids=x, attention_mask=mask, num_beams=4,
+                                                                max_new_tokens=20).tolist()
+                hf[dname] = [_strip(s, fp32.config.eos_id, fp32.config.pad_id) for s in seqs]
+            out[name] = {"pyengine": same_share(a, b), "hf": same_share(hf["fp32"], hf["bf16"])}
     return out
+
+
+def _strip(seq: list[int], eos: int, pad: int) -> list[int]:
+    seq = seq[1:]
+    return seq[: seq.index(eos)] if eos in seq else [t for t in seq if t != pad]
 
 
 def main(argv=None) -> int:
@@ -131,8 +144,9 @@ def main(argv=None) -> int:
                 print(f"  {label:<8} {system:<15} {r['bleu']:>6.2f} {r['chrf']:>6.2f} {r['seconds']:>8.1f}")
             print(f"  {label}: pyengine fp32 tokens = HF tokens for {row[f'{label}/parity_fp32_vs_hf']:.1%}; "
                   f"bf16 = fp32 for {row[f'{label}/bf16_same_as_fp32']:.1%}")
-    print("\nparity models, beam 4: bf16 best tokens = fp32 for",
-          ", ".join(f"{k} {v:.1%}" for k, v in report["parity_models_bf16_same_as_fp32"].items()))
+    print("\nrandom parity models, beam 4, share of sentences whose bf16 best tokens equal fp32's:")
+    for k, v in report["parity_models_bf16_same_as_fp32"].items():
+        print(f"  {k:<15} pyengine {v['pyengine']:.1%}   (HF bf16 vs HF fp32: {v['hf']:.1%})")
     out = ROOT / "benchmarks" / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
