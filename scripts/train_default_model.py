@@ -174,16 +174,22 @@ def main() -> None:
             if step % 50 == 0:
                 print(f"step {step} epoch {epoch} loss {loss.item():.3f} "
                       f"lr {opt.param_groups[0]['lr']:.2e} {(time.time() - start) / 60:.1f} min", flush=True)
-            if step % args.save_every == 0:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
-                            "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
-                ckpt.with_suffix(".tmp").replace(ckpt)
             if (time.time() - start) / 60 > args.max_minutes or step >= args.max_steps:
                 done = True
+            if step % args.save_every == 0 or done:
+                save_checkpoint(ckpt, model, opt, step, epoch, rng)
+            if done:
                 break
         else:
             epoch += 1
     export(model, tok, vocab_dir, out, step, epoch)
+
+
+def save_checkpoint(path: Path, model, opt, step: int, epoch: int, rng: random.Random) -> None:
+    """Atomically write what a restart needs to continue where this run stopped."""
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
+                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
 
 
 def export(model: MarianMTModel, tok: MarianTokenizer, vocab_dir: Path, out: Path, step: int, epoch: int) -> None:
