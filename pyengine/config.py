@@ -11,7 +11,7 @@ import torch
 from .errors import OptionError
 
 ACTIVATIONS = ("relu", "gelu", "swish")
-POSITION_KINDS = ("sinusoidal_half", "learned", "none")
+POSITION_KINDS = ("sinusoidal_half",)  # more kinds arrive with the formats that use them
 
 
 @dataclass(frozen=True)

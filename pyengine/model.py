@@ -217,9 +217,6 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_output else nn.Linear(d, cfg.tgt_vocab_size, bias=False)
         if cfg.final_logits_bias:
             self.final_logits_bias = nn.Parameter(torch.empty(cfg.tgt_vocab_size))
-        if cfg.positions == "learned":
-            self.src_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
-            self.tgt_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         if cfg.encoder_final_norm:
@@ -244,9 +241,8 @@ class Transformer(nn.Module):
             module = self.get_submodule(module_name) if module_name else self
             setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         cfg = self.cfg
-        if cfg.positions == "sinusoidal_half":
-            table = sinusoid_half(cfg.max_positions + cfg.position_offset, cfg.d_model)
-            self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
+        table = sinusoid_half(cfg.max_positions + cfg.position_offset, cfg.d_model)
+        self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
         weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
         self.output = OutputProjection(weight, self.final_logits_bias if cfg.final_logits_bias else None)
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.output]:
@@ -258,16 +254,10 @@ class Transformer(nn.Module):
         if start + length > cfg.max_positions:
             raise ValueError(f"position {start + length} exceeds the model's {cfg.max_positions} positions")
         lo = start + cfg.position_offset
-        if cfg.positions == "sinusoidal_half":
-            return self.sin_positions[lo: lo + length]
-        if cfg.positions == "learned":
-            return getattr(self, f"{side}_positions")[lo: lo + length]
-        return None
+        return self.sin_positions[lo: lo + length]
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int) -> torch.Tensor:
-        x = table(ids) * self.cfg.embed_scale
-        pos = self._positions(side, start, ids.shape[1])
-        return x if pos is None else x + pos
+        return table(ids) * self.cfg.embed_scale + self._positions(side, start, ids.shape[1])
 
     @property
     def _tgt_table(self) -> nn.Embedding:
