@@ -60,9 +60,27 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, 
     return values, cand_ids.gather(1, pos)
 
 
-def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
-    """processors(log_softmax(logits)), HF's beam-search scores for the next token."""
-    return apply_processors(torch.log_softmax(logits, dim=-1), step, opts, eos)
+def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given)."""
+    logp = torch.log_softmax(logits, dim=-1) if out is None else \
+        torch.ops.aten._log_softmax.out(logits, -1, False, out=out)
+    return apply_processors(logp, step, opts, eos)
+
+
+class StepBuffers:
+    """The per-step (rows, V) float32 tensors, allocated once per search: fresh 30 MB tensors every step
+    cost more in page faults than the log-softmax that fills them."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self._logits = torch.empty(rows, 1, vocab, device=device)
+        self._logp = torch.empty(rows, vocab, device=device)
+
+    def logits(self, rows: int) -> torch.Tensor:
+        return self._logits[:rows]
+
+    def logp(self, rows: int) -> torch.Tensor:
+        return self._logp[:rows]
 
 
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
@@ -76,9 +94,11 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    buffers = StepBuffers(batch, model.cfg.tgt_vocab_size, device)
     for step in range(opts.max_decoding_length):
-        logits = model.decode(tokens, step, cache, memory)[:, -1]
-        logp = log_probs(logits, step, opts, eos_id)
+        n = tokens.shape[0]
+        logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
+        logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n))
         # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
         # near-equal logits to one value)
         nxt = topk_rows(apply_processors(logits, step, opts, eos_id), 1)[1][:, 0]
@@ -201,11 +221,13 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     cache = model.new_cache(batch * k, opts.max_decoding_length, device, dtype)
     tokens = torch.full((batch * k, 1), start_id, dtype=torch.long, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    buffers = StepBuffers(batch * k, model.cfg.tgt_vocab_size, device)
     for step in range(opts.max_decoding_length):
-        logits = model.decode(tokens, step, cache, memory)[:, -1]
+        n = tokens.shape[0]
+        logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
         # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
         # avoids HF's top-k over a (B, K·V) tensor
-        cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id), 2 * k)
+        cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id, out=buffers.logp(n)), 2 * k)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:

@@ -285,11 +285,16 @@ class Transformer(nn.Module):
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
                        self.ops.cache_dtype(dtype, device), device)
 
-    def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory) -> torch.Tensor:
-        """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent."""
+    def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent.
+
+        `out`, a preallocated float32 (N, T, V) tensor, receives the logits (no fresh 30 MB per step).
+        """
         x = self._embed(self._tgt_table, tokens, "tgt", start)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
-        return self.ops.linear(x, self.output).float()
+        logits = self.ops.linear(x, self.output)
+        return logits.float() if out is None else out.copy_(logits)
