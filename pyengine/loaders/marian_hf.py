@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, TensorSource, fuse, read_json, read_tensors
+from .common import LoadedModel, TensorSource, hf_seq2seq_tensors, read_json, read_tensors
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ACTIVATION_NAMES = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
@@ -88,61 +88,6 @@ def decode_defaults(gen: dict, cfg: ModelConfig) -> DecodeOptions:
         forced_eos=forced_eos is not None and forced_eos in (cfg.eos_id, [cfg.eos_id]))
 
 
-def tensor_map(src: TensorSource, cfg: ModelConfig) -> dict:
-    """HF Marian names → pyengine names, with q/k/v (self) and k/v (cross) fused."""
-    d, ff_e, ff_d = cfg.d_model, cfg.encoder_ffn_dim, cfg.decoder_ffn_dim
-    out = {}
-    if cfg.shared_embeddings:
-        out["src_embed.weight"] = src.first(
-            ["model.shared.weight", "model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight"]
-            + (["lm_head.weight"] if cfg.tie_output else []), (cfg.src_vocab_size, d))
-    else:
-        out["src_embed.weight"] = src.first(["model.encoder.embed_tokens.weight"], (cfg.src_vocab_size, d))
-        out["tgt_embed.weight"] = src.first(["model.decoder.embed_tokens.weight"]
-                                            + (["lm_head.weight"] if cfg.tie_output else []), (cfg.tgt_vocab_size, d))
-        src.ignore(["model.shared.weight"])  # HF keeps a copy of the encoder table under this name
-    if not cfg.tie_output:
-        out["lm_head.weight"] = src.get("lm_head.weight", (cfg.tgt_vocab_size, d))
-    out["final_logits_bias"] = src.get("final_logits_bias", (1, cfg.tgt_vocab_size))[0]
-    src.ignore(["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"])  # recomputed
-
-    def linear(prefix: str, shape: tuple[int, int]):
-        return src.get(f"{prefix}.weight", shape), src.get(f"{prefix}.bias", shape[:1])
-
-    def norm(ours: str, theirs: str):
-        out[f"{ours}.weight"] = src.get(f"{theirs}.weight", (d,))
-        out[f"{ours}.bias"] = src.get(f"{theirs}.bias", (d,))
-
-    def self_attn(ours: str, theirs: str):
-        (qw, qb), (kw, kb), (vw, vb) = (linear(f"{theirs}.{p}_proj", (d, d)) for p in "qkv")
-        out[f"{ours}.qkv.weight"], out[f"{ours}.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
-        out[f"{ours}.out.weight"], out[f"{ours}.out.bias"] = linear(f"{theirs}.out_proj", (d, d))
-
-    def ffn(ours: str, theirs: str, ff: int):
-        out[f"{ours}.fc1.weight"], out[f"{ours}.fc1.bias"] = linear(f"{theirs}.fc1", (ff, d))
-        out[f"{ours}.fc2.weight"], out[f"{ours}.fc2.bias"] = linear(f"{theirs}.fc2", (d, ff))
-
-    for i in range(cfg.encoder_layers):
-        ours, theirs = f"encoder_layers.{i}", f"model.encoder.layers.{i}"
-        self_attn(f"{ours}.self_attn", f"{theirs}.self_attn")
-        norm(f"{ours}.self_attn_norm", f"{theirs}.self_attn_layer_norm")
-        ffn(f"{ours}.ffn", theirs, ff_e)
-        norm(f"{ours}.ffn_norm", f"{theirs}.final_layer_norm")
-    for i in range(cfg.decoder_layers):
-        ours, theirs = f"decoder_layers.{i}", f"model.decoder.layers.{i}"
-        self_attn(f"{ours}.self_attn", f"{theirs}.self_attn")
-        norm(f"{ours}.self_attn_norm", f"{theirs}.self_attn_layer_norm")
-        (qw, qb), (kw, kb), (vw, vb) = (linear(f"{theirs}.encoder_attn.{p}_proj", (d, d)) for p in "qkv")
-        out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
-        out[f"{ours}.cross_attn.kv.weight"], out[f"{ours}.cross_attn.kv.bias"] = fuse(kw, vw), fuse(kb, vb)
-        out[f"{ours}.cross_attn.out.weight"], out[f"{ours}.cross_attn.out.bias"] = linear(
-            f"{theirs}.encoder_attn.out_proj", (d, d))
-        norm(f"{ours}.cross_attn_norm", f"{theirs}.encoder_attn_layer_norm")
-        ffn(f"{ours}.ffn", theirs, ff_d)
-        norm(f"{ours}.ffn_norm", f"{theirs}.final_layer_norm")
-    return out
-
-
 def load(path: Path) -> LoadedModel:
     from ..tokenizer import MarianTokenizer
 
@@ -156,7 +101,7 @@ def load(path: Path) -> LoadedModel:
     gen = read_json(gen_file) if gen_file.is_file() else {}
     weights = _weights_file(path)
     src = TensorSource(read_tensors(weights), str(weights))
-    state = tensor_map(src, cfg)
+    state = hf_seq2seq_tensors(src, cfg)
     src.check_all_consumed()
     tokenizer = MarianTokenizer.from_dir(path, cfg) if (path / "source.spm").is_file() else None
     return LoadedModel(config=cfg, state=state, defaults=decode_defaults(gen, cfg), tokenizer=tokenizer,
