@@ -11,7 +11,9 @@ import torch
 from .errors import OptionError
 
 ACTIVATIONS = ("relu", "gelu", "swish")
-POSITION_KINDS = ("sinusoidal_half",)  # more kinds arrive with the formats that use them
+# sinusoidal_half: Marian/XLM (sin of even frequencies, then cos of odd ones, over the full width);
+# sinusoidal_fairseq: fairseq/tensor2tensor (sin | cos of half_dim frequencies exp(-ln(1e4)·i/(half_dim-1)))
+POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class DecodeOptions:
     early_stopping: bool | str = False  # HF's beam stopping rule: False, True or "never"
     suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
     forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
+    forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
 

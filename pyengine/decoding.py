@@ -30,6 +30,9 @@ def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: 
         scores[:, list(opts.suppress_tokens)] = float("-inf")
     if step < opts.min_decoding_length:
         scores[:, eos] = float("-inf")
+    if opts.forced_bos_token is not None and step == 0:
+        scores.fill_(float("-inf"))
+        scores[:, opts.forced_bos_token] = 0.0
     if opts.forced_eos and step == opts.max_decoding_length - 1:
         scores.fill_(float("-inf"))
         scores[:, eos] = 0.0

@@ -28,6 +28,20 @@ def sinusoid_half(n_positions: int, dim: int) -> torch.Tensor:
     return out.float()
 
 
+def sinusoid_fairseq(n_positions: int, dim: int) -> torch.Tensor:
+    """fairseq/tensor2tensor table: [sin(p·f_i) | cos(p·f_i)], f_i = exp(-ln(10000)·i/(half-1)); odd dims get a 0 column."""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+    angle = torch.arange(n_positions, dtype=torch.float32)[:, None] * freq[None, :]
+    out = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    if dim % 2:
+        out = torch.cat([out, torch.zeros(n_positions, 1)], dim=1)
+    return out
+
+
+POSITION_TABLES = {"sinusoidal_half": sinusoid_half, "sinusoidal_fairseq": sinusoid_fairseq}
+
+
 class KVCache:
     """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh), double-buffered.
 
@@ -241,7 +255,7 @@ class Transformer(nn.Module):
             module = self.get_submodule(module_name) if module_name else self
             setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         cfg = self.cfg
-        table = sinusoid_half(cfg.max_positions + cfg.position_offset, cfg.d_model)
+        table = POSITION_TABLES[cfg.positions](cfg.max_positions + cfg.position_offset, cfg.d_model)
         self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
         weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
         self.output = OutputProjection(weight, self.final_logits_bias if cfg.final_logits_bias else None)

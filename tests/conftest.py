@@ -38,7 +38,8 @@ def randomize_(model, seed: int, embed_std: float = 0.45, weight_gain: float = 2
                 p.copy_(embed_std * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(weight_gain * torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
-        model.final_logits_bias.copy_(torch.randn(model.final_logits_bias.shape, generator=gen))
+        if hasattr(model, "final_logits_bias"):  # Marian has one; M2M100 does not
+            model.final_logits_bias.copy_(torch.randn(model.final_logits_bias.shape, generator=gen))
 
 
 def build_marian(path: Path, *, vocab: int = 97, d_model: int = 36, layers: tuple[int, int] = (2, 2),

@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormatError
-from . import marian_hf
+from . import m2m100_hf, marian_hf
 from .common import FormatLoader, LoadedModel
 
 FORMATS: tuple[FormatLoader, ...] = (
     FormatLoader("hf-marian", marian_hf.detect, marian_hf.load,
                  "config.json with model_type 'marian' (MarianMTModel.save_pretrained)"),
+    FormatLoader("hf-m2m100", m2m100_hf.detect, m2m100_hf.load,
+                 "config.json with model_type 'm2m_100' (M2M100 / NLLB-200 save_pretrained)"),
 )
 
 

@@ -28,7 +28,7 @@ def detect(path: Path) -> bool:
         return False
 
 
-def _weights_file(path: Path) -> Path:
+def find_weights(path: Path) -> Path:
     for name in WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
@@ -99,7 +99,7 @@ def load(path: Path) -> LoadedModel:
         raise CheckpointError(f"{path / 'config.json'}: missing field {exc.args[0]!r}") from None
     gen_file = path / "generation_config.json"
     gen = read_json(gen_file) if gen_file.is_file() else {}
-    weights = _weights_file(path)
+    weights = find_weights(path)
     src = TensorSource(read_tensors(weights), str(weights))
     state = hf_seq2seq_tensors(src, cfg)
     src.check_all_consumed()
