@@ -94,18 +94,23 @@ class Engine:
         """Best translation of each text."""
         return [t.hypotheses[0] for t in self.translate_batch(texts, **options)]
 
-    def translate_batch(self, texts: Sequence[str], **options: Any) -> list[Translation]:
-        """n-best translations (ids, scores, text) of each text, in the caller's order."""
+    def translate_batch(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
+                        **options: Any) -> list[Translation]:
+        """n-best translations (ids, scores, text) of each text, in the caller's order.
+
+        source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
+        """
         if self.tokenizer is None:
             raise PyEngineError(f"{self.source}: no tokenizer files were found; use generate() with token ids")
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
+        encode = self._language_encoder(source_lang, target_lang, options)
         opts = self.options(**options)
         ids: list[list[int] | None] = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"expected str, got {type(text).__name__}", index=i)
-            ids.append(self.tokenizer.encode(text) if text.strip() else None)  # blank text translates to ""
+            ids.append(encode(text) if text.strip() else None)  # blank text translates to ""
         results = self._generate([x for x in ids if x is not None], opts)
         it = iter(results)
         out = []
@@ -136,11 +141,28 @@ class Engine:
         return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps])
                 for hyps in results]
 
+    def _language_encoder(self, source_lang: str | None, target_lang: str | None, options: dict):
+        """The source encoder for these languages; the target language becomes the forced first token."""
+        if source_lang is None and target_lang is None:
+            return self.tokenizer.encode
+        if not hasattr(self.tokenizer, "lang_id"):
+            raise OptionError(f"{self.source}: source_lang/target_lang apply to multilingual models only")
+        try:
+            if target_lang is not None:
+                options["forced_bos_token"] = self.tokenizer.lang_id(target_lang)
+            if source_lang is not None:
+                self.tokenizer.lang_id(source_lang)
+        except KeyError as exc:
+            raise OptionError(str(exc.args[0])) from None
+        return lambda text: self.tokenizer.encode(text, source_lang=source_lang)
+
     def options(self, **options: Any) -> DecodeOptions:
         """The model's default decoding options with `options` applied (unknown names are an error)."""
         opts = self.defaults.replace(**options)
         if "beam_size" in options and "num_hypotheses" not in options:
             opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
+        if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < self.config.tgt_vocab_size:
+            raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary")
         if opts.max_decoding_length > self.config.max_positions:
             raise OptionError(f"max_decoding_length {opts.max_decoding_length} exceeds the model's "
                               f"{self.config.max_positions} target positions")

@@ -22,6 +22,24 @@ def _clean_up_tokenization(text: str) -> str:
     return text
 
 
+def split_specials(text: str, pattern: re.Pattern) -> list[tuple[bool, str]]:
+    """Text cut at special tokens written in it, as transformers' slow tokenizers cut it: (is_special, chunk).
+
+    When the text holds a special token, the plain chunks around it lose their outer whitespace."""
+    parts = pattern.split(text)
+    out = []
+    for i, chunk in enumerate(parts):
+        if i % 2:
+            out.append((True, chunk))
+        elif (chunk := chunk.strip() if len(parts) > 1 else chunk):
+            out.append((False, chunk))
+    return out
+
+
+def specials_pattern(tokens) -> re.Pattern:
+    return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
+
+
 class MarianTokenizer:
     """source.spm / target.spm + vocab.json (+ target_vocab.json when vocabularies are separate)."""
 
@@ -40,7 +58,7 @@ class MarianTokenizer:
         self.specials = {unk, eos, pad}
         # HF skips the *source* vocabulary's special ids when decoding, even with separate vocabularies
         self.special_ids = {self.unk_id, self.eos_id, self.pad_id}
-        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in sorted(self.specials, key=len)[::-1]) + ")")
+        self._special_re = specials_pattern(self.specials)
         self.clean_up_spaces = clean_up_spaces
 
     @classmethod
@@ -70,12 +88,9 @@ class MarianTokenizer:
     def encode(self, text: str) -> list[int]:
         """Source ids with the trailing </s>, as MarianTokenizer(text).input_ids."""
         ids: list[int] = []
-        for i, chunk in enumerate(self._special_re.split(text)):
-            if i % 2:  # a special token written in the text
+        for special, chunk in split_specials(text, self._special_re):
+            if special:
                 ids.append(self.encoder[chunk])
-                continue
-            chunk = chunk.strip() if len(self._special_re.split(text)) > 1 else chunk
-            if not chunk:
                 continue
             code = []
             if chunk.startswith(">>") and (end := chunk.find("<<")) != -1:  # target-language code
@@ -96,3 +111,81 @@ class MarianTokenizer:
             pieces.append(piece)
         text = sp.decode_pieces(pieces).replace(SPIECE_UNDERLINE, " ").strip()
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
+
+
+# Language codes of fairseq's M2M100 models, in id order after vocab.json (transformers' table).
+M2M100_LANGUAGE_CODES = {
+    "m2m100": ['af', 'am', 'ar', 'ast', 'az', 'ba', 'be', 'bg', 'bn', 'br', 'bs', 'ca', 'ceb', 'cs', 'cy', 'da', 'de', 'el', 'en', 'es', 'et', 'fa', 'ff', 'fi', 'fr', 'fy', 'ga', 'gd', 'gl', 'gu', 'ha', 'he', 'hi', 'hr', 'ht', 'hu', 'hy', 'id', 'ig', 'ilo', 'is', 'it', 'ja', 'jv', 'ka', 'kk', 'km', 'kn', 'ko', 'lb', 'lg', 'ln', 'lo', 'lt', 'lv', 'mg', 'mk', 'ml', 'mn', 'mr', 'ms', 'my', 'ne', 'nl', 'no', 'ns', 'oc', 'or', 'pa', 'pl', 'ps', 'pt', 'ro', 'ru', 'sd', 'si', 'sk', 'sl', 'so', 'sq', 'sr', 'ss', 'su', 'sv', 'sw', 'ta', 'th', 'tl', 'tn', 'tr', 'uk', 'ur', 'uz', 'vi', 'wo', 'xh', 'yi', 'yo', 'zh', 'zu'],
+    "wmt21": ['en', 'ha', 'is', 'ja', 'cs', 'ru', 'zh', 'de'],
+}
+
+
+class M2M100Tokenizer:
+    """sentencepiece.bpe.model + vocab.json with `__xx__` language tokens after the vocabulary, as
+    transformers' M2M100Tokenizer: source = [source language] + pieces + [</s>]; the target language is
+    the forced first generated token; decoding skips special and language tokens (as the published
+    tokenizer configs make them)."""
+
+    SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+
+    def __init__(self, spm_file: Path, vocab: dict[str, int], language_codes: str = "m2m100",
+                 source_lang: str = "en"):
+        if language_codes not in M2M100_LANGUAGE_CODES:
+            raise CheckpointError(f"unknown language_codes {language_codes!r}; known: {sorted(M2M100_LANGUAGE_CODES)}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        self.encoder = vocab
+        self.decoder = {i: t for t, i in vocab.items()}
+        for name in self.SPECIALS:
+            if name not in vocab:
+                raise CheckpointError(f"vocab.json has no {name!r} entry")
+        self.lang_ids = {code: len(vocab) + i for i, code in enumerate(M2M100_LANGUAGE_CODES[language_codes])}
+        self.lang_tokens = {f"__{code}__": i for code, i in self.lang_ids.items()}
+        self.decoder.update({i: t for t, i in self.lang_tokens.items()})
+        self.unk_id, self.eos_id = vocab["<unk>"], vocab["</s>"]
+        self.special_tokens = set(self.SPECIALS) | set(self.lang_tokens)
+        self.special_ids = {vocab[t] for t in self.SPECIALS} | set(self.lang_tokens.values())
+        self._special_re = specials_pattern(self.special_tokens)
+        self.source_lang = source_lang
+
+    @classmethod
+    def from_dir(cls, path: Path, cfg: ModelConfig) -> "M2M100Tokenizer":
+        tok_cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            if (path / "tokenizer_config.json").is_file() else {}
+        try:
+            vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: missing vocab.json") from None
+        tok = cls(path / "sentencepiece.bpe.model", vocab, tok_cfg.get("language_codes", "m2m100"),
+                  tok_cfg.get("src_lang") or "en")
+        top = max(tok.lang_ids.values())
+        if top >= cfg.src_vocab_size:
+            raise CheckpointError(f"{path}: language token ids up to {top} do not fit the model's "
+                                  f"vocabulary of {cfg.src_vocab_size}")
+        return tok
+
+    def lang_id(self, code: str) -> int:
+        if code not in self.lang_ids:
+            raise KeyError(f"unknown language {code!r}; known: {', '.join(sorted(self.lang_ids))}")
+        return self.lang_ids[code]
+
+    def encode(self, text: str, source_lang: str | None = None) -> list[int]:
+        ids = [self.lang_id(source_lang or self.source_lang)]
+        for special, chunk in split_specials(text, self._special_re):
+            if special:
+                ids.append(self.lang_tokens.get(chunk, self.encoder.get(chunk)))
+            else:
+                ids.extend(self.encoder.get(p, self.unk_id) for p in self.sp.encode(chunk, out_type=str))
+        return ids + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        out, pieces = "", []
+        for i in ids:
+            if i in self.special_ids:
+                continue
+            token = self.decoder.get(i, "<unk>")
+            if token in self.special_tokens:  # an id outside the vocabulary decodes to a literal <unk>
+                out += self.sp.decode(pieces) + token
+                pieces = []
+            else:
+                pieces.append(token)
+        return (out + self.sp.decode(pieces)).strip()

@@ -92,3 +92,76 @@ def test_generate_with_forced_language_matches_hf(pair, beam):
         if beam > 1:
             expected = ref.sequences_scores.view(len(src), beam)[i]
             assert torch.allclose(torch.tensor(ours[i].scores), expected, atol=ATOL, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def text_m2m100(tmp_path_factory):
+    """A random M2M100 with a sentencepiece vocabulary trained on real text; HF's tokenizer built the way
+    the published configs build it (language tokens registered as special tokens)."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import M2M100ForConditionalGeneration, M2M100Tokenizer
+
+    from conftest import SAMPLE_TEXT
+    path = tmp_path_factory.mktemp("m2m-text")
+    spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(path / "sp"), vocab_size=300,
+                                   minloglevel=2)
+    proc = spm.SentencePieceProcessor(model_file=str(path / "sp.model"))
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for i in range(proc.get_piece_size()):
+        vocab.setdefault(proc.id_to_piece(i), len(vocab))
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "sp.model").rename(path / "sentencepiece.bpe.model")
+    (path / "tokenizer_config.json").write_text(json.dumps({"language_codes": "m2m100", "src_lang": "en"}))
+    from pyengine.tokenizer import M2M100_LANGUAGE_CODES
+    lang_tokens = [f"__{c}__" for c in M2M100_LANGUAGE_CODES["m2m100"]]
+    size = len(vocab) + len(lang_tokens) + 8  # + fairseq's madeup words
+    from transformers import GenerationConfig, M2M100Config
+    cfg = M2M100Config(vocab_size=size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                       decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, pad_token_id=PAD,
+                       bos_token_id=0, eos_token_id=EOS, decoder_start_token_id=EOS, max_position_embeddings=256)
+    torch.manual_seed(3)
+    model = M2M100ForConditionalGeneration(cfg)
+    randomize_(model, 3)
+    model.generation_config = GenerationConfig(num_beams=2, max_length=20, bad_words_ids=[[PAD]], pad_token_id=PAD,
+                                               eos_token_id=EOS, decoder_start_token_id=EOS)
+    model.save_pretrained(path)
+    hf_tok = M2M100Tokenizer(str(path / "vocab.json"), str(path / "sentencepiece.bpe.model"), src_lang="en",
+                             tgt_lang="de", additional_special_tokens=lang_tokens)
+    return path, hf_tok
+
+
+def test_m2m100_tokenizer_matches_hf(text_m2m100):
+    from conftest import sample_lines
+    path, hf_tok = text_m2m100
+    ours = pyengine.Engine.load(path).tokenizer
+    lines = sample_lines()[:150] + ["", "a </s> inside", "__de__ written out", "  spaced  "]
+    for line in lines:
+        assert ours.encode(line) == hf_tok(line).input_ids, repr(line)
+    hf_tok.src_lang = "fr"
+    assert ours.encode(lines[0], source_lang="fr") == hf_tok(lines[0]).input_ids
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = torch.randint(0, len(ours.decoder) + 8, (int(torch.randint(1, 25, (1,), generator=gen)),),
+                            generator=gen).tolist()
+        assert ours.decode(ids) == hf_tok.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_translate_to_target_language_matches_hf(text_m2m100, beam):
+    from transformers import M2M100ForConditionalGeneration
+
+    from conftest import sample_lines
+    path, hf_tok = text_m2m100
+    hf_tok.src_lang = "en"
+    hf = M2M100ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    texts = sample_lines()[:12]
+    batch = hf_tok(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ref = hf.generate(**batch, num_beams=beam, forced_bos_token_id=hf_tok.get_lang_id("de"))
+    engine = pyengine.Engine.load(path)
+    got = engine.translate(texts, source_lang="en", target_lang="de", beam_size=beam)
+    assert got == hf_tok.batch_decode(ref, skip_special_tokens=True)
+    with pytest.raises(pyengine.OptionError, match="unknown language 'xx'"):
+        engine.translate(texts, target_lang="xx")

@@ -60,4 +60,10 @@ def load(path: Path) -> LoadedModel:
     defaults = decode_defaults(gen, cfg)
     if gen.get("forced_bos_token_id") is not None:
         defaults = defaults.replace(forced_bos_token=gen["forced_bos_token_id"])
-    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=None, source=f"hf-m2m100:{path}")
+    tokenizer = None
+    if (path / "sentencepiece.bpe.model").is_file():
+        from ..tokenizer import M2M100Tokenizer
+        tokenizer = M2M100Tokenizer.from_dir(path, cfg)
+    # NLLB-200 directories carry a different tokenizer (sentencepiece ids with fairseq's offset); until it is
+    # supported they load for generate() from token ids
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"hf-m2m100:{path}")
