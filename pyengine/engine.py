@@ -186,7 +186,7 @@ class Engine:
         if not ids:
             return []
         ids = self._check_lengths(ids, opts)
-        cfg, ec = self.config, self.engine_config
+        ec = self.engine_config
         batches = plan_batches([len(x) for x in ids], ec.max_batch_tokens, ec.max_batch_size, opts.beam_size)
         outputs = [self._run_batch([ids[i] for i in batch], opts) for batch in batches]
         return restore_order(batches, outputs, len(ids))

@@ -86,6 +86,40 @@ class TensorSource:
             raise CheckpointError(f"{self.origin}: {len(unused)} tensor(s) matched nothing in the model: {shown}")
 
 
+def hf_model_type(path: Path) -> str | None:
+    """`model_type` of a Hugging Face directory's config.json, None when there is none to read."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return read_json(cfg).get("model_type")
+    except CheckpointError:
+        return None
+
+
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def read_hf_seq2seq(path: Path, make_config: Callable[[dict, str], ModelConfig]) -> tuple[ModelConfig, dict, dict]:
+    """(ModelConfig, state dict in our names, generation_config) of a HF BART-family directory."""
+    raw = read_json(path / "config.json")
+    try:
+        cfg = make_config(raw, str(path))
+    except KeyError as exc:
+        raise CheckpointError(f"{path / 'config.json'}: missing field {exc.args[0]!r}") from None
+    gen_file = path / "generation_config.json"
+    gen = read_json(gen_file) if gen_file.is_file() else {}
+    weights = next((path / n for n in HF_WEIGHT_FILES if (path / n).is_file()), None)
+    if weights is None:
+        if any(path.glob("model-*.safetensors")):
+            raise CheckpointError(f"{path}: sharded safetensors checkpoints are not supported yet")
+        raise CheckpointError(f"{path}: no weights file; looked for {list(HF_WEIGHT_FILES)}")
+    src = TensorSource(read_tensors(weights), str(weights))
+    state = hf_seq2seq_tensors(src, cfg)
+    src.check_all_consumed()
+    return cfg, state, gen
+
+
 def fuse(*tensors: torch.Tensor) -> torch.Tensor:
     """Stack projections by rows (q, k, v → one (3D, D) matrix or (3D,) bias)."""
     return torch.cat(tensors, dim=0)

@@ -12,18 +12,12 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, TensorSource, hf_seq2seq_tensors, read_json, read_tensors
-from .marian_hf import ACTIVATION_NAMES, decode_defaults, find_weights
+from .common import LoadedModel, hf_model_type, read_hf_seq2seq
+from .marian_hf import ACTIVATION_NAMES, decode_defaults
 
 
 def detect(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return read_json(cfg).get("model_type") == "m2m_100"
-    except CheckpointError:
-        return False
+    return hf_model_type(path) == "m2m_100"
 
 
 def model_config(raw: dict, origin: str) -> ModelConfig:
@@ -46,17 +40,7 @@ def model_config(raw: dict, origin: str) -> ModelConfig:
 
 
 def load(path: Path) -> LoadedModel:
-    raw = read_json(path / "config.json")
-    try:
-        cfg = model_config(raw, str(path))
-    except KeyError as exc:
-        raise CheckpointError(f"{path / 'config.json'}: missing field {exc.args[0]!r}") from None
-    gen_file = path / "generation_config.json"
-    gen = read_json(gen_file) if gen_file.is_file() else {}
-    weights = find_weights(path)
-    src = TensorSource(read_tensors(weights), str(weights))
-    state = hf_seq2seq_tensors(src, cfg)
-    src.check_all_consumed()
+    cfg, state, gen = read_hf_seq2seq(path, model_config)
     defaults = decode_defaults(gen, cfg)
     if gen.get("forced_bos_token_id") is not None:
         defaults = defaults.replace(forced_bos_token=gen["forced_bos_token_id"])

@@ -12,29 +12,13 @@ from pathlib import Path
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, TensorSource, hf_seq2seq_tensors, read_json, read_tensors
+from .common import LoadedModel, hf_model_type, read_hf_seq2seq
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ACTIVATION_NAMES = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
 
 
 def detect(path: Path) -> bool:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return read_json(cfg).get("model_type") == "marian"
-    except CheckpointError:
-        return False
-
-
-def find_weights(path: Path) -> Path:
-    for name in WEIGHT_FILES:
-        if (path / name).is_file():
-            return path / name
-    if any(path.glob("model-*.safetensors")):
-        raise CheckpointError(f"{path}: sharded safetensors checkpoints are not supported yet")
-    raise CheckpointError(f"{path}: no weights file; looked for {list(WEIGHT_FILES)}")
+    return hf_model_type(path) == "marian"
 
 
 def model_config(raw: dict, origin: str) -> ModelConfig:
@@ -91,18 +75,7 @@ def decode_defaults(gen: dict, cfg: ModelConfig) -> DecodeOptions:
 def load(path: Path) -> LoadedModel:
     from ..tokenizer import MarianTokenizer
 
-    raw = read_json(path / "config.json")
-    origin = str(path)
-    try:
-        cfg = model_config(raw, origin)
-    except KeyError as exc:
-        raise CheckpointError(f"{path / 'config.json'}: missing field {exc.args[0]!r}") from None
-    gen_file = path / "generation_config.json"
-    gen = read_json(gen_file) if gen_file.is_file() else {}
-    weights = find_weights(path)
-    src = TensorSource(read_tensors(weights), str(weights))
-    state = hf_seq2seq_tensors(src, cfg)
-    src.check_all_consumed()
+    cfg, state, gen = read_hf_seq2seq(path, model_config)
     tokenizer = MarianTokenizer.from_dir(path, cfg) if (path / "source.spm").is_file() else None
     return LoadedModel(config=cfg, state=state, defaults=decode_defaults(gen, cfg), tokenizer=tokenizer,
                        source=f"hf-marian:{path}")
