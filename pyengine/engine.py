@@ -66,10 +66,11 @@ class Engine:
     """A loaded model ready to translate. Build with `Engine.load(path)`."""
 
     def __init__(self, model: Transformer, config: ModelConfig, defaults: DecodeOptions, tokenizer: Any,
-                 engine_config: EngineConfig, backends: dict[str, str], source: str):
+                 engine_config: EngineConfig, backends: dict[str, str], source: str, tokenizer_note: str = ""):
         self.model, self.config, self.defaults = model, config, defaults
         self.tokenizer, self.engine_config = tokenizer, engine_config
         self.backends, self.source = backends, source
+        self.tokenizer_note = tokenizer_note or "no tokenizer files were found; use generate() with token ids"
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -87,7 +88,8 @@ class Engine:
             model = Transformer(loaded.config, ops)
         model.load_weights(loaded.state, engine_config.dtype, device)
         model.eval()
-        return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source)
+        return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source,
+                   loaded.extra.get("tokenizer_note", ""))
 
     # -- public API ----------------------------------------------------------------------------
     def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
@@ -101,7 +103,7 @@ class Engine:
         source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
         """
         if self.tokenizer is None:
-            raise PyEngineError(f"{self.source}: no tokenizer files were found; use generate() with token ids")
+            raise PyEngineError(f"{self.source}: {self.tokenizer_note}")
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
         encode = self._language_encoder(source_lang, target_lang, options)

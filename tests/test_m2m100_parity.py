@@ -165,3 +165,18 @@ def test_translate_to_target_language_matches_hf(text_m2m100, beam):
     assert got == hf_tok.batch_decode(ref, skip_special_tokens=True)
     with pytest.raises(pyengine.OptionError, match="unknown language 'xx'"):
         engine.translate(texts, target_lang="xx")
+
+
+def test_nllb_directory_loads_for_ids_and_says_why_text_does_not(pair, tmp_path):
+    """An NLLB-200 directory (M2M100 weights, NllbTokenizer files): generate() works, translate() names the gap."""
+    import json
+    import shutil
+    engine, _ = pair
+    nllb = tmp_path / "nllb"
+    shutil.copytree(engine.source.split(":", 1)[1], nllb)
+    (nllb / "sentencepiece.bpe.model").write_bytes(b"")
+    (nllb / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NllbTokenizer"}))
+    loaded = pyengine.Engine.load(nllb)
+    assert loaded.generate([[5, 6, EOS]], beam_size=2)[0].tokens == engine.generate([[5, 6, EOS]], beam_size=2)[0].tokens
+    with pytest.raises(pyengine.PyEngineError, match="NLLB-200 tokenization is not supported yet"):
+        loaded.translate(["hello"])

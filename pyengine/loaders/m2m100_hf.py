@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, hf_model_type, read_hf_seq2seq
+from .common import LoadedModel, hf_model_type, read_hf_seq2seq, read_json
 from .marian_hf import ACTIVATION_NAMES, decode_defaults
 
 
@@ -44,10 +44,13 @@ def load(path: Path) -> LoadedModel:
     defaults = decode_defaults(gen, cfg)
     if gen.get("forced_bos_token_id") is not None:
         defaults = defaults.replace(forced_bos_token=gen["forced_bos_token_id"])
-    tokenizer = None
-    if (path / "sentencepiece.bpe.model").is_file():
+    tokenizer, note = None, ""
+    tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
+    if str(tok_cfg.get("tokenizer_class", "")).startswith("Nllb"):
+        # NLLB-200's tokenizer numbers sentencepiece ids with fairseq's offset: not supported yet
+        note = "NLLB-200 tokenization is not supported yet; translate from token ids with generate()"
+    elif (path / "sentencepiece.bpe.model").is_file() and (path / "vocab.json").is_file():
         from ..tokenizer import M2M100Tokenizer
         tokenizer = M2M100Tokenizer.from_dir(path, cfg)
-    # NLLB-200 directories carry a different tokenizer (sentencepiece ids with fairseq's offset); until it is
-    # supported they load for generate() from token ids
-    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"hf-m2m100:{path}")
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"hf-m2m100:{path}",
+                       extra={"tokenizer_note": note} if note else {})
