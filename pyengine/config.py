@@ -71,6 +71,8 @@ class DecodeOptions:
     suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
     forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
     forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
+    repetition_penalty: float = 1.0  # scores of tokens already in the target: × penalty if < 0, ÷ penalty if > 0
+    no_repeat_ngram_size: int = 0  # never repeat an n-gram of the target (0: off)
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
 
@@ -87,6 +89,10 @@ class DecodeOptions:
                               f"({self.max_decoding_length}), got {self.min_decoding_length!r}")
         if self.early_stopping not in (True, False, "never"):
             raise OptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
+            raise OptionError(f"repetition_penalty must be a positive number, got {self.repetition_penalty!r}")
+        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
+            raise OptionError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
         if not isinstance(self.length_penalty, (int, float)):
             raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
 

@@ -24,8 +24,38 @@ class Hypothesis:
     score: float
 
 
-def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: int) -> torch.Tensor:
-    """HF's logits processors for these options, in place on (N, V) logits or log-probs at generated index `step`."""
+def needs_history(opts: DecodeOptions) -> bool:
+    """Whether the processors look at the tokens generated so far."""
+    return opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0
+
+
+def penalize_repetitions(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> None:
+    """HF's RepetitionPenaltyLogitsProcessor: every token of the row's sequence, × penalty if < 0, ÷ if > 0."""
+    seen = scores.gather(1, seqs)
+    scores.scatter_(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """HF's NoRepeatNGramLogitsProcessor: ban each token that would complete an n-gram already in the row."""
+    length, vocab = seqs.shape[1], scores.shape[1]
+    if length < n:
+        return
+    windows = seqs.unfold(1, n, 1)  # (N, W, n)
+    prefix = seqs[:, length + 1 - n:]  # the last n-1 tokens
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab), True)  # non-matches land in a spare column
+    scores.masked_fill_(banned[:, :vocab], float("-inf"))
+
+
+def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+                     seqs: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's logits processors for these options, in HF's order, in place on (N, V) logits or log-probs at
+    generated index `step`. seqs (N, step + 1): each row's decoder tokens so far, start token included."""
+    if opts.repetition_penalty != 1.0:
+        penalize_repetitions(scores, seqs, opts.repetition_penalty)
+    if opts.no_repeat_ngram_size > 0:
+        ban_repeated_ngrams(scores, seqs, opts.no_repeat_ngram_size)
     if opts.suppress_tokens:
         scores[:, list(opts.suppress_tokens)] = float("-inf")
     if step < opts.min_decoding_length:
@@ -64,11 +94,17 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, 
 
 
 def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
-              out: torch.Tensor | None = None) -> torch.Tensor:
+              out: torch.Tensor | None = None, seqs: torch.Tensor | None = None) -> torch.Tensor:
     """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given)."""
     logp = torch.log_softmax(logits, dim=-1) if out is None else \
         torch.ops.aten._log_softmax.out(logits, -1, False, out=out)
-    return apply_processors(logp, step, opts, eos)
+    return apply_processors(logp, step, opts, eos, seqs)
+
+
+def with_start(start_id: int, history: torch.Tensor, step: int) -> torch.Tensor:
+    """(N, step + 1): the start token followed by each row's first `step` generated tokens."""
+    start = torch.full((history.shape[0], 1), start_id, dtype=history.dtype, device=history.device)
+    return torch.cat([start, history[:, :step]], dim=1)
 
 
 class StepBuffers:
@@ -101,10 +137,11 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
         logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
-        logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n))
+        seqs = with_start(start_id, history, step) if needs_history(opts) else None
+        logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
         # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
         # near-equal logits to one value)
-        nxt = topk_rows(apply_processors(logits, step, opts, eos_id), 1)[1][:, 0]
+        nxt = topk_rows(apply_processors(logits, step, opts, eos_id, seqs), 1)[1][:, 0]
         scores += logp.gather(1, nxt[:, None])[:, 0]
         history[:, step] = nxt
         done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
@@ -230,7 +267,8 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
         # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
         # avoids HF's top-k over a (B, K·V) tensor
-        cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id, out=buffers.logp(n)), 2 * k)
+        seqs = with_start(start_id, state.run_hist.view(n, -1), step) if needs_history(opts) else None
+        cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs), 2 * k)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:

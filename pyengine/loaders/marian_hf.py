@@ -69,6 +69,7 @@ def decode_defaults(gen: dict, cfg: ModelConfig) -> DecodeOptions:
         beam_size=beam, num_hypotheses=1, length_penalty=gen.get("length_penalty", 1.0),
         max_decoding_length=max_new, min_decoding_length=min(min_new, max_new),
         early_stopping=gen.get("early_stopping", False), suppress_tokens=tuple(s[0] for s in bad_words),
+        repetition_penalty=gen.get("repetition_penalty") or 1.0, no_repeat_ngram_size=gen.get("no_repeat_ngram_size") or 0,
         forced_eos=forced_eos is not None and forced_eos in (cfg.eos_id, [cfg.eos_id]))
 
 
