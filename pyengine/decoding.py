@@ -9,6 +9,7 @@ worst finished one (HF's heuristic), and its rows are then dropped from the batc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -16,6 +17,9 @@ from .config import DecodeOptions
 from .model import Memory, Transformer
 
 NEG = -1.0e9  # HF's "excluded" score
+
+
+StepCallback = Callable[[int, list[int], bool], None]  # (sentence, best tokens so far, finished)
 
 
 @dataclass
@@ -123,8 +127,8 @@ class StepBuffers:
 
 
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                  dtype: torch.dtype) -> list[list[Hypothesis]]:
-    """Argmax decoding; finished rows leave the batch at once."""
+                  dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
+    """Argmax decoding; finished rows leave the batch at once. on_step sees each row's tokens after each step."""
     batch = memory.kv.shape[0]
     device = memory.kv.device
     cache = model.new_cache(batch, opts.max_decoding_length, device, dtype)
@@ -145,6 +149,10 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
         scores += logp.gather(1, nxt[:, None])[:, 0]
         history[:, step] = nxt
         done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
+        if on_step is not None:
+            for row, (sentence, finished) in enumerate(zip(alive.tolist(), done.tolist())):
+                toks = history[row, : step + 1].tolist()
+                on_step(sentence, toks[:-1] if toks[-1] == eos_id else toks, finished)
         if bool(done.any()):
             for row in done.nonzero()[:, 0].tolist():
                 n = step + 1
@@ -253,8 +261,11 @@ class BeamState:
 
 
 def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                dtype: torch.dtype) -> list[list[Hypothesis]]:
-    """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch."""
+                dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
+    """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch.
+
+    on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
+    a later step can prefer another beam), and each sentence's final best when it finishes."""
     batch, k = memory.kv.shape[0], opts.beam_size
     device = memory.kv.device
     state = BeamState(batch, k, opts.max_decoding_length, device)
@@ -273,9 +284,15 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:
             done = torch.ones_like(done)
+        if on_step is not None:
+            for row, sentence in enumerate(state.sentence.tolist()):
+                if not bool(done[row]):
+                    on_step(sentence, state.run_hist[row, 0, : step + 1].tolist(), False)
         if bool(done.any()):
             for sentence, hyps in state.results(done.nonzero()[:, 0], opts, eos_id):
                 results[sentence] = hyps
+                if on_step is not None:
+                    on_step(sentence, hyps[0].tokens, True)
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
@@ -289,8 +306,8 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
 
 
 def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-           dtype: torch.dtype) -> list[list[Hypothesis]]:
+           dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
     """Greedy for beam 1, beam search otherwise."""
     if opts.beam_size == 1:
-        return greedy_search(model, memory, opts, start_id, eos_id, dtype)
-    return beam_search(model, memory, opts, start_id, eos_id, dtype)
+        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step)
+    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -19,6 +21,16 @@ from .ops import resolve_ops
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class StreamEvent:
+    """A sentence's best hypothesis so far (`done`: final). For beam search a later event may revise it."""
+
+    index: int
+    tokens: list[int]
+    text: str
+    done: bool
 
 
 @dataclass
@@ -96,24 +108,61 @@ class Engine:
         """Best translation of each text."""
         return [t.hypotheses[0] for t in self.translate_batch(texts, **options)]
 
-    def translate_batch(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
-                        **options: Any) -> list[Translation]:
-        """n-best translations (ids, scores, text) of each text, in the caller's order.
+    def translate_iter(self, texts: Sequence[str], **options: Any) -> Iterator[StreamEvent]:
+        """Stream each sentence's best hypothesis as it grows (greedy and beam search), then its final one.
 
-        source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
+        Input errors are raised before the first event; events of different sentences interleave.
         """
+        events: queue.Queue = queue.Queue()
+        done = object()
+
+        def on_step(index: int, tokens: list[int], finished: bool) -> None:
+            events.put(StreamEvent(index, tokens, self.tokenizer.decode(tokens), finished))
+
+        def run() -> None:
+            try:
+                self.translate_batch(texts, _on_step=on_step, **options)
+            except BaseException as exc:  # handed to the consumer
+                events.put(exc)
+            events.put(done)
+
+        self._validate_texts(texts)
+        self.options(**{k: v for k, v in options.items() if k not in ("source_lang", "target_lang")})
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        while (item := events.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        worker.join()
+
+    def _validate_texts(self, texts: Sequence[str]) -> None:
         if self.tokenizer is None:
             raise PyEngineError(f"{self.source}: {self.tokenizer_note}")
         if isinstance(texts, str) or not isinstance(texts, Sequence):
             raise InputError(f"texts must be a list of strings, got {type(texts).__name__}")
-        encode = self._language_encoder(source_lang, target_lang, options)
-        opts = self.options(**options)
-        ids: list[list[int] | None] = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"expected str, got {type(text).__name__}", index=i)
-            ids.append(encode(text) if text.strip() else None)  # blank text translates to ""
-        results = self._generate([x for x in ids if x is not None], opts)
+
+    def translate_batch(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
+                        _on_step=None, **options: Any) -> list[Translation]:
+        """n-best translations (ids, scores, text) of each text, in the caller's order.
+
+        source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
+        """
+        self._validate_texts(texts)
+        encode = self._language_encoder(source_lang, target_lang, options)
+        opts = self.options(**options)
+        ids = [encode(text) if text.strip() else None for text in texts]  # blank text translates to ""
+        positions = [i for i, x in enumerate(ids) if x is not None]
+        on_step = None
+        if _on_step is not None:  # report with the caller's index
+            on_step = lambda k, toks, fin: _on_step(positions[k], toks, fin)  # noqa: E731
+            for i, x in enumerate(ids):
+                if x is None:
+                    _on_step(i, [], True)
+        results = self._generate([x for x in ids if x is not None], opts, on_step)
         it = iter(results)
         out = []
         for x in ids:
@@ -184,16 +233,20 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def _generate(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[Hypothesis]]:
+    def _generate(self, ids: list[list[int]], opts: DecodeOptions, on_step=None) -> list[list[Hypothesis]]:
         if not ids:
             return []
         ids = self._check_lengths(ids, opts)
         ec = self.engine_config
         batches = plan_batches([len(x) for x in ids], ec.max_batch_tokens, ec.max_batch_size, opts.beam_size)
-        outputs = [self._run_batch([ids[i] for i in batch], opts) for batch in batches]
+        outputs = []
+        for batch in batches:
+            step_cb = None if on_step is None else \
+                (lambda k, toks, fin, batch=batch: on_step(batch[k], toks, fin))
+            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb))
         return restore_order(batches, outputs, len(ids))
 
-    def _run_batch(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[Hypothesis]]:
+    def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None) -> list[list[Hypothesis]]:
         cfg, device = self.config, self.engine_config.device
         lengths = torch.tensor([len(x) for x in ids], device=device)
         src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
@@ -201,4 +254,4 @@ class Engine:
             src[i, : len(seq)] = torch.tensor(seq, device=device)
         hidden = self.model.encode(src, lengths)
         memory = self.model.memory(hidden, lengths)
-        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype)
+        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype, on_step)
