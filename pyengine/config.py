@@ -73,6 +73,10 @@ class DecodeOptions:
     forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
     repetition_penalty: float = 1.0  # scores of tokens already in the target: × penalty if < 0, ÷ penalty if > 0
     no_repeat_ngram_size: int = 0  # never repeat an n-gram of the target (0: off)
+    sampling_topk: int = 1  # 1: argmax (no sampling); k > 1: sample among the k best; 0: the whole vocabulary
+    sampling_topp: float = 1.0  # sample within the smallest set of tokens whose probability reaches p
+    sampling_temperature: float = 1.0
+    seed: int | None = None  # sampling seed: the same seed gives the same translations
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
 
@@ -93,8 +97,20 @@ class DecodeOptions:
             raise OptionError(f"repetition_penalty must be a positive number, got {self.repetition_penalty!r}")
         if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
             raise OptionError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
+        if not isinstance(self.sampling_topk, int) or self.sampling_topk < 0:
+            raise OptionError(f"sampling_topk must be an integer >= 0, got {self.sampling_topk!r}")
+        if not 0 < self.sampling_topp <= 1:
+            raise OptionError(f"sampling_topp must be in (0, 1], got {self.sampling_topp!r}")
+        if not self.sampling_temperature > 0:
+            raise OptionError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
+        if self.sampling and self.beam_size > 1:
+            raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
         if not isinstance(self.length_penalty, (int, float)):
             raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.sampling_topk != 1 or self.sampling_topp < 1.0
 
     def replace(self, **changes: Any) -> "DecodeOptions":
         """A copy with `changes`; an unknown option name is an error that lists the known ones."""

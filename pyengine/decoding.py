@@ -126,9 +126,26 @@ class StepBuffers:
         return self._logp[:rows]
 
 
+def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from processed scores: temperature, then top-k, then top-p (HF's warper order)."""
+    scores = scores / opts.sampling_temperature
+    if opts.sampling_topk > 1:
+        kth = topk_rows(scores, min(opts.sampling_topk, scores.shape[-1]))[0][:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if opts.sampling_topp < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already reach p (the best one always stays)
+        drop = (cumulative - sorted_scores.softmax(dim=-1)) >= opts.sampling_topp
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                  dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
-    """Argmax decoding; finished rows leave the batch at once. on_step sees each row's tokens after each step."""
+                  dtype: torch.dtype, on_step: StepCallback | None = None,
+                  generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """Argmax (or sampling) decoding; finished rows leave the batch at once. on_step sees each row's tokens
+    after each step. A sampled token's score is its log-prob before temperature and filtering."""
     batch = memory.kv.shape[0]
     device = memory.kv.device
     cache = model.new_cache(batch, opts.max_decoding_length, device, dtype)
@@ -138,6 +155,8 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch, model.cfg.tgt_vocab_size, device)
+    if opts.sampling and generator is None:
+        raise ValueError("sampling needs a torch.Generator")
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
         logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
@@ -145,7 +164,8 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
         logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
         # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
         # near-equal logits to one value)
-        nxt = topk_rows(apply_processors(logits, step, opts, eos_id, seqs), 1)[1][:, 0]
+        processed = apply_processors(logits, step, opts, eos_id, seqs)
+        nxt = sample_tokens(processed, opts, generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
         scores += logp.gather(1, nxt[:, None])[:, 0]
         history[:, step] = nxt
         done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
@@ -306,8 +326,9 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
 
 
 def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-           dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
-    """Greedy for beam 1, beam search otherwise."""
+           dtype: torch.dtype, on_step: StepCallback | None = None,
+           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise."""
     if opts.beam_size == 1:
-        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step)
+        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator)
     return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step)

@@ -208,7 +208,11 @@ class Engine:
         return lambda text: self.tokenizer.encode(text, source_lang=source_lang)
 
     def options(self, **options: Any) -> DecodeOptions:
-        """The model's default decoding options with `options` applied (unknown names are an error)."""
+        """The model's default decoding options with `options` applied (unknown names are an error).
+
+        Sampling options without an explicit beam_size mean beam 1 (sampling needs it)."""
+        if any(k.startswith("sampling_") for k in options) and "beam_size" not in options:
+            options = dict(options, beam_size=1)
         opts = self.defaults.replace(**options)
         if "beam_size" in options and "num_hypotheses" not in options:
             opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
@@ -239,14 +243,19 @@ class Engine:
         ids = self._check_lengths(ids, opts)
         ec = self.engine_config
         batches = plan_batches([len(x) for x in ids], ec.max_batch_tokens, ec.max_batch_size, opts.beam_size)
+        generator = None
+        if opts.sampling:  # one stream for the whole call: batches must not repeat each other's draws
+            generator = torch.Generator(device=ec.device)
+            generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
         outputs = []
         for batch in batches:
             step_cb = None if on_step is None else \
                 (lambda k, toks, fin, batch=batch: on_step(batch[k], toks, fin))
-            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb))
+            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb, generator))
         return restore_order(batches, outputs, len(ids))
 
-    def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None) -> list[list[Hypothesis]]:
+    def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
+                   generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
         cfg, device = self.config, self.engine_config.device
         lengths = torch.tensor([len(x) for x in ids], device=device)
         src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
@@ -254,4 +263,5 @@ class Engine:
             src[i, : len(seq)] = torch.tensor(seq, device=device)
         hidden = self.model.encode(src, lengths)
         memory = self.model.memory(hidden, lengths)
-        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype, on_step)
+        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype, on_step,
+                      generator)
