@@ -106,3 +106,14 @@ def test_decode_step_batch32_beam4(benchmark, opus_engines, dtype):
             cache.length = T
             return model.decode(tokens, T, cache, memory)
         benchmark(step)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "python"])
+def test_beam_step_bookkeeping(benchmark, impl):
+    """Search bookkeeping of one step at batch 32, beam 4 (outside the model's forward)."""
+    from pyengine.config import DecodeOptions
+    from pyengine.decoding import BeamState
+    opts = DecodeOptions(beam_size=4, max_decoding_length=64)
+    state = BeamState(32, 4, 64, torch.device("cpu"), reference=impl == "python")
+    cand_logp, cand_ids = torch.topk(torch.log_softmax(torch.randn(ROWS, V), -1), 8, dim=-1)
+    benchmark(state.step, cand_logp, cand_ids, 5, opts, 0)

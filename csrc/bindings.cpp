@@ -1,6 +1,7 @@
-// pyengine._C: the C++ side of the engine. This build carries only the module skeleton and a build
-// probe; KV-cache and beam-search ops (kv_cache.cpp, beam_search.cpp) land with the csrc issue.
+// pyengine._C: the C++ side of the engine: the functions of csrc/*.cpp, nothing else.
 #include <torch/extension.h>
+
+#include "beam_search.h"
 
 namespace pyengine {
 
@@ -21,4 +22,9 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pyengine C++ extension";
   m.def("build_info", &pyengine::build_info, "What this build of pyengine._C contains.");
+  m.def("beam_step", &pyengine::beam_step, "One HF-rule beam-search step; updates the state in place.",
+        pybind11::arg("cand_logp"), pybind11::arg("cand_ids"), pybind11::arg("run_scores"), pybind11::arg("run_hist"),
+        pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
+        pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
+        pybind11::arg("early_stopping"), pybind11::arg("eos"));
 }

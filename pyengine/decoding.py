@@ -190,11 +190,17 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     return results
 
 
-class BeamState:
-    """Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...); B shrinks as sentences finish."""
+EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
-    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
-        self.beam, self.max_len = beam, max_len
+
+class BeamState:
+    """Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...); B shrinks as sentences finish.
+
+    `step` runs in C++ (pyengine._C.beam_step, ATen: CPU or CUDA tensors); `step_reference` is the same
+    rule in Python, kept as the readable specification the C++ is tested against."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, reference: bool = False):
+        self.beam, self.max_len, self.reference = beam, max_len, reference
         self.sentence = torch.arange(batch, device=device)  # caller's index of each live sentence
         self.run_scores = torch.full((batch, beam), NEG, device=device)
         self.run_scores[:, 0] = 0.0  # only the first beam is live at the start
@@ -207,10 +213,18 @@ class BeamState:
 
     def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
              eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's 2K best (log-prob, token) → (parent row per new row (B·K,), next token (B·K,)).
+        """Each row's best (log-prob, token) candidates → (parent row per new row (B·K,), next token (B·K,))."""
+        if self.reference:
+            return self.step_reference(cand_logp, cand_ids, step, opts, eos)
+        from . import _C
+        return _C.beam_step(cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist,
+                            self.fin_len, self.fin_flag, self.open, step, float(opts.length_penalty),
+                            EARLY_STOPPING_CODES[opts.early_stopping], eos)
 
-        The best 2K of a sentence over beam × vocab are among its rows' own best 2K each.
-        """
+    def step_reference(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+                       eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Python specification of `step`. The best 2K of a sentence over beam × vocab are among its rows'
+        own best 2K each."""
         b, k = self.run_scores.shape
         per_row = cand_logp.shape[-1]
         acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
@@ -281,14 +295,15 @@ class BeamState:
 
 
 def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                dtype: torch.dtype, on_step: StepCallback | None = None) -> list[list[Hypothesis]]:
+                dtype: torch.dtype, on_step: StepCallback | None = None,
+                reference: bool = False) -> list[list[Hypothesis]]:
     """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch.
 
     on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
     a later step can prefer another beam), and each sentence's final best when it finishes."""
     batch, k = memory.kv.shape[0], opts.beam_size
     device = memory.kv.device
-    state = BeamState(batch, k, opts.max_decoding_length, device)
+    state = BeamState(batch, k, opts.max_decoding_length, device, reference)
     cache = model.new_cache(batch * k, opts.max_decoding_length, device, dtype)
     tokens = torch.full((batch * k, 1), start_id, dtype=torch.long, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
