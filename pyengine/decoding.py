@@ -105,12 +105,6 @@ def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
     return apply_processors(logp, step, opts, eos, seqs)
 
 
-def with_start(start_id: int, history: torch.Tensor, step: int) -> torch.Tensor:
-    """(N, step + 1): the start token followed by each row's first `step` generated tokens."""
-    start = torch.full((history.shape[0], 1), start_id, dtype=history.dtype, device=history.device)
-    return torch.cat([start, history[:, :step]], dim=1)
-
-
 class StepBuffers:
     """The per-step (rows, V) float32 tensors, allocated once per search: fresh 30 MB tensors every step
     cost more in page faults than the log-softmax that fills them."""
@@ -143,14 +137,19 @@ def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Ge
 
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
                   dtype: torch.dtype, on_step: StepCallback | None = None,
-                  generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Argmax (or sampling) decoding; finished rows leave the batch at once. on_step sees each row's tokens
-    after each step. A sampled token's score is its log-prob before temperature and filtering."""
+    after each step. A sampled token's score is its log-prob before temperature and filtering.
+
+    prefix (B, P): target tokens forced after the start token (HF's decoder prompt): part of the output,
+    not of the score; max/min_decoding_length count the tokens generated after it."""
     batch = memory.kv.shape[0]
     device = memory.kv.device
-    cache = model.new_cache(batch, opts.max_decoding_length, device, dtype)
+    prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1)
+    prefix_len = prompt.shape[1] - 1
+    cache = model.new_cache(batch, prefix_len + opts.max_decoding_length, device, dtype)
     alive = torch.arange(batch, device=device)  # sentence index of each row
-    tokens = torch.full((batch, 1), start_id, dtype=torch.long, device=device)
+    tokens, position = prompt, 0
     history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
@@ -159,8 +158,10 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
         raise ValueError("sampling needs a torch.Generator")
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
-        logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
-        seqs = with_start(start_id, history, step) if needs_history(opts) else None
+        out = buffers.logits(n) if tokens.shape[1] == 1 else None
+        logits = model.decode(tokens, position, cache, memory, out=out)[:, -1]
+        position += tokens.shape[1]
+        seqs = torch.cat([prompt, history[:, :step]], dim=1) if needs_history(opts) else None
         logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
         # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
         # near-equal logits to one value)
@@ -172,22 +173,29 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
         if on_step is not None:
             for row, (sentence, finished) in enumerate(zip(alive.tolist(), done.tolist())):
                 toks = history[row, : step + 1].tolist()
-                on_step(sentence, toks[:-1] if toks[-1] == eos_id else toks, finished)
+                on_step(sentence, prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] == eos_id else toks), finished)
         if bool(done.any()):
             for row in done.nonzero()[:, 0].tolist():
-                n = step + 1
-                toks = history[row, :n].tolist()
+                n_gen = step + 1
+                toks = history[row, :n_gen].tolist()
                 if toks and toks[-1] == eos_id:
                     toks = toks[:-1]
-                results[int(alive[row])] = [Hypothesis(toks, float(scores[row]) / (n ** opts.length_penalty))]
+                results[int(alive[row])] = [Hypothesis(prompt[row, 1:].tolist() + toks,
+                                                       float(scores[row]) / (n_gen ** opts.length_penalty))]
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
-            alive, history, scores, nxt = alive[keep], history[keep], scores[keep], nxt[keep]
+            alive, history, scores, nxt, prompt = alive[keep], history[keep], scores[keep], nxt[keep], prompt[keep]
             cache.select(keep)
             memory = memory.select(keep)
         tokens = nxt[:, None]
     return results
+
+
+def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
+    """(rows, 1 + P): the start token, then the forced target prefix if any."""
+    start = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
+    return start if prefix is None or prefix.shape[1] == 0 else torch.cat([start, prefix.to(device)], dim=1)
 
 
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
@@ -296,7 +304,7 @@ class BeamState:
 
 def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
                 dtype: torch.dtype, on_step: StepCallback | None = None,
-                reference: bool = False) -> list[list[Hypothesis]]:
+                reference: bool = False, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch.
 
     on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
@@ -304,16 +312,21 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     batch, k = memory.kv.shape[0], opts.beam_size
     device = memory.kv.device
     state = BeamState(batch, k, opts.max_decoding_length, device, reference)
-    cache = model.new_cache(batch * k, opts.max_decoding_length, device, dtype)
-    tokens = torch.full((batch * k, 1), start_id, dtype=torch.long, device=device)
+    prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
+    prompts = prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the caller's batch order
+    cache = model.new_cache(batch * k, prompt.shape[1] - 1 + opts.max_decoding_length, device, dtype)
+    tokens, position = prompt.repeat_interleave(k, dim=0), 0
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch * k, model.cfg.tgt_vocab_size, device)
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
-        logits = model.decode(tokens, step, cache, memory, out=buffers.logits(n))[:, -1]
+        out = buffers.logits(n) if tokens.shape[1] == 1 else None
+        logits = model.decode(tokens, position, cache, memory, out=out)[:, -1]
+        position += tokens.shape[1]
         # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
         # avoids HF's top-k over a (B, K·V) tensor
-        seqs = with_start(start_id, state.run_hist.view(n, -1), step) if needs_history(opts) else None
+        seqs = torch.cat([prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
+            if needs_history(opts) else None
         cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs), 2 * k)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         done = state.done(opts)
@@ -322,17 +335,18 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         if on_step is not None:
             for row, sentence in enumerate(state.sentence.tolist()):
                 if not bool(done[row]):
-                    on_step(sentence, state.run_hist[row, 0, : step + 1].tolist(), False)
+                    on_step(sentence, prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False)
         if bool(done.any()):
             for sentence, hyps in state.results(done.nonzero()[:, 0], opts, eos_id):
-                results[sentence] = hyps
+                results[sentence] = [Hypothesis(prompts[sentence] + h.tokens, h.score) for h in hyps]
                 if on_step is not None:
-                    on_step(sentence, hyps[0].tokens, True)
+                    on_step(sentence, results[sentence][0].tokens, True)
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
             state.keep(keep)
             memory = memory.select(keep)
+            prompt = prompt[keep]
             # parent rows still index the pre-drop cache, so one select both drops and reorders
             rows, nxt = rows.view(-1, k)[keep].view(-1), nxt.view(-1, k)[keep].view(-1)
         cache.select(rows)
@@ -342,8 +356,8 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
 
 def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
            dtype: torch.dtype, on_step: StepCallback | None = None,
-           generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
-    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise."""
+           generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise; prefix (B, P) is forced."""
     if opts.beam_size == 1:
-        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator)
-    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step)
+        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator, prefix)
+    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step, prefix=prefix)

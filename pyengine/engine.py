@@ -146,15 +146,27 @@ class Engine:
                 raise InputError(f"expected str, got {type(text).__name__}", index=i)
 
     def translate_batch(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
-                        _on_step=None, **options: Any) -> list[Translation]:
+                        target_prefix: Sequence[str | None] | None = None, _on_step=None,
+                        **options: Any) -> list[Translation]:
         """n-best translations (ids, scores, text) of each text, in the caller's order.
 
         source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
+        target_prefix: per text, the start the translation must have (None or "" for none).
         """
         self._validate_texts(texts)
         encode = self._language_encoder(source_lang, target_lang, options)
         opts = self.options(**options)
         ids = [encode(text) if text.strip() else None for text in texts]  # blank text translates to ""
+        prefixes = None
+        if target_prefix is not None:
+            if len(target_prefix) != len(texts):
+                raise InputError(f"target_prefix has {len(target_prefix)} items for {len(texts)} texts")
+            prefixes = []
+            for i, (x, p) in enumerate(zip(ids, target_prefix)):
+                if p is not None and not isinstance(p, str):
+                    raise InputError(f"target_prefix must be a str or None, got {type(p).__name__}", index=i)
+                if x is not None:
+                    prefixes.append(self.tokenizer.encode_target(p) if p else [])
         positions = [i for i, x in enumerate(ids) if x is not None]
         on_step = None
         if _on_step is not None:  # report with the caller's index
@@ -162,7 +174,7 @@ class Engine:
             for i, x in enumerate(ids):
                 if x is None:
                     _on_step(i, [], True)
-        results = self._generate([x for x in ids if x is not None], opts, on_step)
+        results = self._generate([x for x in ids if x is not None], opts, on_step, prefixes)
         it = iter(results)
         out = []
         for x in ids:
@@ -175,8 +187,12 @@ class Engine:
                                    [self.tokenizer.decode(h.tokens) for h in hyps]))
         return out
 
-    def generate(self, source_ids: Sequence[Sequence[int]], **options: Any) -> list[Translation]:
-        """Decode from source token ids (EOS included, as the tokenizer makes them)."""
+    def generate(self, source_ids: Sequence[Sequence[int]], target_prefix: Sequence[Sequence[int]] | None = None,
+                 **options: Any) -> list[Translation]:
+        """Decode from source token ids (EOS included, as the tokenizer makes them).
+
+        target_prefix: per source, target ids the output must start with (HF's decoder prompt: in the output,
+        not in the score; the decoding lengths count the tokens after it)."""
         opts = self.options(**options)
         if isinstance(source_ids, (str, bytes)) or not isinstance(source_ids, Sequence):
             raise InputError(f"source_ids must be a list of lists of ints, got {type(source_ids).__name__}")
@@ -187,7 +203,16 @@ class Engine:
             if not all(isinstance(t, int) and 0 <= t < self.config.src_vocab_size for t in seq):
                 raise InputError(f"token ids must be ints in [0, {self.config.src_vocab_size})", index=i)
             checked.append(list(seq))
-        results = self._generate(checked, opts)
+        prefixes = None
+        if target_prefix is not None:
+            if len(target_prefix) != len(checked):
+                raise InputError(f"target_prefix has {len(target_prefix)} items for {len(checked)} sources")
+            prefixes = []
+            for i, p in enumerate(target_prefix):
+                if not all(isinstance(t, int) and 0 <= t < self.config.tgt_vocab_size for t in p):
+                    raise InputError(f"target_prefix ids must be ints in [0, {self.config.tgt_vocab_size})", index=i)
+                prefixes.append(list(p))
+        results = self._generate(checked, opts, prefixes=prefixes)
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda toks: "")
         return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps])
                 for hyps in results]
@@ -237,10 +262,28 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def _generate(self, ids: list[list[int]], opts: DecodeOptions, on_step=None) -> list[list[Hypothesis]]:
+    def _generate(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
+                  prefixes: list[list[int]] | None = None) -> list[list[Hypothesis]]:
         if not ids:
             return []
         ids = self._check_lengths(ids, opts)
+        if prefixes is None or not any(prefixes):
+            return self._generate_group(ids, opts, on_step, None)
+        # one decoder prompt length per batch: group the sentences by prefix length
+        results: list = [None] * len(ids)
+        for length in sorted({len(p) for p in prefixes}):
+            members = [i for i, p in enumerate(prefixes) if len(p) == length]
+            group_opts, group_prefix = opts, [prefixes[i] for i in members]
+            if length and opts.forced_bos_token is not None:  # the forced first token leads the prompt, as in HF
+                group_opts = opts.replace(forced_bos_token=None)
+                group_prefix = [[opts.forced_bos_token] + p for p in group_prefix]
+            cb = None if on_step is None else (lambda k, t, f, members=members: on_step(members[k], t, f))
+            for i, out in zip(members, self._generate_group([ids[i] for i in members], group_opts, cb, group_prefix)):
+                results[i] = out
+        return results
+
+    def _generate_group(self, ids: list[list[int]], opts: DecodeOptions, on_step,
+                        prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
         ec = self.engine_config
         batches = plan_batches([len(x) for x in ids], ec.max_batch_tokens, ec.max_batch_size, opts.beam_size)
         generator = None
@@ -251,11 +294,13 @@ class Engine:
         for batch in batches:
             step_cb = None if on_step is None else \
                 (lambda k, toks, fin, batch=batch: on_step(batch[k], toks, fin))
-            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb, generator))
+            prefix = None if not prefixes or not prefixes[0] else \
+                torch.tensor([prefixes[i] for i in batch], device=ec.device)
+            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb, generator, prefix))
         return restore_order(batches, outputs, len(ids))
 
     def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
-                   generator: torch.Generator | None = None) -> list[list[Hypothesis]]:
+                   generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
         cfg, device = self.config, self.engine_config.device
         lengths = torch.tensor([len(x) for x in ids], device=device)
         src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
@@ -263,5 +308,8 @@ class Engine:
             src[i, : len(seq)] = torch.tensor(seq, device=device)
         hidden = self.model.encode(src, lengths)
         memory = self.model.memory(hidden, lengths)
+        if prefix is not None and prefix.shape[1] + opts.max_decoding_length > cfg.max_positions:
+            raise InputError(f"target prefix of {prefix.shape[1]} tokens + max_decoding_length "
+                             f"{opts.max_decoding_length} exceed the model's {cfg.max_positions} positions")
         return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype, on_step,
-                      generator)
+                      generator, prefix)

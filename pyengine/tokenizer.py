@@ -50,6 +50,7 @@ class MarianTokenizer:
         self.spm_target = spm.SentencePieceProcessor(model_file=str(target_spm))
         self.encoder = vocab
         self.separate = target_vocab is not None
+        self.target_encoder = target_vocab or vocab
         self.decoder = {i: t for t, i in (target_vocab or vocab).items()}
         for name in (unk, eos, pad):
             if name not in vocab:
@@ -98,6 +99,17 @@ class MarianTokenizer:
             pieces = code + self.spm_source.encode(chunk, out_type=str)
             ids.extend(self.encoder.get(p, self.unk_id) for p in pieces)
         return ids + [self.eos_id]
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target-side ids without </s> (a forced target prefix), as MarianTokenizer(text_target=text) minus EOS."""
+        encoder = self.target_encoder if self.separate else self.encoder
+        ids: list[int] = []
+        for special, chunk in split_specials(text, self._special_re):
+            if special:
+                ids.append(encoder[chunk])
+            else:
+                ids.extend(encoder.get(p, encoder["<unk>"]) for p in self.spm_target.encode(chunk, out_type=str))
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """Text of target ids with special tokens skipped, as MarianTokenizer.decode(ids, skip_special_tokens=True)."""
@@ -176,6 +188,10 @@ class M2M100Tokenizer:
             else:
                 ids.extend(self.encoder.get(p, self.unk_id) for p in self.sp.encode(chunk, out_type=str))
         return ids + [self.eos_id]
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target pieces without language token or </s> (a forced target prefix)."""
+        return self.encode(text)[1:-1]
 
     def decode(self, ids: list[int]) -> str:
         out, pieces = "", []
