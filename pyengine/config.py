@@ -13,7 +13,8 @@ from .errors import OptionError
 ACTIVATIONS = ("relu", "gelu", "swish")
 # sinusoidal_half: Marian/XLM (sin of even frequencies, then cos of odd ones, over the full width);
 # sinusoidal_fairseq: fairseq/tensor2tensor (sin | cos of half_dim frequencies exp(-ln(1e4)·i/(half_dim-1)))
-POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq")
+# learned: a trained table per side (BART/mBART), read from the checkpoint
+POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "learned")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ModelConfig:
     positions: str = "sinusoidal_half"  # sin in the first half, cos in the second (Marian)
     position_offset: int = 0  # added to the position index before the table lookup
     normalize_before: bool = False  # pre-norm layers
+    embedding_norm: bool = False  # a layer norm on embeddings + positions (BART's layernorm_embedding)
     encoder_final_norm: bool = False
     decoder_final_norm: bool = False
     layer_norm_eps: float = 1e-5

@@ -230,6 +230,12 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_output else nn.Linear(d, cfg.tgt_vocab_size, bias=False)
         if cfg.final_logits_bias:
             self.final_logits_bias = nn.Parameter(torch.empty(cfg.tgt_vocab_size))
+        if cfg.positions == "learned":
+            self.src_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
+            self.tgt_positions = nn.Parameter(torch.empty(cfg.max_positions + cfg.position_offset, d))
+        if cfg.embedding_norm:
+            self.src_embed_norm = LayerNorm(d, cfg.layer_norm_eps)
+            self.tgt_embed_norm = LayerNorm(d, cfg.layer_norm_eps)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         if cfg.encoder_final_norm:
@@ -254,8 +260,9 @@ class Transformer(nn.Module):
             module = self.get_submodule(module_name) if module_name else self
             setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
         cfg = self.cfg
-        table = POSITION_TABLES[cfg.positions](cfg.max_positions + cfg.position_offset, cfg.d_model)
-        self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
+        if cfg.positions in POSITION_TABLES:
+            table = POSITION_TABLES[cfg.positions](cfg.max_positions + cfg.position_offset, cfg.d_model)
+            self.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
         weight = self._tgt_table.weight if self.lm_head is None else self.lm_head.weight
         self.output = OutputProjection(weight, self.final_logits_bias if cfg.final_logits_bias else None)
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.output]:
@@ -267,10 +274,15 @@ class Transformer(nn.Module):
         if start + length > cfg.max_positions:
             raise ValueError(f"position {start + length} exceeds the model's {cfg.max_positions} positions")
         lo = start + cfg.position_offset
-        return self.sin_positions[lo: lo + length]
+        table = getattr(self, f"{side}_positions") if cfg.positions == "learned" else self.sin_positions
+        return table[lo: lo + length]
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int) -> torch.Tensor:
-        return table(ids) * self.cfg.embed_scale + self._positions(side, start, ids.shape[1])
+        x = table(ids) * self.cfg.embed_scale + self._positions(side, start, ids.shape[1])
+        if self.cfg.embedding_norm:
+            norm = getattr(self, f"{side}_embed_norm")
+            x = self.ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        return x
 
     @property
     def _tgt_table(self) -> nn.Embedding:

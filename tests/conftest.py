@@ -135,3 +135,20 @@ def random_sources(n: int, vocab: int, seed: int, lo: int = 1, hi: int = 14) -> 
         length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
         out.append(torch.randint(2, vocab - 1, (length,), generator=gen).tolist() + [0])
     return out
+
+
+def fairseq_style_sources(n: int, vocab: int, eos: int, seed: int, first: int = 3) -> list[list[int]]:
+    """Mixed-length source ids for models whose specials are <s>=0, <pad>=1, </s>=2, ... (M2M100, BART)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(first, vocab, (int(torch.randint(1, 14, (1,), generator=gen)),), generator=gen).tolist()
+            + [eos] for _ in range(n)]
+
+
+def encoder_and_stepwise_logits(engine, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor):
+    """pyengine's encoder output and its logits for `tgt` fed one token per step over the KV cache."""
+    with torch.no_grad():
+        hidden = engine.model.encode(x, mask.sum(1))
+        memory = engine.model.memory(hidden, mask.sum(1))
+        cache = engine.model.new_cache(len(x), tgt.shape[1] + 1, torch.device("cpu"), torch.float32)
+        logits = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
+    return hidden, logits

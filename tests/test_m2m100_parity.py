@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyengine
-from conftest import pad_batch, randomize_
+from conftest import encoder_and_stepwise_logits, fairseq_style_sources, pad_batch, randomize_
 
 VOCAB, PAD, EOS, LANG_DE = 90, 1, 2, 85
 ATOL = 1e-4
@@ -38,9 +38,7 @@ def pair(request, tmp_path_factory):
 
 
 def _sources(n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, LANG_DE, (int(torch.randint(1, 14, (1,), generator=gen)),), generator=gen).tolist()
-            + [EOS] for _ in range(n)]
+    return fairseq_style_sources(n, LANG_DE, EOS, seed)
 
 
 def test_detected_as_m2m100(pair):
@@ -57,10 +55,7 @@ def test_encoder_and_step_logits_match_hf(pair):
     with torch.no_grad():
         ref_enc = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
         ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
-        hidden = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, mask.sum(1))
-        cache = engine.model.new_cache(len(src), 8, torch.device("cpu"), torch.float32)
-        ours = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(7)], 1)
+    hidden, ours = encoder_and_stepwise_logits(engine, x, mask, tgt)
     valid = mask.bool()
     assert torch.allclose(hidden[valid], ref_enc[valid], atol=ATOL, rtol=0)
     assert torch.allclose(ours, ref, atol=ATOL, rtol=0), (ours - ref).abs().max()

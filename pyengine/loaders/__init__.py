@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormatError
-from . import m2m100_hf, marian_hf
+from . import bart_hf, m2m100_hf, marian_hf
 from .common import FormatLoader, LoadedModel
 
 FORMATS: tuple[FormatLoader, ...] = (
@@ -12,6 +12,8 @@ FORMATS: tuple[FormatLoader, ...] = (
                  "config.json with model_type 'marian' (MarianMTModel.save_pretrained)"),
     FormatLoader("hf-m2m100", m2m100_hf.detect, m2m100_hf.load,
                  "config.json with model_type 'm2m_100' (M2M100 / NLLB-200 save_pretrained)"),
+    FormatLoader("hf-bart", bart_hf.detect, bart_hf.load,
+                 "config.json with model_type 'bart' or 'mbart' (save_pretrained)"),
 )
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -98,6 +99,33 @@ def hf_model_type(path: Path) -> str | None:
 
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+HF_ACTIVATIONS = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
+
+
+def hf_seq2seq_config(raw: dict, origin: str, *, default_activation: str, default_scale: bool,
+                      **family: Any) -> ModelConfig:
+    """The fields every HF BART-family config.json shares; `family` sets what the architecture fixes
+    (positions, norms, vocabularies, ...)."""
+    act = raw.get("activation_function", default_activation)
+    if act not in HF_ACTIVATIONS:
+        raise CheckpointError(f"{origin}: unsupported activation_function {act!r}; supported: {sorted(HF_ACTIVATIONS)}")
+    d = raw["d_model"]
+    eos = raw.get("eos_token_id", 2)
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise CheckpointError(f"{origin}: several eos_token_id values {eos} are not supported")
+        eos = eos[0]
+    fields = dict(
+        d_model=d, encoder_layers=raw["encoder_layers"], decoder_layers=raw["decoder_layers"],
+        encoder_heads=raw["encoder_attention_heads"], decoder_heads=raw["decoder_attention_heads"],
+        encoder_ffn_dim=raw["encoder_ffn_dim"], decoder_ffn_dim=raw["decoder_ffn_dim"],
+        src_vocab_size=raw["vocab_size"], tgt_vocab_size=raw["vocab_size"], activation=HF_ACTIVATIONS[act],
+        pad_id=raw["pad_token_id"], eos_id=eos, decoder_start_id=raw.get("decoder_start_token_id", raw["pad_token_id"]),
+        max_positions=raw.get("max_position_embeddings", 1024),
+        embed_scale=math.sqrt(d) if raw.get("scale_embedding", default_scale) else 1.0,
+        layer_norm_eps=1e-5, tie_output=raw.get("tie_word_embeddings", True), family="hf")
+    fields.update(family)
+    return ModelConfig(**fields)
 
 
 def read_hf_seq2seq(path: Path, make_config: Callable[[dict, str], ModelConfig]) -> tuple[ModelConfig, dict, dict]:
@@ -152,7 +180,12 @@ def hf_seq2seq_tensors(src: TensorSource, cfg: ModelConfig) -> dict:
         out["lm_head.weight"] = src.get("lm_head.weight", (cfg.tgt_vocab_size, d))
     if cfg.final_logits_bias:
         out["final_logits_bias"] = src.get("final_logits_bias", (1, cfg.tgt_vocab_size))[0]
-    src.ignore(["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"])  # recomputed
+    if cfg.positions == "learned":
+        rows = cfg.max_positions + cfg.position_offset
+        out["src_positions"] = src.get("model.encoder.embed_positions.weight", (rows, d))
+        out["tgt_positions"] = src.get("model.decoder.embed_positions.weight", (rows, d))
+    else:  # sinusoidal tables are recomputed
+        src.ignore(["model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight"])
 
     def linear(prefix: str, shape: tuple[int, int]):
         return src.get(f"{prefix}.weight", shape), src.get(f"{prefix}.bias", shape[:1])
@@ -188,6 +221,9 @@ def hf_seq2seq_tensors(src: TensorSource, cfg: ModelConfig) -> dict:
         norm(f"{ours}.cross_attn_norm", f"{theirs}.encoder_attn_layer_norm")
         ffn(f"{ours}.ffn", theirs, ff_d)
         norm(f"{ours}.ffn_norm", f"{theirs}.final_layer_norm")
+    if cfg.embedding_norm:
+        norm("src_embed_norm", "model.encoder.layernorm_embedding")
+        norm("tgt_embed_norm", "model.decoder.layernorm_embedding")
     if cfg.encoder_final_norm:
         norm("encoder_norm", "model.encoder.layer_norm")
     if cfg.decoder_final_norm:

@@ -7,13 +7,11 @@ as the first generated token (forced_bos_token_id).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..config import ModelConfig
-from ..errors import CheckpointError
-from .common import LoadedModel, hf_model_type, read_hf_seq2seq, read_json
-from .marian_hf import ACTIVATION_NAMES, decode_defaults
+from .common import LoadedModel, hf_model_type, hf_seq2seq_config, read_hf_seq2seq, read_json
+from .marian_hf import decode_defaults
 
 
 def detect(path: Path) -> bool:
@@ -21,22 +19,11 @@ def detect(path: Path) -> bool:
 
 
 def model_config(raw: dict, origin: str) -> ModelConfig:
-    act = raw.get("activation_function", "relu")
-    if act not in ACTIVATION_NAMES:
-        raise CheckpointError(f"{origin}: unsupported activation_function {act!r}")
-    d = raw["d_model"]
-    pad = raw["pad_token_id"]
-    return ModelConfig(
-        d_model=d, encoder_layers=raw["encoder_layers"], decoder_layers=raw["decoder_layers"],
-        encoder_heads=raw["encoder_attention_heads"], decoder_heads=raw["decoder_attention_heads"],
-        encoder_ffn_dim=raw["encoder_ffn_dim"], decoder_ffn_dim=raw["decoder_ffn_dim"],
-        src_vocab_size=raw["vocab_size"], tgt_vocab_size=raw["vocab_size"], activation=ACTIVATION_NAMES[act],
-        pad_id=pad, eos_id=raw.get("eos_token_id", 2), decoder_start_id=raw.get("decoder_start_token_id", 2),
-        max_positions=raw.get("max_position_embeddings", 1024),
-        embed_scale=math.sqrt(d) if raw.get("scale_embedding", True) else 1.0,
-        positions="sinusoidal_fairseq", position_offset=pad + 1, normalize_before=True,
-        encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5, shared_embeddings=True,
-        tie_output=raw.get("tie_word_embeddings", True), final_logits_bias=False, family="hf")
+    return hf_seq2seq_config(
+        raw, origin, default_activation="relu", default_scale=True, positions="sinusoidal_fairseq",
+        position_offset=raw["pad_token_id"] + 1, normalize_before=True, encoder_final_norm=True,
+        decoder_final_norm=True, shared_embeddings=True, final_logits_bias=False,
+        decoder_start_id=raw.get("decoder_start_token_id", 2))
 
 
 def load(path: Path) -> LoadedModel:

@@ -7,14 +7,12 @@ final_logits_bias, decoding from decoder_start_token_id (= pad).
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, hf_model_type, read_hf_seq2seq
+from .common import LoadedModel, hf_model_type, hf_seq2seq_config, read_hf_seq2seq
 
-ACTIVATION_NAMES = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
 
 
 def detect(path: Path) -> bool:
@@ -29,30 +27,21 @@ def model_config(raw: dict, origin: str) -> ModelConfig:
                                   "(the reference for this format) ignores; refusing to guess its meaning")
     if raw.get("static_position_embeddings") is False:
         raise CheckpointError(f"{origin}: learned positions (static_position_embeddings=false) are not Marian's")
-    act = raw.get("activation_function", "gelu")
-    if act not in ACTIVATION_NAMES:
-        raise CheckpointError(f"{origin}: unsupported activation_function {act!r}; "
-                              f"supported: {sorted(ACTIVATION_NAMES)}")
-    d = raw["d_model"]
-    vocab = raw["vocab_size"]
     shared = raw.get("share_encoder_decoder_embeddings", True)
-    tgt_vocab = vocab if shared else (raw.get("decoder_vocab_size") or vocab)
-    eos = raw.get("eos_token_id", 0)
+    vocab = raw["vocab_size"]
+    return hf_seq2seq_config(
+        raw, origin, default_activation="gelu", default_scale=False, positions="sinusoidal_half",
+        normalize_before=False, shared_embeddings=shared, final_logits_bias=True,
+        tgt_vocab_size=vocab if shared else (raw.get("decoder_vocab_size") or vocab), eos_id=_single_eos(raw, origin))
+
+
+def _single_eos(raw: dict, origin: str) -> int:
+    eos = raw.get("eos_token_id", 0)  # Marian's EOS is 0
     if isinstance(eos, list):
         if len(eos) != 1:
             raise CheckpointError(f"{origin}: several eos_token_id values {eos} are not supported")
         eos = eos[0]
-    return ModelConfig(
-        d_model=d, encoder_layers=raw["encoder_layers"], decoder_layers=raw["decoder_layers"],
-        encoder_heads=raw["encoder_attention_heads"], decoder_heads=raw["decoder_attention_heads"],
-        encoder_ffn_dim=raw["encoder_ffn_dim"], decoder_ffn_dim=raw["decoder_ffn_dim"],
-        src_vocab_size=vocab, tgt_vocab_size=tgt_vocab, activation=ACTIVATION_NAMES[act],
-        pad_id=raw["pad_token_id"], eos_id=eos, decoder_start_id=raw.get("decoder_start_token_id", raw["pad_token_id"]),
-        max_positions=raw.get("max_position_embeddings", 1024),
-        embed_scale=math.sqrt(d) if raw.get("scale_embedding", False) else 1.0,
-        positions="sinusoidal_half", normalize_before=False, layer_norm_eps=1e-5,
-        shared_embeddings=shared, tie_output=raw.get("tie_word_embeddings", True), final_logits_bias=True,
-        family="hf")
+    return eos
 
 
 def decode_defaults(gen: dict, cfg: ModelConfig) -> DecodeOptions:
