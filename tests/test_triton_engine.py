@@ -5,13 +5,25 @@ import pytest
 import torch
 
 import pyengine
-from conftest import build_marian, random_sources
+from conftest import build_marian, random_sources, sample_lines
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_marian(tmp_path_factory.mktemp("tiny-triton"), vocab=61, d_model=32, heads=2, ffn=40,
                         layers=(2, 2), activation="gelu", seed=5)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_translate_identical_with_triton_and_torch(text_model_dir, beam):
+    """translate() on real text of mixed lengths: the same tokens through the kernels (interpreter) and PyTorch."""
+    texts = [t for t in sample_lines()[:40] if len(t) < 60][:5]
+    triton_engine = pyengine.Engine.load(text_model_dir, backend="triton")
+    torch_engine = pyengine.Engine.load(text_model_dir, backend="torch")
+    got = triton_engine.translate_batch(texts, beam_size=beam, max_decoding_length=10)
+    ref = torch_engine.translate_batch(texts, beam_size=beam, max_decoding_length=10)
+    assert [g.tokens for g in got] == [r.tokens for r in ref]
+    assert [g.hypotheses for g in got] == [r.hypotheses for r in ref]
 
 
 @pytest.mark.parametrize("beam", [1, 4])
