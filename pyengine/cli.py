@@ -28,6 +28,25 @@ def _add_translate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write a model as one fast-loading pyengine directory")
+    p.add_argument("source", help="model directory in any supported format")
+    p.add_argument("destination")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine import resolve_model_path
+    from .loaders import load_model, native
+
+    src = resolve_model_path(args.source)
+    native.save(load_model(src), Path(args.destination), src, args.dtype)
+    print(f"converted {src} -> {args.destination} ({args.dtype})", file=sys.stderr)
+    return 0
+
+
 def _read_lines(stream) -> list[str]:
     lines = []
     for number, raw in enumerate(stream.buffer if hasattr(stream, "buffer") else stream, start=1):
@@ -77,10 +96,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyengine", description="Fast Transformer translation inference")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_translate(sub)
+    _add_convert(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "translate":
             return translate_main(args)
+        if args.command == "convert":
+            return convert_main(args)
     except PyEngineError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 2

@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormatError
-from . import bart_hf, m2m100_hf, marian_hf
+from . import bart_hf, m2m100_hf, marian_hf, native
 from .common import FormatLoader, LoadedModel
 
 FORMATS: tuple[FormatLoader, ...] = (
+    FormatLoader("pyengine", native.detect, native.load, "pyengine_config.json (written by `pyengine convert`)"),
     FormatLoader("hf-marian", marian_hf.detect, marian_hf.load,
                  "config.json with model_type 'marian' (MarianMTModel.save_pretrained)"),
     FormatLoader("hf-m2m100", m2m100_hf.detect, m2m100_hf.load,

@@ -1,0 +1,69 @@
+"""pyengine's own directory format, written by `pyengine convert`: model.safetensors in pyengine's tensor
+names (q/k/v already fused), pyengine_config.json (ModelConfig, decoding defaults, tokenizer kind), and
+the tokenizer files copied from the source. Loads without the source library or its key map."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..config import DecodeOptions, ModelConfig
+from ..errors import CheckpointError
+from .common import LoadedModel, TensorSource, read_json, read_tensors
+
+CONFIG_FILE = "pyengine_config.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json",
+                   "sentencepiece.bpe.model")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def detect(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def save(loaded: LoadedModel, dst: Path, src_dir: Path, dtype: str) -> None:
+    """Write `loaded` (from any loader) as a native directory."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unsupported --dtype {dtype!r}; supported: {sorted(DTYPES)} (int8 is not supported yet)")
+    dst.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in loaded.state.items()}
+    save_file(tensors, str(dst / "model.safetensors"))
+    tokenizer = type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None
+    for name in TOKENIZER_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, dst / name)
+    defaults = dataclasses.asdict(loaded.defaults)
+    defaults["suppress_tokens"] = list(defaults["suppress_tokens"])
+    (dst / CONFIG_FILE).write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "converted_from": loaded.source, "dtype": dtype,
+        "model": dataclasses.asdict(loaded.config), "defaults": defaults, "tokenizer": tokenizer,
+        "tokenizer_note": loaded.extra.get("tokenizer_note", "")}, indent=1))
+
+
+def load(path: Path) -> LoadedModel:
+    meta = read_json(path / CONFIG_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path / CONFIG_FILE}: format_version {meta.get('format_version')!r} is not "
+                              f"{FORMAT_VERSION}; convert the source checkpoint again")
+    try:
+        cfg = ModelConfig(**meta["model"])
+        defaults = DecodeOptions(**{**meta["defaults"], "suppress_tokens": tuple(meta["defaults"]["suppress_tokens"])})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / CONFIG_FILE}: unreadable configuration ({exc})") from None
+    weights = path / "model.safetensors"
+    src = TensorSource(read_tensors(weights), str(weights))
+    state = {name: src.get(name) for name in list(src.tensors)}
+    from .. import tokenizer as tokenizers
+    tokenizer = None
+    if meta.get("tokenizer"):
+        kind = getattr(tokenizers, meta["tokenizer"], None)
+        if kind is None:
+            raise CheckpointError(f"{path / CONFIG_FILE}: unknown tokenizer {meta['tokenizer']!r}")
+        tokenizer = kind.from_dir(path, cfg)
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer,
+                       source=f"pyengine:{path}", extra={"tokenizer_note": meta.get("tokenizer_note", "")})
