@@ -175,3 +175,33 @@ def test_nllb_directory_loads_for_ids_and_says_why_text_does_not(pair, tmp_path)
     assert loaded.generate([[5, 6, EOS]], beam_size=2)[0].tokens == engine.generate([[5, 6, EOS]], beam_size=2)[0].tokens
     with pytest.raises(pyengine.PyEngineError, match="NLLB-200 tokenization is not supported yet"):
         loaded.translate(["hello"])
+
+
+def test_wrong_inputs_name_the_file_and_problem(text_m2m100, tmp_path):
+    import json
+    import shutil
+    path, _ = text_m2m100
+    # a vocabulary larger than the embeddings
+    big = tmp_path / "big-vocab"
+    shutil.copytree(path, big)
+    vocab = json.loads((big / "vocab.json").read_text())
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(500)})
+    (big / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(pyengine.CheckpointError, match=r"big-vocab.*language token ids up to \d+ do not fit"):
+        pyengine.Engine.load(big)
+    # an architecture no loader reads
+    other = tmp_path / "t5"
+    shutil.copytree(path, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pyengine.UnknownFormatError, match="no known model format"):
+        pyengine.Engine.load(other)
+    # M2M100 weights under a Marian config: the tensors do not fit and the error says which
+    marian = tmp_path / "marian"
+    shutil.copytree(path, marian)
+    cfg = json.loads((marian / "config.json").read_text())
+    cfg["model_type"] = "marian"
+    (marian / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pyengine.CheckpointError, match="missing tensor 'final_logits_bias'|matched nothing"):
+        pyengine.Engine.load(marian)
