@@ -182,6 +182,16 @@ def decode_flops(case: str) -> float:
     return enc + cross_kv + dec
 
 
+def weight_bytes(case: str, system: str) -> float:
+    """Bytes of weights streamed: every decode step reads the decoder and output layer once per batch."""
+    d, ff, layers, v = SHAPE["d_model"], SHAPE["ffn"], SHAPE["layers"], SHAPE["vocab"]
+    per_param = 1 if system.endswith("int8") else (2 if system.endswith("bf16") else 4)
+    batch, _, n, _ = CASES[case]
+    batches = 1 if case == "greedy_b1" else max(1, round(len(sources(case)) / 32))
+    decoder = layers * (6 * d * d + 2 * d * ff) + v * d
+    return batches * n * decoder * per_param
+
+
 # -- driver -------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -233,7 +243,8 @@ def summarize(runs, checks, floor, args) -> dict:
         median = statistics.median(secs)
         tokens = sentences * n
         peak = floor["bf16_matmul_tflops"] if system.endswith("bf16") else floor["fp32_matmul_tflops"]
-        ideal = decode_flops(case) / (peak * 1e12)
+        # the roofline of this machine: compute-bound at large batches, weight-bandwidth-bound at batch 1
+        ideal = max(decode_flops(case) / (peak * 1e12), weight_bytes(case, system) / (floor["copy_gb_s"] * 1e9))
         rows.append({"system": system, "case": case, "median_s": median, "tokens_per_s": tokens / median,
                      "latency_ms": median * 1e3 if case == "greedy_b1" else None,
                      "floor_fraction": None if system.endswith("int8") else ideal / median,
