@@ -152,3 +152,21 @@ def encoder_and_stepwise_logits(engine, x: torch.Tensor, mask: torch.Tensor, tgt
         cache = engine.model.new_cache(len(x), tgt.shape[1] + 1, torch.device("cpu"), torch.float32)
         logits = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
     return hidden, logits
+
+
+def hf_encoder_and_logits(hf, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor):
+    """The reference: HF's encoder output and teacher-forced logits for `tgt`."""
+    with torch.no_grad():
+        hidden = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
+        logits = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
+    return hidden, logits
+
+
+def copy_with_config(src: Path, dst: Path, **changes) -> Path:
+    """A copy of a model directory whose config.json has `changes` applied."""
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import pyengine
-from conftest import encoder_and_stepwise_logits, fairseq_style_sources, pad_batch, randomize_
+from conftest import (encoder_and_stepwise_logits, fairseq_style_sources,
+                      hf_encoder_and_logits, pad_batch, randomize_)
 
 VOCAB, PAD, EOS = 90, 1, 2
 ATOL = 1e-4
@@ -51,9 +52,7 @@ def test_encoder_and_step_logits_match_hf(pair):
     x, mask = pad_batch(src, PAD)
     tgt = torch.randint(3, VOCAB, (6, 7), generator=torch.Generator().manual_seed(2))
     tgt[:, 0] = EOS
-    with torch.no_grad():
-        ref_enc = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
-        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
+    ref_enc, ref = hf_encoder_and_logits(hf, x, mask, tgt)
     hidden, ours = encoder_and_stepwise_logits(engine, x, mask, tgt)
     valid = mask.bool()
     assert torch.allclose(hidden[valid], ref_enc[valid], atol=ATOL, rtol=0)

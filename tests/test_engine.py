@@ -1,7 +1,6 @@
 """Engine API: text parity with HF, batch invariance, bad input, loader errors, CLI."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyengine
-from conftest import hf_model, sample_lines
+from conftest import copy_with_config, hf_model, sample_lines
 from pyengine.errors import CheckpointError, InputError, OptionError, UnknownFormatError
 
 
@@ -144,13 +143,8 @@ def test_truncated_weights_file(text_model_dir, tmp_path):
 
 
 def test_pre_norm_config_is_refused(text_model_dir, tmp_path):
-    dst = tmp_path / "model"
-    shutil.copytree(text_model_dir, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["normalize_before"] = True
-    (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="normalize_before"):
-        pyengine.Engine.load(dst)
+        pyengine.Engine.load(copy_with_config(text_model_dir, tmp_path / "model", normalize_before=True))
 
 
 def test_unavailable_backend_is_an_error(text_model_dir):

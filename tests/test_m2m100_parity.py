@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import pyengine
-from conftest import encoder_and_stepwise_logits, fairseq_style_sources, pad_batch, randomize_
+from conftest import (copy_with_config, encoder_and_stepwise_logits, fairseq_style_sources,
+                      hf_encoder_and_logits, pad_batch, randomize_)
 
 VOCAB, PAD, EOS, LANG_DE = 90, 1, 2, 85
 ATOL = 1e-4
@@ -52,9 +53,7 @@ def test_encoder_and_step_logits_match_hf(pair):
     x, mask = pad_batch(src, PAD)
     tgt = torch.randint(3, VOCAB, (len(src), 7), generator=torch.Generator().manual_seed(2))
     tgt[:, 0] = EOS
-    with torch.no_grad():
-        ref_enc = hf.get_encoder()(input_ids=x, attention_mask=mask).last_hidden_state
-        ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
+    ref_enc, ref = hf_encoder_and_logits(hf, x, mask, tgt)
     hidden, ours = encoder_and_stepwise_logits(engine, x, mask, tgt)
     valid = mask.bool()
     assert torch.allclose(hidden[valid], ref_enc[valid], atol=ATOL, rtol=0)
@@ -190,18 +189,8 @@ def test_wrong_inputs_name_the_file_and_problem(text_m2m100, tmp_path):
     with pytest.raises(pyengine.CheckpointError, match=r"big-vocab.*language token ids up to \d+ do not fit"):
         pyengine.Engine.load(big)
     # an architecture no loader reads
-    other = tmp_path / "t5"
-    shutil.copytree(path, other)
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["model_type"] = "t5"
-    (other / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pyengine.UnknownFormatError, match="no known model format"):
-        pyengine.Engine.load(other)
+        pyengine.Engine.load(copy_with_config(path, tmp_path / "t5", model_type="t5"))
     # M2M100 weights under a Marian config: the tensors do not fit and the error says which
-    marian = tmp_path / "marian"
-    shutil.copytree(path, marian)
-    cfg = json.loads((marian / "config.json").read_text())
-    cfg["model_type"] = "marian"
-    (marian / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pyengine.CheckpointError, match="missing tensor 'final_logits_bias'|matched nothing"):
-        pyengine.Engine.load(marian)
+        pyengine.Engine.load(copy_with_config(path, tmp_path / "marian", model_type="marian"))
