@@ -117,6 +117,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--export-only", action="store_true", help="export the last checkpoint and stop")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="continue from an exported model directory (its weights, vocabulary and step count; "
+                         "the optimizer restarts with --rewarmup steps of learning-rate warm-up)")
+    ap.add_argument("--rewarmup", type=int, default=100)
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -124,6 +128,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
+    if args.init_from is not None:
+        adopt_vocab(args.init_from, work)
     train = read_jsonl(Path(args.corpus) / "train.jsonl")
     vocab_dir = build_vocab(train, work, args.vocab_size)
     tok = MarianTokenizer(str(vocab_dir / "source.spm"), str(vocab_dir / "target.spm"),
@@ -141,13 +147,18 @@ def main() -> None:
     config = make_config(vocab_size, args)
     model = MarianMTModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0)
-    step, epoch = 0, 0
+    step, epoch, restart_step = 0, 0, 0
     ckpt = work / "ckpt.pt"
+    if args.init_from is not None and not ckpt.exists():
+        step, epoch = init_from_export(model, args.init_from)
+        restart_step = step
+        print(f"initialised from {args.init_from} at step {step}", flush=True)
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         step, epoch = state["step"], state["epoch"]
+        restart_step = state.get("restart_step", 0)
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}, epoch {epoch}", flush=True)
@@ -163,6 +174,8 @@ def main() -> None:
             src, mask, labels = collate([data[i] for i in batch], pad)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step + 1, args.lr, args.warmup)
+                if restart_step:  # fresh Adam moments: ramp up again to the schedule's rate
+                    group["lr"] *= min(1.0, (step + 1 - restart_step) / args.rewarmup)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 logits = model(input_ids=src, attention_mask=mask, labels=labels).logits
             loss = loss_fn(logits.float().view(-1, logits.size(-1)), labels.view(-1))
@@ -177,7 +190,7 @@ def main() -> None:
             if (time.time() - start) / 60 > args.max_minutes or step >= args.max_steps:
                 done = True
             if step % args.save_every == 0 or done:
-                save_checkpoint(ckpt, model, opt, step, epoch, rng)
+                save_checkpoint(ckpt, model, opt, step, epoch, rng, restart_step)
             if done:
                 break
         else:
@@ -185,10 +198,29 @@ def main() -> None:
     export(model, tok, vocab_dir, out, step, epoch)
 
 
-def save_checkpoint(path: Path, model, opt, step: int, epoch: int, rng: random.Random) -> None:
+def adopt_vocab(export_dir: Path, work: Path) -> None:
+    """Reuse an exported model's vocabulary so its embeddings keep their meaning."""
+    vocab_dir = work / "vocab"
+    vocab_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("source.spm", "target.spm", "vocab.json", "tokenizer_config.json"):
+        (vocab_dir / name).write_bytes((export_dir / name).read_bytes())
+    (vocab_dir / "spm.model").write_bytes((export_dir / "source.spm").read_bytes())
+
+
+def init_from_export(model: MarianMTModel, export_dir: Path) -> tuple[int, int]:
+    """Load an exported (bfloat16) model's weights in float32; return its recorded step and epoch."""
+    exported = MarianMTModel.from_pretrained(export_dir, torch_dtype=torch.float32)
+    model.load_state_dict(exported.state_dict())
+    info = json.loads((export_dir / "TRAINING.json").read_text())
+    return int(info["steps"]), int(info["epochs"])
+
+
+def save_checkpoint(path: Path, model, opt, step: int, epoch: int, rng: random.Random,
+                    restart_step: int = 0) -> None:
     """Atomically write what a restart needs to continue where this run stopped."""
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "epoch": epoch,
-                "rng": rng.getstate(), "torch_rng": torch.get_rng_state()}, path.with_suffix(".tmp"))
+                "restart_step": restart_step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+               path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
 
 
