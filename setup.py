@@ -25,12 +25,14 @@ def extension():
     """C++ always; the CUDA sources only where nvcc and a CUDA build of torch are both present."""
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cuda = sorted(glob.glob("csrc/*.cu"))
-    args = {"cxx": ["-O3", "-std=c++17"]}
+    # -fopenmp: at::parallel_for is inlined into our sources and is serial without it
+    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    link = ["-fopenmp"]
     if cuda and CUDA_HOME and torch.version.cuda and shutil.which("nvcc"):
         args["nvcc"] = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        return CUDAExtension("pyengine._C", cpp + cuda, extra_compile_args=args,
+        return CUDAExtension("pyengine._C", cpp + cuda, extra_compile_args=args, extra_link_args=link,
                              define_macros=[("PYENGINE_WITH_CUDA", None)])
-    return CppExtension("pyengine._C", cpp, extra_compile_args=args)
+    return CppExtension("pyengine._C", cpp, extra_compile_args=args, extra_link_args=link)
 
 
 setup(

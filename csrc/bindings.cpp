@@ -2,6 +2,8 @@
 #include <torch/extension.h>
 
 #include "beam_search.h"
+#include "kv_cache.h"
+#include "softmax_topk.h"
 
 namespace pyengine {
 
@@ -27,4 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
         pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
         pybind11::arg("early_stopping"), pybind11::arg("eos"));
+  m.def("kv_cache_select", &pyengine::kv_cache_select,
+        "Keep cache rows in the given order (beam reorder + dropping); True if the result is in `spare`.",
+        pybind11::arg("active"), pybind11::arg("spare"), pybind11::arg("rows"), pybind11::arg("length"));
+  m.def("log_softmax_topk", &pyengine::log_softmax_topk,
+        "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
+        "candidates (and are set to -inf in the logits).",
+        pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("banned"));
 }

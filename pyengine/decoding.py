@@ -97,6 +97,31 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, 
     return values, cand_ids.gather(1, pos)
 
 
+def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
+    """The token ids the processors exclude at this step when excluding is all they do, for the fused
+    C++ log-softmax + top-k; None when a processor changes scores or looks at each row's history
+    (repetition penalty, n-gram ban, forced tokens), which take the unfused path."""
+    if needs_history(opts):
+        return None
+    if (opts.forced_bos_token is not None and step == 0) or \
+            (opts.forced_eos and step == opts.max_decoding_length - 1):
+        return None
+    return list(opts.suppress_tokens) + ([eos] if step < opts.min_decoding_length else [])
+
+
+def candidates(logits: torch.Tensor, k: int, step: int, opts: DecodeOptions, eos: int, buffers: "StepBuffers",
+               seqs: torch.Tensor | None, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (log-prob after HF's processors, token) from (N, V) logits, best first.
+
+    Fused in C++ (one pass over each row, no (N, V) log-prob tensor written) unless a processor needs the
+    full matrix; `reference` forces the unfused PyTorch path it replaces. Consumes `logits`."""
+    bans = None if reference else fused_bans(step, opts, eos)
+    if bans is None:
+        return topk_rows(log_probs(logits, step, opts, eos, out=buffers.logp(logits.shape[0]), seqs=seqs), k)
+    from . import _C
+    return _C.log_softmax_topk(logits.contiguous(), k, torch.tensor(bans, dtype=torch.long))
+
+
 def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
               out: torch.Tensor | None = None, seqs: torch.Tensor | None = None) -> torch.Tensor:
     """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given)."""
@@ -137,9 +162,11 @@ def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Ge
 
 def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
                   dtype: torch.dtype, on_step: StepCallback | None = None,
-                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
+                  reference: bool = False) -> list[list[Hypothesis]]:
     """Argmax (or sampling) decoding; finished rows leave the batch at once. on_step sees each row's tokens
     after each step. A sampled token's score is its log-prob before temperature and filtering.
+    `reference`: the unfused PyTorch selection and cache gather the C++ paths are measured against.
 
     prefix (B, P): target tokens forced after the start token (HF's decoder prompt): part of the output,
     not of the score; max/min_decoding_length count the tokens generated after it."""
@@ -147,7 +174,7 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     device = memory.kv.device
     prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1)
     prefix_len = prompt.shape[1] - 1
-    cache = model.new_cache(batch, prefix_len + opts.max_decoding_length, device, dtype)
+    cache = model.new_cache(batch, prefix_len + opts.max_decoding_length, device, dtype, reference)
     alive = torch.arange(batch, device=device)  # sentence index of each row
     tokens, position = prompt, 0
     history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
@@ -162,12 +189,17 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
         logits = model.decode(tokens, position, cache, memory, out=out)[:, -1]
         position += tokens.shape[1]
         seqs = torch.cat([prompt, history[:, :step]], dim=1) if needs_history(opts) else None
-        logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
-        # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
-        # near-equal logits to one value)
-        processed = apply_processors(logits, step, opts, eos_id, seqs)
-        nxt = sample_tokens(processed, opts, generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
-        scores += logp.gather(1, nxt[:, None])[:, 0]
+        if opts.sampling or reference or fused_bans(step, opts, eos_id) is None:
+            logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
+            # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
+            # near-equal logits to one value)
+            processed = apply_processors(logits, step, opts, eos_id, seqs)
+            nxt = sample_tokens(processed, opts, generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
+            scores += logp.gather(1, nxt[:, None])[:, 0]
+        else:  # the best logit among the allowed tokens is the argmax of the processed scores
+            best_logp, best = candidates(logits, 1, step, opts, eos_id, buffers, seqs, reference)
+            nxt = best[:, 0]
+            scores += best_logp[:, 0]
         history[:, step] = nxt
         done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
         if on_step is not None:
@@ -308,13 +340,15 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch.
 
     on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
-    a later step can prefer another beam), and each sentence's final best when it finishes."""
+    a later step can prefer another beam), and each sentence's final best when it finishes.
+    `reference`: Python beam step, unfused log-softmax/top-k and plain cache gather (the versions the C++
+    replaces; kept as their specification and for the overhead benchmark)."""
     batch, k = memory.kv.shape[0], opts.beam_size
     device = memory.kv.device
     state = BeamState(batch, k, opts.max_decoding_length, device, reference)
     prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
     prompts = prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the caller's batch order
-    cache = model.new_cache(batch * k, prompt.shape[1] - 1 + opts.max_decoding_length, device, dtype)
+    cache = model.new_cache(batch * k, prompt.shape[1] - 1 + opts.max_decoding_length, device, dtype, reference)
     tokens, position = prompt.repeat_interleave(k, dim=0), 0
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch * k, model.cfg.tgt_vocab_size, device)
@@ -327,7 +361,7 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         # avoids HF's top-k over a (B, K·V) tensor
         seqs = torch.cat([prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
-        cand_logp, cand_ids = topk_rows(log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs), 2 * k)
+        cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos_id, buffers, seqs, reference)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:
@@ -356,8 +390,9 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
 
 def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
            dtype: torch.dtype, on_step: StepCallback | None = None,
-           generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+           generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
+           reference: bool = False) -> list[list[Hypothesis]]:
     """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise; prefix (B, P) is forced."""
     if opts.beam_size == 1:
-        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator, prefix)
-    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step, prefix=prefix)
+        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator, prefix, reference)
+    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step, reference=reference, prefix=prefix)

@@ -45,16 +45,19 @@ class KVCache:
     """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh), double-buffered.
 
     Layer-major so each layer's K and V are plain strided blocks for the attention matmuls.
-    Reordering rows (beam origin) and dropping rows (finished sentences) gather the filled prefix
-    into the other preallocated buffer in one pass: no allocation per step (a fresh buffer each
-    step costs more in page faults than the gather itself).
+    Reordering rows (beam origin) and dropping rows (finished sentences) run in C++
+    (`pyengine._C.kv_cache_select`): on CPU only the rows whose origin changed are copied, in place,
+    or, when most rows move, the filled prefix is gathered into the other preallocated buffer. No
+    allocation per step (a fresh buffer each step costs more in page faults than the copy itself).
+    `reference` keeps the plain one-gather version (torch.index_select) the C++ is measured against.
     """
 
     def __init__(self, rows: int, layers: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, reference: bool = False):
         shape = (layers, 2, rows, heads, max_len, head_dim)
         self._buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
         self._active = 0
+        self.reference = reference
         self.rows = rows
         self.length = 0  # positions filled
 
@@ -76,10 +79,15 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
         n = rows.numel()
-        target = self._buffers[1 - self._active][:, :, :n, :, : self.length]
-        if self.length:
-            torch.index_select(self.buffer[:, :, :, :, : self.length], 2, rows, out=target)
-        self._active = 1 - self._active
+        if self.reference:
+            target = self._buffers[1 - self._active][:, :, :n, :, : self.length]
+            if self.length:
+                torch.index_select(self.buffer[:, :, :, :, : self.length], 2, rows, out=target)
+            self._active = 1 - self._active
+        else:
+            from . import _C
+            if _C.kv_cache_select(self._buffers[self._active], self._buffers[1 - self._active], rows, self.length):
+                self._active = 1 - self._active
         self.rows = n
 
 
@@ -304,11 +312,12 @@ class Transformer(nn.Module):
         return Memory(kv.to(self.ops.cache_dtype(hidden.dtype, hidden.device)), lengths)
 
     # -- decoder -------------------------------------------------------------------------------
-    def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                  reference: bool = False) -> KVCache:
         """A self-attention cache for `rows` decoder rows of a model running in `dtype`."""
         cfg = self.cfg
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
-                       self.ops.cache_dtype(dtype, device), device)
+                       self.ops.cache_dtype(dtype, device), device, reference)
 
     def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory,
                out: torch.Tensor | None = None) -> torch.Tensor:

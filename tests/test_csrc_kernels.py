@@ -1,0 +1,123 @@
+"""The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
+against float64 PyTorch math, the KV-cache row selection against torch.index_select; the CUDA twin of the
+top-k compiles for sm_80 and sm_90 without spills (nvcc, when present)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyengine import _C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_topk(logits: torch.Tensor, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 log_softmax over the whole row, banned ids excluded afterwards, ordered by (value, lower id)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    logp[:, banned] = float("-inf")
+    values, ids = [], []
+    for row in logp.tolist():
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))[:k]
+        values.append([row[i] for i in order])
+        ids.append(order)
+    return torch.tensor(values, dtype=torch.float64), torch.tensor(ids)
+
+
+@pytest.mark.parametrize("rows,vocab,k", [(1, 5, 1), (3, 100, 4), (7, 1000, 8), (5, 58101, 8), (4, 4099, 10),
+                                          (2, 300, 300)])
+def test_log_softmax_topk_matches_float64(rows, vocab, k):
+    gen = torch.Generator().manual_seed(rows * vocab + k)
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    banned = torch.randperm(vocab, generator=gen)[: min(3, vocab - k)].tolist()
+    values, ids = _C.log_softmax_topk(logits.clone(), k, torch.tensor(banned, dtype=torch.long))
+    ref_values, ref_ids = reference_topk(logits, k, banned)
+    assert torch.equal(ids, ref_ids)
+    finite = torch.isfinite(ref_values)
+    torch.testing.assert_close(values.double()[finite], ref_values[finite], rtol=0, atol=2e-5)
+    assert torch.equal(torch.isfinite(values), finite)
+
+
+def test_log_softmax_topk_ties_go_to_the_lower_id_and_banned_ids_are_masked():
+    logits = torch.randint(0, 3, (6, 700)).float()  # many equal values
+    banned = [0, 1, 699]
+    work = logits.clone()
+    values, ids = _C.log_softmax_topk(work, 6, torch.tensor(banned))
+    ref_values, ref_ids = reference_topk(logits, 6, banned)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=2e-5)
+    assert torch.isinf(work[:, banned]).all() and torch.equal(work[:, 2:699], logits[:, 2:699])
+
+
+def test_log_softmax_topk_best_candidate_in_the_ragged_tail():
+    logits = torch.zeros(2, 130)
+    logits[0, 129] = 5.0  # the second, 2-wide chunk
+    logits[1, 127] = 5.0
+    _, ids = _C.log_softmax_topk(logits, 1, torch.empty(0, dtype=torch.long))
+    assert ids[:, 0].tolist() == [129, 127]
+
+
+def test_log_softmax_topk_rejects_bad_arguments():
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _C.log_softmax_topk(torch.randn(8, 4).t(), 1, torch.empty(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.log_softmax_topk(torch.randn(2, 8).double(), 1, torch.empty(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="outside the vocabulary"):
+        _C.log_softmax_topk(torch.randn(2, 8), 1, torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="k=9"):
+        _C.log_softmax_topk(torch.randn(2, 8), 9, torch.empty(0, dtype=torch.long))
+
+
+def _row_maps(rows: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Beam-like reorders (most rows keep their origin), full permutations, drops, duplicates."""
+    ident = torch.arange(rows)
+    few = ident.clone()
+    few[3], few[5], few[6] = 4, 3, 3  # 3 moves, two of whose sources are overwritten
+    beam = (ident // 4) * 4 + torch.randint(0, 4, (rows,), generator=gen)
+    return [ident, few, beam, torch.randperm(rows, generator=gen), beam[4:], torch.tensor([rows - 1, 0]),
+            torch.randint(0, rows, (rows - 5,), generator=gen)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_select_matches_index_select(dtype):
+    gen = torch.Generator().manual_seed(7)
+    layers, rows, heads, max_len, head_dim, length = 2, 16, 3, 9, 5, 6
+    shape = (layers, 2, rows, heads, max_len, head_dim)
+    for index in _row_maps(rows, gen):
+        active = torch.randn(shape, generator=gen).to(dtype)
+        spare = torch.randn(shape, generator=gen).to(dtype)
+        expected = active[:, :, :, :, :length].index_select(2, index)
+        before = active.clone()
+        in_spare = _C.kv_cache_select(active, spare, index, length)
+        result = (spare if in_spare else active)[:, :, : index.numel(), :, :length]
+        assert torch.equal(result, expected), index
+        if not in_spare:  # positions past `length` are never touched
+            assert torch.equal(active[:, :, :, :, length:], before[:, :, :, :, length:])
+
+
+def test_kv_cache_select_copies_in_place_when_few_rows_move():
+    shape = (1, 2, 8, 1, 4, 2)
+    active, spare = torch.randn(shape), torch.randn(shape)
+    few = torch.tensor([0, 1, 2, 2, 4, 5, 6, 7])
+    assert _C.kv_cache_select(active, spare, few, 4) is False
+    assert _C.kv_cache_select(active, spare, torch.arange(8).roll(1), 4) is True  # every row moves: one gather
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        _C.kv_cache_select(active, spare, torch.tensor([8]), 4)
+
+
+def test_cuda_top_k_twin_compiles_without_spills():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed: the CUDA twin cannot be compiled here")
+    for arch in ("sm_80", "sm_90"):
+        run = subprocess.run([nvcc, f"-arch={arch}", "-O3", "-Xptxas", "-v", "-c", "-o", "/dev/null",
+                              str(ROOT / "csrc" / "softmax_topk_cuda.cu")], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+        registers = [int(r) for r in re.findall(r"Used (\d+) registers", run.stderr)]
+        assert spills and all(s == ("0", "0") for s in spills), run.stderr
+        assert registers and max(registers) <= 64, run.stderr
