@@ -14,7 +14,7 @@ at::Tensor expand_rows(const at::Tensor& index, int64_t width) {
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> beam_step(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
     const at::Tensor& cand_logp, const at::Tensor& cand_ids, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
     int64_t step, double length_penalty, int64_t early_stopping, int64_t eos) {
@@ -65,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> beam_step(
   open.logical_and_(best.gt(worst).any(1));
 
   auto rows = (next_parent + at::arange(b, next_parent.options()).unsqueeze(1) * k).view(-1);
-  return {rows, next_token.reshape(-1)};
+  return {rows, next_token.reshape(-1), parent, pick};
 }
 
 }  // namespace pyengine

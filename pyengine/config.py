@@ -79,6 +79,8 @@ class DecodeOptions:
     sampling_topp: float = 1.0  # sample within the smallest set of tokens whose probability reaches p
     sampling_temperature: float = 1.0
     seed: int | None = None  # sampling seed: the same seed gives the same translations
+    return_attention: bool = False  # each hypothesis's attention over the source tokens, one row per output token
+    coverage_penalty: float = 0.0  # CTranslate2's: + β·Σ_source log(min(attention received, 1)) when ranking
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
 
@@ -107,8 +109,16 @@ class DecodeOptions:
             raise OptionError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
         if self.sampling and self.beam_size > 1:
             raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
+        if not isinstance(self.return_attention, bool):
+            raise OptionError(f"return_attention must be True or False, got {self.return_attention!r}")
+        if not isinstance(self.coverage_penalty, (int, float)) or isinstance(self.coverage_penalty, bool):
+            raise OptionError(f"coverage_penalty must be a number, got {self.coverage_penalty!r}")
         if not isinstance(self.length_penalty, (int, float)):
             raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.return_attention or self.coverage_penalty != 0
 
     @property
     def sampling(self) -> bool:

@@ -26,6 +26,23 @@ StepCallback = Callable[[int, list[int], bool], None]  # (sentence, best tokens 
 class Hypothesis:
     tokens: list[int]  # generated ids without the start token and without EOS
     score: float
+    attention: torch.Tensor | None = None  # (len(tokens), S): last layer's cross-attention, mean of heads
+
+
+def finalize(hyps: list[Hypothesis], opts: DecodeOptions) -> list[Hypothesis]:
+    """A finished sentence's n-best list. CTranslate2's coverage penalty is applied when it is ranked:
+    score += β·Σ_j log(min(Σ_t a_tj, 1)) over the source positions j that received attention; then the
+    attention is dropped unless it was asked for."""
+    if opts.coverage_penalty:
+        for h in hyps:
+            coverage = h.attention.double().sum(dim=0)
+            received = coverage[coverage > 0]
+            h.score += float(opts.coverage_penalty * torch.log(received.clamp(max=1.0)).sum())
+        hyps.sort(key=lambda h: -h.score)
+    if not opts.return_attention:
+        for h in hyps:
+            h.attention = None
+    return hyps
 
 
 def needs_history(opts: DecodeOptions) -> bool:
@@ -181,12 +198,18 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch, model.cfg.tgt_vocab_size, device)
+    # attention rows by decoder position: the query at position i predicts output token i
+    att = torch.zeros(batch, prefix_len + opts.max_decoding_length, memory.kv.shape[4], device=device) \
+        if opts.needs_attention else None
     if opts.sampling and generator is None:
         raise ValueError("sampling needs a torch.Generator")
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
         out = buffers.logits(n) if tokens.shape[1] == 1 else None
-        logits = model.decode(tokens, position, cache, memory, out=out)[:, -1]
+        att_out = None if att is None else []
+        logits = model.decode(tokens, position, cache, memory, out=out, attention_out=att_out)[:, -1]
+        if att is not None:
+            att[:, position: position + tokens.shape[1]] = att_out[0]
         position += tokens.shape[1]
         seqs = torch.cat([prompt, history[:, :step]], dim=1) if needs_history(opts) else None
         if opts.sampling or reference or fused_bans(step, opts, eos_id) is None:
@@ -212,12 +235,16 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
                 toks = history[row, :n_gen].tolist()
                 if toks and toks[-1] == eos_id:
                     toks = toks[:-1]
-                results[int(alive[row])] = [Hypothesis(prompt[row, 1:].tolist() + toks,
-                                                       float(scores[row]) / (n_gen ** opts.length_penalty))]
+                out_tokens = prompt[row, 1:].tolist() + toks
+                results[int(alive[row])] = finalize(
+                    [Hypothesis(out_tokens, float(scores[row]) / (n_gen ** opts.length_penalty),
+                                None if att is None else att[row, : len(out_tokens)].clone())], opts)
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
                 break
             alive, history, scores, nxt, prompt = alive[keep], history[keep], scores[keep], nxt[keep], prompt[keep]
+            if att is not None:
+                att = att[keep]
             cache.select(keep)
             memory = memory.select(keep)
         tokens = nxt[:, None]
@@ -257,9 +284,10 @@ class BeamState:
         if self.reference:
             return self.step_reference(cand_logp, cand_ids, step, opts, eos)
         from . import _C
-        return _C.beam_step(cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist,
-                            self.fin_len, self.fin_flag, self.open, step, float(opts.length_penalty),
-                            EARLY_STOPPING_CODES[opts.early_stopping], eos)
+        rows, nxt, self.last_parent, self.last_pick = _C.beam_step(
+            cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist, self.fin_len,
+            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping], eos)
+        return rows, nxt
 
     def step_reference(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
                        eos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +322,7 @@ class BeamState:
         cand = cand + (~just_finished).float() * NEG
         merged_scores = torch.cat([self.fin_scores, cand], dim=1)
         pick = torch.topk(merged_scores, k).indices
+        self.last_parent, self.last_pick = parent, pick  # which beam each candidate extends; who is finished
         self.fin_scores = merged_scores.gather(1, pick)
         self.fin_hist = torch.cat([self.fin_hist, cand_hist], 1).gather(1, pick[:, :, None].expand(b, k, self.max_len))
         cand_len = torch.full((b, 2 * k), step + 1, dtype=torch.long, device=cand.device)
@@ -352,10 +381,18 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     tokens, position = prompt.repeat_interleave(k, dim=0), 0
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch * k, model.cfg.tgt_vocab_size, device)
+    att = fin_att = None
+    if opts.needs_attention:  # per running row and per finished hypothesis, by decoder position
+        width = prompt.shape[1] - 1 + opts.max_decoding_length
+        att = torch.zeros(batch * k, width, memory.kv.shape[4], device=device)
+        fin_att = torch.zeros(batch, k, width, memory.kv.shape[4], device=device)
     for step in range(opts.max_decoding_length):
         n = tokens.shape[0]
         out = buffers.logits(n) if tokens.shape[1] == 1 else None
-        logits = model.decode(tokens, position, cache, memory, out=out)[:, -1]
+        att_out = None if att is None else []
+        logits = model.decode(tokens, position, cache, memory, out=out, attention_out=att_out)[:, -1]
+        if att is not None:
+            att[:, position: position + tokens.shape[1]] = att_out[0]
         position += tokens.shape[1]
         # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
         # avoids HF's top-k over a (B, K·V) tensor
@@ -363,6 +400,11 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
             if needs_history(opts) else None
         cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos_id, buffers, seqs, reference)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
+        if att is not None:  # candidates extend their beam's attention; finished ones keep theirs
+            b = state.run_scores.shape[0]
+            beams = torch.arange(b, device=device)[:, None]
+            cand = att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
+            fin_att[:, :, :position] = torch.cat([fin_att[:, :, :position], cand], dim=1)[beams, state.last_pick]
         done = state.done(opts)
         if step + 1 >= opts.max_decoding_length:
             done = torch.ones_like(done)
@@ -371,8 +413,12 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
                 if not bool(done[row]):
                     on_step(sentence, prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False)
         if bool(done.any()):
-            for sentence, hyps in state.results(done.nonzero()[:, 0], opts, eos_id):
-                results[sentence] = [Hypothesis(prompts[sentence] + h.tokens, h.score) for h in hyps]
+            done_rows = done.nonzero()[:, 0]
+            for r, (sentence, hyps) in zip(done_rows.tolist(), state.results(done_rows, opts, eos_id)):
+                results[sentence] = finalize([
+                    Hypothesis(prompts[sentence] + h.tokens, h.score,
+                               None if fin_att is None else fin_att[r, j, : len(prompts[sentence]) + len(h.tokens)].clone())
+                    for j, h in enumerate(hyps)], opts)
                 if on_step is not None:
                     on_step(sentence, results[sentence][0].tokens, True)
             keep = (~done).nonzero()[:, 0]
@@ -380,10 +426,14 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
                 break
             state.keep(keep)
             memory = memory.select(keep)
+            if fin_att is not None:
+                fin_att = fin_att[keep]
             prompt = prompt[keep]
             # parent rows still index the pre-drop cache, so one select both drops and reorders
             rows, nxt = rows.view(-1, k)[keep].view(-1), nxt.view(-1, k)[keep].view(-1)
         cache.select(rows)
+        if att is not None:
+            att = att.index_select(0, rows)
         tokens = nxt[:, None]
     return results
 

@@ -40,6 +40,15 @@ class Translation:
     tokens: list[list[int]]
     scores: list[float]
     hypotheses: list[str]
+    # with return_attention: per hypothesis, one row per token of `tokens`: its attention over the source
+    # tokens (EOS included), last decoder layer, mean of heads
+    attention: list[list[list[float]]] | None = None
+
+
+def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
+    if not hyps or hyps[0].attention is None:
+        return None
+    return [h.attention.tolist() for h in hyps]
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -180,11 +189,12 @@ class Engine:
         for x in ids:
             if x is None:
                 out.append(Translation([[]] * opts.num_hypotheses, [0.0] * opts.num_hypotheses,
-                                       [""] * opts.num_hypotheses))
+                                       [""] * opts.num_hypotheses,
+                                       [[] for _ in range(opts.num_hypotheses)] if opts.return_attention else None))
                 continue
             hyps = next(it)
             out.append(Translation([h.tokens for h in hyps], [h.score for h in hyps],
-                                   [self.tokenizer.decode(h.tokens) for h in hyps]))
+                                   [self.tokenizer.decode(h.tokens) for h in hyps], attention_lists(hyps)))
         return out
 
     def generate(self, source_ids: Sequence[Sequence[int]], target_prefix: Sequence[Sequence[int]] | None = None,
@@ -214,8 +224,8 @@ class Engine:
                 prefixes.append(list(p))
         results = self._generate(checked, opts, prefixes=prefixes)
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda toks: "")
-        return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps])
-                for hyps in results]
+        return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
+                            attention_lists(hyps)) for hyps in results]
 
     def _language_encoder(self, source_lang: str | None, target_lang: str | None, options: dict):
         """The source encoder for these languages; the target language becomes the forced first token."""
@@ -311,5 +321,10 @@ class Engine:
         if prefix is not None and prefix.shape[1] + opts.max_decoding_length > cfg.max_positions:
             raise InputError(f"target prefix of {prefix.shape[1]} tokens + max_decoding_length "
                              f"{opts.max_decoding_length} exceed the model's {cfg.max_positions} positions")
-        return search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype, on_step,
-                      generator, prefix)
+        results = search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype,
+                         on_step, generator, prefix)
+        for seq, hyps in zip(ids, results):  # attention over this sentence's tokens, not the batch's padding
+            for h in hyps:
+                if h.attention is not None:
+                    h.attention = h.attention[:, : len(seq)]
+        return results

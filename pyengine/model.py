@@ -155,16 +155,29 @@ class CrossAttention(nn.Module):
         kv = ops.linear(memory, self.kv).view(b, s, 2, self.heads, self.head_dim)
         return kv.permute(0, 2, 3, 1, 4)
 
-    def forward(self, x: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, ops) -> torch.Tensor:
-        """x (N, T, D) with N = B × beam; kv (B, 2, H, S, Dh); beams become extra query rows of their sentence."""
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, ops,
+                probs_out: list | None = None) -> torch.Tensor:
+        """x (N, T, D) with N = B × beam; kv (B, 2, H, S, Dh); beams become extra query rows of their sentence.
+        probs_out: if a list, receives the attention weights averaged over heads, (N, T, S) float32."""
         n, t, d = x.shape
         b = kv.shape[0]
         beam = n // b
         q = ops.linear(x, self.q).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
+        if probs_out is not None:
+            probs_out.append(self.mean_probs(q, kv[:, 0], lengths).view(n, t, -1))
         # one K/V read per sentence serves all its beams
         ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths, step=True)  # (B, H, beam·T, Dh)
         ctx = ctx.transpose(1, 2).reshape(n, t, d)
         return ops.linear(ctx, self.out)
+
+
+    def mean_probs(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√Dh) over the unpadded keys, averaged over heads, in float32: (B, beam·T, S).
+        Computed apart from the fused attention, which never materializes the weights."""
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
+        pad = torch.arange(k.shape[2], device=k.device)[None, :] >= lengths[:, None]
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+        return torch.softmax(scores, dim=-1).mean(dim=1)
 
 
 class FeedForward(nn.Module):
@@ -215,14 +228,15 @@ class DecoderLayer(nn.Module):
         self.pre_norm = cfg.normalize_before
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int,
-                kv: torch.Tensor, src_lengths: torch.Tensor, ops) -> torch.Tensor:
+                kv: torch.Tensor, src_lengths: torch.Tensor, ops, probs_out: list | None = None) -> torch.Tensor:
         def attend_self(h):
             q, k, v = self.self_attn.project(h, ops)
             k_all, v_all = cache.write(layer, k, v, start)
             return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True), ops)
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
-        x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops), ops)
+        x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops, probs_out),
+                      ops)
         return _sublayer(x, self.ffn_norm, self.pre_norm, lambda h: self.ffn(h, ops), ops)
 
 
@@ -320,14 +334,17 @@ class Transformer(nn.Module):
                        self.ops.cache_dtype(dtype, device), device, reference)
 
     def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, attention_out: list | None = None) -> torch.Tensor:
         """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent.
 
         `out`, a preallocated float32 (N, T, V) tensor, receives the logits (no fresh 30 MB per step).
+        `attention_out`, a list, receives the last layer's cross-attention averaged over heads (N, T, S).
         """
         x = self._embed(self._tgt_table, tokens, "tgt", start)
+        last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops)
+            x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops,
+                      attention_out if i == last else None)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
         logits = self.ops.linear(x, self.output)

@@ -126,3 +126,4 @@ def test_min_decoding_length_matches_hf(pair):
         for i, seq in enumerate(ref.sequences.tolist()):
             assert ours[i].tokens[0] == _strip(seq, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id)
             assert len(ours[i].tokens[0]) >= 8  # 9 generated tokens at least, EOS included
+
