@@ -14,7 +14,9 @@ ACTIVATIONS = ("relu", "gelu", "swish")
 # sinusoidal_half: Marian/XLM (sin of even frequencies, then cos of odd ones, over the full width);
 # sinusoidal_fairseq: fairseq/tensor2tensor (sin | cos of half_dim frequencies exp(-ln(1e4)·i/(half_dim-1)))
 # learned: a trained table per side (BART/mBART), read from the checkpoint
-POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "learned")
+# sinusoidal_interleaved: Vaswani et al. as OpenNMT-py writes it (sin on even, cos on odd dimensions)
+POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "sinusoidal_interleaved", "learned")
+FAMILIES = ("hf", "onmt")  # decoding rules: Hugging Face generate, OpenNMT-py Translator
 
 
 @dataclass(frozen=True)
@@ -46,11 +48,13 @@ class ModelConfig:
     shared_embeddings: bool = True  # encoder and decoder read one embedding table
     tie_output: bool = True  # output projection is the decoder embedding
     final_logits_bias: bool = False
-    family: str = "hf"  # whose decoding rules apply (stopping, length penalty)
+    family: str = "hf"  # whose decoding rules apply (stopping, length penalty): one of FAMILIES
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions {self.positions!r} is not one of {POSITION_KINDS}")
         for name in ("encoder", "decoder"):

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .config import DecodeOptions
+from .errors import OptionError
 from .model import Memory, Transformer
 
 NEG = -1.0e9  # HF's "excluded" score
@@ -198,6 +199,7 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
     scores = torch.zeros(batch, dtype=torch.float32, device=device)
     results: list[list[Hypothesis]] = [[] for _ in range(batch)]
     buffers = StepBuffers(batch, model.cfg.tgt_vocab_size, device)
+    length_offset = 1 if model.cfg.family == "onmt" else 0  # OpenNMT-py counts the start token in the length
     # attention rows by decoder position: the query at position i predicts output token i
     att = torch.zeros(batch, prefix_len + opts.max_decoding_length, memory.kv.shape[4], device=device) \
         if opts.needs_attention else None
@@ -237,7 +239,7 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
                     toks = toks[:-1]
                 out_tokens = prompt[row, 1:].tolist() + toks
                 results[int(alive[row])] = finalize(
-                    [Hypothesis(out_tokens, float(scores[row]) / (n_gen ** opts.length_penalty),
+                    [Hypothesis(out_tokens, float(scores[row]) / ((n_gen + length_offset) ** opts.length_penalty),
                                 None if att is None else att[row, : len(out_tokens)].clone())], opts)
             keep = (~done).nonzero()[:, 0]
             if keep.numel() == 0:
@@ -363,6 +365,67 @@ class BeamState:
             setattr(self, name, getattr(self, name).index_select(0, rows))
 
 
+class OnmtBeamState:
+    """OpenNMT-py 3's beam rules (onmt.translate.BeamSearch with its translate defaults), same interface
+    as BeamState. Each step keeps the `beam` best candidates over beam × vocab; those ending in EOS (or
+    at the length limit) are recorded with score / (generated + 1) ** alpha — OpenNMT counts the start
+    token — and stay in the beam with a score of -65504, so they do not extend. A sentence is done when
+    the best candidate of a step has finished and at least n-best hypotheses are recorded; its n-best
+    are the recorded ones sorted by score."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+        self.beam, self.max_len = beam, max_len
+        self.sentence = torch.arange(batch, device=device)
+        self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
+        self.run_scores[:, 0] = 0.0
+        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # per caller sentence
+        self._done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        per_row = cand_logp.shape[-1]
+        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
+        top_scores, top_pos = torch.topk(acc, k)
+        parent = torch.div(top_pos, per_row, rounding_mode="floor")
+        token = cand_ids.view(b, k * per_row).gather(1, top_pos)
+        self.run_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, k, self.max_len)).clone()
+        self.run_hist[:, :, step] = token
+        normalized = top_scores / float((step + 2) ** opts.length_penalty)
+        hits = (token == eos) | (step + 1 >= self.max_len)
+        self._done = torch.zeros(b, dtype=torch.bool, device=acc.device)
+        if bool(hits.any()):
+            hits_list, scores_list = hits.tolist(), normalized.tolist()
+            for i in range(b):
+                if not any(hits_list[i]):
+                    continue
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if hits_list[i][j]:
+                        record.append((scores_list[i][j], self.run_hist[i, j, : step + 1].tolist()))
+                self._done[i] = hits_list[i][0] and len(record) >= opts.num_hypotheses
+        self.run_scores = top_scores.masked_fill(hits, -65504.0)
+        rows = (parent + torch.arange(b, device=acc.device)[:, None] * k).view(-1)
+        return rows, token.view(-1)
+
+    def done(self, opts: DecodeOptions) -> torch.Tensor:
+        return self._done.clone()
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for r in rows.tolist():
+            sentence = int(self.sentence[r])
+            best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
+            out.append((sentence, [Hypothesis(toks[:-1] if toks and toks[-1] == eos else toks, score)
+                                   for score, toks in best]))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for name in ("sentence", "run_scores", "run_hist", "_done"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
 def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
                 dtype: torch.dtype, on_step: StepCallback | None = None,
                 reference: bool = False, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
@@ -374,7 +437,12 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
     replaces; kept as their specification and for the overhead benchmark)."""
     batch, k = memory.kv.shape[0], opts.beam_size
     device = memory.kv.device
-    state = BeamState(batch, k, opts.max_decoding_length, device, reference)
+    if model.cfg.family == "onmt":
+        if opts.needs_attention:
+            raise OptionError("return_attention and coverage_penalty are not supported with OpenNMT-py's beam rules yet")
+        state = OnmtBeamState(batch, k, opts.max_decoding_length, device)
+    else:
+        state = BeamState(batch, k, opts.max_decoding_length, device, reference)
     prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
     prompts = prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the caller's batch order
     cache = model.new_cache(batch * k, prompt.shape[1] - 1 + opts.max_decoding_length, device, dtype, reference)

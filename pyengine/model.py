@@ -38,7 +38,18 @@ def sinusoid_fairseq(n_positions: int, dim: int) -> torch.Tensor:
     return out
 
 
-POSITION_TABLES = {"sinusoidal_half": sinusoid_half, "sinusoidal_fairseq": sinusoid_fairseq}
+def sinusoid_interleaved(n_positions: int, dim: int) -> torch.Tensor:
+    """Vaswani et al. as OpenNMT-py writes it: dimension 2i is sin(p·f_i), 2i+1 is cos(p·f_i), f_i = 1e4^(-2i/dim)."""
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
+    angle = torch.arange(n_positions, dtype=torch.float32)[:, None] * freq
+    out = torch.zeros(n_positions, dim)
+    out[:, 0::2] = torch.sin(angle)
+    out[:, 1::2] = torch.cos(angle)
+    return out
+
+
+POSITION_TABLES = {"sinusoidal_half": sinusoid_half, "sinusoidal_fairseq": sinusoid_fairseq,
+                   "sinusoidal_interleaved": sinusoid_interleaved}
 
 
 class KVCache:

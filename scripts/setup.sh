@@ -11,6 +11,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "sentencepiece>=0.2" "safetensors>=0.4" "tqdm>=4.60" "numpy"
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
+  # OpenNMT-py 3.5.1's metadata pins torch<2.3 (it runs on 2.13 for what the tests use): no deps from it
+  .venv/bin/python -m pip install -q --no-deps "OpenNMT-py==3.5.1"
 fi
 .venv/bin/python -m pip install -q --no-build-isolation -e .
 .venv/bin/python -c "import pyengine, pyengine._C; print('pyengine', pyengine.__version__, 'installed; _C:', pyengine._C.build_info())"

@@ -1,0 +1,189 @@
+"""OpenNMT-py v3 checkpoints (`*.pt` written by its ModelSaver: `model`, `generator`, `vocab`, `opt`).
+
+Semantics follow OpenNMT-py 3.5 (the reference): pre-norm layers (`layer_norm_1`, `layer_norm_2`, the
+feed-forward's own `layer_norm`) with a final norm per stack, embeddings × √d plus interleaved
+sinusoids (sin on even, cos on odd dimensions), attention and feed-forward biases only when
+`add_qkvbias` / `add_ffnbias`, the generator's bias as the logits bias, decoding from `<s>` and
+OpenNMT's beam rules (see decoding.OnmtBeamState). Options that change the math in ways this engine
+does not implement (relative positions, average attention, RMS norm, gated FFN, parallel residual,
+grouped K/V, alignment heads, copy attention) are refused by name.
+
+The checkpoint is a pickle holding tensors, lists and OpenNMT-py's options as an argparse Namespace;
+it is read with torch's restricted unpickler (`weights_only=True`, the Namespace allowed), so no code
+in it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from ..config import DecodeOptions, ModelConfig
+from ..errors import CheckpointError
+from .common import LoadedModel, TensorSource, fuse
+
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}
+SPECIALS = {"unk": "<unk>", "pad": "<blank>", "bos": "<s>", "eos": "</s>"}
+
+
+def detect(path: Path) -> bool:
+    """A .pt file holding OpenNMT-py's keys; an unreadable .pt file is claimed too, so that the error
+    names the file and what is wrong with it."""
+    if not (path.is_file() and path.suffix == ".pt"):
+        return False
+    try:
+        ckpt = _read(path)
+    except CheckpointError:
+        return True
+    return isinstance(ckpt, dict) and {"model", "vocab", "opt"} <= set(ckpt)
+
+
+_CACHE: dict[Path, dict] = {}  # detect() has read it already: load() takes it from here
+
+
+def _read(path: Path) -> dict:
+    key = path.resolve()
+    if key not in _CACHE:
+        try:
+            _CACHE.clear()
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                _CACHE[key] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or corrupt files raise many different types
+            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+    return _CACHE[key]
+
+
+def _refuse_unsupported(opt, origin: str) -> None:
+    checks = {
+        "encoder_type": ("transformer",), "decoder_type": ("transformer",), "layer_norm": ("standard",),
+        "self_attn_type": ("scaled-dot", "scaled-dot-flash"), "position_encoding_type": ("SinusoidalInterleaved",),
+    }
+    for name, allowed in checks.items():
+        value = getattr(opt, name, allowed[0])
+        if value not in allowed:
+            raise CheckpointError(f"{origin}: OpenNMT-py option {name}={value!r} is not supported (supported: {allowed})")
+    for name in ("max_relative_positions", "num_kv", "num_experts", "alignment_layer_heads"):
+        value = getattr(opt, name, 0) or 0
+        if value not in (0, -2) or (name == "max_relative_positions" and value != 0):
+            raise CheckpointError(f"{origin}: OpenNMT-py option {name}={value!r} is not supported")
+    for name in ("parallel_residual", "copy_attn", "shared_layer_norm", "rotary_interleave"):
+        if getattr(opt, name, False) and name != "rotary_interleave":
+            raise CheckpointError(f"{origin}: OpenNMT-py option {name}=True is not supported")
+    if not getattr(opt, "position_encoding", False):
+        raise CheckpointError(f"{origin}: a Transformer without position_encoding is not supported")
+    if getattr(opt, "pos_ffn_activation_fn", "relu") not in ACTIVATIONS:
+        raise CheckpointError(f"{origin}: activation {opt.pos_ffn_activation_fn!r} is not supported "
+                              f"(supported: {sorted(ACTIVATIONS)})")
+    if getattr(opt, "model_task", "seq2seq") != "seq2seq":
+        raise CheckpointError(f"{origin}: only seq2seq (encoder-decoder) checkpoints are supported")
+
+
+def _vocab_ids(tokens: list[str], origin: str, side: str) -> dict[str, int]:
+    ids = {}
+    for role, token in SPECIALS.items():
+        if token not in tokens:
+            raise CheckpointError(f"{origin}: the {side} vocabulary has no {token!r} token")
+        ids[role] = tokens.index(token)
+    return ids
+
+
+def model_config(ckpt: dict, origin: str) -> tuple[ModelConfig, dict]:
+    opt = ckpt["opt"]
+    _refuse_unsupported(opt, origin)
+    src_tokens, tgt_tokens = list(ckpt["vocab"]["src"]), list(ckpt["vocab"]["tgt"])
+    tgt = _vocab_ids(tgt_tokens, origin, "target")
+    start_token = ckpt["vocab"].get("decoder_start_token", SPECIALS["bos"])
+    d = int(opt.hidden_size)
+    cfg = ModelConfig(
+        d_model=d, encoder_layers=int(opt.enc_layers), decoder_layers=int(opt.dec_layers),
+        encoder_heads=int(opt.heads), decoder_heads=int(opt.heads), encoder_ffn_dim=int(opt.transformer_ff),
+        decoder_ffn_dim=int(opt.transformer_ff), src_vocab_size=len(src_tokens), tgt_vocab_size=len(tgt_tokens),
+        activation=ACTIVATIONS[getattr(opt, "pos_ffn_activation_fn", "relu")], pad_id=tgt["pad"], eos_id=tgt["eos"],
+        decoder_start_id=tgt_tokens.index(start_token), max_positions=5000, embed_scale=math.sqrt(d),
+        positions="sinusoidal_interleaved", normalize_before=True, encoder_final_norm=True, decoder_final_norm=True,
+        layer_norm_eps=float(getattr(opt, "norm_eps", 1e-6)), shared_embeddings=bool(getattr(opt, "share_embeddings", False)),
+        tie_output=False, final_logits_bias=True, family="onmt")
+    return cfg, {"src_tokens": src_tokens, "tgt_tokens": tgt_tokens}
+
+
+def onmt_tensors(src: TensorSource, cfg: ModelConfig, opt) -> dict:
+    """OpenNMT-py names → pyengine names; absent biases (add_qkvbias / add_ffnbias off) become zeros."""
+    d, ff = cfg.d_model, cfg.encoder_ffn_dim
+    qkv_bias, ffn_bias = bool(getattr(opt, "add_qkvbias", False)), bool(getattr(opt, "add_ffnbias", False))
+    out = {}
+
+    def linear(prefix: str, shape: tuple[int, int], has_bias: bool):
+        weight = src.get(f"{prefix}.weight", shape)
+        bias = src.get(f"{prefix}.bias", shape[:1]) if has_bias else torch.zeros(shape[0], dtype=weight.dtype)
+        return weight, bias
+
+    def norm(ours: str, theirs: str):
+        out[f"{ours}.weight"] = src.get(f"{theirs}.weight", (d,))
+        out[f"{ours}.bias"] = src.get(f"{theirs}.bias", (d,))
+
+    def attention(theirs: str):
+        return [linear(f"{theirs}.linear_{p}", (d, d), qkv_bias) for p in ("query", "keys", "values")] + \
+            [linear(f"{theirs}.final_linear", (d, d), qkv_bias)]
+
+    def ffn(ours: str, theirs: str):
+        out[f"{ours}.fc1.weight"], out[f"{ours}.fc1.bias"] = linear(f"{theirs}.w_1", (ff, d), ffn_bias)
+        out[f"{ours}.fc2.weight"], out[f"{ours}.fc2.bias"] = linear(f"{theirs}.w_2", (d, ff), ffn_bias)
+
+    enc_emb = "encoder.embeddings.make_embedding.emb_luts.0.weight"
+    dec_emb = "decoder.embeddings.make_embedding.emb_luts.0.weight"
+    out["src_embed.weight"] = src.get(enc_emb, (cfg.src_vocab_size, d))
+    if cfg.shared_embeddings:
+        src.get(dec_emb, (cfg.tgt_vocab_size, d))
+    else:
+        out["tgt_embed.weight"] = src.get(dec_emb, (cfg.tgt_vocab_size, d))
+    src.ignore(["encoder.embeddings.make_embedding.pe.pe", "decoder.embeddings.make_embedding.pe.pe"])
+    out["lm_head.weight"] = src.get("generator.weight", (cfg.tgt_vocab_size, d))
+    out["final_logits_bias"] = src.get("generator.bias", (cfg.tgt_vocab_size,))
+
+    for i in range(cfg.encoder_layers):
+        ours, theirs = f"encoder_layers.{i}", f"encoder.transformer.{i}"
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.self_attn")
+        out[f"{ours}.self_attn.qkv.weight"], out[f"{ours}.self_attn.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
+        out[f"{ours}.self_attn.out.weight"], out[f"{ours}.self_attn.out.bias"] = ow, ob
+        norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm")
+        ffn(f"{ours}.ffn", f"{theirs}.feed_forward")
+        norm(f"{ours}.ffn_norm", f"{theirs}.feed_forward.layer_norm")
+    for i in range(cfg.decoder_layers):
+        ours, theirs = f"decoder_layers.{i}", f"decoder.transformer_layers.{i}"
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.self_attn")
+        out[f"{ours}.self_attn.qkv.weight"], out[f"{ours}.self_attn.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
+        out[f"{ours}.self_attn.out.weight"], out[f"{ours}.self_attn.out.bias"] = ow, ob
+        norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm_1")
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.context_attn")
+        out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
+        out[f"{ours}.cross_attn.kv.weight"], out[f"{ours}.cross_attn.kv.bias"] = fuse(kw, vw), fuse(kb, vb)
+        out[f"{ours}.cross_attn.out.weight"], out[f"{ours}.cross_attn.out.bias"] = ow, ob
+        norm(f"{ours}.cross_attn_norm", f"{theirs}.layer_norm_2")
+        ffn(f"{ours}.ffn", f"{theirs}.feed_forward")
+        norm(f"{ours}.ffn_norm", f"{theirs}.feed_forward.layer_norm")
+    norm("encoder_norm", "encoder.layer_norm")
+    norm("decoder_norm", "decoder.layer_norm")
+    return out
+
+
+def load(path: Path) -> LoadedModel:
+    ckpt = _read(path)
+    _CACHE.clear()
+    origin = str(path)
+    if not isinstance(ckpt, dict) or not {"model", "vocab", "opt"} <= set(ckpt):
+        raise CheckpointError(f"{origin}: not an OpenNMT-py checkpoint (expected 'model', 'vocab' and 'opt')")
+    cfg, vocab = model_config(ckpt, origin)
+    tensors = dict(ckpt["model"])
+    for key, value in (ckpt.get("generator") or {}).items():
+        tensors[f"generator.{key}"] = value
+    src = TensorSource(tensors, origin)
+    state = onmt_tensors(src, cfg, ckpt["opt"])
+    src.check_all_consumed()
+    # OpenNMT-py's translate defaults: beam 5, max_length 250 (its max_length_ratio is not applied), avg length
+    # penalty with alpha 1 (see OnmtBeamState)
+    defaults = DecodeOptions(beam_size=5, num_hypotheses=1, max_decoding_length=250)
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=None, source=f"opennmt-py:{path}",
+                       extra={"tokenizer_note": "OpenNMT-py tokenization is the training config's transforms; "
+                                                "translate from token ids with generate()", **vocab})
