@@ -16,7 +16,7 @@ ACTIVATIONS = ("relu", "gelu", "swish")
 # learned: a trained table per side (BART/mBART), read from the checkpoint
 # sinusoidal_interleaved: Vaswani et al. as OpenNMT-py writes it (sin on even, cos on odd dimensions)
 POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "sinusoidal_interleaved", "learned")
-FAMILIES = ("hf", "onmt")  # decoding rules: Hugging Face generate, OpenNMT-py Translator
+FAMILIES = ("hf", "onmt", "fairseq")  # decoding rules: HF generate, OpenNMT-py Translator, fairseq SequenceGenerator
 
 
 @dataclass(frozen=True)

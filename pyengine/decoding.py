@@ -214,7 +214,11 @@ def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start
             att[:, position: position + tokens.shape[1]] = att_out[0]
         position += tokens.shape[1]
         seqs = torch.cat([prompt, history[:, :step]], dim=1) if needs_history(opts) else None
-        if opts.sampling or reference or fused_bans(step, opts, eos_id) is None:
+        if model.cfg.family == "fairseq" and step + 1 >= opts.max_decoding_length:
+            final_logp, final = forced_final_eos(logits, eos_id)
+            nxt = final[:, 0]
+            scores += final_logp[:, 0]
+        elif opts.sampling or reference or fused_bans(step, opts, eos_id) is None:
             logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
             # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
             # near-equal logits to one value)
@@ -426,6 +430,75 @@ class OnmtBeamState:
             setattr(self, name, getattr(self, name).index_select(0, rows))
 
 
+class FairseqBeamState:
+    """fairseq's SequenceGenerator beam rules (BeamSearch), same interface as BeamState. Each step takes
+    the 2 × beam best candidates over beam × vocab; EOS candidates among the first `beam` (with a finite
+    score) are finalized in score order while the sentence has fewer than `beam` finalized, with
+    score / generated_length ** length_penalty; the first `beam` non-EOS candidates continue. A sentence
+    is done once it has `beam` finalized hypotheses (no early-stopping heuristic). At the last step the
+    caller offers only EOS, with its real log-probability, as fairseq forces it."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+        self.beam, self.max_len = beam, max_len
+        self.sentence = torch.arange(batch, device=device)
+        self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
+        self.run_scores[:, 0] = 0.0
+        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+        self._done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        per_row = cand_logp.shape[-1]
+        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
+        top_scores, top_pos = torch.topk(acc, min(2 * k, k * per_row))
+        parent = torch.div(top_pos, per_row, rounding_mode="floor")
+        token = cand_ids.view(b, k * per_row).gather(1, top_pos)
+        is_eos = (token == eos) & torch.isfinite(top_scores)
+        self._done = torch.zeros(b, dtype=torch.bool, device=acc.device)
+        if bool(is_eos[:, :k].any()):
+            eos_list, scores_list, parents = is_eos[:, :k].tolist(), top_scores.tolist(), parent.tolist()
+            norm = float((step + 1) ** opts.length_penalty)
+            for i in range(b):
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if eos_list[i][j] and len(record) < k:
+                        record.append((scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist()))
+                self._done[i] = len(record) >= k
+        # the first `beam` candidates that are not EOS continue (positions of EOS ones pushed past the end)
+        order = torch.arange(top_scores.shape[1], device=acc.device) + is_eos.long() * top_scores.shape[1]
+        active = torch.topk(order, k, largest=False).indices.sort(dim=1).values
+        active = torch.where(active < top_scores.shape[1], active, active % top_scores.shape[1])
+        parent, token = parent.gather(1, active), token.gather(1, active)
+        self.run_scores = top_scores.gather(1, active)
+        self.run_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, k, self.max_len)).clone()
+        self.run_hist[:, :, step] = token
+        rows = (parent + torch.arange(b, device=acc.device)[:, None] * k).view(-1)
+        return rows, token.view(-1)
+
+    def done(self, opts: DecodeOptions) -> torch.Tensor:
+        return self._done.clone()
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for r in rows.tolist():
+            sentence = int(self.sentence[r])
+            best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
+            out.append((sentence, [Hypothesis(toks, score) for score, toks in best]))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for name in ("sentence", "run_scores", "run_hist", "_done"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
+def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's last step: EOS is the only candidate, with its real log-probability."""
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, eos:eos + 1]
+    return logp, torch.full_like(logp, eos, dtype=torch.long)
+
+
 def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
                 dtype: torch.dtype, on_step: StepCallback | None = None,
                 reference: bool = False, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
@@ -441,6 +514,10 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         if opts.needs_attention:
             raise OptionError("return_attention and coverage_penalty are not supported with OpenNMT-py's beam rules yet")
         state = OnmtBeamState(batch, k, opts.max_decoding_length, device)
+    elif model.cfg.family == "fairseq":
+        if opts.needs_attention:
+            raise OptionError("return_attention and coverage_penalty are not supported with fairseq's beam rules yet")
+        state = FairseqBeamState(batch, k, opts.max_decoding_length, device)
     else:
         state = BeamState(batch, k, opts.max_decoding_length, device, reference)
     prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
@@ -466,7 +543,10 @@ def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_i
         # avoids HF's top-k over a (B, K·V) tensor
         seqs = torch.cat([prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
-        cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos_id, buffers, seqs, reference)
+        if model.cfg.family == "fairseq" and step + 1 >= opts.max_decoding_length:
+            cand_logp, cand_ids = forced_final_eos(logits, eos_id)
+        else:
+            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos_id, buffers, seqs, reference)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
         if att is not None:  # candidates extend their beam's attention; finished ones keep theirs
             b = state.run_scores.shape[0]

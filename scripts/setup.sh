@@ -13,6 +13,8 @@ if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
   # OpenNMT-py 3.5.1's metadata pins torch<2.3 (it runs on 2.13 for what the tests use): no deps from it
   .venv/bin/python -m pip install -q --no-deps "OpenNMT-py==3.5.1"
+  # fairseq 0.12 (the maintained fork for Python 3.11+): built here against this torch, without its audio deps
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation "fairseq-fixed==0.12.3.1"
 fi
 .venv/bin/python -m pip install -q --no-build-isolation -e .
 .venv/bin/python -c "import pyengine, pyengine._C; print('pyengine', pyengine.__version__, 'installed; _C:', pyengine._C.build_info())"

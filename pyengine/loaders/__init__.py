@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormatError
-from . import bart_hf, m2m100_hf, marian_hf, native, opennmt_py
+from . import bart_hf, fairseq_pt, m2m100_hf, marian_hf, native, opennmt_py
 from .common import FormatLoader, LoadedModel
 
 FORMATS: tuple[FormatLoader, ...] = (
@@ -15,6 +15,8 @@ FORMATS: tuple[FormatLoader, ...] = (
                  "config.json with model_type 'm2m_100' (M2M100 / NLLB-200 save_pretrained)"),
     FormatLoader("hf-bart", bart_hf.detect, bart_hf.load,
                  "config.json with model_type 'bart' or 'mbart' (save_pretrained)"),
+    FormatLoader("fairseq", fairseq_pt.detect, fairseq_pt.load,
+                 "a .pt file with 'model' and 'cfg' or 'args' (fairseq checkpoint), dict.<lang>.txt beside it"),
     FormatLoader("opennmt-py", opennmt_py.detect, opennmt_py.load,
                  "a .pt file with 'model', 'vocab' and 'opt' (OpenNMT-py v3 checkpoint)"),
 )
