@@ -31,7 +31,8 @@ def save(loaded: LoadedModel, dst: Path, src_dir: Path, dtype: str) -> None:
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported --dtype {dtype!r}; supported: {sorted(DTYPES)} (int8 is not supported yet)")
     dst.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in loaded.state.items()}
+    # clone: tied tables (embedding = output layer) share memory, which safetensors refuses to write
+    tensors = {k: v.to(DTYPES[dtype]).contiguous().clone() for k, v in loaded.state.items()}
     save_file(tensors, str(dst / "model.safetensors"))
     tokenizer = type(loaded.tokenizer).__name__ if loaded.tokenizer is not None else None
     for name in TOKENIZER_FILES:
