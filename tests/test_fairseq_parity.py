@@ -4,10 +4,7 @@ log-probs within 1e-4, greedy and beam n-best tokens identical, scores within 1e
 (left-padded, as fairseq batches them) inputs; post-norm and pre-norm, sinusoidal and learned positions."""
 from __future__ import annotations
 
-import importlib.machinery
 import logging
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,25 +14,6 @@ import pyengine
 from conftest import random_sources
 
 
-def _stub(name: str) -> None:
-    """fairseq imports scikit-learn and scipy for its audio tasks at import time; neither is used here."""
-    module = types.ModuleType(name)
-    module.__path__, module.__file__ = [], name
-    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-
-    def attribute(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return types.ModuleType(attr)
-    module.__getattr__ = attribute
-    sys.modules[name] = module
-
-
-for _name in ("sklearn", "sklearn.metrics", "scipy", "scipy.stats"):
-    try:
-        __import__(_name)
-    except ImportError:
-        _stub(_name)
 fairseq = pytest.importorskip("fairseq", reason="fairseq is not installed (scripts/setup.sh --test installs it)")
 logging.getLogger("fairseq").setLevel(logging.ERROR)
 

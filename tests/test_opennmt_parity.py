@@ -4,6 +4,7 @@ Translator (onmt.translate.BeamSearch) and compared with pyengine: encoder outpu
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
 import sys
 import types
 
@@ -13,9 +14,13 @@ import torch
 import pyengine
 from conftest import random_sources
 
-# OpenNMT-py imports its optional data transforms' libraries at import time; none is used here
+# OpenNMT-py imports the libraries of two optional data transforms at import time (spaCy, fastText: large,
+# and unused here); they are stood in for by empty modules, with a spec so importlib-based probes cope
 for _name in ("spacy", "fasttext"):
-    sys.modules.setdefault(_name, types.ModuleType(_name))
+    if _name not in sys.modules:
+        _module = types.ModuleType(_name)
+        _module.__spec__ = importlib.machinery.ModuleSpec(_name, None)
+        sys.modules[_name] = _module
 onmt = pytest.importorskip("onmt", reason="OpenNMT-py is not installed (requirements-test.txt installs it)")
 pyonmttok = pytest.importorskip("pyonmttok")
 
