@@ -205,3 +205,44 @@ class M2M100Tokenizer:
             else:
                 pieces.append(token)
         return (out + self.sp.decode(pieces)).strip()
+
+
+class TokenizerJson:
+    """A `tokenizer.json` (the file transformers ≥ 5 saves for BART/mBART and every "fast" tokenizer), run by
+    the `tokenizers` library as transformers runs it: its post-processor adds the special tokens
+    (BART: <s> … </s>); decoding skips special tokens and applies `clean_up_tokenization_spaces` when
+    tokenizer_config.json asks for it."""
+
+    def __init__(self, path: Path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise CheckpointError(f"{path}: reading tokenizer.json needs the tokenizers package "
+                                  "(pip install tokenizers)") from None
+        try:
+            self.tk = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as exc:  # the library raises its own exception types for bad files
+            raise CheckpointError(f"{path / 'tokenizer.json'}: cannot read ({exc})") from None
+        cfg_file = path / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        self.clean_up = bool(tok_cfg.get("clean_up_tokenization_spaces", False))
+
+    @classmethod
+    def from_dir(cls, path: Path, cfg: ModelConfig) -> "TokenizerJson":
+        tok = cls(path)
+        size = tok.tk.get_vocab_size(with_added_tokens=True)
+        if size > cfg.src_vocab_size:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: {size} tokens do not fit the model's vocabulary "
+                                  f"of {cfg.src_vocab_size}")
+        return tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=True).ids
+
+    def encode_target(self, text: str) -> list[int]:
+        """Target tokens without the special tokens (a forced target prefix)."""
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        text = self.tk.decode(ids, skip_special_tokens=True)
+        return _clean_up_tokenization(text) if self.clean_up else text

@@ -36,7 +36,12 @@ def load(path: Path) -> LoadedModel:
     defaults = decode_defaults(gen, cfg)
     if gen.get("forced_bos_token_id") is not None:
         defaults = defaults.replace(forced_bos_token=gen["forced_bos_token_id"])
-    # BART's byte-level BPE tokenizer is not supported yet: these models translate from token ids
-    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=None, source=f"hf-bart:{path}",
-                       extra={"tokenizer_note": "BART/mBART tokenization is not supported yet; "
-                                                "translate from token ids with generate()"})
+    tokenizer, note = None, ""
+    if (path / "tokenizer.json").is_file() and hf_model_type(path) == "bart":
+        from ..tokenizer import TokenizerJson
+        tokenizer = TokenizerJson.from_dir(path, cfg)
+    else:  # mBART's language codes and sentencepiece-only directories are not handled yet
+        note = ("this BART/mBART directory has no tokenizer pyengine reads (BART's tokenizer.json is supported; "
+                "mBART's language-code tokenizer is not yet); translate from token ids with generate()")
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"hf-bart:{path}",
+                       extra={"tokenizer_note": note} if note else {})

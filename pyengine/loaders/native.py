@@ -18,7 +18,7 @@ from .common import LoadedModel, TensorSource, read_json, read_tensors
 CONFIG_FILE = "pyengine_config.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json",
-                   "sentencepiece.bpe.model")
+                   "sentencepiece.bpe.model", "tokenizer.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
