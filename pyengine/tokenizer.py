@@ -246,3 +246,45 @@ class TokenizerJson:
     def decode(self, ids: list[int]) -> str:
         text = self.tk.decode(ids, skip_special_tokens=True)
         return _clean_up_tokenization(text) if self.clean_up else text
+
+
+NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # FLORES-200 codes: eng_Latn, deu_Latn, ...
+
+
+class NllbTokenizerJson(TokenizerJson):
+    """NLLB-200's tokenizer.json as transformers' NllbTokenizer uses it: source = [source language] + pieces
+    + [</s>] (or pieces + [</s>, source language] with `legacy_behaviour`); the target language is the
+    forced first generated token; its language codes are the tokenizer's added special tokens."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        cfg_file = path / "tokenizer_config.json"
+        tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        self.lang_ids = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()
+                         if NLLB_CODE.match(t.content)}
+        if not self.lang_ids:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: no language code tokens (like eng_Latn) in it")
+        self.eos_id = self.tk.token_to_id("</s>")
+        if self.eos_id is None:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: no '</s>' token")
+        self.legacy = bool(tok_cfg.get("legacy_behaviour", False))
+        self.source_lang = tok_cfg.get("src_lang") or "eng_Latn"
+
+    @classmethod
+    def from_dir(cls, path: Path, cfg: ModelConfig) -> "NllbTokenizerJson":
+        tok = cls(path)
+        top = max(tok.lang_ids.values())
+        if top >= cfg.src_vocab_size:
+            raise CheckpointError(f"{path / 'tokenizer.json'}: language token ids up to {top} do not fit the "
+                                  f"model's vocabulary of {cfg.src_vocab_size}")
+        return tok
+
+    def lang_id(self, code: str) -> int:
+        if code not in self.lang_ids:
+            raise KeyError(f"unknown language {code!r}; known: {', '.join(sorted(self.lang_ids))}")
+        return self.lang_ids[code]
+
+    def encode(self, text: str, source_lang: str | None = None) -> list[int]:
+        lang = self.lang_id(source_lang or self.source_lang)
+        pieces = self.tk.encode(text, add_special_tokens=False).ids
+        return pieces + [self.eos_id, lang] if self.legacy else [lang] + pieces + [self.eos_id]

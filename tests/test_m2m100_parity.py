@@ -13,9 +13,9 @@ VOCAB, PAD, EOS, LANG_DE = 90, 1, 2, 85
 ATOL = 1e-4
 
 
-def build_m2m100(path, *, d_model=36, heads=3, ffn=52, layers=(2, 2), activation="relu", seed=0):
+def build_m2m100(path, *, d_model=36, heads=3, ffn=52, layers=(2, 2), activation="relu", seed=0, vocab=VOCAB):
     from transformers import GenerationConfig, M2M100Config, M2M100ForConditionalGeneration
-    cfg = M2M100Config(vocab_size=VOCAB, d_model=d_model, encoder_layers=layers[0], decoder_layers=layers[1],
+    cfg = M2M100Config(vocab_size=vocab, d_model=d_model, encoder_layers=layers[0], decoder_layers=layers[1],
                        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn,
                        decoder_ffn_dim=ffn + 4, activation_function=activation, pad_token_id=PAD, bos_token_id=0,
                        eos_token_id=EOS, decoder_start_token_id=EOS, max_position_embeddings=128, scale_embedding=True)
@@ -172,7 +172,7 @@ def test_nllb_directory_loads_for_ids_and_says_why_text_does_not(pair, tmp_path)
     (nllb / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NllbTokenizer"}))
     loaded = pyengine.Engine.load(nllb)
     assert loaded.generate([[5, 6, EOS]], beam_size=2)[0].tokens == engine.generate([[5, 6, EOS]], beam_size=2)[0].tokens
-    with pytest.raises(pyengine.PyEngineError, match="NLLB-200 tokenization is not supported yet"):
+    with pytest.raises(pyengine.PyEngineError, match="no tokenizer.json"):
         loaded.translate(["hello"])
 
 
@@ -194,3 +194,34 @@ def test_wrong_inputs_name_the_file_and_problem(text_m2m100, tmp_path):
     # M2M100 weights under a Marian config: the tensors do not fit and the error says which
     with pytest.raises(pyengine.CheckpointError, match="missing tensor 'final_logits_bias'|matched nothing"):
         pyengine.Engine.load(copy_with_config(path, tmp_path / "marian", model_type="marian"))
+
+
+def test_nllb_tokenizer_json_translate_matches_hf(tmp_path):
+    """An NLLB-200 directory as transformers 5 saves it (tokenizer.json): translate(source_lang=, target_lang=)
+    equals NllbTokenizer + generate(forced_bos_token_id=target language)."""
+    from transformers import M2M100ForConditionalGeneration, NllbTokenizer
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for ch in "\u2581abcdefghijklmnopqrstuvwxyzHW,!":
+        vocab.setdefault(ch, len(vocab))
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("i", "n")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = NllbTokenizer(vocab=vocab, merges=merges, src_lang="eng_Latn", tgt_lang="deu_Latn")
+    build_m2m100(tmp_path, seed=3, vocab=len(tok))
+    tok.save_pretrained(tmp_path)
+    engine = pyengine.Engine.load(tmp_path)
+    hf = M2M100ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    texts = ["the cat in the hat", "Hello World!", "then, the thin one"]
+    for src_lang, tgt_lang in (("eng_Latn", "deu_Latn"), ("fra_Latn", "eng_Latn")):
+        tok.src_lang = src_lang
+        batch = tok(texts, return_tensors="pt", padding=True)
+        assert [engine.tokenizer.encode(t, source_lang=src_lang) for t in texts] == \
+            [tok(t).input_ids for t in texts]
+        with torch.no_grad():
+            out = hf.generate(**batch, num_beams=2, max_new_tokens=10,
+                              forced_bos_token_id=tok.convert_tokens_to_ids(tgt_lang))
+        expected = tok.batch_decode(out, skip_special_tokens=True)
+        assert engine.translate(texts, source_lang=src_lang, target_lang=tgt_lang, beam_size=2,
+                                max_decoding_length=10) == expected
+    with pytest.raises(pyengine.OptionError, match="unknown language 'xx_Yyyy'"):
+        engine.translate(texts, target_lang="xx_Yyyy")

@@ -34,8 +34,12 @@ def load(path: Path) -> LoadedModel:
     tokenizer, note = None, ""
     tok_cfg = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
     if str(tok_cfg.get("tokenizer_class", "")).startswith("Nllb"):
-        # NLLB-200's tokenizer numbers sentencepiece ids with fairseq's offset: not supported yet
-        note = "NLLB-200 tokenization is not supported yet; translate from token ids with generate()"
+        if (path / "tokenizer.json").is_file():
+            from ..tokenizer import NllbTokenizerJson
+            tokenizer = NllbTokenizerJson.from_dir(path, cfg)
+        else:  # sentencepiece.bpe.model alone (transformers < 5 saves): fairseq-offset ids, not read yet
+            note = ("this NLLB-200 directory has no tokenizer.json (the format transformers >= 5 saves); "
+                    "its sentencepiece-only tokenizer is not supported yet: translate from token ids with generate()")
     elif (path / "sentencepiece.bpe.model").is_file() and (path / "vocab.json").is_file():
         from ..tokenizer import M2M100Tokenizer
         tokenizer = M2M100Tokenizer.from_dir(path, cfg)
