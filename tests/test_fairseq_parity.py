@@ -173,13 +173,16 @@ def test_defaults_and_corrupt_inputs(checkpoint, tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 3])
     with pytest.raises(pyengine.CheckpointError, match="truncated.pt: cannot read"):
         pyengine.Engine.load(tmp_path / "truncated.pt")
-    ckpt["cfg"]["model"].adaptive_softmax_cutoff = "10,20" if hasattr(ckpt["cfg"]["model"], "arch") else None
-    if not hasattr(ckpt["cfg"]["model"], "arch"):
-        ckpt["cfg"]["model"]["adaptive_softmax_cutoff"] = "10,20"
-    torch.save(ckpt, tmp_path / "adaptive.pt")
     (tmp_path / "dict.de.txt").write_bytes((path.parent / "dict.de.txt").read_bytes())
-    with pytest.raises(pyengine.CheckpointError, match="adaptive_softmax_cutoff"):
+    model_opts = ckpt["cfg"]["model"]  # an argparse Namespace for fairseq's legacy architectures
+    model_opts.adaptive_softmax_cutoff = "10,20"
+    torch.save(ckpt, tmp_path / "adaptive.pt")
+    with pytest.raises(pyengine.CheckpointError, match="adaptive.pt: fairseq option adaptive_softmax_cutoff"):
         pyengine.Engine.load(tmp_path / "adaptive.pt")
+    model_opts.adaptive_softmax_cutoff, model_opts.arch = None, "lstm"  # a checkpoint of another architecture
+    torch.save(ckpt, tmp_path / "lstm.pt")
+    with pytest.raises(pyengine.CheckpointError, match="lstm.pt: fairseq architecture 'lstm' is not a transformer"):
+        pyengine.Engine.load(tmp_path / "lstm.pt")
 
 
 def test_converted_directory_decodes_the_same(checkpoint, tmp_path):
