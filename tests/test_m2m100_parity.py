@@ -225,3 +225,7 @@ def test_nllb_tokenizer_json_translate_matches_hf(tmp_path):
                                 max_decoding_length=10) == expected
     with pytest.raises(pyengine.OptionError, match="unknown language 'xx_Yyyy'"):
         engine.translate(texts, target_lang="xx_Yyyy")
+    legacy = NllbTokenizer(vocab=vocab, merges=merges, src_lang="fra_Latn", legacy_behaviour=True)
+    legacy.save_pretrained(tmp_path)
+    engine = pyengine.Engine.load(tmp_path)
+    assert [engine.tokenizer.encode(t) for t in texts] == [legacy(t).input_ids for t in texts]
