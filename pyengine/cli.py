@@ -32,7 +32,9 @@ def _add_convert(sub) -> None:
     p = sub.add_parser("convert", help="write a model as one fast-loading pyengine directory")
     p.add_argument("source", help="model directory in any supported format")
     p.add_argument("destination")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--dtype", default="float32",
+                   help="float32, bfloat16, float16, or int8 (weights stored int8 with per-row scales, "
+                        "dequantized at load)")
 
 
 def convert_main(args: argparse.Namespace) -> int:
