@@ -288,3 +288,27 @@ class NllbTokenizerJson(TokenizerJson):
         lang = self.lang_id(source_lang or self.source_lang)
         pieces = self.tk.encode(text, add_special_tokens=False).ids
         return pieces + [self.eos_id, lang] if self.legacy else [lang] + pieces + [self.eos_id]
+
+
+class FairseqSpmTokenizer:
+    """fairseq's `--bpe sentencepiece` text path, as its hub interface runs it: sentencepiece pieces looked up
+    in the source dictionary (unknown → <unk>), then </s>; output symbols joined, </s> and <s> dropped,
+    pieces merged by SentencepieceBPE.decode (spaces removed, ▁ → space)."""
+
+    def __init__(self, spm_file: Path, source: list[str], target: list[str], unk: int = 3, eos: int = 2, bos: int = 0):
+        self.sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+        self.source_ids = {sym: i for i, sym in reversed(list(enumerate(source)))}  # first occurrence wins
+        self.target = target
+        self.unk, self.eos, self.bos = unk, eos, bos
+
+    def encode(self, text: str) -> list[int]:
+        return [self.source_ids.get(p, self.unk) for p in self.sp.encode(text, out_type=str)] + [self.eos]
+
+    def encode_target(self, text: str) -> list[int]:
+        target_ids = {sym: i for i, sym in reversed(list(enumerate(self.target)))}
+        return [target_ids.get(p, self.unk) for p in self.sp.encode(text, out_type=str)]
+
+    def decode(self, ids: list[int]) -> str:
+        symbols = " ".join(self.target[i] if 0 <= i < len(self.target) else self.target[self.unk]
+                           for i in ids if i not in (self.eos, self.bos))
+        return symbols.replace(" ", "").replace(SPIECE_UNDERLINE, " ").strip()

@@ -4,6 +4,7 @@ log-probs within 1e-4, greedy and beam n-best tokens identical, scores within 1e
 (left-padded, as fairseq batches them) inputs; post-norm and pre-norm, sinusoidal and learned positions."""
 from __future__ import annotations
 
+import argparse
 import logging
 from pathlib import Path
 
@@ -38,13 +39,14 @@ CONFIGS = {
 }
 
 
-def write_checkpoint(root: Path, extra: list[str], seed: int) -> tuple[Path, object, object]:
+def write_checkpoint(root: Path, extra: list[str], seed: int,
+                     symbols: list[str] | None = None) -> tuple[Path, object, object]:
     data = root / "data"
     data.mkdir()
     for lang in ("en", "de"):
         d = Dictionary()
-        for i in range(70):
-            d.add_symbol(f"w{i}")
+        for sym in symbols or [f"w{i}" for i in range(70)]:
+            d.add_symbol(sym)
         d.save(str(data / f"dict.{lang}.txt"))
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
@@ -193,3 +195,31 @@ def test_converted_directory_decodes_the_same(checkpoint, tmp_path):
     a = pyengine.Engine.load(path).generate(src, beam_size=4, num_hypotheses=2)
     b = pyengine.Engine.load(tmp_path / "native").generate(src, beam_size=4, num_hypotheses=2)
     assert [x.tokens for x in a] == [x.tokens for x in b] and [x.scores for x in a] == [x.scores for x in b]
+
+
+def test_sentencepiece_text_matches_fairseq_hub_translate(tmp_path):
+    """Text in, text out: fairseq's own hub interface (`TransformerModel.from_pretrained(..., bpe="sentencepiece")
+    .translate`) against pyengine.translate on the same checkpoint."""
+    import sentencepiece as spm
+    from conftest import sample_lines
+    from fairseq.models.transformer import TransformerModel
+
+    (tmp_path / "train.txt").write_text("\n".join(sample_lines()[:200]), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "spm"),
+                                   vocab_size=150, model_type="bpe", minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    pieces = [sp.id_to_piece(i) for i in range(3, sp.get_piece_size())]  # fairseq's recipe drops <unk> <s> </s>
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    path, _, _ = write_checkpoint(root, CONFIGS["prenorm-learned-shared"], seed=4, symbols=pieces)
+    (root / "sentencepiece.bpe.model").write_bytes((tmp_path / "spm.model").read_bytes())
+    with torch.serialization.safe_globals([argparse.Namespace]):  # fairseq 0.12 predates weights_only=True
+        hub = TransformerModel.from_pretrained(str(root), checkpoint_file=path.name, data_name_or_path=str(root),
+                                               bpe="sentencepiece",
+                                               sentencepiece_model=str(root / "sentencepiece.bpe.model"))
+    hub.eval()
+    texts = [t for t in sample_lines()[200:] if len(sp.encode(t)) < 40][:12]  # the model has 64 positions
+    expected = hub.translate(texts, beam=3, max_len_b=12)
+    engine = pyengine.Engine.load(path)
+    assert engine.translate(texts, beam_size=3, max_decoding_length=13) == expected
+    assert any(e.strip() for e in expected)

@@ -207,7 +207,33 @@ def load(path: Path) -> LoadedModel:
     # SequenceGenerator's defaults: beam 5, max_len_b 200 (+ the final EOS), min_len 1, pad never generated
     defaults = DecodeOptions(beam_size=5, num_hypotheses=1, max_decoding_length=min(201, cfg.max_positions),
                              min_decoding_length=1, suppress_tokens=(PAD,))
-    return LoadedModel(config=cfg, state=tensors, defaults=defaults, tokenizer=None, source=f"fairseq:{path}",
-                       extra={"tokenizer_note": "fairseq tokenization (BPE/sentencepiece) is the preprocessing "
-                                                "pipeline's; translate from token ids with generate()",
-                              "dictionaries": dictionaries})
+    tokenizer, note = text_pipeline(path, ckpt, dictionaries)
+    return LoadedModel(config=cfg, state=tensors, defaults=defaults, tokenizer=tokenizer, source=f"fairseq:{path}",
+                       extra={"tokenizer_note": note, "dictionaries": dictionaries})
+
+
+SPM_NAMES = ("sentencepiece.bpe.model", "spm.model", "sentencepiece.model")
+
+
+def text_pipeline(path: Path, ckpt: dict, dictionaries: dict):
+    """(tokenizer, note): fairseq's sentencepiece BPE when its model is found (the path the checkpoint's
+    `bpe` config records, that file name beside the checkpoint, or a usual name beside it) and both
+    dictionaries are present; otherwise None and why."""
+    cfg = ckpt.get("cfg") or {}
+    bpe = cfg.get("bpe") if isinstance(cfg, dict) else None
+    bpe = dict(vars(bpe)) if isinstance(bpe, argparse.Namespace) else dict(bpe or {})
+    name = bpe.get("_name") or bpe.get("bpe")
+    if name not in (None, "sentencepiece"):
+        return None, (f"this checkpoint's text pipeline is fairseq's {name!r} BPE, which pyengine does not run; "
+                      "translate from token ids with generate()")
+    candidates = []
+    if bpe.get("sentencepiece_model"):
+        recorded = Path(bpe["sentencepiece_model"])
+        candidates += [recorded, path.parent / recorded.name]
+    candidates += [path.parent / n for n in SPM_NAMES]
+    spm_file = next((c for c in candidates if c.is_file()), None)
+    if spm_file is None or set(dictionaries) != {"source", "target"}:
+        return None, ("no sentencepiece model and dict.<lang>.txt files beside the checkpoint; "
+                      "translate from token ids with generate()")
+    from ..tokenizer import FairseqSpmTokenizer
+    return FairseqSpmTokenizer(spm_file, dictionaries["source"], dictionaries["target"]), ""
