@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -70,8 +72,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bfloat16 matmul (AVX512-BF16 or AMX), where bf16 is the fast path."""
+def cpu_has_bf16_instructions() -> bool:
+    """True when the CPU advertises native bfloat16 matmul instructions (AVX512-BF16 or AMX)."""
     capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2"
     if "AVX512" not in capability:
         return False
@@ -81,6 +83,31 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def bf16_linear_speedup() -> float:
+    """Measured speed of a decode-shaped bf16 linear (oneDNN, prepacked) over the float32 one on this CPU.
+    The flags alone mislead: on some virtual machines with AVX512-BF16 (no AMX) bf16 runs slower than fp32."""
+    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return 0.0
+
+    def best_time(dtype: torch.dtype) -> float:
+        x, w = torch.randn(128, 512).to(dtype), torch.randn(2048, 512).to(dtype)
+        packed, bias = torch.ops.mkldnn._reorder_linear_weight(w, None), torch.zeros(2048, dtype=dtype)
+        times = []
+        for _ in range(12):
+            start = time.perf_counter()
+            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            times.append(time.perf_counter() - start)
+        return min(times[2:])
+
+    return best_time(torch.float32) / best_time(torch.bfloat16)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bfloat16 is the fast path here: the CPU has the instructions and a measured bf16 linear beats float32."""
+    return cpu_has_bf16_instructions() and bf16_linear_speedup() > 1.1
 
 
 class Engine:

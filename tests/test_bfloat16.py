@@ -65,3 +65,19 @@ def test_bf16_translates_end_to_end(model_dir):
     # bf16 may change a near-tie; most best hypotheses stay the same on this peaky model
     same = sum(a.tokens[0] == b.tokens[0] for a, b in zip(ours, ref))
     assert same >= len(src) // 2
+
+
+def test_auto_dtype_follows_the_measured_bf16_speed(monkeypatch):
+    """dtype="auto" picks bfloat16 only where the CPU has the instructions *and* a measured bf16 linear beats
+    float32 (some AVX512-BF16 virtual machines run bf16 slower than fp32)."""
+    from pyengine import engine as eng
+    speedup = eng.bf16_linear_speedup()  # the real probe, on this machine
+    assert speedup >= 0.0
+    monkeypatch.setattr(eng, "cpu_has_bf16_instructions", lambda: True)
+    monkeypatch.setattr(eng, "bf16_linear_speedup", lambda: 2.0)
+    assert eng.resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(eng, "bf16_linear_speedup", lambda: 0.6)
+    assert eng.resolve_dtype("auto") == torch.float32
+    monkeypatch.setattr(eng, "cpu_has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(eng, "bf16_linear_speedup", lambda: 2.0)
+    assert eng.resolve_dtype("auto") == torch.float32
