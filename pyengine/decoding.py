@@ -369,13 +369,10 @@ class BeamState:
             setattr(self, name, getattr(self, name).index_select(0, rows))
 
 
-class OnmtBeamState:
-    """OpenNMT-py 3's beam rules (onmt.translate.BeamSearch with its translate defaults), same interface
-    as BeamState. Each step keeps the `beam` best candidates over beam × vocab; those ending in EOS (or
-    at the length limit) are recorded with score / (generated + 1) ** alpha — OpenNMT counts the start
-    token — and stay in the beam with a score of -65504, so they do not extend. A sentence is done when
-    the best candidate of a step has finished and at least n-best hypotheses are recorded; its n-best
-    are the recorded ones sorted by score."""
+class RecordedBeamState:
+    """Shared part of the beam states whose finished hypotheses are recorded in a list per sentence
+    (OpenNMT-py's and fairseq's rules), same interface as BeamState. Only the first beam is live at the
+    start; `step` is the library's rule."""
 
     def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
         self.beam, self.max_len = beam, max_len
@@ -386,95 +383,23 @@ class OnmtBeamState:
         self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # per caller sentence
         self._done = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
-             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def top_candidates(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor,
+                       n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The n best (running score + log-prob) over each sentence's beam × candidates:
+        (scores (B, n), parent beam (B, n), token (B, n))."""
         b, k = self.run_scores.shape
         per_row = cand_logp.shape[-1]
         acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
-        top_scores, top_pos = torch.topk(acc, k)
+        top_scores, top_pos = torch.topk(acc, min(n, k * per_row))
         parent = torch.div(top_pos, per_row, rounding_mode="floor")
-        token = cand_ids.view(b, k * per_row).gather(1, top_pos)
+        return top_scores, parent, cand_ids.view(b, k * per_row).gather(1, top_pos)
+
+    def advance(self, parent: torch.Tensor, token: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continue beam j of each sentence from beam parent[:, j] with token[:, j]: (rows (B·K,), tokens (B·K,))."""
+        b, k = parent.shape
         self.run_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, k, self.max_len)).clone()
         self.run_hist[:, :, step] = token
-        normalized = top_scores / float((step + 2) ** opts.length_penalty)
-        hits = (token == eos) | (step + 1 >= self.max_len)
-        self._done = torch.zeros(b, dtype=torch.bool, device=acc.device)
-        if bool(hits.any()):
-            hits_list, scores_list = hits.tolist(), normalized.tolist()
-            for i in range(b):
-                if not any(hits_list[i]):
-                    continue
-                record = self.finished[int(self.sentence[i])]
-                for j in range(k):
-                    if hits_list[i][j]:
-                        record.append((scores_list[i][j], self.run_hist[i, j, : step + 1].tolist()))
-                self._done[i] = hits_list[i][0] and len(record) >= opts.num_hypotheses
-        self.run_scores = top_scores.masked_fill(hits, -65504.0)
-        rows = (parent + torch.arange(b, device=acc.device)[:, None] * k).view(-1)
-        return rows, token.view(-1)
-
-    def done(self, opts: DecodeOptions) -> torch.Tensor:
-        return self._done.clone()
-
-    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
-        out = []
-        for r in rows.tolist():
-            sentence = int(self.sentence[r])
-            best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
-            out.append((sentence, [Hypothesis(toks[:-1] if toks and toks[-1] == eos else toks, score)
-                                   for score, toks in best]))
-        return out
-
-    def keep(self, rows: torch.Tensor) -> None:
-        for name in ("sentence", "run_scores", "run_hist", "_done"):
-            setattr(self, name, getattr(self, name).index_select(0, rows))
-
-
-class FairseqBeamState:
-    """fairseq's SequenceGenerator beam rules (BeamSearch), same interface as BeamState. Each step takes
-    the 2 × beam best candidates over beam × vocab; EOS candidates among the first `beam` (with a finite
-    score) are finalized in score order while the sentence has fewer than `beam` finalized, with
-    score / generated_length ** length_penalty; the first `beam` non-EOS candidates continue. A sentence
-    is done once it has `beam` finalized hypotheses (no early-stopping heuristic). At the last step the
-    caller offers only EOS, with its real log-probability, as fairseq forces it."""
-
-    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
-        self.beam, self.max_len = beam, max_len
-        self.sentence = torch.arange(batch, device=device)
-        self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
-        self.run_scores[:, 0] = 0.0
-        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
-        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-        self._done = torch.zeros(batch, dtype=torch.bool, device=device)
-
-    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
-             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        b, k = self.run_scores.shape
-        per_row = cand_logp.shape[-1]
-        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
-        top_scores, top_pos = torch.topk(acc, min(2 * k, k * per_row))
-        parent = torch.div(top_pos, per_row, rounding_mode="floor")
-        token = cand_ids.view(b, k * per_row).gather(1, top_pos)
-        is_eos = (token == eos) & torch.isfinite(top_scores)
-        self._done = torch.zeros(b, dtype=torch.bool, device=acc.device)
-        if bool(is_eos[:, :k].any()):
-            eos_list, scores_list, parents = is_eos[:, :k].tolist(), top_scores.tolist(), parent.tolist()
-            norm = float((step + 1) ** opts.length_penalty)
-            for i in range(b):
-                record = self.finished[int(self.sentence[i])]
-                for j in range(k):
-                    if eos_list[i][j] and len(record) < k:
-                        record.append((scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist()))
-                self._done[i] = len(record) >= k
-        # the first `beam` candidates that are not EOS continue (positions of EOS ones pushed past the end)
-        order = torch.arange(top_scores.shape[1], device=acc.device) + is_eos.long() * top_scores.shape[1]
-        active = torch.topk(order, k, largest=False).indices.sort(dim=1).values
-        active = torch.where(active < top_scores.shape[1], active, active % top_scores.shape[1])
-        parent, token = parent.gather(1, active), token.gather(1, active)
-        self.run_scores = top_scores.gather(1, active)
-        self.run_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, k, self.max_len)).clone()
-        self.run_hist[:, :, step] = token
-        rows = (parent + torch.arange(b, device=acc.device)[:, None] * k).view(-1)
+        rows = (parent + torch.arange(b, device=parent.device)[:, None] * k).view(-1)
         return rows, token.view(-1)
 
     def done(self, opts: DecodeOptions) -> torch.Tensor:
@@ -491,6 +416,69 @@ class FairseqBeamState:
     def keep(self, rows: torch.Tensor) -> None:
         for name in ("sentence", "run_scores", "run_hist", "_done"):
             setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
+class OnmtBeamState(RecordedBeamState):
+    """OpenNMT-py 3's beam rules (onmt.translate.BeamSearch with its translate defaults). Each step keeps
+    the `beam` best candidates over beam × vocab; those ending in EOS (or at the length limit) are
+    recorded with score / (generated + 1) ** alpha — OpenNMT counts the start token — and stay in the
+    beam with a score of -65504, so they do not extend. A sentence is done when the best candidate of a
+    step has finished and at least n-best hypotheses are recorded; its n-best are the recorded ones
+    sorted by score."""
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, k)
+        rows, nxt = self.advance(parent, token, step)
+        normalized = top_scores / float((step + 2) ** opts.length_penalty)
+        hits = (token == eos) | (step + 1 >= self.max_len)
+        self._done = torch.zeros(b, dtype=torch.bool, device=token.device)
+        if bool(hits.any()):
+            hits_list, scores_list = hits.tolist(), normalized.tolist()
+            for i in range(b):
+                if not any(hits_list[i]):
+                    continue
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if hits_list[i][j]:
+                        toks = self.run_hist[i, j, : step + 1].tolist()
+                        record.append((scores_list[i][j], toks[:-1] if toks[-1] == eos else toks))
+                self._done[i] = hits_list[i][0] and len(record) >= opts.num_hypotheses
+        self.run_scores = top_scores.masked_fill(hits, -65504.0)
+        return rows, nxt
+
+
+class FairseqBeamState(RecordedBeamState):
+    """fairseq's SequenceGenerator beam rules (BeamSearch). Each step takes the 2 × beam best candidates
+    over beam × vocab; EOS candidates among the first `beam` (with a finite score) are finalized in score
+    order while the sentence has fewer than `beam` finalized, with score / generated_length **
+    length_penalty; the first `beam` non-EOS candidates continue. A sentence is done once it has `beam`
+    finalized hypotheses (no early-stopping heuristic). At the last step the caller offers only EOS,
+    with its real log-probability, as fairseq forces it."""
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
+        is_eos = (token == eos) & torch.isfinite(top_scores)
+        self._done = torch.zeros(b, dtype=torch.bool, device=token.device)
+        if bool(is_eos[:, :k].any()):
+            eos_list, scores_list, parents = is_eos[:, :k].tolist(), top_scores.tolist(), parent.tolist()
+            norm = float((step + 1) ** opts.length_penalty)
+            for i in range(b):
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if eos_list[i][j] and len(record) < k:
+                        record.append((scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist()))
+                self._done[i] = len(record) >= k
+        # the first `beam` candidates that are not EOS continue (positions of EOS ones pushed past the end)
+        width = top_scores.shape[1]
+        order = torch.arange(width, device=token.device) + is_eos.long() * width
+        active = torch.topk(order, k, largest=False).indices.sort(dim=1).values
+        active = torch.where(active < width, active, active % width)
+        self.run_scores = top_scores.gather(1, active)
+        return self.advance(parent.gather(1, active), token.gather(1, active), step)
 
 
 def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,6 +40,20 @@ def specials_pattern(tokens) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)) + ")")
 
 
+def language_id(tokenizer, code: str) -> int:
+    """The token id of a language code of a multilingual tokenizer (its `lang_ids`), or a KeyError naming the known ones."""
+    if code not in tokenizer.lang_ids:
+        raise KeyError(f"unknown language {code!r}; known: {', '.join(sorted(tokenizer.lang_ids))}")
+    return tokenizer.lang_ids[code]
+
+
+def check_language_ids_fit(tokenizer, cfg: ModelConfig, origin: Path) -> None:
+    top = max(tokenizer.lang_ids.values())
+    if top >= cfg.src_vocab_size:
+        raise CheckpointError(f"{origin}: language token ids up to {top} do not fit the model's "
+                              f"vocabulary of {cfg.src_vocab_size}")
+
+
 class MarianTokenizer:
     """source.spm / target.spm + vocab.json (+ target_vocab.json when vocabularies are separate)."""
 
@@ -169,16 +183,10 @@ class M2M100Tokenizer:
             raise CheckpointError(f"{path}: missing vocab.json") from None
         tok = cls(path / "sentencepiece.bpe.model", vocab, tok_cfg.get("language_codes", "m2m100"),
                   tok_cfg.get("src_lang") or "en")
-        top = max(tok.lang_ids.values())
-        if top >= cfg.src_vocab_size:
-            raise CheckpointError(f"{path}: language token ids up to {top} do not fit the model's "
-                                  f"vocabulary of {cfg.src_vocab_size}")
+        check_language_ids_fit(tok, cfg, path)
         return tok
 
-    def lang_id(self, code: str) -> int:
-        if code not in self.lang_ids:
-            raise KeyError(f"unknown language {code!r}; known: {', '.join(sorted(self.lang_ids))}")
-        return self.lang_ids[code]
+    lang_id = language_id
 
     def encode(self, text: str, source_lang: str | None = None) -> list[int]:
         ids = [self.lang_id(source_lang or self.source_lang)]
@@ -273,16 +281,10 @@ class NllbTokenizerJson(TokenizerJson):
     @classmethod
     def from_dir(cls, path: Path, cfg: ModelConfig) -> "NllbTokenizerJson":
         tok = cls(path)
-        top = max(tok.lang_ids.values())
-        if top >= cfg.src_vocab_size:
-            raise CheckpointError(f"{path / 'tokenizer.json'}: language token ids up to {top} do not fit the "
-                                  f"model's vocabulary of {cfg.src_vocab_size}")
+        check_language_ids_fit(tok, cfg, path / "tokenizer.json")
         return tok
 
-    def lang_id(self, code: str) -> int:
-        if code not in self.lang_ids:
-            raise KeyError(f"unknown language {code!r}; known: {', '.join(sorted(self.lang_ids))}")
-        return self.lang_ids[code]
+    lang_id = language_id
 
     def encode(self, text: str, source_lang: str | None = None) -> list[int]:
         lang = self.lang_id(source_lang or self.source_lang)

@@ -142,19 +142,20 @@ def onmt_tensors(src: TensorSource, cfg: ModelConfig, opt) -> dict:
     out["lm_head.weight"] = src.get("generator.weight", (cfg.tgt_vocab_size, d))
     out["final_logits_bias"] = src.get("generator.bias", (cfg.tgt_vocab_size,))
 
+    def self_attention(ours: str, theirs: str):
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(theirs)
+        out[f"{ours}.qkv.weight"], out[f"{ours}.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
+        out[f"{ours}.out.weight"], out[f"{ours}.out.bias"] = ow, ob
+
     for i in range(cfg.encoder_layers):
         ours, theirs = f"encoder_layers.{i}", f"encoder.transformer.{i}"
-        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.self_attn")
-        out[f"{ours}.self_attn.qkv.weight"], out[f"{ours}.self_attn.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
-        out[f"{ours}.self_attn.out.weight"], out[f"{ours}.self_attn.out.bias"] = ow, ob
+        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
         norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm")
         ffn(f"{ours}.ffn", f"{theirs}.feed_forward")
         norm(f"{ours}.ffn_norm", f"{theirs}.feed_forward.layer_norm")
     for i in range(cfg.decoder_layers):
         ours, theirs = f"decoder_layers.{i}", f"decoder.transformer_layers.{i}"
-        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.self_attn")
-        out[f"{ours}.self_attn.qkv.weight"], out[f"{ours}.self_attn.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
-        out[f"{ours}.self_attn.out.weight"], out[f"{ours}.self_attn.out.bias"] = ow, ob
+        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
         norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm_1")
         (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.context_attn")
         out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
