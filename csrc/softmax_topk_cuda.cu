@@ -24,45 +24,39 @@ __device__ __forceinline__ bool better(float v, int64_t i, float w, int64_t j) {
   return v > w || (v == w && i < j);
 }
 
-__device__ __forceinline__ Best warp_best(Best b) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float v = __shfl_down_sync(0xffffffff, b.value, offset);
-    const int64_t i = __shfl_down_sync(0xffffffff, b.id, offset);
-    if (better(v, i, b.value, b.id)) b = {v, i};
-  }
-  return b;
+// Combining rules of the two reductions; `identity` pads the last warp's unused lanes.
+struct PickBest {
+  static __device__ Best identity() { return {-FLT_MAX, INT64_MAX}; }
+  __device__ Best operator()(Best a, Best b) const { return better(b.value, b.id, a.value, a.id) ? b : a; }
+};
+
+struct Sum {
+  static __device__ float identity() { return 0.0f; }
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+
+__device__ __forceinline__ float shfl_down(float x, int offset) { return __shfl_down_sync(0xffffffff, x, offset); }
+
+__device__ __forceinline__ Best shfl_down(Best b, int offset) {
+  return {__shfl_down_sync(0xffffffff, b.value, offset), __shfl_down_sync(0xffffffff, b.id, offset)};
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_down_sync(0xffffffff, x, offset);
+template <typename T, typename Combine>
+__device__ __forceinline__ T warp_reduce(T x, Combine combine) {
+  for (int offset = 16; offset > 0; offset >>= 1) x = combine(x, shfl_down(x, offset));
   return x;
 }
 
-// Block-wide reductions through one shared slot per warp; the result is broadcast to every thread.
-__device__ Best block_best(Best b, Best* scratch) {
+// Block-wide reduction through one shared slot per warp; the result is broadcast to every thread.
+template <typename T, typename Combine>
+__device__ T block_reduce(T x, T* scratch, Combine combine) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  b = warp_best(b);
-  if (lane == 0) scratch[warp] = b;
-  __syncthreads();
-  if (warp == 0) {
-    b = lane < kThreads / 32 ? scratch[lane] : Best{-FLT_MAX, INT64_MAX};
-    b = warp_best(b);
-    if (lane == 0) scratch[0] = b;
-  }
-  __syncthreads();
-  b = scratch[0];
-  __syncthreads();
-  return b;
-}
-
-__device__ float block_sum(float x, float* scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = warp_sum(x);
+  x = warp_reduce(x, combine);
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    x = lane < kThreads / 32 ? scratch[lane] : 0.0f;
-    x = warp_sum(x);
+    x = lane < kThreads / 32 ? scratch[lane] : Combine::identity();
+    x = warp_reduce(x, combine);
     if (lane == 0) scratch[0] = x;
   }
   __syncthreads();
@@ -81,10 +75,10 @@ __global__ void __launch_bounds__(kThreads) log_softmax_topk_kernel(
   Best local{-INFINITY, INT64_MAX};
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) local.value = fmaxf(local.value, x[i]);
   local.id = 0;
-  const float max = block_best(local, best_scratch).value;
+  const float max = block_reduce(local, best_scratch, PickBest{}).value;
   float sum = 0.0f;
   for (int64_t i = threadIdx.x; i < vocab; i += kThreads) sum += __expf(x[i] - max);
-  const float log_sum = max + __logf(block_sum(sum, sum_scratch));
+  const float log_sum = max + __logf(block_reduce(sum, sum_scratch, Sum{}));
 
   // banned ids count in the normalizer above but are never candidates
   for (int64_t b = threadIdx.x; b < num_banned; b += kThreads) x[banned[b]] = -INFINITY;
@@ -98,7 +92,7 @@ __global__ void __launch_bounds__(kThreads) log_softmax_topk_kernel(
       const float v = x[i];
       if (better(last_value, last_id, v, i) && better(v, i, b.value, b.id)) b = {v, i};
     }
-    b = block_best(b, best_scratch);
+    b = block_reduce(b, best_scratch, PickBest{});
     if (threadIdx.x == 0) {
       values[blockIdx.x * k + j] = b.value - log_sum;
       ids[blockIdx.x * k + j] = b.id;

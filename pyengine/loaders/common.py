@@ -1,6 +1,7 @@
 """Shared loader pieces: reading tensors, exact key maps, q/k/v fusion and the consumed-keys check."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import dataclass, field
@@ -46,6 +47,24 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors")
     return state
+
+
+_PICKLED: dict[Path, dict] = {}  # the last .pt read: the loaders' detect() and load() share one read
+
+
+def read_pickled_checkpoint(path: Path, keep: bool = True) -> dict:
+    """A .pt checkpoint (fairseq, OpenNMT-py: tensors, lists, options as an argparse Namespace), read with
+    torch's restricted unpickler (weights_only=True, only the Namespace allowed), so no code in it runs.
+    With keep=False the cached copy is released (the loader is about to consume it)."""
+    key = path.resolve()
+    if key not in _PICKLED:
+        _PICKLED.clear()
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                _PICKLED[key] = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or corrupt files raise many different types
+            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
+    return _PICKLED[key] if keep else _PICKLED.pop(key)
 
 
 class TensorSource:

@@ -8,7 +8,8 @@ numbered from padding_idx + 1, `layernorm_embedding`, `share_all_embeddings` /
 `share_decoder_input_output_embed`, legacy fused `in_proj_weight`; decoding starts from `</s>`, with
 fairseq's beam rules (decoding.FairseqBeamState). Options that change the math in ways this engine
 does not implement (adaptive softmax, NormFormer scaling, cross-self-attention, layer dropping, per-side
-position kinds that differ) are refused by name. Read with torch's restricted unpickler.
+position kinds that differ) are refused by name. Read with torch's restricted unpickler
+(common.read_pickled_checkpoint).
 """
 from __future__ import annotations
 
@@ -20,31 +21,16 @@ import torch
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, TensorSource, fuse
+from .common import LoadedModel, TensorSource, fuse, read_pickled_checkpoint
 
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu"}
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # fairseq.data.Dictionary's first four symbols
 BOS, PAD, EOS, UNK = range(4)
-_CACHE: dict[Path, dict] = {}
-
-
-def read_checkpoint(path: Path) -> dict:
-    key = path.resolve()
-    if key not in _CACHE:
-        _CACHE.clear()
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                _CACHE[key] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or corrupt files raise many different types
-            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-    return _CACHE[key]
-
-
 def detect(path: Path) -> bool:
     if not (path.is_file() and path.suffix == ".pt"):
         return False
     try:
-        ckpt = read_checkpoint(path)
+        ckpt = read_pickled_checkpoint(path)
     except CheckpointError:
         return False  # the OpenNMT-py loader claims unreadable .pt files and reports them
     return isinstance(ckpt, dict) and "model" in ckpt and ("cfg" in ckpt or "args" in ckpt) and "vocab" not in ckpt
@@ -182,8 +168,7 @@ def fairseq_tensors(src: TensorSource, cfg: ModelConfig) -> dict:
 
 
 def load(path: Path) -> LoadedModel:
-    ckpt = read_checkpoint(path)
-    _CACHE.clear()
+    ckpt = read_pickled_checkpoint(path, keep=False)
     origin = str(path)
     model_opts, task_opts = _options(ckpt)
     state = ckpt["model"]

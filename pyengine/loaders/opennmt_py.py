@@ -14,7 +14,6 @@ in it runs.
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
-from .common import LoadedModel, TensorSource, fuse
+from .common import LoadedModel, TensorSource, fuse, read_pickled_checkpoint
 
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}
 SPECIALS = {"unk": "<unk>", "pad": "<blank>", "bos": "<s>", "eos": "</s>"}
@@ -34,25 +33,10 @@ def detect(path: Path) -> bool:
     if not (path.is_file() and path.suffix == ".pt"):
         return False
     try:
-        ckpt = _read(path)
+        ckpt = read_pickled_checkpoint(path)
     except CheckpointError:
         return True
     return isinstance(ckpt, dict) and {"model", "vocab", "opt"} <= set(ckpt)
-
-
-_CACHE: dict[Path, dict] = {}  # detect() has read it already: load() takes it from here
-
-
-def _read(path: Path) -> dict:
-    key = path.resolve()
-    if key not in _CACHE:
-        try:
-            _CACHE.clear()
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                _CACHE[key] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or corrupt files raise many different types
-            raise CheckpointError(f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})") from None
-    return _CACHE[key]
 
 
 def _refuse_unsupported(opt, origin: str) -> None:
@@ -170,8 +154,7 @@ def onmt_tensors(src: TensorSource, cfg: ModelConfig, opt) -> dict:
 
 
 def load(path: Path) -> LoadedModel:
-    ckpt = _read(path)
-    _CACHE.clear()
+    ckpt = read_pickled_checkpoint(path, keep=False)
     origin = str(path)
     if not isinstance(ckpt, dict) or not {"model", "vocab", "opt"} <= set(ckpt):
         raise CheckpointError(f"{origin}: not an OpenNMT-py checkpoint (expected 'model', 'vocab' and 'opt')")
