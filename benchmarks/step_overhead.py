@@ -35,7 +35,7 @@ class ForwardTimer:
 
 
 def run_once(engine, ids, lengths, opts, reference: bool) -> tuple[float, float, int]:
-    from pyengine.decoding import search
+    from pyengine.search import search
     model, cfg = engine.model, engine.config
     timer = ForwardTimer(model)
     model.decode = timer

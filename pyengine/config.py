@@ -148,3 +148,6 @@ class EngineConfig:
     backend: str = "auto"  # "auto", "torch" or "triton"
     max_batch_tokens: int = 8192  # padded source tokens × beam per batch
     max_batch_size: int = 64  # sentences per batch
+    # cap on a batch's decoding buffers (estimated by engine.decode_memory_bytes); a batch over it is split
+    # in two and retried, as is one whose allocation fails. None: no cap
+    max_memory_mb: float | None = None

@@ -1,4 +1,5 @@
-"""Greedy and beam search over the model's decoder, with Hugging Face's rules for HF checkpoints.
+"""The pieces of greedy and beam search: logits processors, candidate selection, beam states with the
+rules of each checkpoint's library (pyengine/search.py drives them step by step).
 
 Beam search keeps, per sentence, `beam` running hypotheses and a set of `beam` finished ones.
 Each step scores 2×beam candidates over beam × vocab; candidates ending in EOS (or at the length
@@ -15,7 +16,7 @@ import torch
 
 from .config import DecodeOptions
 from .errors import OptionError
-from .model import Memory, Transformer
+
 
 NEG = -1.0e9  # HF's "excluded" score
 
@@ -156,6 +157,10 @@ class StepBuffers:
         self._logits = torch.empty(rows, 1, vocab, device=device)
         self._logp = torch.empty(rows, vocab, device=device)
 
+    @property
+    def capacity(self) -> int:
+        return self._logits.shape[0]
+
     def logits(self, rows: int) -> torch.Tensor:
         return self._logits[:rows]
 
@@ -177,84 +182,6 @@ def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Ge
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
 
-
-def greedy_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                  dtype: torch.dtype, on_step: StepCallback | None = None,
-                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
-                  reference: bool = False) -> list[list[Hypothesis]]:
-    """Argmax (or sampling) decoding; finished rows leave the batch at once. on_step sees each row's tokens
-    after each step. A sampled token's score is its log-prob before temperature and filtering.
-    `reference`: the unfused PyTorch selection and cache gather the C++ paths are measured against.
-
-    prefix (B, P): target tokens forced after the start token (HF's decoder prompt): part of the output,
-    not of the score; max/min_decoding_length count the tokens generated after it."""
-    batch = memory.kv.shape[0]
-    device = memory.kv.device
-    prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1)
-    prefix_len = prompt.shape[1] - 1
-    cache = model.new_cache(batch, prefix_len + opts.max_decoding_length, device, dtype, reference)
-    alive = torch.arange(batch, device=device)  # sentence index of each row
-    tokens, position = prompt, 0
-    history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
-    scores = torch.zeros(batch, dtype=torch.float32, device=device)
-    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    buffers = StepBuffers(batch, model.cfg.tgt_vocab_size, device)
-    length_offset = 1 if model.cfg.family == "onmt" else 0  # OpenNMT-py counts the start token in the length
-    # attention rows by decoder position: the query at position i predicts output token i
-    att = torch.zeros(batch, prefix_len + opts.max_decoding_length, memory.kv.shape[4], device=device) \
-        if opts.needs_attention else None
-    if opts.sampling and generator is None:
-        raise ValueError("sampling needs a torch.Generator")
-    for step in range(opts.max_decoding_length):
-        n = tokens.shape[0]
-        out = buffers.logits(n) if tokens.shape[1] == 1 else None
-        att_out = None if att is None else []
-        logits = model.decode(tokens, position, cache, memory, out=out, attention_out=att_out)[:, -1]
-        if att is not None:
-            att[:, position: position + tokens.shape[1]] = att_out[0]
-        position += tokens.shape[1]
-        seqs = torch.cat([prompt, history[:, :step]], dim=1) if needs_history(opts) else None
-        if model.cfg.family == "fairseq" and step + 1 >= opts.max_decoding_length:
-            final_logp, final = forced_final_eos(logits, eos_id)
-            nxt = final[:, 0]
-            scores += final_logp[:, 0]
-        elif opts.sampling or reference or fused_bans(step, opts, eos_id) is None:
-            logp = log_probs(logits, step, opts, eos_id, out=buffers.logp(n), seqs=seqs)
-            # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
-            # near-equal logits to one value)
-            processed = apply_processors(logits, step, opts, eos_id, seqs)
-            nxt = sample_tokens(processed, opts, generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
-            scores += logp.gather(1, nxt[:, None])[:, 0]
-        else:  # the best logit among the allowed tokens is the argmax of the processed scores
-            best_logp, best = candidates(logits, 1, step, opts, eos_id, buffers, seqs, reference)
-            nxt = best[:, 0]
-            scores += best_logp[:, 0]
-        history[:, step] = nxt
-        done = (nxt == eos_id) | (step + 1 >= opts.max_decoding_length)
-        if on_step is not None:
-            for row, (sentence, finished) in enumerate(zip(alive.tolist(), done.tolist())):
-                toks = history[row, : step + 1].tolist()
-                on_step(sentence, prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] == eos_id else toks), finished)
-        if bool(done.any()):
-            for row in done.nonzero()[:, 0].tolist():
-                n_gen = step + 1
-                toks = history[row, :n_gen].tolist()
-                if toks and toks[-1] == eos_id:
-                    toks = toks[:-1]
-                out_tokens = prompt[row, 1:].tolist() + toks
-                results[int(alive[row])] = finalize(
-                    [Hypothesis(out_tokens, float(scores[row]) / ((n_gen + length_offset) ** opts.length_penalty),
-                                None if att is None else att[row, : len(out_tokens)].clone())], opts)
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
-            alive, history, scores, nxt, prompt = alive[keep], history[keep], scores[keep], nxt[keep], prompt[keep]
-            if att is not None:
-                att = att[keep]
-            cache.select(keep)
-            memory = memory.select(keep)
-        tokens = nxt[:, None]
-    return results
 
 
 def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -487,98 +414,3 @@ def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torc
     return logp, torch.full_like(logp, eos, dtype=torch.long)
 
 
-def beam_search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-                dtype: torch.dtype, on_step: StepCallback | None = None,
-                reference: bool = False, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-    """Beam search with HF's candidate, length-penalty and stopping rules; done sentences leave the batch.
-
-    on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
-    a later step can prefer another beam), and each sentence's final best when it finishes.
-    `reference`: Python beam step, unfused log-softmax/top-k and plain cache gather (the versions the C++
-    replaces; kept as their specification and for the overhead benchmark)."""
-    batch, k = memory.kv.shape[0], opts.beam_size
-    device = memory.kv.device
-    if model.cfg.family == "onmt":
-        if opts.needs_attention:
-            raise OptionError("return_attention and coverage_penalty are not supported with OpenNMT-py's beam rules yet")
-        state = OnmtBeamState(batch, k, opts.max_decoding_length, device)
-    elif model.cfg.family == "fairseq":
-        if opts.needs_attention:
-            raise OptionError("return_attention and coverage_penalty are not supported with fairseq's beam rules yet")
-        state = FairseqBeamState(batch, k, opts.max_decoding_length, device)
-    else:
-        state = BeamState(batch, k, opts.max_decoding_length, device, reference)
-    prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
-    prompts = prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the caller's batch order
-    cache = model.new_cache(batch * k, prompt.shape[1] - 1 + opts.max_decoding_length, device, dtype, reference)
-    tokens, position = prompt.repeat_interleave(k, dim=0), 0
-    results: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    buffers = StepBuffers(batch * k, model.cfg.tgt_vocab_size, device)
-    att = fin_att = None
-    if opts.needs_attention:  # per running row and per finished hypothesis, by decoder position
-        width = prompt.shape[1] - 1 + opts.max_decoding_length
-        att = torch.zeros(batch * k, width, memory.kv.shape[4], device=device)
-        fin_att = torch.zeros(batch, k, width, memory.kv.shape[4], device=device)
-    for step in range(opts.max_decoding_length):
-        n = tokens.shape[0]
-        out = buffers.logits(n) if tokens.shape[1] == 1 else None
-        att_out = None if att is None else []
-        logits = model.decode(tokens, position, cache, memory, out=out, attention_out=att_out)[:, -1]
-        if att is not None:
-            att[:, position: position + tokens.shape[1]] = att_out[0]
-        position += tokens.shape[1]
-        # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
-        # avoids HF's top-k over a (B, K·V) tensor
-        seqs = torch.cat([prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
-            if needs_history(opts) else None
-        if model.cfg.family == "fairseq" and step + 1 >= opts.max_decoding_length:
-            cand_logp, cand_ids = forced_final_eos(logits, eos_id)
-        else:
-            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos_id, buffers, seqs, reference)
-        rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos_id)
-        if att is not None:  # candidates extend their beam's attention; finished ones keep theirs
-            b = state.run_scores.shape[0]
-            beams = torch.arange(b, device=device)[:, None]
-            cand = att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
-            fin_att[:, :, :position] = torch.cat([fin_att[:, :, :position], cand], dim=1)[beams, state.last_pick]
-        done = state.done(opts)
-        if step + 1 >= opts.max_decoding_length:
-            done = torch.ones_like(done)
-        if on_step is not None:
-            for row, sentence in enumerate(state.sentence.tolist()):
-                if not bool(done[row]):
-                    on_step(sentence, prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False)
-        if bool(done.any()):
-            done_rows = done.nonzero()[:, 0]
-            for r, (sentence, hyps) in zip(done_rows.tolist(), state.results(done_rows, opts, eos_id)):
-                results[sentence] = finalize([
-                    Hypothesis(prompts[sentence] + h.tokens, h.score,
-                               None if fin_att is None else fin_att[r, j, : len(prompts[sentence]) + len(h.tokens)].clone())
-                    for j, h in enumerate(hyps)], opts)
-                if on_step is not None:
-                    on_step(sentence, results[sentence][0].tokens, True)
-            keep = (~done).nonzero()[:, 0]
-            if keep.numel() == 0:
-                break
-            state.keep(keep)
-            memory = memory.select(keep)
-            if fin_att is not None:
-                fin_att = fin_att[keep]
-            prompt = prompt[keep]
-            # parent rows still index the pre-drop cache, so one select both drops and reorders
-            rows, nxt = rows.view(-1, k)[keep].view(-1), nxt.view(-1, k)[keep].view(-1)
-        cache.select(rows)
-        if att is not None:
-            att = att.index_select(0, rows)
-        tokens = nxt[:, None]
-    return results
-
-
-def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: int, eos_id: int,
-           dtype: torch.dtype, on_step: StepCallback | None = None,
-           generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
-           reference: bool = False) -> list[list[Hypothesis]]:
-    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise; prefix (B, P) is forced."""
-    if opts.beam_size == 1:
-        return greedy_search(model, memory, opts, start_id, eos_id, dtype, on_step, generator, prefix, reference)
-    return beam_search(model, memory, opts, start_id, eos_id, dtype, on_step, reference=reference, prefix=prefix)

@@ -14,8 +14,9 @@ import torch
 
 from .batching import plan_batches, restore_order
 from .config import DecodeOptions, EngineConfig, ModelConfig
-from .decoding import Hypothesis, search
-from .errors import InputError, OptionError, PyEngineError
+from .decoding import Hypothesis
+from .search import search
+from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer
 from .ops import resolve_ops
@@ -105,6 +106,25 @@ def bf16_linear_speedup() -> float:
     return best_time(torch.float32) / best_time(torch.bfloat16)
 
 
+def decode_memory_bytes(cfg: ModelConfig, sentences: int, src_len: int, beam: int, max_len: int,
+                        dtype: torch.dtype, cache_dtype: torch.dtype) -> int:
+    """Bytes a batch reserves for decoding: the double-buffered self-attention cache, the encoder K/V,
+    the step's logits buffers and the encoder's activations (the weights are not counted)."""
+    rows, cache_elem = sentences * beam, torch.finfo(cache_dtype).bits // 8
+    cache = 2 * cfg.decoder_layers * 2 * rows * max_len * cfg.d_model * cache_elem
+    memory = sentences * cfg.decoder_layers * 2 * src_len * cfg.d_model * cache_elem
+    logits = 2 * rows * cfg.tgt_vocab_size * 4
+    encoder = 2 * sentences * src_len * (4 * cfg.d_model + cfg.encoder_ffn_dim) * (torch.finfo(dtype).bits // 8)
+    return cache + memory + logits + encoder
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: over the engine's cap, or the allocator's own (CPU or CUDA)."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
+
+
 def cpu_has_fast_bf16() -> bool:
     """bfloat16 is the fast path here: the CPU has the instructions and a measured bf16 linear beats float32."""
     return cpu_has_bf16_instructions() and bf16_linear_speedup() > 1.1
@@ -119,6 +139,7 @@ class Engine:
         self.tokenizer, self.engine_config = tokenizer, engine_config
         self.backends, self.source = backends, source
         self.tokenizer_note = tokenizer_note or "no tokenizer files were found; use generate() with token ids"
+        self.splits = 0  # batches halved because they did not fit in memory
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -172,6 +193,16 @@ class Engine:
             yield item
         worker.join()
 
+    def prepare(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
+                **options: Any) -> tuple[list[list[int] | None], DecodeOptions]:
+        """Check and tokenize `texts` (None for a blank text, which translates to "") and resolve the options.
+        Every input error is raised here, before any decoding."""
+        self._validate_texts(texts)
+        encode = self._language_encoder(source_lang, target_lang, options)
+        opts = self.options(**options)
+        ids = [encode(text) if text.strip() else None for text in texts]
+        return self._check_lengths(ids, opts), opts
+
     def _validate_texts(self, texts: Sequence[str]) -> None:
         if self.tokenizer is None:
             raise PyEngineError(f"{self.source}: {self.tokenizer_note}")
@@ -189,10 +220,7 @@ class Engine:
         source_lang / target_lang: language codes of multilingual models (M2M100: "en", "de", ...).
         target_prefix: per text, the start the translation must have (None or "" for none).
         """
-        self._validate_texts(texts)
-        encode = self._language_encoder(source_lang, target_lang, options)
-        opts = self.options(**options)
-        ids = [encode(text) if text.strip() else None for text in texts]  # blank text translates to ""
+        ids, opts = self.prepare(texts, source_lang, target_lang, **options)
         prefixes = None
         if target_prefix is not None:
             if len(target_prefix) != len(texts):
@@ -286,11 +314,11 @@ class Engine:
         return opts
 
     # -- internals -----------------------------------------------------------------------------
-    def _check_lengths(self, ids: list[list[int]], opts: DecodeOptions) -> list[list[int]]:
+    def _check_lengths(self, ids: list[list[int] | None], opts: DecodeOptions) -> list[list[int] | None]:
         limit = min(opts.max_input_length or self.config.max_positions, self.config.max_positions)
         out = []
         for i, seq in enumerate(ids):
-            if len(seq) > limit:
+            if seq is not None and len(seq) > limit:
                 if not opts.truncate_input:
                     raise InputError(f"{len(seq)} tokens exceed the limit of {limit} "
                                      "(pass truncate_input=True to cut it)", index=i)
@@ -327,14 +355,40 @@ class Engine:
         if opts.sampling:  # one stream for the whole call: batches must not repeat each other's draws
             generator = torch.Generator(device=ec.device)
             generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
-        outputs = []
-        for batch in batches:
-            step_cb = None if on_step is None else \
-                (lambda k, toks, fin, batch=batch: on_step(batch[k], toks, fin))
-            prefix = None if not prefixes or not prefixes[0] else \
-                torch.tensor([prefixes[i] for i in batch], device=ec.device)
-            outputs.append(self._run_batch([ids[i] for i in batch], opts, step_cb, generator, prefix))
+        outputs = [self._run_fitting(batch, ids, opts, on_step, generator, prefixes) for batch in batches]
         return restore_order(batches, outputs, len(ids))
+
+    def _run_fitting(self, batch: list[int], ids: list[list[int]], opts: DecodeOptions, on_step,
+                     generator: torch.Generator | None, prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
+        """Decode the sentences `batch` indexes; a batch that does not fit in memory is halved and retried."""
+        step_cb = None if on_step is None else (lambda k, toks, fin: on_step(batch[k], toks, fin))
+        prefix = None if not prefixes or not prefixes[0] else \
+            torch.tensor([prefixes[i] for i in batch], device=self.engine_config.device)
+        try:
+            self.check_memory(len(batch), max(len(ids[i]) for i in batch), opts,
+                              0 if prefix is None else prefix.shape[1])
+            return self._run_batch([ids[i] for i in batch], opts, step_cb, generator, prefix)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            if len(batch) == 1:
+                raise BatchMemoryError(f"one sentence of {len(ids[batch[0]])} tokens does not fit: {exc}") from None
+            self.splits += 1
+            half = len(batch) // 2
+            return (self._run_fitting(batch[:half], ids, opts, on_step, generator, prefixes)
+                    + self._run_fitting(batch[half:], ids, opts, on_step, generator, prefixes))
+
+    def check_memory(self, sentences: int, src_len: int, opts: DecodeOptions, prefix_len: int = 0) -> None:
+        """Raise BatchMemoryError when such a batch would reserve more than the engine's memory cap."""
+        cap = self.engine_config.max_memory_mb
+        if cap is None:
+            return
+        need = decode_memory_bytes(self.config, sentences, src_len, opts.beam_size,
+                                   prefix_len + opts.max_decoding_length, self.engine_config.dtype,
+                                   self.model.ops.cache_dtype(self.engine_config.dtype, self.engine_config.device))
+        if need > cap * 2 ** 20:
+            raise BatchMemoryError(f"a batch of {sentences} sentences of up to {src_len} tokens needs "
+                                   f"{need / 2 ** 20:.1f} MB, over the cap of {cap} MB (max_memory_mb)")
 
     def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
                    generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:

@@ -28,3 +28,7 @@ class UnknownFormatError(CheckpointError):
 
 class BackendError(PyEngineError):
     """A requested backend is not available on this machine or device."""
+
+
+class BatchMemoryError(PyEngineError, MemoryError):
+    """A batch's decoding buffers exceed the engine's memory cap (or an allocation failed)."""

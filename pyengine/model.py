@@ -7,6 +7,7 @@ Weights are assigned by `load_weights` from a loader's state dict in the names u
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -52,6 +53,14 @@ POSITION_TABLES = {"sinusoidal_half": sinusoid_half, "sinusoidal_fairseq": sinus
                    "sinusoidal_interleaved": sinusoid_interleaved}
 
 
+class RowPositions(NamedTuple):
+    """One new token per decoder row, each at its own position (rows of a continuous batch started at
+    different steps): pos (N,), and end = max(pos) + 1, the cache span the step reads."""
+
+    pos: torch.Tensor
+    end: int
+
+
 class KVCache:
     """Preallocated decoder self-attention cache (L, 2, N, H, T_max, Dh), double-buffered.
 
@@ -76,16 +85,44 @@ class KVCache:
     def buffer(self) -> torch.Tensor:
         return self._buffers[self._active][:, :, : self.rows]
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (N, H, T, Dh) at positions start.. and return the cached (N, H, start+T, Dh) views."""
-        end = start + k.shape[2]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              start: int | RowPositions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (N, H, T, Dh) at positions start.. (or one token per row at its RowPositions position)
+        and return the cached (N, H, end, Dh) views."""
         buf = self.buffer
+        end = start.end if isinstance(start, RowPositions) else start + k.shape[2]
         if end > buf.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {end} > capacity {buf.shape[4]}")
-        buf[layer, 0, :, :, start:end] = k
-        buf[layer, 1, :, :, start:end] = v
+        if isinstance(start, RowPositions):
+            # rows behind the furthest one read positions they never wrote: masked, but they must hold
+            # finite numbers (0 · NaN is NaN in probs · V), so each newly reached position starts at zero
+            if end > self.length:
+                buf[:, :, :, :, self.length:end] = 0
+            rows = torch.arange(k.shape[0], device=k.device)
+            buf[layer, 0, rows, :, start.pos] = k[:, :, 0]
+            buf[layer, 1, rows, :, start.pos] = v[:, :, 0]
+        else:
+            buf[layer, 0, :, :, start:end] = k
+            buf[layer, 1, :, :, start:end] = v
         self.length = max(self.length, end)
         return buf[layer, 0, :, :, :end], buf[layer, 1, :, :, :end]
+
+    def grow(self, rows: int) -> None:
+        """Append `rows` zeroed rows after the current ones (sentences admitted into a running batch,
+        at position 0); the buffers are reallocated, at least doubling, when they are full."""
+        need, capacity = self.rows + rows, self._buffers[0].shape[2]
+        if need > capacity:
+            shape = list(self._buffers[0].shape)
+            shape[2] = max(need, 2 * capacity)
+            grown = [torch.empty(shape, dtype=self._buffers[0].dtype, device=self._buffers[0].device) for _ in range(2)]
+            grown[0][:, :, : self.rows, :, : self.length] = self.buffer[:, :, :, :, : self.length]
+            self._buffers, self._active = grown, 0
+        self._buffers[self._active][:, :, self.rows: need, :, : self.length] = 0
+        self.rows = need
+
+    def truncate(self, length: int) -> None:
+        """Positions at or past `length` are no longer read (the rows that filled them left)."""
+        self.length = min(self.length, length)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
@@ -113,6 +150,15 @@ class Memory:
 
     def select(self, sentences: torch.Tensor) -> "Memory":
         return Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
+
+    def concat(self, other: "Memory") -> "Memory":
+        """This memory's sentences, then `other`'s, padded to the longer source (padding is masked)."""
+        width = max(self.kv.shape[4], other.kv.shape[4])
+
+        def padded(kv: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(kv, (0, 0, 0, width - kv.shape[4]))
+
+        return Memory(torch.cat([padded(self.kv), padded(other.kv)]), torch.cat([self.lengths, other.lengths]))
 
 
 class OutputProjection:
@@ -238,11 +284,13 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.pre_norm = cfg.normalize_before
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int,
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int | RowPositions,
                 kv: torch.Tensor, src_lengths: torch.Tensor, ops, probs_out: list | None = None) -> torch.Tensor:
         def attend_self(h):
             q, k, v = self.self_attn.project(h, ops)
             k_all, v_all = cache.write(layer, k, v, start)
+            if isinstance(start, RowPositions):  # each row sees its own keys up to its position
+                return self.self_attn.merge(ops.attention(q, k_all, v_all, start.pos + 1, step=True), ops)
             return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True), ops)
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
@@ -302,15 +350,19 @@ class Transformer(nn.Module):
             self.ops.prepare_linear(module)
 
     # -- embeddings ----------------------------------------------------------------------------
-    def _positions(self, side: str, start: int, length: int) -> torch.Tensor:
+    def _positions(self, side: str, start: int | RowPositions, length: int) -> torch.Tensor:
+        """(T, D) position vectors, or (N, 1, D) for one token per row at RowPositions."""
         cfg = self.cfg
-        if start + length > cfg.max_positions:
-            raise ValueError(f"position {start + length} exceeds the model's {cfg.max_positions} positions")
-        lo = start + cfg.position_offset
+        end = start.end if isinstance(start, RowPositions) else start + length
+        if end > cfg.max_positions:
+            raise ValueError(f"position {end} exceeds the model's {cfg.max_positions} positions")
         table = getattr(self, f"{side}_positions") if cfg.positions == "learned" else self.sin_positions
+        if isinstance(start, RowPositions):
+            return table[start.pos + cfg.position_offset][:, None]
+        lo = start + cfg.position_offset
         return table[lo: lo + length]
 
-    def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int) -> torch.Tensor:
+    def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int | RowPositions) -> torch.Tensor:
         x = table(ids) * self.cfg.embed_scale + self._positions(side, start, ids.shape[1])
         if self.cfg.embedding_norm:
             norm = getattr(self, f"{side}_embed_norm")
@@ -344,9 +396,10 @@ class Transformer(nn.Module):
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
                        self.ops.cache_dtype(dtype, device), device, reference)
 
-    def decode(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory,
+    def decode(self, tokens: torch.Tensor, start: int | RowPositions, cache: KVCache, memory: Memory,
                out: torch.Tensor | None = None, attention_out: list | None = None) -> torch.Tensor:
         """tokens (N, T) at positions start..start+T-1 → float32 logits (N, T, V); rows of one sentence adjacent.
+        With RowPositions, T = 1 and each row's token sits at its own position.
 
         `out`, a preallocated float32 (N, T, V) tensor, receives the logits (no fresh 30 MB per step).
         `attention_out`, a list, receives the last layer's cross-attention averaged over heads (N, T, S).

@@ -11,7 +11,8 @@ import torch
 import pyengine
 from conftest import ARCHS, build_marian, random_sources
 from pyengine.config import DecodeOptions
-from pyengine.decoding import BeamState, beam_search
+from pyengine.decoding import BeamState
+from pyengine.search import search
 
 FIELDS = ("run_scores", "run_hist", "fin_scores", "fin_hist", "fin_len", "fin_flag", "open")
 
@@ -51,7 +52,7 @@ def test_whole_search_same_with_c_plus_plus_or_reference_paths(tmp_path):
     cfg = engine.config
     with torch.inference_mode():
         memory = engine.model.memory(engine.model.encode(ids, lengths), lengths)
-        results = [beam_search(engine.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, torch.float32,
+        results = [search(engine.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, torch.float32,
                                reference=reference) for reference in (False, True)]
     assert [[h.tokens for h in r] for r in results[0]] == [[h.tokens for h in r] for r in results[1]]
     fused = torch.tensor([[h.score for h in r] for r in results[0]])
