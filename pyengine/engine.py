@@ -211,6 +211,10 @@ class Engine:
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise InputError(f"expected str, got {type(text).__name__}", index=i)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # lone surrogates ("\ud800"): not text any tokenizer can read
+                raise InputError(f"not valid Unicode text: {exc.reason} at character {exc.start}", index=i) from None
 
     def translate_batch(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
                         target_prefix: Sequence[str | None] | None = None, _on_step=None,

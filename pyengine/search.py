@@ -109,9 +109,9 @@ class GreedyRun:
         return Selection(keep, keep, tuple(finished))
 
     @property
-    def live(self) -> int:
-        """Sentences still decoding."""
-        return self.sentence.shape[0]
+    def live(self) -> list[int]:
+        """The run's indices of the sentences still decoding, in row order."""
+        return self.sentence.tolist()
 
 
 class BeamRun:
@@ -204,9 +204,9 @@ class BeamRun:
         return Selection(rows, sentences, tuple(finished))
 
     @property
-    def live(self) -> int:
-        """Sentences still decoding."""
-        return self.state.sentence.shape[0]
+    def live(self) -> list[int]:
+        """The run's indices of the sentences still decoding, in row order."""
+        return self.state.sentence.tolist()
 
 
 def new_run(family: str, batch: int, opts: DecodeOptions, start_id: int, eos_id: int, device: torch.device,

@@ -75,6 +75,7 @@ class MarianTokenizer:
         self.special_ids = {self.unk_id, self.eos_id, self.pad_id}
         self._special_re = specials_pattern(self.specials)
         self.clean_up_spaces = clean_up_spaces
+        self.language_pair: tuple[str | None, str | None] = (None, None)
 
     @classmethod
     def from_dir(cls, path: Path, cfg: ModelConfig) -> "MarianTokenizer":
@@ -97,8 +98,11 @@ class MarianTokenizer:
                                   f"model's source vocabulary of {cfg.src_vocab_size}")
         if max((target_vocab or vocab).values()) >= cfg.tgt_vocab_size:
             raise CheckpointError(f"{path}: target vocabulary ids do not fit the model's {cfg.tgt_vocab_size} outputs")
-        return cls(path / "source.spm", path / "target.spm", vocab, target_vocab,
-                   clean_up_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)))
+        tok = cls(path / "source.spm", path / "target.spm", vocab, target_vocab,
+                  clean_up_spaces=bool(tok_cfg.get("clean_up_tokenization_spaces", False)))
+        # the language pair, where the tokenizer config names it (OPUS-MT's and the default model's do)
+        tok.language_pair = (tok_cfg.get("source_lang"), tok_cfg.get("target_lang"))
+        return tok
 
     def encode(self, text: str) -> list[int]:
         """Source ids with the trailing </s>, as MarianTokenizer(text).input_ids."""

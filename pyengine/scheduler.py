@@ -1,0 +1,293 @@
+"""The model worker: one thread owns the engine and feeds its running batches (continuous batching).
+
+Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations.
+Input errors are raised by `submit` itself, before anything is queued, so a bad request never reaches
+the batch. The worker admits waiting sentences into the running batch of their decoding options
+between decode steps, within the engine's token budget (max_batch_tokens, max_batch_size) and memory
+cap (max_memory_mb), oldest first; it steps every running batch once per round. A step that runs out of
+memory halves the rows the worker admits from then on, evicts the newest cohorts back to the queue until
+the batch is under that, and is retried (split and retry); a sentence that fails alone fails its request.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+
+from .config import DecodeOptions
+from .continuous import ContinuousBatch
+from .decoding import Hypothesis
+from .engine import Engine, Translation, attention_lists, is_out_of_memory
+from .errors import BatchMemoryError, OptionError, PyEngineError
+
+SERVER_UNSUPPORTED = ("target_prefix",)
+
+
+def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Set a future's outcome unless it already has one (a caller may have cancelled it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
+class QueueFullError(PyEngineError):
+    """The worker's queue holds its maximum of waiting sentences; retry later."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One caller's texts; `results` fill in as sentences finish, in the caller's order."""
+
+    ids: list[list[int] | None]
+    opts: DecodeOptions
+    future: Future
+    key: Hashable
+    generator: torch.Generator | None = None
+    results: list[Translation | None] = field(default_factory=list)
+    pending: int = 0
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        """The caller gave up (timeout, disconnect): its waiting sentences are not admitted."""
+        self.cancelled = True
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the server exports; written by the worker thread only."""
+
+    requests: int = 0
+    sentences: int = 0
+    source_tokens: int = 0
+    target_tokens: int = 0
+    steps: int = 0
+    evictions: int = 0
+    rows_per_step: list[int] = field(default_factory=list)  # drained by the metrics reader
+
+
+class Scheduler:
+    """Continuous-batching worker over one engine (one device). start() it, submit(), stop()."""
+
+    def __init__(self, engine: Engine, max_queue: int = 4096,
+                 on_step: Callable[[int], None] | None = None):
+        self.engine, self.max_queue = engine, max_queue
+        self.on_step = on_step  # called with the number of decoder rows after each step
+        self.stats = SchedulerStats()
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._waiting: collections.deque[tuple[Request, int]] = collections.deque()
+        self._batches: dict[Hashable, ContinuousBatch] = {}
+        self._queued = 0  # sentences submitted and not yet admitted
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.row_limit: int | None = None  # decoder rows a batch may hold, learned from allocation failures
+
+    # -- caller side ---------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Sentences waiting to enter a batch."""
+        return self._queued
+
+    @property
+    def alive(self) -> bool:
+        """The worker runs and takes requests."""
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def running(self) -> int:
+        """Sentences decoding now."""
+        return sum(b.sentences for b in list(self._batches.values()))
+
+    def submit(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
+               **options: Any) -> tuple[Request, Future]:
+        """Queue `texts` for translation; input and option errors are raised here. Returns the request
+        (to cancel it) and a Future of one Translation per text."""
+        unsupported = sorted(set(options) & set(SERVER_UNSUPPORTED))
+        if unsupported:
+            raise OptionError(f"option(s) {unsupported} are not supported by the continuous-batching worker")
+        ids, opts = self.engine.prepare(texts, source_lang, target_lang, **options)
+        future: Future = Future()
+        n = sum(x is not None for x in ids)
+        with self._lock:
+            if self._stopping:
+                raise QueueFullError("the worker is shutting down")
+            if self._queued + n > self.max_queue:
+                raise QueueFullError(f"{self._queued} sentences are waiting (limit {self.max_queue})")
+            request = Request(ids, opts, future, opts)
+            if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
+                request.key = (opts, id(request))
+                request.generator = torch.Generator(device=self.engine.engine_config.device)
+                request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+            self._queued += n
+            self._inbox.append(request)
+            self._wake.notify()
+        return request, future
+
+    def start(self) -> "Scheduler":
+        self._thread = threading.Thread(target=self._loop, name="pyengine-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish every queued and running one, then end the worker."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker side ---------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not (self._inbox or self._waiting or self._batches or self._stopping):
+                        self._wake.wait()
+                    if self._stopping and not (self._inbox or self._waiting or self._batches):
+                        return
+                    inbox, self._inbox = self._inbox, collections.deque()
+                try:
+                    for request in inbox:
+                        self._accept(request)
+                    self._admit()
+                    for key, batch in list(self._batches.items()):
+                        self._step(key, batch)
+                except Exception as exc:  # noqa: BLE001 - a bug fails what is in flight, not the worker
+                    self._fail(list(inbox) + [r for r, _ in self._waiting]
+                               + [r for b in self._batches.values() for c in b.cohorts for r, _ in c.tags], exc)
+                    self._batches.clear()
+
+    def _accept(self, request: Request) -> None:
+        """Blank texts are answered at once; the others wait for a batch."""
+        n_best = request.opts.num_hypotheses
+        request.results = [None] * len(request.ids)
+        self.stats.requests += 1
+        for i, ids in enumerate(request.ids):
+            if ids is None:
+                request.results[i] = Translation([[]] * n_best, [0.0] * n_best, [""] * n_best,
+                                                 [[] for _ in range(n_best)] if request.opts.return_attention else None)
+            else:
+                request.pending += 1
+                self._waiting.append((request, i))
+        if request.pending == 0:
+            resolve(request.future, request.results)
+
+    def _admit(self) -> None:
+        """Move waiting sentences into their batch, oldest first, while the budget allows."""
+        ec = self.engine.engine_config
+        planned: dict[Hashable, list[tuple[Request, int]]] = {}
+        waiting: collections.deque[tuple[Request, int]] = collections.deque()
+        dropped = 0
+        for request, i in self._waiting:
+            if request.cancelled:
+                dropped += 1
+                continue
+            batch = self._batches.get(request.key)
+            group = planned.setdefault(request.key, [])
+            sentences = (batch.sentences if batch else 0) + len(group) + 1
+            width = max([len(request.ids[i])] + [len(r.ids[j]) for r, j in group]
+                        + ([batch.memory.kv.shape[4]] if batch and batch.memory is not None else []))
+            beam = request.opts.beam_size
+            fits = sentences <= ec.max_batch_size and sentences * width * beam <= ec.max_batch_tokens \
+                and (self.row_limit is None or sentences * beam <= self.row_limit)
+            if fits and ec.max_memory_mb is not None:
+                try:
+                    self.engine.check_memory(sentences, width, request.opts)
+                except BatchMemoryError:
+                    fits = False
+            if fits or sentences == 1:  # a sentence alone always gets a batch (the budget bounds padding)
+                group.append((request, i))
+            else:
+                waiting.append((request, i))
+        self._waiting = waiting
+        admitted = 0
+        for key, group in planned.items():
+            if not group:
+                continue
+            request = group[0][0]
+            batch = self._batches.get(key)
+            if batch is None:
+                cfg = self.engine.config
+                batch = self._batches[key] = ContinuousBatch(self.engine.model, request.opts, ec.dtype, ec.device,
+                                                             cfg.decoder_start_id, cfg.eos_id)
+            ids = [r.ids[i] for r, i in group]
+            try:
+                if len(group) == 1 and not batch.cohorts:
+                    self.engine.check_memory(1, len(ids[0]), request.opts)
+                batch.admit(ids, group, request.generator)
+            except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
+                self._fail([r for r, _ in group], exc)
+                if not batch.cohorts:
+                    del self._batches[key]
+                continue
+            admitted += len(group)
+            self.stats.sentences += len(group)
+            self.stats.source_tokens += sum(len(x) for x in ids)
+        with self._lock:
+            self._queued -= admitted + dropped
+
+    def _step(self, key: Hashable, batch: ContinuousBatch) -> None:
+        rows = batch.rows
+        try:
+            finished = batch.step()
+        except Exception as exc:  # noqa: BLE001 - a failing batch must not take the worker down
+            if is_out_of_memory(exc) and batch.sentences > 1:
+                self.row_limit = max(batch.opts.beam_size, rows // 2)
+                while batch.cohorts and (batch.rows > self.row_limit or batch.rows == rows):
+                    self._requeue(batch.evict_newest())
+                if not batch.cohorts:
+                    del self._batches[key]
+                self.stats.evictions += 1
+                return
+            self._fail([r for c in batch.cohorts for r, _ in c.tags], exc)
+            del self._batches[key]
+            return
+        self.stats.steps += 1
+        self.stats.rows_per_step.append(rows)
+        if self.on_step is not None:
+            self.on_step(rows)
+        for (request, i), hyps in finished:
+            self._deliver(request, i, hyps)
+        if not batch.cohorts:
+            del self._batches[key]
+
+    def _deliver(self, request: Request, i: int, hyps: list[Hypothesis]) -> None:
+        decode = self.engine.tokenizer.decode
+        for h in hyps:  # attention over this sentence's tokens, not its cohort's padding
+            if h.attention is not None:
+                h.attention = h.attention[:, : len(request.ids[i])]
+        request.results[i] = Translation([h.tokens for h in hyps], [h.score for h in hyps],
+                                         [decode(h.tokens) for h in hyps], attention_lists(hyps))
+        self.stats.target_tokens += len(hyps[0].tokens) + 1  # EOS included
+        request.pending -= 1
+        if request.pending == 0:
+            resolve(request.future, request.results)
+
+    def _requeue(self, tags: list[tuple[Request, int]]) -> None:
+        """Evicted sentences wait again, ahead of the others (they were admitted first)."""
+        self._waiting.extendleft(reversed(tags))
+        with self._lock:
+            self._queued += len(tags)
+
+    def _fail(self, requests: list[Request], exc: BaseException) -> None:
+        if is_out_of_memory(exc) and not isinstance(exc, BatchMemoryError):
+            exc = BatchMemoryError(f"the sentence does not fit in memory: {exc}")
+        for request in dict.fromkeys(requests):
+            resolve(request.future, error=exc)
+        failed = set(map(id, requests))
+        kept = collections.deque((r, i) for r, i in self._waiting if id(r) not in failed)
+        with self._lock:
+            self._queued -= len(self._waiting) - len(kept)
+        self._waiting = kept

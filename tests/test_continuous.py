@@ -1,0 +1,144 @@
+"""Continuous batching: sentences admitted into a running batch at different steps decode exactly as
+they do alone (tokens, scores, attention), with every decoding option whose rules depend on the step;
+the worker (Scheduler) returns each caller its own results; memory caps split batches instead of failing."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import pyengine
+from conftest import random_sources, sample_lines
+from pyengine.continuous import ContinuousBatch
+from pyengine.errors import BatchMemoryError
+from pyengine.scheduler import Scheduler
+
+OPTION_SETS = {
+    "greedy": dict(beam_size=1, max_decoding_length=20),
+    "greedy-repetition-penalty": dict(beam_size=1, repetition_penalty=1.6, max_decoding_length=20),
+    "beam3-length-penalty": dict(beam_size=3, num_hypotheses=3, length_penalty=0.6, max_decoding_length=20),
+    "beam2-ngram-min-length": dict(beam_size=2, no_repeat_ngram_size=2, min_decoding_length=4,
+                                   max_decoding_length=20),
+    "beam2-early-stopping-attention": dict(beam_size=2, num_hypotheses=2, early_stopping=True,
+                                           return_attention=True, max_decoding_length=20),
+}
+
+
+def decode_staggered(engine, sources: list[list[int]], opts, seed: int, every: int = 2):
+    """Admit the sources in cohorts of 1-4, a cohort every `every` steps, until all finish: their n-best
+    and the most cohorts that shared a step."""
+    rng = random.Random(seed)
+    cfg = engine.config
+    batch = ContinuousBatch(engine.model, opts, torch.float32, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
+    waiting = list(range(len(sources)))
+    results, step, cohorts_at_once = {}, 0, 0
+    with torch.inference_mode():
+        while waiting or batch.cohorts:
+            if waiting and step % every == 0:
+                n = rng.randint(1, 4)
+                take, waiting = waiting[:n], waiting[n:]
+                batch.admit([sources[i] for i in take], take)
+            cohorts_at_once = max(cohorts_at_once, len(batch.cohorts))
+            results.update(batch.step())
+            step += 1
+    return [results[i] for i in range(len(sources))], cohorts_at_once
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_SETS))
+def test_staggered_admission_decodes_as_alone(marian_dir, name):
+    engine = pyengine.Engine.load(marian_dir)
+    sources = random_sources(14, engine.config.src_vocab_size, seed=len(name))
+    opts = engine.options(**OPTION_SETS[name])
+    got, overlap = decode_staggered(engine, sources, opts, seed=3, every=1)
+    assert overlap >= 2, "cohorts of different steps must share the batch for the test to mean anything"
+    for src, hyps in zip(sources, got):
+        alone = engine.generate([src], **OPTION_SETS[name])[0]
+        assert [h.tokens for h in hyps] == alone.tokens
+        torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(alone.scores),
+                                   rtol=0, atol=1e-5)
+        if opts.return_attention:
+            for h, att in zip(hyps, alone.attention):
+                expected = torch.tensor(att, dtype=torch.float32).reshape(len(h.tokens), len(src))
+                torch.testing.assert_close(h.attention[:, : len(src)], expected, rtol=0, atol=1e-5)
+
+
+def test_default_model_real_text_staggered(default_engine):
+    texts = sample_lines()[:30]
+    ids, opts = default_engine.prepare(texts, beam_size=4, max_decoding_length=64)
+    got, overlap = decode_staggered(default_engine, ids, opts, seed=5, every=3)
+    assert overlap >= 3
+    alone = [default_engine.translate_batch([t], beam_size=4, max_decoding_length=64)[0] for t in texts]
+    assert [h[0].tokens for h in got] == [a.tokens[0] for a in alone]
+
+
+@pytest.fixture(scope="module")
+def default_engine():
+    return pyengine.Engine.load("default")
+
+
+def submit_all(scheduler, groups, texts, **options):
+    futures = [scheduler.submit([texts[i] for i in g], **options)[1] for g in groups]
+    return [f.result(timeout=300) for f in futures]
+
+
+def test_scheduler_returns_each_caller_its_own_results(default_engine):
+    texts = sample_lines()[:40]
+    rng = random.Random(0)
+    groups = [rng.sample(range(len(texts)), rng.randint(1, 6)) for _ in range(16)]
+    alone = {i: default_engine.translate_batch([texts[i]], beam_size=2, max_decoding_length=64)[0].tokens
+             for g in groups for i in g}
+    scheduler = Scheduler(default_engine).start()
+    try:
+        results = submit_all(scheduler, groups, texts, beam_size=2, max_decoding_length=64)
+    finally:
+        scheduler.stop()
+    for g, res in zip(groups, results):
+        assert [r.tokens for r in res] == [alone[i] for i in g]
+    assert max(scheduler.stats.rows_per_step) > 2 * 6, "requests must have shared a batch"
+    assert not scheduler.alive
+
+
+def test_memory_cap_splits_batches_with_identical_results(text_model_dir):
+    """An engine whose memory cap fits a few sentences per batch translates as an uncapped one."""
+    texts = sample_lines()[:48]
+    free = pyengine.Engine.load(text_model_dir)
+    unit = pyengine.engine.decode_memory_bytes(free.config, 8, 60, 2, 24, torch.float32, torch.float32) / 2 ** 20
+    capped = pyengine.Engine.load(text_model_dir, max_memory_mb=unit)
+    assert capped.translate(texts, beam_size=2) == free.translate(texts, beam_size=2)
+    assert capped.splits > 0
+    tiny = pyengine.Engine.load(text_model_dir, max_memory_mb=0.001)
+    with pytest.raises(BatchMemoryError, match="max_memory_mb"):
+        tiny.translate([texts[0]])
+    assert free.translate(texts[:2]) == capped.translate(texts[:2])  # still usable after the error
+
+
+def test_scheduler_under_memory_cap_and_out_of_memory_steps(text_model_dir, monkeypatch):
+    """Admission keeps the running batch under the cap; a step whose allocation fails evicts the newest
+    cohort and retries, and every caller still gets the offline translation."""
+    texts = sample_lines()[:40]
+    free = pyengine.Engine.load(text_model_dir)
+    alone = [free.translate_batch([t], beam_size=2)[0].tokens for t in texts]
+    unit = pyengine.engine.decode_memory_bytes(free.config, 6, 80, 2, 24, torch.float32, torch.float32) / 2 ** 20
+    capped = pyengine.Engine.load(text_model_dir, max_memory_mb=unit)
+    decode, failures = capped.model.decode, []
+
+    def flaky_decode(tokens, *args, **kwargs):  # the allocator fails on every 5th step with > 4 rows
+        if tokens.shape[0] > 4 and len(failures) < 6 and capped.model._calls % 5 == 4:
+            failures.append(tokens.shape[0])
+            capped.model._calls += 1
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        capped.model._calls += 1
+        return decode(tokens, *args, **kwargs)
+
+    capped.model._calls = 0
+    monkeypatch.setattr(capped.model, "decode", flaky_decode)
+    scheduler = Scheduler(capped).start()
+    try:
+        groups = [[i] for i in range(len(texts))]
+        results = submit_all(scheduler, groups, texts, beam_size=2)
+    finally:
+        scheduler.stop()
+    assert [r[0].tokens for r in results] == alone
+    assert failures and scheduler.stats.evictions == len(failures)
+    assert max(scheduler.stats.rows_per_step) <= 2 * 6
