@@ -1,4 +1,5 @@
-"""Command line: `pyengine translate [-m MODEL] [options] < input > output`, one sentence a line."""
+"""Command line: `pyengine translate [-m MODEL] [options] < input > output`, one sentence a line;
+`pyengine serve` (HTTP server); `pyengine convert` (pyengine's own format)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ CHUNK = 256  # lines per call, so the progress bar moves and memory stays bounde
 
 
 def _add_translate(sub) -> None:
-    p = sub.add_parser("translate", help="translate stdin to stdout, one sentence a line")
+    p = sub.add_parser("translate", help="translate stdin to stdout, one sentence a line", allow_abbrev=False)
     p.add_argument("-m", "--model", default="default", help="model directory (default: the shipped model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (bf16 where the CPU has it)")
@@ -28,8 +29,46 @@ def _add_translate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_serve(sub) -> None:
+    from .config import ServerConfig
+
+    defaults = ServerConfig()
+    p = sub.add_parser("serve", help="HTTP server with continuous batching (/v1/translate, LibreTranslate's /translate)",
+                       allow_abbrev=False)
+    p.add_argument("-m", "--model", default="default", help="model directory (default: the shipped model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    p.add_argument("--max-batch-tokens", type=int, help="padded source tokens x beam in the running batch")
+    p.add_argument("--max-batch-size", type=int, help="sentences in the running batch")
+    p.add_argument("--max-memory-mb", type=float, help="cap on a batch's decoding buffers")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue, help="waiting sentences before 503")
+    p.add_argument("--timeout", type=float, default=defaults.request_timeout, help="seconds per request before 504")
+    p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=defaults.max_chars, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from .config import ServerConfig
+    from .engine import Engine
+    from .server import serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine_options = {k: v for k, v in {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size,
+                                        "max_memory_mb": args.max_memory_mb}.items() if v is not None}
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, **engine_options)
+    config = ServerConfig(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
+                          request_timeout=args.timeout, max_queue=args.max_queue)
+    serve(engine, args.host, args.port, config)
+    return 0
+
+
 def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="write a model as one fast-loading pyengine directory")
+    p = sub.add_parser("convert", help="write a model as one fast-loading pyengine directory", allow_abbrev=False)
     p.add_argument("source", help="model directory in any supported format")
     p.add_argument("destination")
     p.add_argument("--dtype", default="float32",
@@ -49,16 +88,39 @@ def convert_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_lines(stream) -> list[str]:
-    lines = []
+def _read_lines(stream) -> tuple[list[str | None], dict[int, str]]:
+    """The input's lines (None where a line cannot be read) and the error of each unreadable line."""
+    lines: list[str | None] = []
+    errors: dict[int, str] = {}
     for number, raw in enumerate(stream.buffer if hasattr(stream, "buffer") else stream, start=1):
         if isinstance(raw, bytes):
             try:
                 raw = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(f"line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                errors[number - 1] = f"line {number} is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+                lines.append(None)
+                continue
         lines.append(raw.rstrip("\r\n"))
-    return lines
+    return lines, errors
+
+
+def _translate_chunk(engine, chunk: list[str | None], start: int, errors: dict[int, str], options: dict) -> list:
+    """Translate the readable lines of a chunk; a line the engine refuses gets its error recorded (by line
+    number) and no translation, and the others are translated all the same."""
+    while True:
+        good = [i for i, line in enumerate(chunk) if line is not None and start + i not in errors]
+        try:
+            results = engine.translate_batch([chunk[i] for i in good], **options)
+        except InputError as exc:
+            if exc.index is None:
+                raise
+            line = start + good[exc.index]
+            errors[line] = f"line {line + 1}: {str(exc).split(': ', 1)[1]}"
+            continue
+        out: list = [None] * len(chunk)
+        for i, r in zip(good, results):
+            out[i] = r
+        return out
 
 
 def translate_main(args: argparse.Namespace) -> int:
@@ -74,30 +136,34 @@ def translate_main(args: argparse.Namespace) -> int:
         "max_decoding_length": args.max_decoding_length, "min_decoding_length": args.min_decoding_length,
         "num_hypotheses": args.num_hypotheses, "truncate_input": args.truncate or None}.items() if v is not None}
     engine.options(**options)  # reject bad options before reading input
-    lines = _read_lines(sys.stdin)
+    lines, errors = _read_lines(sys.stdin)
     bar = tqdm(total=len(lines), unit="sent", file=sys.stderr, disable=args.quiet or len(lines) < 100)
     out = sys.stdout
     for start in range(0, len(lines), CHUNK):
         chunk = lines[start: start + CHUNK]
-        try:
-            results = engine.translate_batch(chunk, **options)
-        except InputError as exc:
-            if exc.index is not None:  # name the line of the input, not the index in the chunk
-                raise InputError(f"line {start + exc.index + 1}: {str(exc).split(': ', 1)[1]}") from None
-            raise
-        for r in results:
+        for r in _translate_chunk(engine, chunk, start, errors, options):
+            if r is None:  # a refused line keeps its place as an empty line; its error goes to stderr
+                out.write("\n")
+                continue
             fields = [f"{s:.4f}\t{h}" if args.scores else h for h, s in zip(r.hypotheses, r.scores)]
             out.write("\t".join(fields) + "\n")
         out.flush()
         bar.update(len(chunk))
     bar.close()
-    return 0
+    for line in sorted(errors):
+        print(f"pyengine: error: {errors[line]}", file=sys.stderr)
+    if errors:
+        print(f"pyengine: {len(errors)} of {len(lines)} lines not translated (empty lines in the output)",
+              file=sys.stderr)
+    return 2 if errors else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyengine", description="Fast Transformer translation inference")
+    parser = argparse.ArgumentParser(prog="pyengine", description="Fast Transformer translation inference",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_translate(sub)
+    _add_serve(sub)
     _add_convert(sub)
     args = parser.parse_args(argv)
     try:
@@ -105,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return translate_main(args)
         if args.command == "convert":
             return convert_main(args)
+        if args.command == "serve":
+            return serve_main(args)
     except PyEngineError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 2

@@ -140,6 +140,18 @@ class DecodeOptions:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    """Limits of the HTTP front end (the running batch's budget is the engine's, in EngineConfig)."""
+
+    max_body_bytes: int = 1 << 20  # request body
+    max_texts: int = 256  # texts per request
+    max_chars: int = 10_000  # characters per text
+    request_timeout: float = 120.0  # seconds from arrival to answer; then 504
+    max_queue: int = 4096  # sentences waiting for a batch; past it 503 with Retry-After
+    retry_after: int = 2  # seconds, in the Retry-After header of a 503
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs: device, dtype, backend and batching budget."""
 

@@ -1,0 +1,235 @@
+"""Load on loopback: concurrent clients against `pyengine serve`, latency percentiles and throughput.
+
+Starts the server in its own process on 127.0.0.1, runs `--clients` client threads that each send
+`--requests` requests (mixed lengths; /v1/translate and LibreTranslate's /translate alternated) with a
+bounded time, checks every answer against the offline translation of its input (zero lost, failed or
+swapped responses), and prints p50/p99 latency and throughput; JSON goes to benchmarks/results/.
+
+    python -m benchmarks.load --clients 64 --requests 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+SAMPLE = Path(__file__).parent.parent / "tests" / "data" / "sample.en.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m pyengine serve` on 127.0.0.1 in a child process; a context manager that waits for
+    /health and, on exit, stops it with SIGTERM (graceful shutdown)."""
+
+    def __init__(self, model: str = "default", threads: int = 2, extra: list[str] | None = None,
+                 start_timeout: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [sys.executable, "-m", "pyengine", "serve", "-m", model, "--host", "127.0.0.1",
+                     "--port", str(self.port), "--threads", str(threads), *(extra or [])]
+        self.start_timeout = start_timeout
+        self.proc: subprocess.Popen | None = None
+        self._log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would stall the server
+        self.log: bytes = b""
+
+    def __enter__(self) -> "ServerProcess":
+        self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.read_log().decode()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not answer /health within {self.start_timeout} s")
+
+    def read_log(self) -> bytes:
+        self._log.seek(0)
+        return self._log.read()
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, then wait: in-flight requests finish first. Returns the exit code (uvicorn re-raises
+        the signal after its graceful shutdown, so a clean stop is -SIGTERM)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log = self.read_log()
+        return self.proc.returncode
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def post(url: str, body: dict, timeout: float) -> tuple[int, dict]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+@dataclass
+class Outcome:
+    """One request: what was sent, what came back, how long it took."""
+
+    client: int
+    endpoint: str
+    texts: list[str]
+    status: int = 0
+    translations: list[str] = field(default_factory=list)
+    latency: float = 0.0
+    error: str = ""
+
+
+def run_load(url: str, clients: int, requests: int, pool: list[str], options: dict, seed: int = 0,
+             deadline_s: float = 300.0, request_timeout: float = 120.0) -> list[Outcome]:
+    """`clients` threads, each sending up to `requests` requests of 1-4 texts from `pool` (one text to
+    LibreTranslate's /translate every other request), all starting together; none starts after deadline_s."""
+    outcomes: list[Outcome] = []
+    lock, start = threading.Lock(), threading.Barrier(clients)
+    stop_at = time.monotonic() + deadline_s
+
+    def client(k: int) -> None:
+        rng = random.Random(seed * 1000 + k)
+        start.wait()
+        for j in range(requests):
+            if time.monotonic() > stop_at:
+                return
+            libre = (k + j) % 2 == 1
+            texts = [rng.choice(pool)] if libre else [rng.choice(pool) for _ in range(rng.randint(1, 4))]
+            out = Outcome(k, "/translate" if libre else "/v1/translate", texts)
+            t0 = time.monotonic()
+            try:
+                if libre:
+                    out.status, body = post(url + "/translate", {"q": texts[0], "source": "en", "target": "de"},
+                                            request_timeout)
+                    out.translations = [body["translatedText"]] if out.status == 200 else []
+                else:
+                    out.status, body = post(url + "/v1/translate", {"texts": texts, "options": options},
+                                            request_timeout)
+                    out.translations = [t["translation"] for t in body.get("translations", [])]
+                out.error = body.get("error", "") if out.status != 200 else ""
+            except Exception as exc:  # noqa: BLE001 - a lost request is a result here
+                out.error = f"{type(exc).__name__}: {exc}"
+            out.latency = time.monotonic() - t0
+            with lock:
+                outcomes.append(out)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def summarize(outcomes: list[Outcome], wall: float) -> dict:
+    ok = [o for o in outcomes if o.status == 200]
+    latencies = [o.latency for o in ok]
+    return {"requests": len(outcomes), "ok": len(ok), "failed": len(outcomes) - len(ok),
+            "sentences": sum(len(o.texts) for o in ok), "wall_s": wall,
+            "requests_per_s": len(ok) / wall, "sentences_per_s": sum(len(o.texts) for o in ok) / wall,
+            "latency_p50_s": percentile(latencies, 0.50), "latency_p99_s": percentile(latencies, 0.99),
+            "latency_max_s": max(latencies, default=float("nan"))}
+
+
+def pool_of_texts(n: int, seed: int = 0) -> list[str]:
+    """Mixed lengths: UI strings and Bible verses of the default model's held-out sample."""
+    lines = [line for line in SAMPLE.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return random.Random(seed).sample(lines, n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--threads", type=int, default=2, help="the server's intra-op threads")
+    ap.add_argument("--beam-size", type=int, default=2)
+    ap.add_argument("--max-decoding-length", type=int, default=64)
+    ap.add_argument("--pool", type=int, default=96, help="distinct texts the clients draw from")
+    ap.add_argument("--check", action="store_true", help="compare every answer with the offline translation")
+    args = ap.parse_args()
+    options = {"beam_size": args.beam_size, "max_decoding_length": args.max_decoding_length}
+    pool = pool_of_texts(args.pool)
+    with ServerProcess(args.model, args.threads) as server:
+        t0 = time.monotonic()
+        outcomes = run_load(server.url, args.clients, args.requests, pool, options)
+        wall = time.monotonic() - t0
+        exit_code = server.stop()
+    summary = {"clients": args.clients, "requests_per_client": args.requests, "options": options,
+               "server_threads": args.threads, "server_exit_code": exit_code, **summarize(outcomes, wall)}
+    if args.check:
+        summary["mismatches"] = count_mismatches(outcomes, args.model, options)
+    print(json.dumps(summary, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"summary": summary, "cpu": cpu_name(), "outcomes": [asdict(o) for o in outcomes]}))
+    print(f"written {path}", file=sys.stderr)
+
+
+def offline_translations(model: str, texts: list[str], options: dict) -> tuple[dict, dict]:
+    """Each text translated alone, with the /v1 options and with the model's defaults (/translate)."""
+    import pyengine
+
+    engine = pyengine.Engine.load(model)
+    v1 = {t: engine.translate([t], **options)[0] for t in texts}
+    libre = {t: engine.translate([t])[0] for t in texts}
+    return v1, libre
+
+
+def count_mismatches(outcomes: list[Outcome], model: str, options: dict) -> int:
+    texts = sorted({t for o in outcomes for t in o.texts})
+    v1, libre = offline_translations(model, texts, options)
+    return sum(o.translations != [(libre if o.endpoint == "/translate" else v1)[t] for t in o.texts]
+               for o in outcomes if o.status == 200)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

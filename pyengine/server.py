@@ -1,0 +1,286 @@
+"""HTTP front end: FastAPI over one continuous-batching worker (pyengine.scheduler) per engine.
+
+Endpoints: POST /v1/translate (texts + decoding options), POST /translate and GET /languages (the
+LibreTranslate API, so its clients work unchanged), GET /health, GET /metrics (Prometheus text).
+Every refusal is a 4xx/5xx with a JSON body {"error": "..."} that names the problem; a refused request
+never reaches the running batch, so it cannot harm the other requests in it.
+
+    pyengine serve -m MODEL --host 127.0.0.1 --port 8000
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from .config import ServerConfig
+from .engine import Engine, Translation
+from .errors import BatchMemoryError, PyEngineError
+from .scheduler import QueueFullError, Scheduler
+
+CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class HTTPError(Exception):
+    """A refusal: HTTP status and the message of the JSON body."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON (or a form for the LibreTranslate API), refused past `limit` bytes or when it is
+    not UTF-8 / not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPError(400, f"request body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
+        return {k: v[0] if len(v) == 1 else v for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
+
+
+def check_texts(texts: Any, field: str, config: ServerConfig) -> list[str]:
+    """A non-empty list of strings within the limits; the first offending item is named."""
+    if not isinstance(texts, list):
+        raise HTTPError(400, f"'{field}' must be a list of strings, got {json_type(texts)}")
+    if len(texts) > config.max_texts:
+        raise HTTPError(413, f"{len(texts)} texts exceed the limit of {config.max_texts} per request")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise HTTPError(400, f"{field}[{i}] must be a string, got {json_type(text)}")
+        if len(text) > config.max_chars:
+            raise HTTPError(413, f"{field}[{i}] has {len(text)} characters, over the limit of {config.max_chars}")
+    return texts
+
+
+def json_type(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+            list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+class Metrics:
+    """Prometheus metrics of one app: request counts and latencies here, the worker's counters read at
+    scrape time."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("pyengine_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=self.registry)
+        self.latency = Histogram("pyengine_request_latency_seconds", "Time from arrival to answer",
+                                 ["endpoint"], registry=self.registry,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.batch_rows = Histogram("pyengine_batch_rows", "Decoder rows (sentences x beam) per decode step",
+                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        scheduler.on_step = self.batch_rows.observe
+        self.registry.register(_WorkerCollector(scheduler))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector:
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+
+    def collect(self):
+        s = self.scheduler.stats
+        for name, doc, value in (("sentences", "Sentences admitted to a batch", s.sentences),
+                                 ("source_tokens", "Source tokens admitted (EOS included)", s.source_tokens),
+                                 ("target_tokens", "Target tokens generated (best hypothesis, EOS included)",
+                                  s.target_tokens),
+                                 ("decode_steps", "Decoder steps run", s.steps),
+                                 ("evictions", "Cohorts evicted and retried after running out of memory",
+                                  s.evictions)):
+            yield CounterMetricFamily(f"pyengine_{name}", doc, value=value)
+        yield GaugeMetricFamily("pyengine_queue_depth", "Sentences waiting for a batch",
+                                value=self.scheduler.queue_depth)
+        yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=self.scheduler.running)
+
+
+def translation_json(t: Translation, scores: bool, n_best: int) -> dict[str, Any]:
+    out: dict[str, Any] = {"translation": t.hypotheses[0]}
+    if scores:
+        out["score"] = t.scores[0]
+    if n_best > 1:
+        out["hypotheses"] = [{"translation": h, **({"score": s} if scores else {})}
+                             for h, s in zip(t.hypotheses, t.scores)]
+    return out
+
+
+def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI:
+    """The ASGI app; its lifespan starts the worker and, at shutdown, lets it finish what it holds."""
+    scheduler = Scheduler(engine, max_queue=config.max_queue)
+    metrics = Metrics(scheduler)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="pyengine", lifespan=lifespan)
+    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
+
+    async def run(texts: list[str], **options: Any) -> list[Translation]:
+        """Through the worker, with the request timeout; errors become HTTPError."""
+        try:
+            request, future = scheduler.submit(texts, **options)
+        except QueueFullError as exc:
+            raise HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)}) from None
+        except PyEngineError as exc:  # input and option errors, named by the engine
+            raise HTTPError(400, str(exc)) from None
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), config.request_timeout)
+        except asyncio.TimeoutError:
+            request.cancel()
+            raise HTTPError(504, f"translation did not finish within {config.request_timeout} s") from None
+        except BatchMemoryError as exc:
+            raise HTTPError(507, str(exc)) from None
+
+    async def answer(endpoint: str, request: Request, handler) -> Response:
+        start = time.monotonic()
+        try:
+            response: Response = JSONResponse(await handler(await read_json(request, config.max_body_bytes)))
+        except HTTPError as exc:
+            response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+        except Exception as exc:  # noqa: BLE001 - a bug answers 500 with its message, the server stays up
+            response = JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+        metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        metrics.latency.labels(endpoint).observe(time.monotonic() - start)
+        return response
+
+    async def v1_translate(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
+        unknown = sorted(set(body) - {"texts", "options", "source_lang", "target_lang"})
+        if unknown:
+            raise HTTPError(400, f"unknown field(s) {unknown}; known: ['options', 'source_lang', 'target_lang', 'texts']")
+        if "texts" not in body:
+            raise HTTPError(400, "missing field 'texts'")
+        texts = check_texts(body["texts"], "texts", config)
+        options = body.get("options") or {}
+        if not isinstance(options, dict):
+            raise HTTPError(400, f"'options' must be an object, got {json_type(options)}")
+        for name in ("source_lang", "target_lang"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise HTTPError(400, f"'{name}' must be a string, got {json_type(body[name])}")
+        results = await run(texts, source_lang=body.get("source_lang"), target_lang=body.get("target_lang"),
+                            **options)
+        scores, n_best = bool(options.get("return_scores")), len(results[0].hypotheses) if results else 1
+        return {"translations": [translation_json(t, scores, n_best) for t in results]}
+
+    async def libretranslate(body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
+        if "q" not in body:
+            raise HTTPError(400, "Invalid request: missing q parameter")
+        q = body["q"]
+        texts = check_texts(q if isinstance(q, list) else [q], "q", config)
+        if body.get("format", "text") != "text":
+            raise HTTPError(400, f"format {body.get('format')!r} is not supported; use 'text'")
+        alternatives = body.get("alternatives", 0)
+        if not isinstance(alternatives, int) or isinstance(alternatives, bool) or not 0 <= alternatives <= 8:
+            raise HTTPError(400, f"alternatives must be an integer from 0 to 8, got {alternatives!r}")
+        source, target = body.get("source", "auto"), body.get("target")
+        if not isinstance(target, str):
+            raise HTTPError(400, "Invalid request: missing target parameter")
+        if not isinstance(source, str):
+            raise HTTPError(400, f"source must be a string, got {json_type(source)}")
+        options: dict[str, Any] = {}
+        if alternatives:
+            options = {"beam_size": max(alternatives + 1, engine.defaults.beam_size), "num_hypotheses": alternatives + 1}
+        results = await run(texts, **language_options(engine, source, target), **options)
+        out: dict[str, Any] = {"translatedText": [t.hypotheses[0] for t in results]}
+        if alternatives:
+            out["alternatives"] = [t.hypotheses[1:] for t in results]
+        if not isinstance(q, list):
+            out = {k: v[0] for k, v in out.items()}
+        if source == "auto":
+            out["detectedLanguage"] = {"confidence": 100.0, "language": default_source(engine)}
+        return out
+
+    @app.post("/v1/translate")
+    async def translate_v1(request: Request) -> Response:
+        return await answer("/v1/translate", request, v1_translate)
+
+    @app.post("/translate")
+    async def translate_libre(request: Request) -> Response:
+        return await answer("/translate", request, libretranslate)
+
+    @app.get("/languages")
+    async def languages() -> list[dict[str, Any]]:
+        return language_list(engine)
+
+    @app.get("/health")
+    async def health() -> Response:
+        alive = scheduler.alive
+        return JSONResponse({"status": "ok" if alive else "worker stopped", "model": engine.source,
+                             "queue_depth": scheduler.queue_depth, "running": scheduler.running},
+                            status_code=200 if alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_PROMETHEUS)
+
+    return app
+
+
+def default_source(engine: Engine) -> str | None:
+    tok = engine.tokenizer
+    return getattr(tok, "source_lang", None) or getattr(tok, "language_pair", (None, None))[0]
+
+
+def language_options(engine: Engine, source: str, target: str) -> dict[str, Any]:
+    """LibreTranslate's source/target for this model: language codes of a multilingual model, or a check
+    against the pair a bilingual model translates."""
+    tok = engine.tokenizer
+    if hasattr(tok, "lang_id"):  # multilingual: the codes select the languages
+        return {"source_lang": None if source == "auto" else source, "target_lang": target}
+    pair = getattr(tok, "language_pair", (None, None))
+    if pair[0] is not None and source not in ("auto", pair[0]):
+        raise HTTPError(400, f"this model translates {pair[0]} to {pair[1]}; source {source!r} is not available")
+    if pair[1] is not None and target != pair[1]:
+        raise HTTPError(400, f"this model translates {pair[0]} to {pair[1]}; target {target!r} is not available")
+    return {}
+
+
+def language_list(engine: Engine) -> list[dict[str, Any]]:
+    """LibreTranslate's GET /languages."""
+    tok = engine.tokenizer
+    if hasattr(tok, "lang_ids"):
+        codes = sorted(tok.lang_ids)
+        return [{"code": c, "name": c, "targets": [t for t in codes if t != c]} for c in codes]
+    source, target = getattr(tok, "language_pair", (None, None))
+    if source is None or target is None:
+        return []
+    return [{"code": source, "name": source, "targets": [target]}, {"code": target, "name": target, "targets": []}]
+
+
+def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
+          graceful_seconds: float = 30.0) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds)."""
+    import uvicorn
+
+    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=graceful_seconds)
