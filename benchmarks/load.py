@@ -194,6 +194,7 @@ def main() -> None:
         exit_code = server.stop()
     summary = {"clients": args.clients, "requests_per_client": args.requests, "options": options,
                "server_threads": args.threads, "server_exit_code": exit_code, **summarize(outcomes, wall)}
+    summary.update(offline_throughput(outcomes, args.model, options, args.threads, wall))
     if args.check:
         summary["mismatches"] = count_mismatches(outcomes, args.model, options)
     print(json.dumps(summary, indent=2))
@@ -211,6 +212,26 @@ def offline_translations(model: str, texts: list[str], options: dict) -> tuple[d
     v1 = {t: engine.translate([t], **options)[0] for t in texts}
     libre = {t: engine.translate([t])[0] for t in texts}
     return v1, libre
+
+
+def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threads: int, wall: float) -> dict:
+    """The same sentences translated offline in one call per endpoint's options (length-sorted token-budget
+    batches, no HTTP): the throughput the server is compared with."""
+    import torch
+
+    import pyengine
+
+    torch.set_num_threads(threads)
+    engine = pyengine.Engine.load(model)
+    v1 = [t for o in outcomes if o.status == 200 and o.endpoint == "/v1/translate" for t in o.texts]
+    libre = [t for o in outcomes if o.status == 200 and o.endpoint == "/translate" for t in o.texts]
+    engine.translate(v1[:8], **options)  # warm-up
+    t0 = time.monotonic()
+    engine.translate(v1, **options)
+    engine.translate(libre)
+    seconds = time.monotonic() - t0
+    return {"offline_s": seconds, "offline_sentences_per_s": (len(v1) + len(libre)) / seconds,
+            "server_over_offline": (len(v1) + len(libre)) / wall / ((len(v1) + len(libre)) / seconds)}
 
 
 def count_mismatches(outcomes: list[Outcome], model: str, options: dict) -> int:

@@ -76,6 +76,22 @@ class SchedulerStats:
     rows_per_step: list[int] = field(default_factory=list)  # drained by the metrics reader
 
 
+@dataclass
+class _Plan:
+    """Admission of one step into one batch: its size with the sentences planned so far."""
+
+    sentences: int
+    width: int  # the widest source
+    group: list[tuple[Request, int]] = field(default_factory=list)  # the sentences to admit
+    waiting: int = 0  # sentences of this batch's options waiting
+
+    @classmethod
+    def of(cls, batch: ContinuousBatch | None) -> "_Plan":
+        if batch is None or batch.memory is None:
+            return cls(0, 0)
+        return cls(batch.sentences, batch.memory.kv.shape[4])
+
+
 class Scheduler:
     """Continuous-batching worker over one engine (one device). start() it, submit(), stop()."""
 
@@ -187,18 +203,17 @@ class Scheduler:
     def _admit(self) -> None:
         """Move waiting sentences into their batch, oldest first, while the budget allows."""
         ec = self.engine.engine_config
-        planned: dict[Hashable, list[tuple[Request, int]]] = {}
-        waiting: collections.deque[tuple[Request, int]] = collections.deque()
+        plans: dict[Hashable, _Plan] = {}
         dropped = 0
         for request, i in self._waiting:
             if request.cancelled:
                 dropped += 1
                 continue
-            batch = self._batches.get(request.key)
-            group = planned.setdefault(request.key, [])
-            sentences = (batch.sentences if batch else 0) + len(group) + 1
-            width = max([len(request.ids[i])] + [len(r.ids[j]) for r, j in group]
-                        + ([batch.memory.kv.shape[4]] if batch and batch.memory is not None else []))
+            plan = plans.get(request.key)
+            if plan is None:
+                plan = plans[request.key] = _Plan.of(self._batches.get(request.key))
+            plan.waiting += 1
+            sentences, width = plan.sentences + 1, max(plan.width, len(request.ids[i]))
             beam = request.opts.beam_size
             fits = sentences <= ec.max_batch_size and sentences * width * beam <= ec.max_batch_tokens \
                 and (self.row_limit is None or sentences * beam <= self.row_limit)
@@ -208,12 +223,21 @@ class Scheduler:
                 except BatchMemoryError:
                     fits = False
             if fits or sentences == 1:  # a sentence alone always gets a batch (the budget bounds padding)
-                group.append((request, i))
-            else:
-                waiting.append((request, i))
-        self._waiting = waiting
+                plan.group.append((request, i))
+                plan.sentences, plan.width = sentences, width
+        # a running batch takes newcomers once a quarter of it is free (or all that wait fit): each
+        # admission encodes a cohort and re-pads the batch's encoder memory, so one-by-one admission under
+        # load costs more than the few steps a sentence waits for its cohort
+        chunk = max(1, ec.max_batch_size // 4)
+        for key, plan in plans.items():
+            if key in self._batches and len(plan.group) < min(plan.waiting, chunk):
+                plan.group = []
+        taken = {(id(r), i) for plan in plans.values() for r, i in plan.group}
+        self._waiting = collections.deque((r, i) for r, i in self._waiting
+                                          if not r.cancelled and (id(r), i) not in taken)
         admitted = 0
-        for key, group in planned.items():
+        for key, plan in plans.items():
+            group = plan.group
             if not group:
                 continue
             request = group[0][0]

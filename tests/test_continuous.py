@@ -4,6 +4,7 @@ the worker (Scheduler) returns each caller its own results; memory caps split ba
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -142,3 +143,26 @@ def test_scheduler_under_memory_cap_and_out_of_memory_steps(text_model_dir, monk
     assert [r[0].tokens for r in results] == alone
     assert failures and scheduler.stats.evictions == len(failures)
     assert max(scheduler.stats.rows_per_step) <= 2 * 6
+
+
+def test_short_request_is_not_held_behind_a_long_one(default_engine):
+    """A short request that arrives while a long batch decodes joins it at the next step and finishes
+    first (continuous batching; a static batcher would answer it after the long batch)."""
+    long_texts = sorted(sample_lines(), key=len)[-12:]
+    scheduler = Scheduler(default_engine).start()
+    try:
+        _, long_future = scheduler.submit(long_texts, beam_size=4, max_decoding_length=160)
+        while scheduler.stats.steps < 3:  # the long batch is decoding
+            time.sleep(0.001)
+        _, short_future = scheduler.submit(["Open the file"], beam_size=4, max_decoding_length=160)
+        short = short_future.result(timeout=300)
+        assert not long_future.done(), "the short request must finish while the long batch still runs"
+        steps_at_short = scheduler.stats.steps
+        long = long_future.result(timeout=300)
+    finally:
+        scheduler.stop()
+    assert short[0].hypotheses[0] == default_engine.translate(["Open the file"], beam_size=4,
+                                                             max_decoding_length=160)[0]
+    assert scheduler.stats.steps > steps_at_short
+    alone = default_engine.translate_batch(long_texts, beam_size=4, max_decoding_length=160)
+    assert [r.tokens for r in long] == [a.tokens for a in alone]
