@@ -49,12 +49,16 @@ class ModelConfig:
     tie_output: bool = True  # output projection is the decoder embedding
     final_logits_bias: bool = False
     family: str = "hf"  # whose decoding rules apply (stopping, length penalty): one of FAMILIES
+    decoder_self: str = "attention"  # the decoder's first sub-layer: "attention" or "ssru" (Marian's students)
+    zero_start_embedding: bool = False  # Marian: the first decoder input is a zero vector (plus position 0)
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation {self.activation!r} is not one of {ACTIVATIONS}")
         if self.family not in FAMILIES:
             raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        if self.decoder_self not in ("attention", "ssru"):
+            raise ValueError(f"decoder_self {self.decoder_self!r} is not 'attention' or 'ssru'")
         if self.positions not in POSITION_KINDS:
             raise ValueError(f"positions {self.positions!r} is not one of {POSITION_KINDS}")
         for name in ("encoder", "decoder"):
@@ -87,6 +91,8 @@ class DecodeOptions:
     coverage_penalty: float = 0.0  # CTranslate2's: + β·Σ_source log(min(attention received, 1)) when ranking
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
+    max_length_factor: float | None = None  # Marian: at most factor × the batch's source length generated
+    use_shortlist: bool = True  # restrict the output layer to the model's lexical shortlist, where it has one
 
     def __post_init__(self) -> None:
         if not isinstance(self.beam_size, int) or self.beam_size < 1:
@@ -117,8 +123,21 @@ class DecodeOptions:
             raise OptionError(f"return_attention must be True or False, got {self.return_attention!r}")
         if not isinstance(self.coverage_penalty, (int, float)) or isinstance(self.coverage_penalty, bool):
             raise OptionError(f"coverage_penalty must be a number, got {self.coverage_penalty!r}")
+        if self.max_length_factor is not None and not (isinstance(self.max_length_factor, (int, float))
+                                                       and self.max_length_factor > 0):
+            raise OptionError(f"max_length_factor must be a positive number, got {self.max_length_factor!r}")
+        if not isinstance(self.use_shortlist, bool):
+            raise OptionError(f"use_shortlist must be True or False, got {self.use_shortlist!r}")
         if not isinstance(self.length_penalty, (int, float)):
             raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
+
+    def for_source(self, width: int) -> "DecodeOptions":
+        """These options for a batch whose longest source has `width` tokens (max_length_factor applied)."""
+        if self.max_length_factor is None:
+            return self
+        limit = max(1, min(self.max_decoding_length, int(self.max_length_factor * width)))
+        return dataclasses.replace(self, max_decoding_length=limit,
+                                   min_decoding_length=min(self.min_decoding_length, limit))
 
     @property
     def needs_attention(self) -> bool:

@@ -40,8 +40,9 @@ class ContinuousBatch:
     """One running decoder batch for one set of decoding options (see the module docstring)."""
 
     def __init__(self, model: Transformer, opts: DecodeOptions, dtype: torch.dtype, device: torch.device,
-                 start_id: int, eos_id: int):
+                 start_id: int, eos_id: int, shortlist=None):
         self.model, self.opts, self.dtype, self.device = model, opts, dtype, device
+        self.shortlist = shortlist if opts.use_shortlist else None  # per sentence, as in Engine.shortlisted
         self.start_id, self.eos_id = start_id, eos_id
         self.cohorts: list[Cohort] = []
         self.memory: Memory | None = None
@@ -65,11 +66,15 @@ class ContinuousBatch:
         for i, seq in enumerate(ids):
             src[i, : len(seq)] = torch.tensor(seq, device=self.device)
         memory = self.model.memory(self.model.encode(src, lengths), lengths)
-        run = new_run(self.model.cfg.family, len(ids), self.opts, self.start_id, self.eos_id, self.device,
-                      memory.kv.shape[4], generator=generator)
+        run = new_run(self.model.cfg.family, len(ids), self.opts.for_source(int(lengths.max())), self.start_id,
+                      self.eos_id, self.device, memory.kv.shape[4], generator=generator)
         if run.tokens.shape[1] != 1:
             raise ValueError("a continuous batch decodes one token per row and step (no target prefix)")
+        if self.shortlist is not None:
+            memory.allowed = self.shortlist.allowed(ids, self.device)
         self.memory = memory if self.memory is None else self.memory.concat(memory)
+        if self.shortlist is not None:  # the union grows with the newcomers' words
+            self.model.shortlist(self.memory)
         self.cache.grow(run.tokens.shape[0])
         self.cohorts.append(Cohort(run, list(tags)))
         capacity = 0 if self.buffers is None else self.buffers.capacity

@@ -18,7 +18,7 @@ from .decoding import Hypothesis
 from .search import search
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
-from .model import Transformer
+from .model import Memory, Transformer
 from .ops import resolve_ops
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -140,6 +140,7 @@ class Engine:
         self.backends, self.source = backends, source
         self.tokenizer_note = tokenizer_note or "no tokenizer files were found; use generate() with token ids"
         self.splits = 0  # batches halved because they did not fit in memory
+        self.shortlist = None  # the model's lexical shortlist (Marian students), if it has one
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -157,8 +158,10 @@ class Engine:
             model = Transformer(loaded.config, ops)
         model.load_weights(loaded.state, engine_config.dtype, device)
         model.eval()
-        return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source,
-                   loaded.extra.get("tokenizer_note", ""))
+        engine = cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source,
+                     loaded.extra.get("tokenizer_note", ""))
+        engine.shortlist = loaded.extra.get("shortlist")
+        return engine
 
     # -- public API ----------------------------------------------------------------------------
     def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
@@ -382,6 +385,13 @@ class Engine:
             return (self._run_fitting(batch[:half], ids, opts, on_step, generator, prefixes)
                     + self._run_fitting(batch[half:], ids, opts, on_step, generator, prefixes))
 
+    def shortlisted(self, memory: Memory, ids: list[list[int]], opts: DecodeOptions) -> Memory:
+        """The memory with the output layer restricted to each sentence's shortlist (when the model has one
+        and the options use it)."""
+        if self.shortlist is None or not opts.use_shortlist:
+            return memory
+        return self.model.shortlist(memory, self.shortlist.allowed(ids, self.engine_config.device))
+
     def check_memory(self, sentences: int, src_len: int, opts: DecodeOptions, prefix_len: int = 0) -> None:
         """Raise BatchMemoryError when such a batch would reserve more than the engine's memory cap."""
         cap = self.engine_config.max_memory_mb
@@ -402,7 +412,8 @@ class Engine:
         for i, seq in enumerate(ids):
             src[i, : len(seq)] = torch.tensor(seq, device=device)
         hidden = self.model.encode(src, lengths)
-        memory = self.model.memory(hidden, lengths)
+        memory = self.shortlisted(self.model.memory(hidden, lengths), ids, opts)
+        opts = opts.for_source(int(lengths.max()))
         if prefix is not None and prefix.shape[1] + opts.max_decoding_length > cfg.max_positions:
             raise InputError(f"target prefix of {prefix.shape[1]} tokens + max_decoding_length "
                              f"{opts.max_decoding_length} exceed the model's {cfg.max_positions} positions")

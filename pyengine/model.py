@@ -139,17 +139,45 @@ class KVCache:
         self.rows = n
 
 
+class RecurrentCache:
+    """The decoder state of SSRU layers, (L, N, D) cell states in float32, in place of the KV cache
+    (same interface: rows are reordered, dropped and appended alike)."""
+
+    def __init__(self, rows: int, layers: int, dim: int, device: torch.device):
+        self.state = torch.zeros(layers, rows, dim, device=device)
+        self.rows, self.length = rows, 0
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.state = self.state.index_select(1, rows)
+        self.rows = rows.numel()
+
+    def grow(self, rows: int) -> None:
+        self.state = torch.cat([self.state, self.state.new_zeros(self.state.shape[0], rows, self.state.shape[2])], 1)
+        self.rows += rows
+
+    def truncate(self, length: int) -> None:
+        """Nothing to forget: the state does not grow with the length."""
+
+
 class Memory:
     """Encoder output prepared for decoding: cross-attention K/V per sentence, computed once.
 
     kv: (B, L, 2, H, S, Dh), one copy per sentence shared by its beams; lengths: (B,) source lengths.
+    With a lexical shortlist: allowed (B, V), the words each sentence may produce; vocab (K,), their union
+    (a superset once sentences leave), the ids the output layer computes; vocab_mask (B, K) = allowed[:, vocab];
+    output, the output layer restricted to vocab.
     """
 
     def __init__(self, kv: torch.Tensor, lengths: torch.Tensor):
         self.kv, self.lengths = kv, lengths
+        self.allowed = self.vocab = self.vocab_mask = self.output = None
 
     def select(self, sentences: torch.Tensor) -> "Memory":
-        return Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
+        out = Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
+        if self.allowed is not None:
+            out.allowed, out.vocab, out.output = self.allowed.index_select(0, sentences), self.vocab, self.output
+            out.vocab_mask = self.vocab_mask.index_select(0, sentences)
+        return out
 
     def concat(self, other: "Memory") -> "Memory":
         """This memory's sentences, then `other`'s, padded to the longer source (padding is masked)."""
@@ -158,7 +186,10 @@ class Memory:
         def padded(kv: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(kv, (0, 0, 0, width - kv.shape[4]))
 
-        return Memory(torch.cat([padded(self.kv), padded(other.kv)]), torch.cat([self.lengths, other.lengths]))
+        out = Memory(torch.cat([padded(self.kv), padded(other.kv)]), torch.cat([self.lengths, other.lengths]))
+        if self.allowed is not None:
+            out.allowed = torch.cat([self.allowed, other.allowed])
+        return out
 
 
 class OutputProjection:
@@ -166,6 +197,32 @@ class OutputProjection:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
+
+    def restrict(self, ids: torch.Tensor) -> "OutputProjection":
+        """The rows of `ids` only (a shortlisted output layer)."""
+        return OutputProjection(self.weight.index_select(0, ids),
+                                None if self.bias is None else self.bias.index_select(0, ids))
+
+
+class SSRU(nn.Module):
+    """Marian's simpler simple recurrent unit (Kim et al., 2019), the first decoder sub-layer of its
+    students: f = σ(x·Wf + bf), c = f ⊙ c_prev + (1 − f) ⊙ x·W, output relu(c)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = nn.Linear(dim, dim, bias=False)
+        self.wf = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, ops) -> torch.Tensor:
+        """x (N, T, D), state (N, D) updated in place → (N, T, D)."""
+        xw, gate = ops.linear(x, self.w).float(), torch.sigmoid(ops.linear(x, self.wf).float())
+        cells = []
+        c = state
+        for t in range(x.shape[1]):
+            c = gate[:, t] * c + (1.0 - gate[:, t]) * xw[:, t]
+            cells.append(c)
+        state.copy_(c)
+        return torch.relu(torch.stack(cells, dim=1)).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -276,7 +333,10 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.self_attn = SelfAttention(cfg.d_model, cfg.decoder_heads)
+        if cfg.decoder_self == "ssru":
+            self.rnn = SSRU(cfg.d_model)
+        else:
+            self.self_attn = SelfAttention(cfg.d_model, cfg.decoder_heads)
         self.self_attn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.cross_attn = CrossAttention(cfg.d_model, cfg.decoder_heads)
         self.cross_attn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
@@ -287,6 +347,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, start: int | RowPositions,
                 kv: torch.Tensor, src_lengths: torch.Tensor, ops, probs_out: list | None = None) -> torch.Tensor:
         def attend_self(h):
+            if isinstance(cache, RecurrentCache):
+                return self.rnn(h, cache.state[layer], ops)
             q, k, v = self.self_attn.project(h, ops)
             k_all, v_all = cache.write(layer, k, v, start)
             if isinstance(start, RowPositions):  # each row sees its own keys up to its position
@@ -349,6 +411,17 @@ class Transformer(nn.Module):
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.output]:
             self.ops.prepare_linear(module)
 
+    def shortlist(self, memory: Memory, allowed: torch.Tensor | None = None) -> Memory:
+        """Restrict the output layer to the words the memory's sentences may produce (allowed (B, V), or the
+        memory's own after a concat): the union is computed, each row masked to its sentence's words."""
+        if allowed is not None:
+            memory.allowed = allowed
+        memory.vocab = memory.allowed.any(dim=0).nonzero()[:, 0]
+        memory.vocab_mask = memory.allowed[:, memory.vocab]
+        memory.output = self.output.restrict(memory.vocab)
+        self.ops.prepare_linear(memory.output)
+        return memory
+
     # -- embeddings ----------------------------------------------------------------------------
     def _positions(self, side: str, start: int | RowPositions, length: int) -> torch.Tensor:
         """(T, D) position vectors, or (N, 1, D) for one token per row at RowPositions."""
@@ -363,7 +436,13 @@ class Transformer(nn.Module):
         return table[lo: lo + length]
 
     def _embed(self, table: nn.Embedding, ids: torch.Tensor, side: str, start: int | RowPositions) -> torch.Tensor:
-        x = table(ids) * self.cfg.embed_scale + self._positions(side, start, ids.shape[1])
+        x = table(ids) * self.cfg.embed_scale
+        if side == "tgt" and self.cfg.zero_start_embedding:  # Marian starts decoding from a zero vector
+            if isinstance(start, RowPositions):
+                x = x * (start.pos != 0).to(x.dtype)[:, None, None]
+            elif start == 0:
+                x[:, 0] = 0
+        x = x + self._positions(side, start, ids.shape[1])
         if self.cfg.embedding_norm:
             norm = getattr(self, f"{side}_embed_norm")
             x = self.ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
@@ -391,8 +470,11 @@ class Transformer(nn.Module):
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
                   reference: bool = False) -> KVCache:
-        """A self-attention cache for `rows` decoder rows of a model running in `dtype`."""
+        """A self-attention cache for `rows` decoder rows of a model running in `dtype` (the recurrent state
+        for SSRU decoders)."""
         cfg = self.cfg
+        if cfg.decoder_self == "ssru":
+            return RecurrentCache(rows, cfg.decoder_layers, cfg.d_model, device)
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
                        self.ops.cache_dtype(dtype, device), device, reference)
 
@@ -411,5 +493,14 @@ class Transformer(nn.Module):
                       attention_out if i == last else None)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
-        logits = self.ops.linear(x, self.output)
-        return logits.float() if out is None else out.copy_(logits)
+        if memory.vocab is None:
+            logits = self.ops.linear(x, self.output)
+            return logits.float() if out is None else out.copy_(logits)
+        # shortlist: the union's logits, each row's outside its sentence's words -inf, and -inf for the rest
+        logits = self.ops.linear(x, memory.output).float()
+        mask = memory.vocab_mask.repeat_interleave(x.shape[0] // memory.vocab_mask.shape[0], dim=0)
+        logits.masked_fill_(~mask[:, None, :], float("-inf"))
+        full = torch.empty(x.shape[0], x.shape[1], self.cfg.tgt_vocab_size, device=x.device) if out is None else out
+        full.fill_(float("-inf"))
+        full.index_copy_(2, memory.vocab, logits)
+        return full

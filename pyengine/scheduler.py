@@ -245,7 +245,7 @@ class Scheduler:
             if batch is None:
                 cfg = self.engine.config
                 batch = self._batches[key] = ContinuousBatch(self.engine.model, request.opts, ec.dtype, ec.device,
-                                                             cfg.decoder_start_id, cfg.eos_id)
+                                                             cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist)
             ids = [r.ids[i] for r, i in group]
             try:
                 if len(group) == 1 and not batch.cohorts:
