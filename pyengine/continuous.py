@@ -10,7 +10,7 @@ position 0), so a short request is not held behind a long one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import Any
 
 import torch
 
@@ -142,7 +142,3 @@ class ContinuousBatch:
         self.cache.truncate(max(c.run.position for c in kept))
         return finished
 
-
-def options_key(opts: DecodeOptions) -> Hashable:
-    """Sentences decoded with equal options can share a running batch."""
-    return opts

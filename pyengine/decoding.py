@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 
 from .config import DecodeOptions
-from .errors import OptionError
 
 
 NEG = -1.0e9  # HF's "excluded" score
