@@ -38,3 +38,29 @@ def test_triton_backend_matches_torch_backend(tiny_dir, beam):
     assert [g.tokens for g in got] == [r.tokens for r in ref]
     for g, r in zip(got, ref):
         assert torch.allclose(torch.tensor(g.scores), torch.tensor(r.scores), atol=1e-4)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_continuous_batch_through_the_kernels(tiny_dir, beam):
+    """Rows at different positions (per-row cache lengths in the decode attention kernel), cohorts admitted
+    at staggered steps: the tokens of decoding each sentence alone with the PyTorch path."""
+    from pyengine.continuous import ContinuousBatch
+
+    triton_engine = pyengine.Engine.load(tiny_dir, backend="triton")
+    torch_engine = pyengine.Engine.load(tiny_dir, backend="torch")
+    src = random_sources(6, 61, seed=10 + beam, lo=2, hi=16)
+    opts = triton_engine.options(beam_size=beam, max_decoding_length=8)
+    cfg = triton_engine.config
+    batch = ContinuousBatch(triton_engine.model, opts, torch.float32, torch.device("cpu"), cfg.decoder_start_id,
+                            cfg.eos_id)
+    got, step, overlap = {}, 0, 0
+    with torch.inference_mode():
+        while len(got) < len(src):
+            if step < 3:
+                batch.admit(src[2 * step: 2 * step + 2], [2 * step, 2 * step + 1])
+            overlap = max(overlap, len(batch.cohorts))
+            got.update(batch.step())
+            step += 1
+    assert overlap >= 2
+    for i, s in enumerate(src):
+        assert [h.tokens for h in got[i]] == torch_engine.generate([s], beam_size=beam, max_decoding_length=8)[0].tokens
