@@ -48,7 +48,6 @@ class ContinuousBatch:
         self.memory: Memory | None = None
         self.cache = model.new_cache(0, opts.max_decoding_length, device, dtype)
         self.buffers: StepBuffers | None = None
-        self.steps = 0
 
     @property
     def rows(self) -> int:
@@ -106,7 +105,6 @@ class ContinuousBatch:
         n = tokens.shape[0]
         logits = self.model.decode(tokens, RowPositions(pos, max(c.run.position for c in self.cohorts) + 1),
                                    self.cache, self.memory, out=self.buffers.logits(n), attention_out=att_out)[:, -1]
-        self.steps += 1
         rows, sentences, finished, kept = [], [], [], []
         changed_rows = changed_sentences = False
         row_at = sentence_at = 0
