@@ -16,6 +16,7 @@ import torch
 
 from .config import DecodeOptions
 from .decoding import Hypothesis, StepBuffers
+from .engine import pad_sources
 from .model import Memory, RowPositions, Transformer
 from .search import GreedyRun, BeamRun, new_run
 
@@ -45,9 +46,13 @@ class ContinuousBatch:
         self.shortlist = shortlist if opts.use_shortlist else None  # per sentence, as in Engine.shortlisted
         self.start_id, self.eos_id = start_id, eos_id
         self.cohorts: list[Cohort] = []
-        self.memory: Memory | None = None
-        self.cache = model.new_cache(0, opts.max_decoding_length, device, dtype)
         self.buffers: StepBuffers | None = None
+        self._clear()
+
+    def _clear(self) -> None:
+        """No rows left: an empty memory and cache."""
+        self.memory: Memory | None = None
+        self.cache = self.model.new_cache(0, self.opts.max_decoding_length, self.device, self.dtype)
 
     @property
     def rows(self) -> int:
@@ -60,10 +65,7 @@ class ContinuousBatch:
 
     def admit(self, ids: list[list[int]], tags: list[Any], generator: torch.Generator | None = None) -> None:
         """Encode `ids` (source token ids, EOS included) and add them as a new cohort before the next step."""
-        lengths = torch.tensor([len(x) for x in ids], device=self.device)
-        src = torch.full((len(ids), int(lengths.max())), self.model.cfg.pad_id, dtype=torch.long, device=self.device)
-        for i, seq in enumerate(ids):
-            src[i, : len(seq)] = torch.tensor(seq, device=self.device)
+        src, lengths = pad_sources(ids, self.model.cfg.pad_id, self.device)
         memory = self.model.memory(self.model.encode(src, lengths), lengths)
         run = new_run(self.model.cfg.family, len(ids), self.opts.for_source(int(lengths.max())), self.start_id,
                       self.eos_id, self.device, memory.kv.shape[4], generator=generator)
@@ -86,8 +88,7 @@ class ContinuousBatch:
         cohort = self.cohorts.pop()
         tags = [cohort.tags[i] for i in cohort.run.live]
         if not self.cohorts:
-            self.memory = None
-            self.cache = self.model.new_cache(0, self.opts.max_decoding_length, self.device, self.dtype)
+            self._clear()
             return tags
         self.memory = self.memory.select(torch.arange(self.sentences, device=self.device))
         self.cache.select(torch.arange(self.rows, device=self.device))
@@ -130,8 +131,7 @@ class ContinuousBatch:
             sentence_at += n_sentences
         self.cohorts = kept
         if not kept:
-            self.memory = None
-            self.cache = self.model.new_cache(0, self.opts.max_decoding_length, self.device, self.dtype)
+            self._clear()
             return finished
         if changed_sentences:
             self.memory = self.memory.select(torch.cat(sentences))

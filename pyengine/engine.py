@@ -47,6 +47,27 @@ class Translation:
     # tokens (EOS included), last decoder layer, mean of heads
     attention: list[list[list[float]]] | None = None
 
+    @classmethod
+    def of(cls, hyps: list[Hypothesis], decode) -> "Translation":
+        """From a sentence's n-best hypotheses, detokenized with `decode`."""
+        return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
+                   attention_lists(hyps))
+
+    @classmethod
+    def blank(cls, opts: DecodeOptions) -> "Translation":
+        """The answer to an empty or blank text: n empty hypotheses."""
+        n = opts.num_hypotheses
+        return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None)
+
+
+def pad_sources(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source id lists as one right-padded (B, S) tensor, and their lengths (B,)."""
+    lengths = torch.tensor([len(x) for x in ids], device=device)
+    src = torch.full((len(ids), int(lengths.max())), pad_id, dtype=torch.long, device=device)
+    for i, seq in enumerate(ids):
+        src[i, : len(seq)] = torch.tensor(seq, device=device)
+    return src, lengths
+
 
 def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
     if not hyps or hyps[0].attention is None:
@@ -249,14 +270,7 @@ class Engine:
         it = iter(results)
         out = []
         for x in ids:
-            if x is None:
-                out.append(Translation([[]] * opts.num_hypotheses, [0.0] * opts.num_hypotheses,
-                                       [""] * opts.num_hypotheses,
-                                       [[] for _ in range(opts.num_hypotheses)] if opts.return_attention else None))
-                continue
-            hyps = next(it)
-            out.append(Translation([h.tokens for h in hyps], [h.score for h in hyps],
-                                   [self.tokenizer.decode(h.tokens) for h in hyps], attention_lists(hyps)))
+            out.append(Translation.blank(opts) if x is None else Translation.of(next(it), self.tokenizer.decode))
         return out
 
     def generate(self, source_ids: Sequence[Sequence[int]], target_prefix: Sequence[Sequence[int]] | None = None,
@@ -286,8 +300,7 @@ class Engine:
                 prefixes.append(list(p))
         results = self._generate(checked, opts, prefixes=prefixes)
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda toks: "")
-        return [Translation([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
-                            attention_lists(hyps)) for hyps in results]
+        return [Translation.of(hyps, decode) for hyps in results]
 
     def _language_encoder(self, source_lang: str | None, target_lang: str | None, options: dict):
         """The source encoder for these languages; the target language becomes the forced first token."""
@@ -406,11 +419,8 @@ class Engine:
 
     def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
                    generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
-        cfg, device = self.config, self.engine_config.device
-        lengths = torch.tensor([len(x) for x in ids], device=device)
-        src = torch.full((len(ids), int(lengths.max())), cfg.pad_id, dtype=torch.long, device=device)
-        for i, seq in enumerate(ids):
-            src[i, : len(seq)] = torch.tensor(seq, device=device)
+        cfg = self.config
+        src, lengths = pad_sources(ids, cfg.pad_id, self.engine_config.device)
         hidden = self.model.encode(src, lengths)
         memory = self.shortlisted(self.model.memory(hidden, lengths), ids, opts)
         opts = opts.for_source(int(lengths.max()))

@@ -23,7 +23,7 @@ import torch
 from .config import DecodeOptions
 from .continuous import ContinuousBatch
 from .decoding import Hypothesis
-from .engine import Engine, Translation, attention_lists, is_out_of_memory
+from .engine import Engine, Translation, is_out_of_memory
 from .errors import BatchMemoryError, OptionError, PyEngineError
 
 SERVER_UNSUPPORTED = ("target_prefix",)
@@ -187,13 +187,11 @@ class Scheduler:
 
     def _accept(self, request: Request) -> None:
         """Blank texts are answered at once; the others wait for a batch."""
-        n_best = request.opts.num_hypotheses
         request.results = [None] * len(request.ids)
         self.stats.requests += 1
         for i, ids in enumerate(request.ids):
             if ids is None:
-                request.results[i] = Translation([[]] * n_best, [0.0] * n_best, [""] * n_best,
-                                                 [[] for _ in range(n_best)] if request.opts.return_attention else None)
+                request.results[i] = Translation.blank(request.opts)
             else:
                 request.pending += 1
                 self._waiting.append((request, i))
@@ -288,12 +286,10 @@ class Scheduler:
             del self._batches[key]
 
     def _deliver(self, request: Request, i: int, hyps: list[Hypothesis]) -> None:
-        decode = self.engine.tokenizer.decode
         for h in hyps:  # attention over this sentence's tokens, not its cohort's padding
             if h.attention is not None:
                 h.attention = h.attention[:, : len(request.ids[i])]
-        request.results[i] = Translation([h.tokens for h in hyps], [h.score for h in hyps],
-                                         [decode(h.tokens) for h in hyps], attention_lists(hyps))
+        request.results[i] = Translation.of(hyps, self.engine.tokenizer.decode)
         self.stats.target_tokens += len(hyps[0].tokens) + 1  # EOS included
         request.pending -= 1
         if request.pending == 0:
