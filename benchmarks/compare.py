@@ -1,4 +1,4 @@
-"""Side-by-side speed: pyengine (float32, bfloat16) vs Hugging Face `generate` (float32, bfloat16) vs
+"""Side-by-side speed: pyengine (float32, bfloat16, int8) vs Hugging Face `generate` (float32, bfloat16) vs
 CTranslate2 (float32, int8), on the same source ids and the same work (exactly N target positions:
 min = max decoding length, so nobody stops early), each system in its own process, interleaved.
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=58101)
-SYSTEMS = ("pyengine-fp32", "pyengine-bf16", "hf-fp32", "hf-bf16", "ct2-fp32", "ct2-int8")
+SYSTEMS = ("pyengine-fp32", "pyengine-bf16", "pyengine-int8", "hf-fp32", "hf-bf16", "ct2-fp32", "ct2-int8")
 CASES = {
     # name: (batch, source length, target positions, beam)
     "beam4_b32": (32, 24, 32, 4),
@@ -95,7 +95,7 @@ def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: in
     if system.startswith("pyengine"):
         sys.path.insert(0, str(ROOT))
         import pyengine
-        engine = pyengine.Engine.load(model_dir, dtype=torch.bfloat16 if system.endswith("bf16") else torch.float32)
+        engine = pyengine.Engine.load(model_dir, dtype=system.split("-")[1])
         return lambda: [len(t.tokens[0]) + 1 for t in engine.generate(
             src, beam_size=beam, max_decoding_length=n, min_decoding_length=n)]
     if system.startswith("hf"):
@@ -163,6 +163,16 @@ def machine_floor(threads: int) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         out[f"{name}_matmul_tflops"] = rate(lambda: a @ b, 2 * 2048 ** 3) / 1e12
+    # int8: the dynamic int8 GEMM the int8 systems use (oneDNN, VNNI where the CPU has it), fp32 in and out
+    import warnings
+    warnings.simplefilter("ignore", UserWarning)
+    if "onednn" in torch.backends.quantized.supported_engines:
+        torch.backends.quantized.engine = "onednn"
+        w = torch.quantize_per_channel(torch.randn(2048, 2048), torch.full((2048,), 0.01, dtype=torch.double),
+                                       torch.zeros(2048, dtype=torch.long), 0, torch.qint8)
+        packed, a = torch.ops.quantized.linear_prepack(w, None), torch.randn(2048, 2048)
+        out["int8_matmul_tflops"] = rate(lambda: torch.ops.quantized.linear_dynamic(a, packed, False),
+                                         2 * 2048 ** 3) / 1e12
     x = torch.empty(64 * 2 ** 20, dtype=torch.float32).fill_(1.0)
     y = torch.empty_like(x)
     out["copy_gb_s"] = rate(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
@@ -242,12 +252,13 @@ def summarize(runs, checks, floor, args) -> dict:
         sentences = checks[(system, case)]["sentences"]
         median = statistics.median(secs)
         tokens = sentences * n
-        peak = floor["bf16_matmul_tflops"] if system.endswith("bf16") else floor["fp32_matmul_tflops"]
+        peak = floor.get(f"{system.rsplit('-', 1)[1]}_matmul_tflops")
         # the roofline of this machine: compute-bound at large batches, weight-bandwidth-bound at batch 1
-        ideal = max(decode_flops(case) / (peak * 1e12), weight_bytes(case, system) / (floor["copy_gb_s"] * 1e9))
+        ideal = None if peak is None else max(decode_flops(case) / (peak * 1e12),
+                                              weight_bytes(case, system) / (floor["copy_gb_s"] * 1e9))
         rows.append({"system": system, "case": case, "median_s": median, "tokens_per_s": tokens / median,
                      "latency_ms": median * 1e3 if case == "greedy_b1" else None,
-                     "floor_fraction": None if system.endswith("int8") else ideal / median,
+                     "floor_fraction": None if peak is None else ideal / median,
                      "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
                      "runs": secs})
     return {"machine": {"cpu": _cpu_name(), "threads": args.threads, "python": platform.python_version(),
@@ -266,8 +277,9 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
+    int8 = f", int8 GEMM {m['int8_matmul_tflops']:.2f} TFLOP/s" if "int8_matmul_tflops" in m else ""
     print(f"\nCPU: {m['cpu']}, {m['threads']} threads. Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
-          f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s, copy {m['copy_gb_s']:.0f} GB/s")
+          f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s{int8}, copy {m['copy_gb_s']:.0f} GB/s")
     by = {(r["system"], r["case"]): r for r in report["results"]}
     for case in report["cases"]:
         print(f"\n{case}: batch/beam/target positions = {CASES[case][0]}/{CASES[case][3]}/{CASES[case][2]}")

@@ -4,8 +4,9 @@
     python -m benchmarks.quality --limit 200       # quicker
 
 For each held-out set (data/heldout/): sacreBLEU BLEU and chrF of Hugging Face `generate` and of
-pyengine (greedy and beam 4, float32 and bfloat16); the share of sentences whose pyengine float32
-tokens equal HF's (parity), and whose bfloat16 tokens equal float32's (the bf16 quality guard).
+pyengine (greedy and beam 4, float32, bfloat16 and int8) and CTranslate2 int8 (the int8 yardstick); the
+share of sentences whose pyengine float32 tokens equal HF's (parity), whose bfloat16 tokens equal
+float32's (the bf16 quality guard), and whose int8 tokens (pyengine's, CTranslate2's) equal float32's.
 The guard is also run on random peaky Marian models like the parity tests'. Writes JSON to
 benchmarks/results/. Needs transformers and sacrebleu (test dependencies).
 """
@@ -60,6 +61,22 @@ def pyengine_translate(model_dir: Path, texts: list[str], beam: int, dtype: torc
     return [r.tokens[0] for r in results], [r.hypotheses[0] for r in results]
 
 
+def ct2_translate(model_dir: Path, texts: list[str], beam: int) -> tuple[list[list[int]], list[str]]:
+    """CTranslate2's int8 compute type on the same model (converted by its own converter), sorted batches of 32."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from transformers import MarianTokenizer
+    tok = MarianTokenizer.from_pretrained(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        TransformersConverter(str(model_dir)).convert(tmp, quantization="int8", force=True)
+        translator = ctranslate2.Translator(tmp, device="cpu", compute_type="int8",
+                                            intra_threads=torch.get_num_threads())
+        results = translator.translate_batch([tok.convert_ids_to_tokens(tok(t).input_ids) for t in texts],
+                                             beam_size=beam, max_batch_size=32)
+    tokens = [r.hypotheses[0] for r in results]
+    return [tok.convert_tokens_to_ids(t) for t in tokens], [tok.convert_tokens_to_string(t) for t in tokens]
+
+
 def same_share(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
@@ -75,16 +92,21 @@ def evaluate(model_dir: Path, limit: int | None) -> dict:
             hf_ids, hf_text = hf_translate(model_dir, src, beam)
             t_hf = time.perf_counter() - t0
             runs = {"hf-fp32": (hf_ids, hf_text, t_hf)}
-            for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", "int8")):
                 t0 = time.perf_counter()
                 ids, text = pyengine_translate(model_dir, src, beam, dtype)
                 runs[f"pyengine-{dname}"] = (ids, text, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            ids, text = ct2_translate(model_dir, src, beam)
+            runs["ct2-int8"] = (ids, text, time.perf_counter() - t0)
             for system, (ids, text, secs) in runs.items():
                 row[f"{label}/{system}"] = {
                     "bleu": round(sacrebleu.corpus_bleu(text, [ref]).score, 2),
                     "chrf": round(sacrebleu.corpus_chrf(text, [ref]).score, 2), "seconds": round(secs, 1)}
             row[f"{label}/parity_fp32_vs_hf"] = same_share(runs["pyengine-fp32"][0], hf_ids)
             row[f"{label}/bf16_same_as_fp32"] = same_share(runs["pyengine-bf16"][0], runs["pyengine-fp32"][0])
+            row[f"{label}/int8_same_as_fp32"] = same_share(runs["pyengine-int8"][0], runs["pyengine-fp32"][0])
+            row[f"{label}/ct2_int8_same_as_fp32"] = same_share(runs["ct2-int8"][0], runs["pyengine-fp32"][0])
             row[f"{label}/examples"] = [{"en": s, "reference": r, "pyengine": t}
                                         for s, r, t in list(zip(src, ref, runs["pyengine-fp32"][1]))[:3]]
         report[name] = row
@@ -139,11 +161,12 @@ def main(argv=None) -> int:
         print(f"\n{name} held-out set ({row['sentences']} sentences)")
         print(f"  {'decoding':<8} {'system':<15} {'BLEU':>6} {'chrF':>6} {'seconds':>8}")
         for label, _ in CONFIGS:
-            for system in ("hf-fp32", "pyengine-fp32", "pyengine-bf16"):
+            for system in ("hf-fp32", "pyengine-fp32", "pyengine-bf16", "pyengine-int8", "ct2-int8"):
                 r = row[f"{label}/{system}"]
                 print(f"  {label:<8} {system:<15} {r['bleu']:>6.2f} {r['chrf']:>6.2f} {r['seconds']:>8.1f}")
             print(f"  {label}: pyengine fp32 tokens = HF tokens for {row[f'{label}/parity_fp32_vs_hf']:.1%}; "
-                  f"bf16 = fp32 for {row[f'{label}/bf16_same_as_fp32']:.1%}")
+                  f"bf16 = fp32 for {row[f'{label}/bf16_same_as_fp32']:.1%}; int8 = fp32 for "
+                  f"{row[f'{label}/int8_same_as_fp32']:.1%} (CTranslate2 int8: {row[f'{label}/ct2_int8_same_as_fp32']:.1%})")
     print("\nrandom parity models, beam 4, share of sentences whose bf16 best tokens equal fp32's:")
     for k, v in report["parity_models_bf16_same_as_fp32"].items():
         print(f"  {k:<15} pyengine {v['pyengine']:.1%}   (HF bf16 vs HF fp32: {v['hf']:.1%})")

@@ -68,7 +68,7 @@ class ContinuousBatch:
         src, lengths = pad_sources(ids, self.model.cfg.pad_id, self.device)
         memory = self.model.memory(self.model.encode(src, lengths), lengths)
         run = new_run(self.model.cfg.family, len(ids), self.opts.for_source(int(lengths.max())), self.start_id,
-                      self.eos_id, self.device, memory.kv.shape[4], generator=generator)
+                      self.eos_id, self.device, memory.width, generator=generator)
         if run.tokens.shape[1] != 1:
             raise ValueError("a continuous batch decodes one token per row and step (no target prefix)")
         if self.shortlist is not None:

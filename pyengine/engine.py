@@ -90,7 +90,7 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     if dtype not in DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or 'auto'")
+        raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}, 'int8' or 'auto'")
     return DTYPES[dtype]
 
 
@@ -172,8 +172,14 @@ class Engine:
         unknown = sorted(set(engine_options) - known)
         if unknown:
             raise OptionError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        if isinstance(dtype, str) and dtype == "int8":  # CTranslate2's compute type: int8 GEMMs, float32 elsewhere
+            dtype, engine_options = torch.float32, {**engine_options, "weights": "int8"}
         engine_config = EngineConfig(device=device, dtype=resolve_dtype(dtype), backend=backend, **engine_options)
-        ops, backends = resolve_ops(backend, device, engine_config.dtype)
+        if engine_config.weights not in ("float", "int8"):
+            raise OptionError(f"unknown weights {engine_config.weights!r}; expected 'float' or 'int8'")
+        if engine_config.weights == "int8" and engine_config.dtype != torch.float32:
+            raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
+        ops, backends = resolve_ops(backend, device, engine_config.dtype, engine_config.weights)
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):
             model = Transformer(loaded.config, ops)

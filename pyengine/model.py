@@ -162,7 +162,8 @@ class RecurrentCache:
 class Memory:
     """Encoder output prepared for decoding: cross-attention K/V per sentence, computed once.
 
-    kv: (B, L, 2, H, S, Dh), one copy per sentence shared by its beams; lengths: (B,) source lengths.
+    kv: (L, 2, B, H, S, Dh), one copy per sentence shared by its beams, layer-major so that each layer's K and
+    V are contiguous (B·H, S, Dh) blocks the attention matmuls read in place; lengths: (B,) source lengths.
     With a lexical shortlist: allowed (B, V), the words each sentence may produce; vocab (K,), their union
     (a superset once sentences leave), the ids the output layer computes; vocab_mask (B, K) = allowed[:, vocab];
     output, the output layer restricted to vocab.
@@ -172,8 +173,17 @@ class Memory:
         self.kv, self.lengths = kv, lengths
         self.allowed = self.vocab = self.vocab_mask = self.output = None
 
+    @property
+    def sentences(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def width(self) -> int:
+        """Padded source length."""
+        return self.kv.shape[4]
+
     def select(self, sentences: torch.Tensor) -> "Memory":
-        out = Memory(self.kv.index_select(0, sentences), self.lengths.index_select(0, sentences))
+        out = Memory(self.kv.index_select(2, sentences), self.lengths.index_select(0, sentences))
         if self.allowed is not None:
             out.allowed, out.vocab, out.output = self.allowed.index_select(0, sentences), self.vocab, self.output
             out.vocab_mask = self.vocab_mask.index_select(0, sentences)
@@ -181,12 +191,12 @@ class Memory:
 
     def concat(self, other: "Memory") -> "Memory":
         """This memory's sentences, then `other`'s, padded to the longer source (padding is masked)."""
-        width = max(self.kv.shape[4], other.kv.shape[4])
+        width = max(self.width, other.width)
 
         def padded(kv: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(kv, (0, 0, 0, width - kv.shape[4]))
 
-        out = Memory(torch.cat([padded(self.kv), padded(other.kv)]), torch.cat([self.lengths, other.lengths]))
+        out = Memory(torch.cat([padded(self.kv), padded(other.kv)], dim=2), torch.cat([self.lengths, other.lengths]))
         if self.allowed is not None:
             out.allowed = torch.cat([self.allowed, other.allowed])
         return out
@@ -264,23 +274,23 @@ class CrossAttention(nn.Module):
         self.out = nn.Linear(dim, dim)
 
     def memory_kv(self, memory: torch.Tensor, ops) -> torch.Tensor:
-        """(B, S, D) → (B, 2, H, S, Dh)."""
+        """(B, S, D) → (2, B, H, S, Dh) (a view)."""
         b, s, _ = memory.shape
         kv = ops.linear(memory, self.kv).view(b, s, 2, self.heads, self.head_dim)
-        return kv.permute(0, 2, 3, 1, 4)
+        return kv.permute(2, 0, 3, 1, 4)
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, lengths: torch.Tensor, ops,
                 probs_out: list | None = None) -> torch.Tensor:
-        """x (N, T, D) with N = B × beam; kv (B, 2, H, S, Dh); beams become extra query rows of their sentence.
+        """x (N, T, D) with N = B × beam; kv (2, B, H, S, Dh); beams become extra query rows of their sentence.
         probs_out: if a list, receives the attention weights averaged over heads, (N, T, S) float32."""
         n, t, d = x.shape
-        b = kv.shape[0]
+        b = kv.shape[1]
         beam = n // b
         q = ops.linear(x, self.q).view(b, beam * t, self.heads, self.head_dim).transpose(1, 2)
         if probs_out is not None:
-            probs_out.append(self.mean_probs(q, kv[:, 0], lengths).view(n, t, -1))
+            probs_out.append(self.mean_probs(q, kv[0], lengths).view(n, t, -1))
         # one K/V read per sentence serves all its beams
-        ctx = ops.attention(q, kv[:, 0], kv[:, 1], lengths, step=True)  # (B, H, beam·T, Dh)
+        ctx = ops.attention(q, kv[0], kv[1], lengths, step=True)  # (B, H, beam·T, Dh)
         ctx = ctx.transpose(1, 2).reshape(n, t, d)
         return ops.linear(ctx, self.out)
 
@@ -464,7 +474,7 @@ class Transformer(nn.Module):
 
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor) -> Memory:
         """Cross-attention K/V of every decoder layer, once per sentence, in the ops' cache dtype."""
-        kv = torch.stack([layer.cross_attn.memory_kv(hidden, self.ops) for layer in self.decoder_layers], dim=1)
+        kv = torch.stack([layer.cross_attn.memory_kv(hidden, self.ops) for layer in self.decoder_layers])
         return Memory(kv.to(self.ops.cache_dtype(hidden.dtype, hidden.device)), lengths)
 
     # -- decoder -------------------------------------------------------------------------------
@@ -489,7 +499,7 @@ class Transformer(nn.Module):
         x = self._embed(self._tgt_table, tokens, "tgt", start)
         last = len(self.decoder_layers) - 1
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, i, cache, start, memory.kv[:, i], memory.lengths, self.ops,
+            x = layer(x, i, cache, start, memory.kv[i], memory.lengths, self.ops,
                       attention_out if i == last else None)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)

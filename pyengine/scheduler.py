@@ -89,7 +89,7 @@ class _Plan:
     def of(cls, batch: ContinuousBatch | None) -> "_Plan":
         if batch is None or batch.memory is None:
             return cls(0, 0)
-        return cls(batch.sentences, batch.memory.kv.shape[4])
+        return cls(batch.sentences, batch.memory.width)
 
 
 class Scheduler:

@@ -224,8 +224,8 @@ def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: in
            reference: bool = False) -> list[list[Hypothesis]]:
     """Decode one encoded batch to the end; prefix (B, P) is forced. `reference` also makes the cache
     gather the plain index_select the C++ row selection replaces."""
-    batch, device = memory.kv.shape[0], memory.kv.device
-    run = new_run(model.cfg.family, batch, opts, start_id, eos_id, device, memory.kv.shape[4], on_step,
+    batch, device = memory.sentences, memory.kv.device
+    run = new_run(model.cfg.family, batch, opts, start_id, eos_id, device, memory.width, on_step,
                   generator, prefix, reference)
     cache = model.new_cache(run.tokens.shape[0], run.cache_len, device, dtype, reference)
     buffers = StepBuffers(run.tokens.shape[0], model.cfg.tgt_vocab_size, device)

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..config import DecodeOptions, ModelConfig
 from ..errors import CheckpointError
+from ..quant import quantize_rows
 from .common import LoadedModel, TensorSource, read_json, read_tensors
 
 CONFIG_FILE = "pyengine_config.json"
@@ -25,13 +26,6 @@ TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json"
                    "sentencepiece.bpe.model", "tokenizer.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INT8_SCALE = ".int8_row_scale"  # suffix of the per-row scale stored beside an int8 matrix
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: (q, scale) with weight ≈ q · scale[:, None]."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def _storage(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
