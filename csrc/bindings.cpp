@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "beam_search.h"
+#include "decode_attention.h"
 #include "kv_cache.h"
 #include "softmax_topk.h"
 
@@ -32,6 +33,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_cache_select", &pyengine::kv_cache_select,
         "Keep cache rows in the given order (beam reorder + dropping); True if the result is in `spare`.",
         pybind11::arg("active"), pybind11::arg("spare"), pybind11::arg("rows"), pybind11::arg("length"));
+  m.def("decode_attention", &pyengine::decode_attention,
+        "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"));
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

@@ -1,6 +1,7 @@
 """The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
-against float64 PyTorch math, the KV-cache row selection against torch.index_select; the CUDA twin of the
-top-k compiles for sm_80 and sm_90 without spills (nvcc, when present)."""
+against float64 PyTorch math, the KV-cache row selection against torch.index_select, the fused decode-step
+attention against float64 softmax(q·kᵀ)·v; the CUDA twin of the top-k compiles for sm_80 and sm_90
+without spills (nvcc, when present)."""
 from __future__ import annotations
 
 import re
@@ -121,3 +122,41 @@ def test_cuda_top_k_twin_compiles_without_spills():
         registers = [int(r) for r in re.findall(r"Used (\d+) registers", run.stderr)]
         assert spills and all(s == ("0", "0") for s in spills), run.stderr
         assert registers and max(registers) <= 64, run.stderr
+
+
+def attention_f64(q, k, v, lengths, scale):
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if lengths is not None:
+        pad = torch.arange(k.shape[2])[None, :] >= lengths[:, None]
+        scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+    return scores.softmax(-1) @ v.double()
+
+
+@pytest.mark.parametrize("head_dim", [64, 12, 40])  # 16-lane loops, the scalar tail, both
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decode_attention_on_cache_and_memory_views(head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    b, h, beam, layers = 5, 3, 4, 2
+    # encoder memory as the model stores it, (L, 2, B, H, S, Dh), ragged source lengths: beams are query rows
+    memory = torch.randn(layers, 2, b, h, 11, head_dim, generator=gen)
+    lengths = torch.randint(1, 12, (b,), generator=gen)
+    q = torch.randn(b, h, beam, head_dim, generator=gen) * 2
+    k, v = memory[1, 0], memory[1, 1]
+    out = _C.decode_attention(q, k, v, lengths, head_dim ** -0.5)
+    torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, head_dim ** -0.5), rtol=0, atol=2e-5)
+    # the self-attention cache (L, 2, N, H, T_max, Dh) read up to the filled length, one query row, no lengths
+    cache = torch.randn(layers, 2, b * beam, h, 16, head_dim, generator=gen)
+    q1 = torch.randn(b * beam, h, 1, head_dim, generator=gen)
+    k1, v1 = cache[0, 0, :, :, :9], cache[0, 1, :, :, :9]
+    out1 = _C.decode_attention(q1, k1, v1, None, 0.3)
+    torch.testing.assert_close(out1.double(), attention_f64(q1, k1, v1, None, 0.3), rtol=0, atol=2e-5)
+
+
+def test_decode_attention_refuses_bad_inputs():
+    q, k = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.decode_attention(q.double(), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="unit stride"):
+        _C.decode_attention(q, k.transpose(2, 3), k.transpose(2, 3), None, 1.0)
+    with pytest.raises(RuntimeError, match="one entry per sentence"):
+        _C.decode_attention(q, k, k, torch.tensor([5]), 1.0)

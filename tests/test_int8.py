@@ -143,3 +143,13 @@ def test_int8_option_errors(model_dir):
         pyengine.Engine.load(model_dir, weights="int4")
     with pytest.raises(OptionError, match="backend='torch'"):
         pyengine.Engine.load(model_dir, dtype="int8", backend="triton")
+
+
+def test_requantizing_an_int8_checkpoint_gives_back_its_values():
+    """`pyengine convert --dtype int8` stores (q, scale); loading with dtype="int8" dequantizes then quantizes
+    again with the same per-row rule: the int8 values the GEMM runs are the stored ones."""
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(2)) * 0.3
+    q, scale = quantize_rows(w)
+    q2, scale2 = quantize_rows(q.float() * scale[:, None])
+    assert torch.equal(q2, q)
+    torch.testing.assert_close(scale2, scale, rtol=1e-6, atol=0)

@@ -1,0 +1,121 @@
+// Decode-step attention, fused, on the CPU. At a decoder step each (sentence, head) has 1..16 query rows
+// (beams fold into the query axis for cross-attention) and a few dozen keys: torch.matmul runs this as
+// B·H tiny GEMMs plus a softmax, and its dispatch costs more than the arithmetic. Here one task per
+// (sentence, head): each key row is loaded once for all query rows, scores kept in a small buffer.
+#include "decode_attention.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace pyengine {
+
+namespace {
+
+struct View {  // a (B, H, T, Dh) float32 tensor with a unit stride on Dh
+  const float* data;
+  int64_t sb, sh, st;
+  const float* row(int64_t b, int64_t h, int64_t t) const { return data + b * sb + h * sh + t * st; }
+};
+
+float dot_portable(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy_portable(float alpha, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+
+__attribute__((target("avx512f"))) float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x, float* y, int64_t n) {
+  const __m512 a = _mm512_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
+#endif
+
+using DotFn = float (*)(const float*, const float*, int64_t);
+using AxpyFn = void (*)(float, const float*, float*, int64_t);
+
+std::pair<DotFn, AxpyFn> pick_kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, axpy_avx512};
+#endif
+  return {dot_portable, axpy_portable};
+}
+
+View view_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& kv_lengths, double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: float32 q, k, v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: (B, H, T, Dh) tensors");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit stride on Dh");
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3), Tk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh && v.sizes() == k.sizes(),
+              "decode_attention: k and v must be (B, H, Tk, Dh) like q");
+  std::vector<int64_t> lengths(B, Tk);
+  if (kv_lengths.has_value()) {
+    const at::Tensor len = kv_lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(len.numel() == B, "decode_attention: kv_lengths must have one entry per sentence");
+    for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, Tk);
+  }
+  at::Tensor out = at::zeros({B, H, Tq, Dh}, q.options());
+  const View qv = view_of(q), kv = view_of(k), vv = view_of(v);
+  float* o = out.data_ptr<float>();
+  const auto [dot, axpy] = pick_kernels();
+  const float s = static_cast<float>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, n = lengths[b];
+      if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
+      scores.resize(Tq * n);
+      for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
+        const float* kj = kv.row(b, h, j);
+        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = dot(qv.row(b, h, i), kj, Dh) * s;
+      }
+      for (int64_t i = 0; i < Tq; ++i) {
+        float* row = scores.data() + i * n;
+        const float mx = *std::max_element(row, row + n);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+      }
+      float* ob = o + (b * H + h) * Tq * Dh;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = vv.row(b, h, j);
+        for (int64_t i = 0; i < Tq; ++i) axpy(scores[i * n + j], vj, ob + i * Dh, Dh);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace pyengine
