@@ -2,6 +2,8 @@
 // (beams fold into the query axis for cross-attention) and a few dozen keys: torch.matmul runs this as
 // B·H tiny GEMMs plus a softmax, and its dispatch costs more than the arithmetic. Here one task per
 // (sentence, head): each key row is loaded once for all query rows, scores kept in a small buffer.
+// K/V may be float32 or bfloat16 (half the bytes: these loops are bound by reading K/V); rows are widened
+// to float32 as they are read, all arithmetic is float32.
 #include "decode_attention.h"
 
 #include <ATen/Parallel.h>
@@ -15,11 +17,18 @@ namespace pyengine {
 
 namespace {
 
-struct View {  // a (B, H, T, Dh) float32 tensor with a unit stride on Dh
-  const float* data;
+template <typename T>
+struct View {  // a (B, H, T, Dh) tensor with a unit stride on Dh
+  const T* data;
   int64_t sb, sh, st;
-  const float* row(int64_t b, int64_t h, int64_t t) const { return data + b * sb + h * sh + t * st; }
+  const T* row(int64_t b, int64_t h, int64_t t) const { return data + b * sb + h * sh + t * st; }
 };
+
+// A bfloat16 K/V row widened to float32 into `buf` (float32 rows are read in place).
+inline const float* widen_portable(const at::BFloat16* row, float* buf, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
 
 float dot_portable(const float* a, const float* b, int64_t n) {
   float s = 0.f;
@@ -47,6 +56,16 @@ __attribute__((target("avx512f"))) float dot_avx512(const float* a, const float*
   return s;
 }
 
+__attribute__((target("avx512f"))) const float* widen_avx512(const at::BFloat16* row, float* buf, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {  // bf16 is the high half of a float32: zero-extend, shift into place
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
+    _mm512_storeu_ps(buf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
+
 __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x, float* y, int64_t n) {
   const __m512 a = _mm512_set1_ps(alpha);
   int64_t i = 0;
@@ -57,23 +76,68 @@ __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x,
 
 using DotFn = float (*)(const float*, const float*, int64_t);
 using AxpyFn = void (*)(float, const float*, float*, int64_t);
+using WidenFn = const float* (*)(const at::BFloat16*, float*, int64_t);
 
-std::pair<DotFn, AxpyFn> pick_kernels() {
+struct Kernels {
+  DotFn dot;
+  AxpyFn axpy;
+  WidenFn widen_bf16;
+};
+
+Kernels pick_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, axpy_avx512};
+  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, axpy_avx512, widen_avx512};
 #endif
-  return {dot_portable, axpy_portable};
+  return {dot_portable, axpy_portable, widen_portable};
 }
 
-View view_of(const at::Tensor& t) { return {t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)}; }
+inline const float* load(const float* row, float*, int64_t, const Kernels&) { return row; }
+inline const float* load(const at::BFloat16* row, float* buf, int64_t n, const Kernels& kern) {
+  return kern.widen_bf16(row, buf, n);
+}
+
+template <typename T>
+View<T> view_of(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
+
+template <typename T>
+void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const std::vector<int64_t>& lengths,
+            int64_t B, int64_t H, int64_t Tq, int64_t Dh, float scale, float* o) {
+  const Kernels kern = pick_kernels();
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, row_buf(Dh);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / H, h = task % H, n = lengths[b];
+      if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
+      scores.resize(Tq * n);
+      for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
+        const float* kj = load(kv.row(b, h, j), row_buf.data(), Dh, kern);
+        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(qv.row(b, h, i), kj, Dh) * scale;
+      }
+      for (int64_t i = 0; i < Tq; ++i) {
+        float* row = scores.data() + i * n;
+        const float mx = *std::max_element(row, row + n);
+        float sum = 0.f;
+        for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+      }
+      float* ob = o + (b * H + h) * Tq * Dh;
+      for (int64_t j = 0; j < n; ++j) {
+        const float* vj = load(vv.row(b, h, j), row_buf.data(), Dh, kern);
+        for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * Dh, Dh);
+      }
+    }
+  });
+}
 
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& kv_lengths, double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: float32 q, k, v");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "decode_attention: float32 q");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+              "decode_attention: k and v both float32 or both bfloat16");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: (B, H, T, Dh) tensors");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit stride on Dh");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3), Tk = k.size(2);
@@ -86,35 +150,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, Tk);
   }
   at::Tensor out = at::zeros({B, H, Tq, Dh}, q.options());
-  const View qv = view_of(q), kv = view_of(k), vv = view_of(v);
   float* o = out.data_ptr<float>();
-  const auto [dot, axpy] = pick_kernels();
   const float s = static_cast<float>(scale);
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / H, h = task % H, n = lengths[b];
-      if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
-      scores.resize(Tq * n);
-      for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
-        const float* kj = kv.row(b, h, j);
-        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = dot(qv.row(b, h, i), kj, Dh) * s;
-      }
-      for (int64_t i = 0; i < Tq; ++i) {
-        float* row = scores.data() + i * n;
-        const float mx = *std::max_element(row, row + n);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-      }
-      float* ob = o + (b * H + h) * Tq * Dh;
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vj = vv.row(b, h, j);
-        for (int64_t i = 0; i < Tq; ++i) axpy(scores[i * n + j], vj, ob + i * Dh, Dh);
-      }
-    }
-  });
+  if (k.scalar_type() == at::kFloat) {
+    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, B, H, Tq, Dh, s, o);
+  } else {
+    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, B, H, Tq, Dh, s, o);
+  }
   return out;
 }
 

@@ -132,20 +132,21 @@ def attention_f64(q, k, v, lengths, scale):
     return scores.softmax(-1) @ v.double()
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])  # a bf16 model's cache is bf16 on CPU
 @pytest.mark.parametrize("head_dim", [64, 12, 40])  # 16-lane loops, the scalar tail, both
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_decode_attention_on_cache_and_memory_views(head_dim, seed):
+def test_decode_attention_on_cache_and_memory_views(head_dim, seed, kv_dtype):
     gen = torch.Generator().manual_seed(seed)
     b, h, beam, layers = 5, 3, 4, 2
     # encoder memory as the model stores it, (L, 2, B, H, S, Dh), ragged source lengths: beams are query rows
-    memory = torch.randn(layers, 2, b, h, 11, head_dim, generator=gen)
+    memory = torch.randn(layers, 2, b, h, 11, head_dim, generator=gen).to(kv_dtype)
     lengths = torch.randint(1, 12, (b,), generator=gen)
     q = torch.randn(b, h, beam, head_dim, generator=gen) * 2
     k, v = memory[1, 0], memory[1, 1]
     out = _C.decode_attention(q, k, v, lengths, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, head_dim ** -0.5), rtol=0, atol=2e-5)
     # the self-attention cache (L, 2, N, H, T_max, Dh) read up to the filled length, one query row, no lengths
-    cache = torch.randn(layers, 2, b * beam, h, 16, head_dim, generator=gen)
+    cache = torch.randn(layers, 2, b * beam, h, 16, head_dim, generator=gen).to(kv_dtype)
     q1 = torch.randn(b * beam, h, 1, head_dim, generator=gen)
     k1, v1 = cache[0, 0, :, :, :9], cache[0, 1, :, :, :9]
     out1 = _C.decode_attention(q1, k1, v1, None, 0.3)
@@ -154,8 +155,10 @@ def test_decode_attention_on_cache_and_memory_views(head_dim, seed):
 
 def test_decode_attention_refuses_bad_inputs():
     q, k = torch.randn(2, 2, 1, 8), torch.randn(2, 2, 5, 8)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 q"):
         _C.decode_attention(q.double(), k, k, None, 1.0)
+    with pytest.raises(RuntimeError, match="both float32 or both bfloat16"):
+        _C.decode_attention(q, k, k.bfloat16(), None, 1.0)
     with pytest.raises(RuntimeError, match="unit stride"):
         _C.decode_attention(q, k.transpose(2, 3), k.transpose(2, 3), None, 1.0)
     with pytest.raises(RuntimeError, match="one entry per sentence"):
