@@ -171,6 +171,8 @@ class Int8Ops(TorchOps):
             for engine in self.engines:
                 with _quantized_engine(engine):
                     layer.int8[engine] = torch.ops.quantized.linear_prepack(qweight, bias)
+        if isinstance(layer, torch.nn.Linear):  # only the packed int8 copies are read from here on
+            layer.weight = None
 
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
