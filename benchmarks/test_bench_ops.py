@@ -12,7 +12,7 @@ import torch
 
 from pyengine.decoding import log_probs, topk_rows
 from pyengine.model import KVCache
-from pyengine.ops import TorchOps
+from pyengine.ops import Int8Ops, TorchOps
 
 ROWS, HEADS, DH, T, S, V, D = 128, 8, 64, 30, 24, 58101, 512
 
@@ -56,6 +56,36 @@ def test_linear_onednn_prepacked(benchmark, dtype, shape):
         benchmark(ops.linear, x, layer)
 
 
+@pytest.mark.parametrize("rows", [1, 32, ROWS])
+@pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
+def test_linear_int8_dynamic(benchmark, shape, rows):
+    """dtype="int8": FBGEMM up to 64 rows, oneDNN above."""
+    ops = Int8Ops()
+    layer = torch.nn.Linear(*shape)
+    ops.prepare_linear(layer)
+    x = torch.randn(rows, 1, shape[0])
+    with torch.inference_mode():
+        benchmark(ops.linear, x, layer)
+
+
+@pytest.mark.parametrize("kv", ["fp32", "bf16"])
+@pytest.mark.parametrize("impl", ["cpp", "matmul"])
+def test_cross_attention_step_cpp_vs_matmul(benchmark, impl, kv):
+    """The fused C++ step attention against the two batched matmuls it replaced (beams as query rows)."""
+    from pyengine import _C
+    dtype = torch.float32 if kv == "fp32" else torch.bfloat16
+    q = torch.randn(ROWS // 4, HEADS, 4, DH)
+    memory = torch.randn(2, ROWS // 4, HEADS, S, DH).to(dtype)
+    lengths = torch.full((ROWS // 4,), S)
+    if impl == "cpp":
+        benchmark(_C.decode_attention, q, memory[0], memory[1], lengths, DH ** -0.5)
+    else:
+        def matmuls():
+            scores = torch.matmul(q, memory[0].float().transpose(-1, -2)) * DH ** -0.5
+            return torch.matmul(torch.softmax(scores, -1), memory[1].float())
+        benchmark(matmuls)
+
+
 def test_beam_candidates_two_level_topk(benchmark):
     logits = torch.randn(ROWS, V)
     benchmark(topk_rows, logits, 8)
@@ -86,10 +116,10 @@ def opus_engines():
     import pyengine
     path = prepare_model()
     return {name: pyengine.Engine.load(path, dtype=dtype)
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", "int8"))}
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
 def test_decode_step_batch32_beam4(benchmark, opus_engines, dtype):
     """One decoder forward (6 layers + output layer) for 128 rows at cache length 30."""
     engine = opus_engines[dtype]
