@@ -72,6 +72,67 @@ __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x,
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(a, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
+
+// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers
+// over its keys, and an output row is accumulated in registers over the keys and stored once (the
+// generic path below loads and stores the output row for every key).
+__attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename T, int NV>
+__attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* k, int64_t k_stride,
+                                                      const T* v, int64_t v_stride, int64_t n, int64_t tq,
+                                                      float scale, float* scores, float* out) {
+  for (int64_t i = 0; i < tq; ++i) {
+    __m512 qr[NV];
+    for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[i] + 16 * u);
+    float* row = scores + i * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kj = k + j * k_stride;
+      __m512 acc = _mm512_mul_ps(qr[0], load16(kj));
+      for (int u = 1; u < NV; ++u) acc = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), acc);
+      row[j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    float mx = row[0];
+    for (int64_t j = 1; j < n; ++j) mx = std::max(mx, row[j]);
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
+    const float inv = 1.f / sum;
+    __m512 o[NV];
+    for (int u = 0; u < NV; ++u) o[u] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* vj = v + j * v_stride;
+      const __m512 p = _mm512_set1_ps(row[j] * inv);
+      for (int u = 0; u < NV; ++u) o[u] = _mm512_fmadd_ps(p, load16(vj + 16 * u), o[u]);
+    }
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + i * 16 * NV + 16 * u, o[u]);
+  }
+}
+
+template <typename T>
+using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
+                        float*);
+
+template <typename T>
+TaskFn<T> register_task(int64_t head_dim) {
+  if (!__builtin_cpu_supports("avx512f")) return nullptr;
+  switch (head_dim) {
+    case 32: return task_registers<T, 2>;
+    case 64: return task_registers<T, 4>;
+    case 128: return task_registers<T, 8>;
+    default: return nullptr;
+  }
+}
+#else
+template <typename T>
+using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
+                        float*);
+
+template <typename T>
+TaskFn<T> register_task(int64_t) { return nullptr; }
 #endif
 
 using DotFn = float (*)(const float*, const float*, int64_t);
@@ -103,12 +164,20 @@ template <typename T>
 void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const std::vector<int64_t>& lengths,
             int64_t B, int64_t H, int64_t Tq, int64_t Dh, float scale, float* o) {
   const Kernels kern = pick_kernels();
+  const TaskFn<T> fast = register_task<T>(Dh);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row_buf(Dh);
+    std::vector<const float*> q_rows(Tq);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, n = lengths[b];
       if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
       scores.resize(Tq * n);
+      if (fast != nullptr) {
+        for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
+        fast(q_rows.data(), kv.row(b, h, 0), kv.st, vv.row(b, h, 0), vv.st, n, Tq, scale, scores.data(),
+             o + (b * H + h) * Tq * Dh);
+        continue;
+      }
       for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
         const float* kj = load(kv.row(b, h, j), row_buf.data(), Dh, kern);
         for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(qv.row(b, h, i), kj, Dh) * scale;

@@ -133,7 +133,7 @@ def attention_f64(q, k, v, lengths, scale):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])  # a bf16 model's cache is bf16 on CPU
-@pytest.mark.parametrize("head_dim", [64, 12, 40])  # 16-lane loops, the scalar tail, both
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 12, 40])  # register-blocked (32, 64, 128), generic loops
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_decode_attention_on_cache_and_memory_views(head_dim, seed, kv_dtype):
     gen = torch.Generator().manual_seed(seed)
