@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace pyengine {
@@ -23,6 +22,19 @@ struct View {  // a (B, H, T, Dh) tensor with a unit stride on Dh
   int64_t sb, sh, st;
   const T* row(int64_t b, int64_t h, int64_t t) const { return data + b * sb + h * sh + t * st; }
 };
+
+// softmax of a row of n > 0 scores, in place.
+void softmax_inplace(float* row, int64_t n) {
+  const float mx = *std::max_element(row, row + n);
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+}
+
+template <typename T>
+using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
+                        float*);
 
 // A bfloat16 K/V row widened to float32 into `buf` (float32 rows are read in place).
 inline const float* widen_portable(const at::BFloat16* row, float* buf, int64_t n) {
@@ -56,16 +68,6 @@ __attribute__((target("avx512f"))) float dot_avx512(const float* a, const float*
   return s;
 }
 
-__attribute__((target("avx512f"))) const float* widen_avx512(const at::BFloat16* row, float* buf, int64_t n) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {  // bf16 is the high half of a float32: zero-extend, shift into place
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + i));
-    _mm512_storeu_ps(buf + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-  }
-  for (; i < n; ++i) buf[i] = static_cast<float>(row[i]);
-  return buf;
-}
-
 __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x, float* y, int64_t n) {
   const __m512 a = _mm512_set1_ps(alpha);
   int64_t i = 0;
@@ -73,14 +75,23 @@ __attribute__((target("avx512f"))) void axpy_avx512(float alpha, const float* x,
   for (; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers
-// over its keys, and an output row is accumulated in registers over the keys and stored once (the
-// generic path below loads and stores the output row for every key).
+// 16 K/V values as float32: bf16 is the high half of a float32, so zero-extend and shift into place.
 __attribute__((target("avx512f"))) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 __attribute__((target("avx512f"))) inline __m512 load16(const at::BFloat16* p) {
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+
+__attribute__((target("avx512f"))) const float* widen_avx512(const at::BFloat16* row, float* buf, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buf + i, load16(row + i));
+  for (; i < n; ++i) buf[i] = static_cast<float>(row[i]);
+  return buf;
+}
+
+// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers
+// over its keys, and an output row is accumulated in registers over the keys and stored once (the
+// generic path below loads and stores the output row for every key).
 
 template <typename T, int NV>
 __attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* k, int64_t k_stride,
@@ -96,25 +107,17 @@ __attribute__((target("avx512f"))) void task_registers(const float* const* q, co
       for (int u = 1; u < NV; ++u) acc = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), acc);
       row[j] = _mm512_reduce_add_ps(acc) * scale;
     }
-    float mx = row[0];
-    for (int64_t j = 1; j < n; ++j) mx = std::max(mx, row[j]);
-    float sum = 0.f;
-    for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
-    const float inv = 1.f / sum;
+    softmax_inplace(row, n);
     __m512 o[NV];
     for (int u = 0; u < NV; ++u) o[u] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
       const T* vj = v + j * v_stride;
-      const __m512 p = _mm512_set1_ps(row[j] * inv);
+      const __m512 p = _mm512_set1_ps(row[j]);
       for (int u = 0; u < NV; ++u) o[u] = _mm512_fmadd_ps(p, load16(vj + 16 * u), o[u]);
     }
     for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + i * 16 * NV + 16 * u, o[u]);
   }
 }
-
-template <typename T>
-using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
-                        float*);
 
 template <typename T>
 TaskFn<T> register_task(int64_t head_dim) {
@@ -127,10 +130,6 @@ TaskFn<T> register_task(int64_t head_dim) {
   }
 }
 #else
-template <typename T>
-using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
-                        float*);
-
 template <typename T>
 TaskFn<T> register_task(int64_t) { return nullptr; }
 #endif
@@ -182,14 +181,7 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
         const float* kj = load(kv.row(b, h, j), row_buf.data(), Dh, kern);
         for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(qv.row(b, h, i), kj, Dh) * scale;
       }
-      for (int64_t i = 0; i < Tq; ++i) {
-        float* row = scores.data() + i * n;
-        const float mx = *std::max_element(row, row + n);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (row[j] = std::exp(row[j] - mx));
-        const float inv = 1.f / sum;
-        for (int64_t j = 0; j < n; ++j) row[j] *= inv;
-      }
+      for (int64_t i = 0; i < Tq; ++i) softmax_inplace(scores.data() + i * n, n);
       float* ob = o + (b * H + h) * Tq * Dh;
       for (int64_t j = 0; j < n; ++j) {
         const float* vj = load(vv.row(b, h, j), row_buf.data(), Dh, kern);

@@ -175,10 +175,6 @@ class Engine:
         if isinstance(dtype, str) and dtype == "int8":  # CTranslate2's compute type: int8 GEMMs, float32 elsewhere
             dtype, engine_options = torch.float32, {**engine_options, "weights": "int8"}
         engine_config = EngineConfig(device=device, dtype=resolve_dtype(dtype), backend=backend, **engine_options)
-        if engine_config.weights not in ("float", "int8"):
-            raise OptionError(f"unknown weights {engine_config.weights!r}; expected 'float' or 'int8'")
-        if engine_config.weights == "int8" and engine_config.dtype != torch.float32:
-            raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
         ops, backends = resolve_ops(backend, device, engine_config.dtype, engine_config.weights)
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):

@@ -237,7 +237,11 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     weights="int8": int8 linear layers (CPU, PyTorch backend)."""
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
+    if weights not in ("float", "int8"):
+        raise OptionError(f"unknown weights {weights!r}; expected 'float' or 'int8'")
     if weights == "int8":
+        if dtype != torch.float32:
+            raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
         if backend != "torch" or device.type != "cpu":
             raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
         ops = Int8Ops()
