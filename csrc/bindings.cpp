@@ -3,6 +3,7 @@
 
 #include "beam_search.h"
 #include "decode_attention.h"
+#include "int8_gemm.h"
 #include "kv_cache.h"
 #include "softmax_topk.h"
 
@@ -17,6 +18,7 @@ pybind11::dict build_info() {
   info["cuda"] = false;
 #endif
   info["torch_version"] = TORCH_VERSION;
+  info["avx512_vnni"] = vnni_available();
   return info;
 }
 
@@ -36,6 +38,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &pyengine::decode_attention,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"));
+  m.def("int8_pack", &pyengine::int8_pack,
+        "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
+  m.def("int8_linear", &pyengine::int8_linear,
+        "x·(q·scale)ᵀ + bias with x quantized per row to uint8, int32 accumulation (AVX512-VNNI; CPU).",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
+        pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
+        pybind11::arg("portable") = false);
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

@@ -504,8 +504,10 @@ class Transformer(nn.Module):
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
         if memory.vocab is None:
-            logits = self.ops.linear(x, self.output)
-            return logits.float() if out is None else out.copy_(logits)
+            if out is None:
+                return self.ops.linear(x, self.output).float()
+            return self.ops.linear(x, self.output, out=out) if x.dtype == torch.float32 else out.copy_(
+                self.ops.linear(x, self.output))
         # shortlist: the union's logits, each row's outside its sentence's words -inf, and -inf for the rest
         logits = self.ops.linear(x, memory.output).float()
         mask = memory.vocab_mask.repeat_interleave(x.shape[0] // memory.vocab_mask.shape[0], dim=0)

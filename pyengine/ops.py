@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +59,14 @@ class TorchOps:
         if self.onednn:
             layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight, None)
 
-    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
-        """x·Wᵀ + b for an object with .weight, .bias (and .packed when prepared)."""
+    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x·Wᵀ + b for an object with .weight, .bias (and .packed when prepared); into `out` when given."""
         packed = getattr(layer, "packed", None)
         if packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
-        return F.linear(x, layer.weight, layer.bias)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        else:
+            y = F.linear(x, layer.weight, layer.bias)
+        return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         """activation(x·Wᵀ + b)."""
@@ -144,41 +147,81 @@ def int8_engines() -> tuple[str, ...]:
     return tuple(e for e in ("fbgemm", "onednn") if e in torch.backends.quantized.supported_engines)
 
 
+def vnni_available() -> bool:
+    """The CPU has AVX512-VNNI, which pyengine's own int8 GEMM (csrc/int8_gemm.cpp) runs on."""
+    from . import _C
+    return bool(_C.build_info()["avx512_vnni"])
+
+
+class Int8Packed(NamedTuple):
+    """A linear layer's int8 weight packed for `_C.int8_linear`."""
+
+    packed: torch.Tensor  # int8 column tiles
+    colsum: torch.Tensor  # int32 column sums (the uint8 activations' +128 is taken back with them)
+    scale: torch.Tensor  # float32 per output row
+    bias: torch.Tensor | None
+    n: int
+
+
 class Int8Ops(TorchOps):
     """TorchOps with int8 linear layers (CTranslate2's `int8` compute type): weights quantized once per
-    output row (symmetric), activations quantized per call by the GEMM library (dynamic, per tensor),
-    int32 accumulation (AVX512-VNNI where the CPU has it), float32 everywhere else.
+    output row (symmetric), int32 accumulation, float32 everywhere else.
 
-    Each weight is packed for FBGEMM and oneDNN, and a call picks by its row count (INT8_ONEDNN_ROWS).
+    kernel="vnni" (the default where the CPU has AVX512-VNNI): pyengine's own GEMM, activations quantized
+    per row (symmetric); measured 1.2-3x FBGEMM and oneDNN on the decoder's shapes at 1-128 rows, and on par
+    or faster at the encoder's hundreds (README). kernel="library": PyTorch's dynamic quantized linear,
+    activations quantized per tensor; each weight packed for FBGEMM and oneDNN, and a call picks by its row
+    count (INT8_ONEDNN_ROWS).
     """
 
     name = "torch-int8"
 
-    def __init__(self) -> None:
+    def __init__(self, kernel: str | None = None) -> None:
         super().__init__(onednn=False)
+        self.kernel = kernel or ("vnni" if vnni_available() else "library")
+        if self.kernel not in ("vnni", "library"):
+            raise OptionError(f"unknown int8 kernel {self.kernel!r}; expected 'vnni' or 'library'")
         self.engines = int8_engines()
-        if not self.engines:
-            raise OptionError("dtype='int8' needs PyTorch's FBGEMM or oneDNN quantized engine; this build has "
-                              f"{torch.backends.quantized.supported_engines}")
+        if self.kernel == "vnni" and not vnni_available():
+            raise OptionError("the int8 'vnni' kernel needs a CPU with AVX512-VNNI")
+        if self.kernel == "library" and not self.engines:
+            raise OptionError("dtype='int8' needs AVX512-VNNI or PyTorch's FBGEMM or oneDNN quantized engine; this "
+                              f"build has {torch.backends.quantized.supported_engines}")
+
+    @property
+    def report(self) -> str:
+        return "torch-int8-vnni" if self.kernel == "vnni" else "torch-int8-" + "+".join(self.engines)
 
     def prepare_linear(self, layer) -> None:
         q, scale = quantize_rows(layer.weight)
-        bias = None if layer.bias is None else layer.bias.float()
-        layer.int8 = {}
-        with warnings.catch_warnings():  # quantized tensors are the packing functions' input type
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-            for engine in self.engines:
-                with _quantized_engine(engine):
-                    layer.int8[engine] = torch.ops.quantized.linear_prepack(qweight, bias)
+        bias = None if layer.bias is None else layer.bias.float().contiguous()
+        if self.kernel == "vnni":
+            from . import _C
+            packed, colsum = _C.int8_pack(q)
+            layer.int8 = Int8Packed(packed, colsum, scale.contiguous(), bias, q.shape[0])
+        else:
+            layer.int8 = {}
+            with warnings.catch_warnings():  # quantized tensors are the packing functions' input type
+                warnings.simplefilter("ignore", UserWarning)
+                qweight = torch._make_per_channel_quantized_tensor(q, scale.double(),
+                                                                   torch.zeros_like(scale, dtype=torch.long), 0)
+                for engine in self.engines:
+                    with _quantized_engine(engine):
+                        layer.int8[engine] = torch.ops.quantized.linear_prepack(qweight, bias)
         if isinstance(layer, torch.nn.Linear):  # only the packed int8 copies are read from here on
             layer.weight = None
 
-    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        if self.kernel == "vnni":
+            from . import _C
+            w = layer.int8
+            y = _C.int8_linear(flat, w.packed, w.colsum, w.scale, w.bias, w.n, out)
+            return y.view(*x.shape[:-1], w.n) if out is None else out
         engine = "onednn" if flat.shape[0] > INT8_ONEDNN_ROWS and "onednn" in layer.int8 else self.engines[0]
-        out = torch.ops.quantized.linear_dynamic(flat, layer.int8[engine], False)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        y = torch.ops.quantized.linear_dynamic(flat, layer.int8[engine], False)
+        y = y.view(*x.shape[:-1], y.shape[-1])
+        return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         return _activation(self.linear(x, layer), activation)
@@ -209,8 +252,9 @@ class TritonOps:
     def prepare_linear(self, layer) -> None:
         """Nothing to pack: the kernels read nn.Linear's (N, K) weight as it is."""
 
-    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)  # plain GEMMs stay with cuBLAS
+    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, layer.weight, layer.bias)  # plain GEMMs stay with cuBLAS
+        return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         return self._ffn.linear_act(x, layer.weight, layer.bias, activation)
@@ -245,9 +289,7 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
         if backend != "torch" or device.type != "cpu":
             raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
         ops = Int8Ops()
-        engines = "+".join(ops.engines)
-        return ops, {**{op: "torch" for op in OP_NAMES}, "linear": f"torch-int8-{engines}",
-                     "linear_act": f"torch-int8-{engines}"}
+        return ops, {**{op: "torch" for op in OP_NAMES}, "linear": ops.report, "linear_act": ops.report}
     if backend == "torch":
         onednn = onednn_usable(device, dtype)
         report = {op: "torch" for op in OP_NAMES}

@@ -1,8 +1,10 @@
 """int8 linear layers (dtype="int8", CTranslate2's int8 compute type) against float64 math.
 
 A quantized GEMM is not equal to the float one, so the layer is checked against the error bound of its
-quantization (per-row symmetric int8 weights, per-tensor asymmetric uint8 activations), computed in
-float64 from the inputs alone; the engine is checked against float64 logits and the float32 decoder.
+quantization (per-row symmetric int8 weights; uint8 activations, asymmetric, per row in pyengine's own
+VNNI kernel, per tensor in the libraries'), computed in float64 from the inputs alone; the VNNI
+kernel is also checked against float64 math of its quantization scheme; the engine against float64
+logits and the float32 decoder.
 """
 from __future__ import annotations
 
@@ -15,11 +17,15 @@ import torch
 import pyengine
 from conftest import ARCHS, build_marian, random_sources
 from pyengine.errors import OptionError
-from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, int8_engines
+from pyengine import _C
+from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, int8_engines, vnni_available
 from pyengine.quant import quantize_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.skipif(not int8_engines(), reason="this PyTorch build has no FBGEMM/oneDNN quantized engine")
+# the engine's int8 kernel on this CPU, and every kernel this machine can run (the library one needs the
+# PyTorch build's FBGEMM/oneDNN; pyengine's VNNI one, AVX512-VNNI): each is tested where it exists
+KERNELS = (["vnni"] if vnni_available() else []) + (["library"] if int8_engines() else [])
+pytestmark = pytest.mark.skipif(not KERNELS, reason="no int8 GEMM on this machine (no AVX512-VNNI, FBGEMM, oneDNN)")
 
 
 class _Layer:
@@ -27,19 +33,24 @@ class _Layer:
         self.weight, self.bias = weight, bias
 
 
-def _quantization_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """|x·wᵀ − x̂·ŵᵀ| ≤ Σ_k |x_k|·Δw + |w_k|·Δx + Δx·Δw, with Δw = s_w/2 (per row), Δx = s_x/2 (per tensor)."""
+def _quantization_bound(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
+    """|x·wᵀ − x̂·ŵᵀ| ≤ Σ_k |x_k|·Δw + |w_k|·Δx + Δx·Δw, with Δw = s_w/2 (per weight row) and Δx = s_x/2:
+    per activation row (vnni) or per tensor (library), asymmetric over a range holding 0."""
     x, w = x.double(), w.double()
     _, s_w = quantize_rows(w)
     dw = s_w.double()[None, :] / 2
-    dx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255 / 2
+    if kernel == "vnni":
+        dx = (x.amax(1, keepdim=True).clamp(min=0) - x.amin(1, keepdim=True).clamp(max=0)) / 255 / 2
+    else:
+        dx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255 / 2
     k = x.shape[1]
     return x.abs().sum(1, keepdim=True) * dw + dx * w.abs().sum(1)[None, :] + k * dx * dw
 
 
-@pytest.mark.parametrize("rows", [1, 5, INT8_ONEDNN_ROWS + 36])  # FBGEMM below the threshold, oneDNN above
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 5, INT8_ONEDNN_ROWS + 36])  # library: FBGEMM below the threshold, oneDNN above
 @pytest.mark.parametrize("seed", [0, 1])
-def test_int8_linear_within_its_quantization_bound(rows, seed):
+def test_int8_linear_within_its_quantization_bound(rows, seed, kernel):
     gen = torch.Generator().manual_seed(seed)
     k, n = 96, 72
     # rows of different magnitudes, a few outliers: the per-tensor activation scale is the hard case
@@ -48,27 +59,76 @@ def test_int8_linear_within_its_quantization_bound(rows, seed):
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 0.2
     b = torch.randn(n, generator=gen)
     layer = _Layer(w, b)
-    ops = Int8Ops()
+    ops = Int8Ops(kernel)
     ops.prepare_linear(layer)
     out = ops.linear(x[None], layer)[0].double()  # a leading batch dim, as the model calls it
     ref = x.double() @ w.double().T + b.double()
     err = (out - ref).abs()
-    bound = _quantization_bound(x, w) * 1.01 + 1e-4
+    bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4
     assert out.shape == (rows, n)
     assert err.max() > 1e-5, "no quantization error: the int8 GEMM did not run"
     assert bool((err <= bound).all()), f"error {err.max():.4g} over the bound at {(err - bound).argmax()}"
 
 
-def test_int8_linear_act_applies_the_activation():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int8_linear_act_applies_the_activation(kernel):
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(7, 32, generator=gen), torch.randn(40, 32, generator=gen) * 0.1
     layer = _Layer(w, torch.zeros(40))
-    ops = Int8Ops()
+    ops = Int8Ops(kernel)
     ops.prepare_linear(layer)
     z = x.double() @ w.double().T
     out = ops.linear_act(x, layer, "swish").double()
-    bound = _quantization_bound(x, w) * 1.01 + 1e-4  # silu is 1.1-Lipschitz
+    bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4  # silu is 1.1-Lipschitz
     assert bool(((out - z * torch.sigmoid(z)).abs() <= 1.1 * bound).all())
+
+
+def _scheme_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The VNNI kernel's arithmetic in float64: x quantized per row to uint8 over [min(x, 0), max(x, 0)] (the same
+    float32 operations: inv = 255 / range, zp = round(−min · inv), xq = round(x · inv) + zp, half to even),
+    integer dot products of xq − zp (exact in float64 here), scaled by s_x·s_w, plus bias."""
+    lo, hi = x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    inv = torch.where(hi > lo, 255.0 / (hi - lo), torch.zeros_like(hi))
+    zp = torch.round(-lo * inv)
+    xq = (torch.round(x * inv) + zp).clamp(0, 255)
+    y = ((xq - zp).double() @ q.double().T) * ((hi - lo) / 255).double() * scale.double()[None, :]
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("portable", [False, True] if vnni_available() else [True])
+@pytest.mark.parametrize("rows, k, n", [(1, 8, 3), (6, 37, 64), (7, 36, 70), (13, 512, 130), (32, 96, 200)])
+def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable):
+    """Row tiles of 1-6 and a remainder, K not a multiple of 4, N not a multiple of the 64-column tile, a zero
+    row, with and without bias, into `out`; the AVX512-VNNI loop and its portable twin."""
+    gen = torch.Generator().manual_seed(rows * 1000 + k + n)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    if rows > 1:
+        x[rows // 2] = 0.0  # a zero row: scale 0, output = bias
+    q, scale = quantize_rows(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    packed, colsum = _C.int8_pack(q)
+    for b in (bias, None):
+        ref = _scheme_reference(x, q, scale, b)
+        out = torch.full((rows, n), float("nan"))
+        y = _C.int8_linear(x, packed, colsum, scale, b, n, out, portable=portable)
+        assert y.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+        assert float(ref.abs().max()) > 0.1  # not vacuous
+
+
+def test_vnni_kernel_refuses_mismatched_inputs():
+    q, scale = quantize_rows(torch.randn(70, 36))
+    packed, colsum = _C.int8_pack(q)
+    with pytest.raises(RuntimeError, match="packed weight does not match"):
+        _C.int8_linear(torch.randn(3, 40), packed, colsum, scale, None, 70)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        _C.int8_linear(torch.randn(3, 36, dtype=torch.float64), packed, colsum, scale, None, 70)
+    with pytest.raises(RuntimeError, match="scale must be"):
+        _C.int8_linear(torch.randn(3, 36), packed, colsum, scale[:5], None, 70)
+    with pytest.raises(RuntimeError, match="out must be"):
+        _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, torch.empty(2, 70))
+    with pytest.raises(RuntimeError, match="int8 \\(N, K\\)"):
+        _C.int8_pack(torch.randn(4, 4))
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +205,8 @@ def test_int8_option_errors(model_dir):
         pyengine.Engine.load(model_dir, weights="int4")
     with pytest.raises(OptionError, match="backend='torch'"):
         pyengine.Engine.load(model_dir, dtype="int8", backend="triton")
+    with pytest.raises(OptionError, match="unknown int8 kernel"):
+        Int8Ops("int4")
 
 
 def test_requantizing_an_int8_checkpoint_gives_back_its_values():
