@@ -37,7 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("active"), pybind11::arg("spare"), pybind11::arg("rows"), pybind11::arg("length"));
   m.def("decode_attention", &pyengine::decode_attention,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
-        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"));
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),
+        pybind11::arg("rows") = pybind11::none());
   m.def("int8_pack", &pyengine::int8_pack,
         "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
   m.def("int8_linear", &pyengine::int8_linear,

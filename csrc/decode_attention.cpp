@@ -32,9 +32,9 @@ void softmax_inplace(float* row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] *= inv;
 }
 
+// A task: tq query rows against n keys given as row pointers (in place, or through the cache's row indirection).
 template <typename T>
-using TaskFn = void (*)(const float* const*, const T*, int64_t, const T*, int64_t, int64_t, int64_t, float, float*,
-                        float*);
+using TaskFn = void (*)(const float* const*, const T* const*, const T* const*, int64_t, int64_t, float, float*, float*);
 
 // A bfloat16 K/V row widened to float32 into `buf` (float32 rows are read in place).
 inline const float* widen_portable(const at::BFloat16* row, float* buf, int64_t n) {
@@ -94,15 +94,14 @@ __attribute__((target("avx512f"))) const float* widen_avx512(const at::BFloat16*
 // generic path below loads and stores the output row for every key).
 
 template <typename T, int NV>
-__attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* k, int64_t k_stride,
-                                                      const T* v, int64_t v_stride, int64_t n, int64_t tq,
-                                                      float scale, float* scores, float* out) {
+__attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* const* k, const T* const* v,
+                                                      int64_t n, int64_t tq, float scale, float* scores, float* out) {
   for (int64_t i = 0; i < tq; ++i) {
     __m512 qr[NV];
     for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[i] + 16 * u);
     float* row = scores + i * n;
     for (int64_t j = 0; j < n; ++j) {
-      const T* kj = k + j * k_stride;
+      const T* kj = k[j];
       __m512 acc = _mm512_mul_ps(qr[0], load16(kj));
       for (int u = 1; u < NV; ++u) acc = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), acc);
       row[j] = _mm512_reduce_add_ps(acc) * scale;
@@ -111,7 +110,7 @@ __attribute__((target("avx512f"))) void task_registers(const float* const* q, co
     __m512 o[NV];
     for (int u = 0; u < NV; ++u) o[u] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-      const T* vj = v + j * v_stride;
+      const T* vj = v[j];
       const __m512 p = _mm512_set1_ps(row[j]);
       for (int u = 0; u < NV; ++u) o[u] = _mm512_fmadd_ps(p, load16(vj + 16 * u), o[u]);
     }
@@ -159,32 +158,39 @@ inline const float* load(const at::BFloat16* row, float* buf, int64_t n, const K
 template <typename T>
 View<T> view_of(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// rows (B, Tk) or nullptr: key j of sentence b is read from batch row rows[b·Tk + j] of k and v (a beam-search
+// cache whose rows are never moved, FasterTransformer's cache indirection), else from row b.
 template <typename T>
 void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const std::vector<int64_t>& lengths,
-            int64_t B, int64_t H, int64_t Tq, int64_t Dh, float scale, float* o) {
+            const int64_t* rows, int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t Dh, float scale, float* o) {
   const Kernels kern = pick_kernels();
   const TaskFn<T> fast = register_task<T>(Dh);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, row_buf(Dh);
     std::vector<const float*> q_rows(Tq);
+    std::vector<const T*> k_rows, v_rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, n = lengths[b];
       if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
       scores.resize(Tq * n);
+      k_rows.resize(n), v_rows.resize(n);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t src = rows ? rows[b * Tk + j] : b;
+        k_rows[j] = kv.row(src, h, j), v_rows[j] = vv.row(src, h, j);
+      }
+      for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
+      float* ob = o + (b * H + h) * Tq * Dh;
       if (fast != nullptr) {
-        for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
-        fast(q_rows.data(), kv.row(b, h, 0), kv.st, vv.row(b, h, 0), vv.st, n, Tq, scale, scores.data(),
-             o + (b * H + h) * Tq * Dh);
+        fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob);
         continue;
       }
       for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
-        const float* kj = load(kv.row(b, h, j), row_buf.data(), Dh, kern);
-        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(qv.row(b, h, i), kj, Dh) * scale;
+        const float* kj = load(k_rows[j], row_buf.data(), Dh, kern);
+        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(q_rows[i], kj, Dh) * scale;
       }
       for (int64_t i = 0; i < Tq; ++i) softmax_inplace(scores.data() + i * n, n);
-      float* ob = o + (b * H + h) * Tq * Dh;
       for (int64_t j = 0; j < n; ++j) {
-        const float* vj = load(vv.row(b, h, j), row_buf.data(), Dh, kern);
+        const float* vj = load(v_rows[j], row_buf.data(), Dh, kern);
         for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * Dh, Dh);
       }
     }
@@ -194,7 +200,8 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
 }  // namespace
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const c10::optional<at::Tensor>& kv_lengths, double scale) {
+                            const c10::optional<at::Tensor>& kv_lengths, double scale,
+                            const c10::optional<at::Tensor>& rows) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention: CPU tensors");
   TORCH_CHECK(q.scalar_type() == at::kFloat, "decode_attention: float32 q");
   TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
@@ -202,8 +209,18 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: (B, H, T, Dh) tensors");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: unit stride on Dh");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3), Tk = k.size(2);
-  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == Dh && v.sizes() == k.sizes(),
-              "decode_attention: k and v must be (B, H, Tk, Dh) like q");
+  TORCH_CHECK(k.size(1) == H && k.size(3) == Dh && v.sizes() == k.sizes() && (rows || k.size(0) == B),
+              "decode_attention: k and v must be (B, H, Tk, Dh) like q (any number of rows with `rows`)");
+  at::Tensor row_index;
+  if (rows) {
+    row_index = rows->to(at::kLong).contiguous();
+    TORCH_CHECK(row_index.dim() == 2 && row_index.size(0) == B && row_index.size(1) == Tk,
+                "decode_attention: rows must be (B, Tk)");
+    const int64_t* r = row_index.data_ptr<int64_t>();
+    for (int64_t i = 0; i < row_index.numel(); ++i)
+      TORCH_CHECK(r[i] >= 0 && r[i] < k.size(0), "decode_attention: rows index past k's ", k.size(0), " rows");
+  }
+  const int64_t* row_ptr = rows ? row_index.data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> lengths(B, Tk);
   if (kv_lengths.has_value()) {
     const at::Tensor len = kv_lengths->to(at::kLong).contiguous();
@@ -214,9 +231,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   float* o = out.data_ptr<float>();
   const float s = static_cast<float>(scale);
   if (k.scalar_type() == at::kFloat) {
-    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, B, H, Tq, Dh, s, o);
+    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, row_ptr, B, H, Tq, Tk, Dh, s, o);
   } else {
-    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, B, H, Tq, Dh, s, o);
+    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, row_ptr, B, H, Tq, Tk,
+           Dh, s, o);
   }
   return out;
 }

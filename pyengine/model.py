@@ -70,16 +70,24 @@ class KVCache:
     or, when most rows move, the filled prefix is gathered into the other preallocated buffer. No
     allocation per step (a fresh buffer each step costs more in page faults than the copy itself).
     `reference` keeps the plain one-gather version (torch.index_select) the C++ is measured against.
+
+    `indirect` (lockstep search with the C++ step attention): rows are never moved at all. Row r's token at
+    position s is written once, to physical row r, and `origin[r, s]` says which physical row holds the
+    position s of (logical) row r; reordering and dropping rows gather only this (rows, T) table
+    (FasterTransformer's cache indirection). Sound because all rows write position s in the same step,
+    when no row has read it yet. `rows_index` is what the attention reads keys through.
     """
 
     def __init__(self, rows: int, layers: int, heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, reference: bool = False):
+                 dtype: torch.dtype, device: torch.device, reference: bool = False, indirect: bool = False):
         shape = (layers, 2, rows, heads, max_len, head_dim)
-        self._buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        self._buffers = [torch.empty(shape, dtype=dtype, device=device) for _ in range(1 if indirect else 2)]
         self._active = 0
         self.reference = reference
         self.rows = rows
         self.length = 0  # positions filled
+        self.origin = torch.empty(rows, max_len, dtype=torch.long, device=device) if indirect else None
+        self.rows_index: torch.Tensor | None = None  # (rows, length) after a write, in indirect mode
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -93,6 +101,8 @@ class KVCache:
         end = start.end if isinstance(start, RowPositions) else start + k.shape[2]
         if end > buf.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {end} > capacity {buf.shape[4]}")
+        if self.origin is not None:
+            return self._write_indirect(layer, k, v, start, end)
         if isinstance(start, RowPositions):
             # rows behind the furthest one read positions they never wrote: masked, but they must hold
             # finite numbers (0 · NaN is NaN in probs · V), so each newly reached position starts at zero
@@ -107,9 +117,24 @@ class KVCache:
         self.length = max(self.length, end)
         return buf[layer, 0, :, :, :end], buf[layer, 1, :, :, :end]
 
+    def _write_indirect(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | RowPositions,
+                        end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, RowPositions):
+            raise RuntimeError("an indirect KV cache decodes rows in lockstep (no RowPositions)")
+        n, physical = k.shape[0], self._buffers[0]
+        physical[layer, 0, :n, :, start:end] = k
+        physical[layer, 1, :n, :, start:end] = v
+        if layer == 0:
+            self.origin[:n, start:end] = torch.arange(n, device=k.device)[:, None]
+            self.rows_index = self.origin[:n, :end]
+        self.length = max(self.length, end)
+        return physical[layer, 0, :, :, :end], physical[layer, 1, :, :, :end]
+
     def grow(self, rows: int) -> None:
         """Append `rows` zeroed rows after the current ones (sentences admitted into a running batch,
         at position 0); the buffers are reallocated, at least doubling, when they are full."""
+        if self.origin is not None:
+            raise RuntimeError("an indirect KV cache does not admit rows (continuous batching uses a direct one)")
         need, capacity = self.rows + rows, self._buffers[0].shape[2]
         if need > capacity:
             shape = list(self._buffers[0].shape)
@@ -127,6 +152,10 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep rows in the given order (beam reorder and finished-row dropping in one gather)."""
         n = rows.numel()
+        if self.origin is not None:
+            self.origin[:n, : self.length] = self.origin[rows, : self.length]  # a copy is gathered first
+            self.rows = n
+            return
         if self.reference:
             target = self._buffers[1 - self._active][:, :, :n, :, : self.length]
             if self.length:
@@ -150,6 +179,19 @@ class RecurrentCache:
     def select(self, rows: torch.Tensor) -> None:
         self.state = self.state.index_select(1, rows)
         self.rows = rows.numel()
+
+    def _write_indirect(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | RowPositions,
+                        end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(start, RowPositions):
+            raise RuntimeError("an indirect KV cache decodes rows in lockstep (no RowPositions)")
+        n, physical = k.shape[0], self._buffers[0]
+        physical[layer, 0, :n, :, start:end] = k
+        physical[layer, 1, :n, :, start:end] = v
+        if layer == 0:
+            self.origin[:n, start:end] = torch.arange(n, device=k.device)[:, None]
+            self.rows_index = self.origin[:n, :end]
+        self.length = max(self.length, end)
+        return physical[layer, 0, :, :, :end], physical[layer, 1, :, :, :end]
 
     def grow(self, rows: int) -> None:
         self.state = torch.cat([self.state, self.state.new_zeros(self.state.shape[0], rows, self.state.shape[2])], 1)
@@ -363,7 +405,8 @@ class DecoderLayer(nn.Module):
             k_all, v_all = cache.write(layer, k, v, start)
             if isinstance(start, RowPositions):  # each row sees its own keys up to its position
                 return self.self_attn.merge(ops.attention(q, k_all, v_all, start.pos + 1, step=True), ops)
-            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True), ops)
+            return self.self_attn.merge(ops.attention(q, k_all, v_all, None, causal=True, step=True,
+                                                      rows=cache.rows_index), ops)
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend_self, ops)
         x = _sublayer(x, self.cross_attn_norm, self.pre_norm, lambda h: self.cross_attn(h, kv, src_lengths, ops, probs_out),
@@ -479,14 +522,16 @@ class Transformer(nn.Module):
 
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
-                  reference: bool = False) -> KVCache:
+                  reference: bool = False, lockstep: bool = False) -> KVCache:
         """A self-attention cache for `rows` decoder rows of a model running in `dtype` (the recurrent state
-        for SSRU decoders)."""
+        for SSRU decoders). lockstep (every row at the same position, as in `search`): the cache is indirect
+        (rows never moved) where the ops' step attention reads keys through a row index."""
         cfg = self.cfg
         if cfg.decoder_self == "ssru":
             return RecurrentCache(rows, cfg.decoder_layers, cfg.d_model, device)
+        indirect = lockstep and not reference and self.ops.reads_cache_rows(device)
         return KVCache(rows, cfg.decoder_layers, cfg.decoder_heads, max_len, cfg.d_model // cfg.decoder_heads,
-                       self.ops.cache_dtype(dtype, device), device, reference)
+                       self.ops.cache_dtype(dtype, device), device, reference, indirect)
 
     def decode(self, tokens: torch.Tensor, start: int | RowPositions, cache: KVCache, memory: Memory,
                out: torch.Tensor | None = None, attention_out: list | None = None) -> torch.Tensor:

@@ -41,6 +41,12 @@ def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _gather_rows(kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(P, H, T, Dh) keys and a (B, T) row index → (B, H, T, Dh): key j of row b from row rows[b, j]."""
+    positions = torch.arange(kv.shape[2], device=kv.device)
+    return kv[rows, :, positions[None, :]].transpose(1, 2)
+
+
 class TorchOps:
     """PyTorch implementations; any device, any float dtype.
 
@@ -86,15 +92,25 @@ class TorchOps:
         return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
 
     @staticmethod
+    def reads_cache_rows(device: torch.device) -> bool:
+        """The step attention reads keys through a row index (an indirect KV cache): the C++ one, on CPU."""
+        return device.type == "cpu"
+
+    @staticmethod
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-                  causal: bool = False, step: bool = False) -> torch.Tensor:
+                  causal: bool = False, step: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
         """softmax(q·kᵀ/√Dh)·v for q (B, H, Tq, Dh), k/v (B, H, Tk, Dh).
 
         kv_lengths (B,): keys at or past a row's length are padding. causal: query i sits at absolute
         position Tk - Tq + i and sees keys up to it (a block of new tokens after a cache).
         step: a decoder step (few query rows), where explicit matmuls beat the CPU flash kernel.
+        rows (B, Tk): key j of row b is k[rows[b, j], :, j] (an indirect cache; k may have more rows).
         """
         tq, tk = q.shape[2], k.shape[2]
+        cpp_step = (step and tq <= SMALL_QUERY and q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES
+                    and v.dtype == k.dtype and (tq == 1 or not causal))
+        if rows is not None and not cpp_step:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
+            k, v = _gather_rows(k, rows), _gather_rows(v, rows)
         mask = None
         if kv_lengths is not None:
             mask = (torch.arange(tk, device=q.device)[None, :] < kv_lengths[:, None])[:, None, None, :]
@@ -103,11 +119,11 @@ class TorchOps:
             mask = causal_mask if mask is None else mask & causal_mask
         if not step or tq > SMALL_QUERY:
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        if q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES and v.dtype == k.dtype and (tq == 1 or not causal):
+        if cpp_step:
             # a step's query sees every key given (one new token): the fused C++ loop, one task per
             # (sentence, head), instead of B·H tiny GEMMs (measured 7x faster at batch 1, 1.3x at 128 rows)
             from . import _C
-            return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5).to(q.dtype)
+            return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5, rows).to(q.dtype)
         # a block of several new tokens with a causal mask (forced target prefixes): two batched matmuls
         # beat the CPU flash kernel several-fold; computed in float32 on CPU
         work = torch.float32 if q.device.type == "cpu" else k.dtype
@@ -168,7 +184,7 @@ class Int8Ops(TorchOps):
     output row (symmetric), int32 accumulation, float32 everywhere else.
 
     kernel="vnni" (the default where the CPU has AVX512-VNNI): pyengine's own GEMM, activations quantized
-    per row (symmetric); measured 1.2-3x FBGEMM and oneDNN on the decoder's shapes at 1-128 rows, and on par
+    per row (asymmetric uint8); measured 1.2-3x FBGEMM and oneDNN on the decoder's shapes at 1-128 rows, and on par
     or faster at the encoder's hundreds (README). kernel="library": PyTorch's dynamic quantized linear,
     activations quantized per tensor; each weight packed for FBGEMM and oneDNN, and a call picks by its row
     count (INT8_ONEDNN_ROWS).
@@ -241,8 +257,15 @@ class TritonOps:
         from .kernels import attention, ffn, layernorm  # imported here: no compilation at import time
         self._attention, self._layernorm, self._ffn = attention, layernorm, ffn
 
+    @staticmethod
+    def reads_cache_rows(device: torch.device) -> bool:
+        """The kernels read plain (B, H, T, Dh) caches."""
+        return False
+
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-                  causal: bool = False, step: bool = False) -> torch.Tensor:
+                  causal: bool = False, step: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None:
+            raise ValueError("the Triton attention reads plain caches (rows index given)")
         return self._attention.attention(q, k, v, kv_lengths, causal)
 
     def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,

@@ -227,7 +227,7 @@ def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: in
     batch, device = memory.sentences, memory.kv.device
     run = new_run(model.cfg.family, batch, opts, start_id, eos_id, device, memory.width, on_step,
                   generator, prefix, reference)
-    cache = model.new_cache(run.tokens.shape[0], run.cache_len, device, dtype, reference)
+    cache = model.new_cache(run.tokens.shape[0], run.cache_len, device, dtype, reference, lockstep=True)
     buffers = StepBuffers(run.tokens.shape[0], model.cfg.tgt_vocab_size, device)
     while not run.done:
         n, t = run.tokens.shape

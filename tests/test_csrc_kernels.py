@@ -1,6 +1,6 @@
 """The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
 against float64 PyTorch math, the KV-cache row selection against torch.index_select, the fused decode-step
-attention against float64 softmax(q·kᵀ)·v; the CUDA twin of the top-k compiles for sm_80 and sm_90
+attention against float64 softmax(q·kᵀ)·v (also through an indirect cache's row index); the CUDA twin of the top-k compiles for sm_80 and sm_90
 without spills (nvcc, when present)."""
 from __future__ import annotations
 
@@ -110,6 +110,33 @@ def test_kv_cache_select_copies_in_place_when_few_rows_move():
         _C.kv_cache_select(active, spare, torch.tensor([8]), 4)
 
 
+def test_indirect_kv_cache_reads_what_a_moving_cache_holds():
+    """Beam reorders and dropped rows over 8 steps: the indirect cache (rows never moved, a row index gathered)
+    gives every row the keys and values of a cache whose rows are physically gathered (torch.index_select)."""
+    from pyengine.model import KVCache
+    from pyengine.ops import _gather_rows
+    gen = torch.Generator().manual_seed(3)
+    layers, rows, heads, head_dim, steps = 2, 12, 2, 4, 8
+    args = (rows, layers, heads, steps, head_dim, torch.float32, torch.device("cpu"))
+    moving, indirect = KVCache(*args, reference=True), KVCache(*args, indirect=True)
+    n = rows
+    for step in range(steps):
+        for layer in range(layers):
+            k, v = torch.randn(n, heads, 1, head_dim, generator=gen), torch.randn(n, heads, 1, head_dim, generator=gen)
+            k_ref, v_ref = moving.write(layer, k, v, step)
+            k_all, v_all = indirect.write(layer, k, v, step)
+            assert k_all.shape[0] == rows  # physical rows: nothing was compacted
+            assert torch.equal(_gather_rows(k_all, indirect.rows_index), k_ref)
+            assert torch.equal(_gather_rows(v_all, indirect.rows_index), v_ref)
+        keep = n - int(step % 3 == 2) * 2  # some steps drop two rows (finished sentences)
+        select = torch.randint(0, n, (keep,), generator=gen)  # beams take other rows' histories
+        moving.select(select)
+        indirect.select(select)
+        n = keep
+    with pytest.raises(RuntimeError, match="does not admit rows"):
+        indirect.grow(2)
+
+
 def test_cuda_top_k_twin_compiles_without_spills():
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -151,6 +178,27 @@ def test_decode_attention_on_cache_and_memory_views(head_dim, seed, kv_dtype):
     k1, v1 = cache[0, 0, :, :, :9], cache[0, 1, :, :, :9]
     out1 = _C.decode_attention(q1, k1, v1, None, 0.3)
     torch.testing.assert_close(out1.double(), attention_f64(q1, k1, v1, None, 0.3), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 12])  # register-blocked, generic loops
+def test_decode_attention_through_a_row_index(head_dim, kv_dtype):
+    """An indirect cache: key j of row b read from physical row rows[b, j] (more physical rows than queries),
+    against float64 attention over the keys gathered by hand."""
+    gen = torch.Generator().manual_seed(head_dim)
+    physical, rows_n, h, t = 9, 6, 3, 7
+    cache = torch.randn(2, 2, physical, h, 10, head_dim, generator=gen).to(kv_dtype)
+    k, v = cache[1, 0, :, :, :t], cache[1, 1, :, :, :t]
+    rows = torch.randint(0, physical, (rows_n, t), generator=gen)
+    q = torch.randn(rows_n, h, 1, head_dim, generator=gen)
+    out = _C.decode_attention(q, k, v, None, 0.2, rows)
+    k_ref = torch.stack([torch.stack([k[rows[b, j], :, j] for j in range(t)], 1) for b in range(rows_n)])
+    v_ref = torch.stack([torch.stack([v[rows[b, j], :, j] for j in range(t)], 1) for b in range(rows_n)])
+    torch.testing.assert_close(out.double(), attention_f64(q, k_ref, v_ref, None, 0.2), rtol=0, atol=2e-5)
+    with pytest.raises(RuntimeError, match="rows index past"):
+        _C.decode_attention(q, k, v, None, 0.2, torch.full((rows_n, t), physical))
+    with pytest.raises(RuntimeError, match="rows must be"):
+        _C.decode_attention(q, k, v, None, 0.2, rows[:, :3])
 
 
 def test_decode_attention_refuses_bad_inputs():
