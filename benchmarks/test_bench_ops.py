@@ -12,7 +12,7 @@ import torch
 
 from pyengine.decoding import log_probs, topk_rows
 from pyengine.model import KVCache
-from pyengine.ops import Int8Ops, TorchOps
+from pyengine.ops import Int8Ops, TorchOps, int8_engines, vnni_available
 
 ROWS, HEADS, DH, T, S, V, D = 128, 8, 64, 30, 24, 58101, 512
 
@@ -56,11 +56,16 @@ def test_linear_onednn_prepacked(benchmark, dtype, shape):
         benchmark(ops.linear, x, layer)
 
 
+INT8_KERNELS = (["vnni"] if vnni_available() else []) + (["library"] if int8_engines() else [])
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize("rows", [1, 32, ROWS])
 @pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
-def test_linear_int8_dynamic(benchmark, shape, rows):
-    """dtype="int8": FBGEMM up to 64 rows, oneDNN above."""
-    ops = Int8Ops()
+def test_linear_int8(benchmark, shape, rows, kernel):
+    """dtype="int8": pyengine's VNNI GEMM (the default where the CPU has it) next to the libraries' dynamic
+    int8 linear (FBGEMM up to 64 rows, oneDNN above) it replaced."""
+    ops = Int8Ops(kernel)
     layer = torch.nn.Linear(*shape)
     ops.prepare_linear(layer)
     x = torch.randn(rows, 1, shape[0])
@@ -103,8 +108,12 @@ def test_log_softmax_with_processors(benchmark):
     benchmark(log_probs, logits, 3, opts, 0)
 
 
-def test_kv_cache_reorder(benchmark):
-    cache = KVCache(ROWS, 6, HEADS, 64, DH, torch.float32, torch.device("cpu"))
+@pytest.mark.parametrize("kind", ["moving", "indirect"])
+def test_kv_cache_reorder(benchmark, kind):
+    """A beam reorder of 128 rows at cache length 30: rows gathered in C++ (continuous batching) or, in
+    lockstep search, only the indirect cache's (rows, T) origin table."""
+    cache = KVCache(ROWS, 6, HEADS, 64, DH, torch.float32, torch.device("cpu"), indirect=kind == "indirect")
+    cache.buffer.normal_()
     cache.length = T
     rows = torch.randint(0, ROWS, (ROWS,))
     benchmark(cache.select, rows)

@@ -181,7 +181,7 @@ class Int8Packed(NamedTuple):
 
 class Int8Ops(TorchOps):
     """TorchOps with int8 linear layers (CTranslate2's `int8` compute type): weights quantized once per
-    output row (symmetric), int32 accumulation, float32 everywhere else.
+    output row (symmetric), int32 accumulation, attention K/V stored in bfloat16, float32 everywhere else.
 
     kernel="vnni" (the default where the CPU has AVX512-VNNI): pyengine's own GEMM, activations quantized
     per row (asymmetric uint8); measured 1.2-3x FBGEMM and oneDNN on the decoder's shapes at 1-128 rows, and on par
@@ -241,6 +241,14 @@ class Int8Ops(TorchOps):
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         return _activation(self.linear(x, layer), activation)
+
+    @staticmethod
+    def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """Attention K/V in bfloat16: the step attention, bound by reading K/V once the int8 GEMMs are fast,
+        reads half the bytes (batch 32 greedy: 362 -> 327 ms, A/B in one process), and bf16 rounding of K/V
+        (2^-9 relative) is well inside the int8 activations' error (teacher-forced mean |Δ log p| against
+        float32 on the default model: 0.0205 with float32 K/V, 0.0203 with bf16)."""
+        return torch.bfloat16
 
 
 class TritonOps:
