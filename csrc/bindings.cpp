@@ -42,10 +42,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_pack", &pyengine::int8_pack,
         "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
   m.def("int8_linear", &pyengine::int8_linear,
-        "x·(q·scale)ᵀ + bias with x quantized per row to uint8, int32 accumulation (AVX512-VNNI; CPU).",
+        "act(x·(q·scale)ᵀ + bias) with x quantized per row to uint8, int32 accumulation (AVX512-VNNI; CPU).",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
-        pybind11::arg("portable") = false);
+        pybind11::arg("portable") = false, pybind11::arg("activation") = "none");
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

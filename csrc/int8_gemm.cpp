@@ -12,6 +12,7 @@
 // (Symmetric activations, CTranslate2's choice, leave half the levels unused after ReLU/swish: measured to
 // flip more translations of the test models than the libraries' per-tensor asymmetric rule.)
 #include "int8_gemm.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -38,7 +39,14 @@ struct Epilogue {
   const float* sw;      // column scales from n0
   const float* b;       // bias from n0, or nullptr
   int64_t width;        // columns to write (≤ 64)
+  Activation act;       // applied last
 };
+
+inline float activate_portable(float v, Activation act) {
+  if (act == Activation::kRelu) return std::max(v, 0.f);
+  if (act == Activation::kSwish) return v / (1.f + std::exp(-v));
+  return v;
+}
 
 // Scalar twin of the VNNI tile, for CPUs without AVX512-VNNI (and the reference the tests hold it to).
 void tile_portable(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e) {
@@ -56,7 +64,7 @@ void tile_portable(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, con
   for (int r = 0; r < rows; ++r)
     for (int64_t c = 0; c < e.width; ++c) {
       const float v = static_cast<float>(acc[r * kCols + c] - e.zp[r] * e.sums[c]) * (e.sx[r] * e.sw[c]);
-      e.y[r * e.ldy + c] = e.b ? v + e.b[c] : v;
+      e.y[r * e.ldy + c] = activate_portable(e.b ? v + e.b[c] : v, e.act);
     }
 }
 
@@ -139,7 +147,10 @@ PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, con
       const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(e.zp[r]), sums);
       const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[r][j], comp));
       const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.sx[r]), sw);  // sx·sw first, as the scalar twin
-      _mm512_mask_storeu_ps(e.y + r * e.ldy + 16 * j, mask, _mm512_add_ps(_mm512_mul_ps(v, scale), b));
+      __m512 y = _mm512_add_ps(_mm512_mul_ps(v, scale), b);
+      if (e.act == Activation::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+      if (e.act == Activation::kSwish) y = silu(y);
+      _mm512_mask_storeu_ps(e.y + r * e.ldy + 16 * j, mask, y);
     }
   }
 }
@@ -227,7 +238,11 @@ std::vector<at::Tensor> int8_pack(const at::Tensor& q) {
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
                        const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
-                       const c10::optional<at::Tensor>& out, bool portable) {
+                       const c10::optional<at::Tensor>& out, bool portable, const std::string& activation) {
+  Activation act = Activation::kNone;
+  if (activation == "relu") act = Activation::kRelu;
+  else if (activation == "swish") act = Activation::kSwish;
+  else TORCH_CHECK(activation == "none", "int8_linear: activation must be none, relu or swish, not ", activation);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "int8_linear: x must be a contiguous float32 (M, K) CPU tensor");
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, 4);
@@ -274,7 +289,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
       for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
         const Epilogue e{yp + m0 * n_out + n0, n_out, sx + m0, zp + m0, sums + n0, sw + n0, b ? b + n0 : nullptr,
-                         std::min(kCols, n_out - n0)};
+                         std::min(kCols, n_out - n0), act};
         kern.tile(xqp + m0 * Kp, Kp, rows, wp + t * tile_bytes, e);
       }
     }

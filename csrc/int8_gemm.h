@@ -12,11 +12,14 @@ bool vnni_available();
 // returns {packed (ceil(N/64), ceil(K/4)·4·64) int8, column sums (ceil(N/64)·64,) int32}.
 std::vector<at::Tensor> int8_pack(const at::Tensor& q);
 
-// y = x·(q·scale)ᵀ + bias for x (M, K) float32, with x quantized per row to uint8 (asymmetric, the range
+enum class Activation { kNone, kRelu, kSwish };
+
+// y = act(x·(q·scale)ᵀ + bias) for x (M, K) float32, with x quantized per row to uint8 (asymmetric, the range
 // holding 0) and the products accumulated in int32. Returns (M, n_out) float32, written into `out` when given.
 // portable: the scalar loop instead of the AVX512-VNNI one (for tests and CPUs without VNNI).
+// activation: "none", "relu" or "swish" (x·sigmoid(x)), applied to the tile in registers.
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
                        const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
-                       const c10::optional<at::Tensor>& out, bool portable);
+                       const c10::optional<at::Tensor>& out, bool portable, const std::string& activation);
 
 }  // namespace pyengine

@@ -2,6 +2,7 @@
 // softmax_topk_cuda.cu). Per row, while it sits in L2: max, sum of exp, maxima of 128-wide chunks; the
 // k best values lie in the k chunks with the highest maxima, so only k·128 values are ranked.
 #include "softmax_topk.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -40,25 +41,6 @@ float sum_exp_portable(const float* x, int64_t n, float max) {
 #define PYENGINE_AVX512 1
 #include <immintrin.h>
 
-// exp(x) for x <= 0: Cephes' expf polynomial (relative error ~2e-7), 16 lanes, no table, no branch.
-__attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 magic = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
-  const __m512 n = _mm512_sub_ps(t, magic);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  // 2^n from n's integer bits inside t
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 __attribute__((target("avx512f"))) float max_avx512(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(kNegInf);

@@ -145,6 +145,7 @@ class TorchOps:
 # Rows above which oneDNN's dynamic int8 GEMM beats FBGEMM's (measured on this project's Zen 4 machine:
 # FBGEMM 2x faster at 1-4 rows on the 58101-wide output layer, oneDNN 1.9x faster at 128 rows).
 INT8_ONEDNN_ROWS = 64
+FUSED_INT8_ACTIVATIONS = ("relu", "swish")  # the VNNI GEMM's epilogue applies these (gelu runs after it)
 
 
 @contextlib.contextmanager
@@ -227,19 +228,23 @@ class Int8Ops(TorchOps):
         if isinstance(layer, torch.nn.Linear):  # only the packed int8 copies are read from here on
             layer.weight = None
 
-    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         if self.kernel == "vnni":
             from . import _C
             w = layer.int8
-            y = _C.int8_linear(flat, w.packed, w.colsum, w.scale, w.bias, w.n, out)
+            y = _C.int8_linear(flat, w.packed, w.colsum, w.scale, w.bias, w.n, out, activation=activation)
             return y.view(*x.shape[:-1], w.n) if out is None else out
         engine = "onednn" if flat.shape[0] > INT8_ONEDNN_ROWS and "onednn" in layer.int8 else self.engines[0]
         y = torch.ops.quantized.linear_dynamic(flat, layer.int8[engine], False)
         y = y.view(*x.shape[:-1], y.shape[-1])
+        if activation != "none":
+            y = _activation(y, activation)
         return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
+        if self.kernel == "vnni" and activation in FUSED_INT8_ACTIVATIONS:  # applied in the GEMM's registers
+            return self.linear(x, layer, activation=activation)
         return _activation(self.linear(x, layer), activation)
 
     @staticmethod

@@ -70,20 +70,24 @@ def test_int8_linear_within_its_quantization_bound(rows, seed, kernel):
     assert bool((err <= bound).all()), f"error {err.max():.4g} over the bound at {(err - bound).argmax()}"
 
 
+@pytest.mark.parametrize("activation", ["swish", "relu", "gelu"])  # fused in the VNNI GEMM, gelu after it
 @pytest.mark.parametrize("kernel", KERNELS)
-def test_int8_linear_act_applies_the_activation(kernel):
+def test_int8_linear_act_applies_the_activation(kernel, activation):
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(7, 32, generator=gen), torch.randn(40, 32, generator=gen) * 0.1
     layer = _Layer(w, torch.zeros(40))
     ops = Int8Ops(kernel)
     ops.prepare_linear(layer)
     z = x.double() @ w.double().T
-    out = ops.linear_act(x, layer, "swish").double()
-    bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4  # silu is 1.1-Lipschitz
-    assert bool(((out - z * torch.sigmoid(z)).abs() <= 1.1 * bound).all())
+    ref = {"swish": z * torch.sigmoid(z), "relu": z.clamp(min=0), "gelu": torch.nn.functional.gelu(z)}[activation]
+    out = ops.linear_act(x, layer, activation).double()
+    bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4  # each activation is at most 1.13-Lipschitz
+    assert bool(((out - ref).abs() <= 1.13 * bound).all())
+    assert (out - ref).abs().max() > 1e-6  # the int8 path ran (its error is not zero)
 
 
-def _scheme_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _scheme_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                      activation: str = "none") -> torch.Tensor:
     """The VNNI kernel's arithmetic in float64: x quantized per row to uint8 over [min(x, 0), max(x, 0)] (the same
     float32 operations: inv = 255 / range, zp = round(−min · inv), xq = round(x · inv) + zp, half to even),
     integer dot products of xq − zp (exact in float64 here), scaled by s_x·s_w, plus bias."""
@@ -92,14 +96,16 @@ def _scheme_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bia
     zp = torch.round(-lo * inv)
     xq = (torch.round(x * inv) + zp).clamp(0, 255)
     y = ((xq - zp).double() @ q.double().T) * ((hi - lo) / 255).double() * scale.double()[None, :]
-    return y if bias is None else y + bias.double()
+    y = y if bias is None else y + bias.double()
+    return {"none": y, "relu": y.clamp(min=0), "swish": y * torch.sigmoid(y)}[activation]
 
 
+@pytest.mark.parametrize("activation", ["none", "relu", "swish"])
 @pytest.mark.parametrize("portable", [False, True] if vnni_available() else [True])
 @pytest.mark.parametrize("rows, k, n", [(1, 8, 3), (6, 37, 64), (7, 36, 70), (13, 512, 130), (32, 96, 200)])
-def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable):
+def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable, activation):
     """Row tiles of 1-6 and a remainder, K not a multiple of 4, N not a multiple of the 64-column tile, a zero
-    row, with and without bias, into `out`; the AVX512-VNNI loop and its portable twin."""
+    row, with and without bias, into `out`, each fused activation; the AVX512-VNNI loop and its portable twin."""
     gen = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
     if rows > 1:
@@ -108,12 +114,12 @@ def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable):
     bias = torch.randn(n, generator=gen)
     packed, colsum = _C.int8_pack(q)
     for b in (bias, None):
-        ref = _scheme_reference(x, q, scale, b)
+        ref = _scheme_reference(x, q, scale, b, activation)
         out = torch.full((rows, n), float("nan"))
-        y = _C.int8_linear(x, packed, colsum, scale, b, n, out, portable=portable)
+        y = _C.int8_linear(x, packed, colsum, scale, b, n, out, portable=portable, activation=activation)
         assert y.data_ptr() == out.data_ptr()
         torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
-        assert float(ref.abs().max()) > 0.1  # not vacuous
+        assert float(_scheme_reference(x, q, scale, b).abs().max()) > 0.1  # not vacuous
 
 
 def test_vnni_kernel_refuses_mismatched_inputs():
@@ -127,6 +133,8 @@ def test_vnni_kernel_refuses_mismatched_inputs():
         _C.int8_linear(torch.randn(3, 36), packed, colsum, scale[:5], None, 70)
     with pytest.raises(RuntimeError, match="out must be"):
         _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, torch.empty(2, 70))
+    with pytest.raises(RuntimeError, match="activation must be"):
+        _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, activation="gelu")
     with pytest.raises(RuntimeError, match="int8 \\(N, K\\)"):
         _C.int8_pack(torch.randn(4, 4))
 
