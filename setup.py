@@ -25,8 +25,10 @@ def extension():
     """C++ always; the CUDA sources only where nvcc and a CUDA build of torch are both present."""
     cpp = sorted(glob.glob("csrc/*.cpp"))
     cuda = sorted(glob.glob("csrc/*.cu"))
-    # -fopenmp: at::parallel_for is inlined into our sources and is serial without it
-    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp"]}
+    # -fopenmp: at::parallel_for is inlined into our sources and is serial without it.
+    # -ffp-contract=off: a scalar a*b+c is never fused into an FMA behind our back, so a loop the compiler
+    # vectorizes with an alignment peel rounds every element alike (else results depended on addresses)
+    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]}
     link = ["-fopenmp"]
     if cuda and CUDA_HOME and torch.version.cuda and shutil.which("nvcc"):
         args["nvcc"] = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]

@@ -3,6 +3,7 @@
 
 #include "beam_search.h"
 #include "decode_attention.h"
+#include "int8_decoder.h"
 #include "int8_gemm.h"
 #include "kv_cache.h"
 #include "softmax_topk.h"
@@ -46,6 +47,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
         pybind11::arg("portable") = false, pybind11::arg("activation") = "none");
+  pybind11::class_<pyengine::Int8Weight>(m, "Int8Weight", "An int8 linear layer's weight as int8_linear reads it.")
+      .def(pybind11::init([](at::Tensor packed, at::Tensor colsum, at::Tensor scale, c10::optional<at::Tensor> bias,
+                             int64_t n) { return pyengine::Int8Weight{packed, colsum, scale, bias, n}; }),
+           pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"), pybind11::arg("bias"),
+           pybind11::arg("n"));
+  pybind11::class_<pyengine::Int8DecoderLayer>(m, "Int8DecoderLayer", "A decoder layer's weights for int8_decoder_step.")
+      .def(pybind11::init([](pyengine::Int8Weight qkv, pyengine::Int8Weight self_out, pyengine::Int8Weight cross_q,
+                             pyengine::Int8Weight cross_out, pyengine::Int8Weight fc1, pyengine::Int8Weight fc2,
+                             std::vector<at::Tensor> norms, double eps, bool pre_norm, std::string activation,
+                             int64_t heads) {
+             TORCH_CHECK(norms.size() == 6, "Int8DecoderLayer: six layer-norm tensors (w, b of self, cross, ffn)");
+             TORCH_CHECK(activation == "relu" || activation == "swish" || activation == "gelu",
+                         "Int8DecoderLayer: activation must be relu, swish or gelu, not ", activation);
+             return pyengine::Int8DecoderLayer{qkv, self_out, cross_q, cross_out, fc1, fc2, norms[0], norms[1],
+                                               norms[2], norms[3], norms[4], norms[5], eps, pre_norm, activation,
+                                               heads};
+           }),
+           pybind11::arg("qkv"), pybind11::arg("self_out"), pybind11::arg("cross_q"), pybind11::arg("cross_out"),
+           pybind11::arg("fc1"), pybind11::arg("fc2"), pybind11::arg("norms"), pybind11::arg("eps"),
+           pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"));
+  m.def("int8_decoder_step", &pyengine::int8_decoder_step,
+        "One decoder step of every layer with int8 linears (an indirect KV cache), in C++.", pybind11::arg("layers"),
+        pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("position"), pybind11::arg("rows"),
+        pybind11::arg("memory"), pybind11::arg("src_lengths"));
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

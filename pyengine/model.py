@@ -125,10 +125,19 @@ class KVCache:
         physical[layer, 0, :n, :, start:end] = k
         physical[layer, 1, :n, :, start:end] = v
         if layer == 0:
-            self.origin[:n, start:end] = torch.arange(n, device=k.device)[:, None]
-            self.rows_index = self.origin[:n, :end]
-        self.length = max(self.length, end)
+            self.index_rows(n, start, end)
         return physical[layer, 0, :, :, :end], physical[layer, 1, :, :, :end]
+
+    def index_rows(self, n: int, start: int, end: int) -> None:
+        """Indirect mode: rows 0..n-1 write positions start..end-1 to their own physical rows."""
+        self.origin[:n, start:end] = torch.arange(n, device=self.origin.device)[:, None]
+        self.rows_index = self.origin[:n, :end]
+        self.length = max(self.length, end)
+
+    @property
+    def physical(self) -> torch.Tensor:
+        """The whole (L, 2, P, H, T_max, Dh) buffer an indirect cache writes in place."""
+        return self._buffers[0]
 
     def grow(self, rows: int) -> None:
         """Append `rows` zeroed rows after the current ones (sentences admitted into a running batch,
@@ -179,19 +188,6 @@ class RecurrentCache:
     def select(self, rows: torch.Tensor) -> None:
         self.state = self.state.index_select(1, rows)
         self.rows = rows.numel()
-
-    def _write_indirect(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int | RowPositions,
-                        end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(start, RowPositions):
-            raise RuntimeError("an indirect KV cache decodes rows in lockstep (no RowPositions)")
-        n, physical = k.shape[0], self._buffers[0]
-        physical[layer, 0, :n, :, start:end] = k
-        physical[layer, 1, :n, :, start:end] = v
-        if layer == 0:
-            self.origin[:n, start:end] = torch.arange(n, device=k.device)[:, None]
-            self.rows_index = self.origin[:n, :end]
-        self.length = max(self.length, end)
-        return physical[layer, 0, :, :, :end], physical[layer, 1, :, :, :end]
 
     def grow(self, rows: int) -> None:
         self.state = torch.cat([self.state, self.state.new_zeros(self.state.shape[0], rows, self.state.shape[2])], 1)
@@ -420,6 +416,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, ops):
         super().__init__()
         self.cfg, self.ops = cfg, ops
+        self.int8_step: list | None = None  # the C++ int8 decoder step's layers, set by load_weights
         d = cfg.d_model
         self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
         self.tgt_embed = None if cfg.shared_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
@@ -463,6 +460,24 @@ class Transformer(nn.Module):
         self.output = OutputProjection(weight, self.final_logits_bias if cfg.final_logits_bias else None)
         for module in [m for m in self.modules() if isinstance(m, nn.Linear)] + [self.output]:
             self.ops.prepare_linear(module)
+        self.int8_step = self._int8_step_layers()
+
+    def _int8_step_layers(self) -> list | None:
+        """The decoder layers for the C++ int8 step (`_C.int8_decoder_step`): int8 VNNI linears and
+        self-attention decoders; None otherwise (the Python layers run)."""
+        if getattr(self.ops, "kernel", None) != "vnni" or self.cfg.decoder_self == "ssru":
+            return None
+        from . import _C
+
+        def weight(linear) -> object:
+            w = linear.int8
+            return _C.Int8Weight(w.packed, w.colsum, w.scale, w.bias, w.n)
+
+        return [_C.Int8DecoderLayer(
+            weight(l.self_attn.qkv), weight(l.self_attn.out), weight(l.cross_attn.q), weight(l.cross_attn.out),
+            weight(l.ffn.fc1), weight(l.ffn.fc2),
+            [t.float().contiguous() for n in (l.self_attn_norm, l.cross_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
+            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in self.decoder_layers]
 
     def shortlist(self, memory: Memory, allowed: torch.Tensor | None = None) -> Memory:
         """Restrict the output layer to the words the memory's sentences may produce (allowed (B, V), or the
@@ -542,10 +557,19 @@ class Transformer(nn.Module):
         `attention_out`, a list, receives the last layer's cross-attention averaged over heads (N, T, S).
         """
         x = self._embed(self._tgt_table, tokens, "tgt", start)
-        last = len(self.decoder_layers) - 1
-        for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, i, cache, start, memory.kv[i], memory.lengths, self.ops,
-                      attention_out if i == last else None)
+        n, t, d = x.shape
+        if (self.int8_step is not None and t == 1 and isinstance(start, int) and attention_out is None
+                and getattr(cache, "origin", None) is not None):
+            # every layer in one C++ call (the same operations; no Python call per op)
+            from . import _C
+            cache.index_rows(n, start, start + 1)
+            x = _C.int8_decoder_step(self.int8_step, x.view(n, d), cache.physical, start, cache.rows_index,
+                                     memory.kv, memory.lengths).view(n, 1, d)
+        else:
+            last = len(self.decoder_layers) - 1
+            for i, layer in enumerate(self.decoder_layers):
+                x = layer(x, i, cache, start, memory.kv[i], memory.lengths, self.ops,
+                          attention_out if i == last else None)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
         if memory.vocab is None:

@@ -194,6 +194,69 @@ def test_int8_error_below_ctranslate2_int8_on_the_default_model(tmp_path):
     assert our_err.max() <= ct2_err.max()
 
 
+def _steps_logits(model, memory, rows: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """Greedy-fed decoder steps over an indirect cache with a random beam reorder after each step."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(rows, steps, torch.device("cpu"), torch.float32, lockstep=True)
+    assert cache.origin is not None  # the indirect cache the C++ step writes
+    tokens, out = torch.zeros(rows, 1, dtype=torch.long), []
+    with torch.inference_mode():
+        for step in range(steps):
+            logits = model.decode(tokens, step, cache, memory)
+            out.append(logits.clone())
+            cache.select(torch.randint(0, rows, (rows,), generator=gen))
+            tokens = logits[:, -1].argmax(-1, keepdim=True)
+    return out
+
+
+def _prenorm_model():
+    import math
+    from pyengine.config import ModelConfig
+    from pyengine.model import Transformer
+    cfg = ModelConfig(d_model=24, encoder_layers=2, decoder_layers=2, encoder_heads=3, decoder_heads=3,
+                      encoder_ffn_dim=40, decoder_ffn_dim=36, src_vocab_size=50, tgt_vocab_size=50, activation="relu",
+                      pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
+                      normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
+                      shared_embeddings=True, tie_output=True, final_logits_bias=False)
+    model = Transformer(cfg, Int8Ops("vnni"))
+    gen = torch.Generator().manual_seed(4)
+    state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
+             for name, p in model.named_parameters()}
+    model.load_weights(state, torch.float32, torch.device("cpu"))
+    return model
+
+
+@pytest.mark.skipif(not vnni_available(), reason="the C++ int8 step runs the VNNI GEMM (no AVX512-VNNI here)")
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "pre-norm"])
+def test_cpp_int8_decoder_step_equals_the_python_layers(arch, tmp_path, monkeypatch):
+    """The C++ step (all layers in one call) runs the Python layers' operations in their order: the logits of
+    every step are equal to the bit, post-norm (swish, relu, gelu) and pre-norm, beams reordered each step."""
+    if arch == "pre-norm":
+        model = _prenorm_model()
+    else:
+        model = pyengine.Engine.load(build_marian(tmp_path, **ARCHS[arch]), dtype="int8").model
+    assert model.int8_step is not None
+    batch, beam = 3, 2
+    src = torch.randint(3, 40, (batch, 7), generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([7, 4, 6])
+    with torch.inference_mode():
+        memory = model.memory(model.encode(src, lengths), lengths)  # beams: extra query rows of their sentence
+    calls = []
+    step = _C.int8_decoder_step
+    monkeypatch.setattr(_C, "int8_decoder_step", lambda *a: (calls.append(1), step(*a))[1])
+    fast = _steps_logits(model, memory, batch * beam, 6, seed=2)
+    assert len(calls) == 6  # every step ran in C++
+    layers, model.int8_step = model.int8_step, None
+    try:
+        python = _steps_logits(model, memory, batch * beam, 6, seed=2)
+    finally:
+        model.int8_step = layers
+    assert len(calls) == 6
+    for step, (a, b) in enumerate(zip(fast, python)):
+        assert torch.equal(a, b), f"step {step}: max |Δ| {(a - b).abs().max():.3g}"
+    assert not torch.equal(fast[0], fast[-1])  # the steps differ: the cache and positions were used
+
+
 def test_int8_engine_translates_like_float32(model_dir):
     fp32 = pyengine.Engine.load(model_dir)
     int8 = pyengine.Engine.load(model_dir, dtype="int8")
