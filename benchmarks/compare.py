@@ -164,7 +164,8 @@ def machine_floor(threads: int) -> dict:
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
         out[f"{name}_matmul_tflops"] = rate(lambda: a @ b, 2 * 2048 ** 3) / 1e12
-    # int8: the dynamic int8 GEMM the int8 systems use (oneDNN, VNNI where the CPU has it), fp32 in and out
+    # int8: a large dynamic int8 GEMM of the library CTranslate2-like engines use (oneDNN, VNNI where the CPU
+    # has it), fp32 in and out; pyengine-int8 runs its own kernel, measured at this rate (README)
     import warnings
     warnings.simplefilter("ignore", UserWarning)
     if "onednn" in torch.backends.quantized.supported_engines:

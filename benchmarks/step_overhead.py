@@ -4,8 +4,9 @@
 
 On the opus-mt-en-de-shaped random model of benchmarks.compare, decodes exactly --steps target tokens
 (min = max length, so no sentence stops early) and times every decoder forward; the rest of each
-step is the overhead. Runs the C++ paths (fused log-softmax + top-k, C++ beam step, in-place cache
-select) and the PyTorch/Python versions they replace (`reference=True`), alternated, median of
+step is the overhead. Runs the C++ paths (fused log-softmax + top-k, C++ beam step, and the indirect
+KV cache, which reorders a row index instead of rows) and the PyTorch/Python versions they replace
+(`reference=True`: rows gathered by index_select), alternated, median of
 --repeats, and prints both as ms per step and as a share of the forward time.
 """
 from __future__ import annotations
