@@ -257,6 +257,20 @@ def test_cpp_int8_decoder_step_equals_the_python_layers(arch, tmp_path, monkeypa
     assert not torch.equal(fast[0], fast[-1])  # the steps differ: the cache and positions were used
 
 
+@pytest.mark.skipif(not vnni_available(), reason="per-row activation quantization is the VNNI kernel's")
+@pytest.mark.parametrize("beam", [1, 3])
+def test_int8_translations_do_not_depend_on_the_batch(model_dir, beam):
+    """Activations are quantized per row, so a sentence's int8 GEMMs see only its own rows: translated alone
+    or in a batch of 16 (padded, length-sorted), the tokens and scores are the same to the bit. (The
+    libraries' per-tensor rule let the other sentences of a batch change a sentence's scale.)"""
+    engine = pyengine.Engine.load(model_dir, dtype="int8")
+    src = random_sources(16, engine.config.src_vocab_size, seed=5)
+    batched = engine.generate(src, beam_size=beam, max_decoding_length=12)
+    alone = [engine.generate([s], beam_size=beam, max_decoding_length=12)[0] for s in src]
+    assert [t.tokens for t in batched] == [t.tokens for t in alone]
+    assert [t.scores for t in batched] == [t.scores for t in alone]
+
+
 def test_int8_engine_translates_like_float32(model_dir):
     fp32 = pyengine.Engine.load(model_dir)
     int8 = pyengine.Engine.load(model_dir, dtype="int8")
