@@ -51,7 +51,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init([](at::Tensor packed, at::Tensor colsum, at::Tensor scale, c10::optional<at::Tensor> bias,
                              int64_t n) { return pyengine::Int8Weight{packed, colsum, scale, bias, n}; }),
            pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"), pybind11::arg("bias"),
-           pybind11::arg("n"));
+           pybind11::arg("n"))
+      .def_readonly("packed", &pyengine::Int8Weight::packed)
+      .def_readonly("colsum", &pyengine::Int8Weight::colsum)
+      .def_readonly("scale", &pyengine::Int8Weight::scale)
+      .def_readonly("bias", &pyengine::Int8Weight::bias)
+      .def_readonly("n", &pyengine::Int8Weight::n);
   pybind11::class_<pyengine::Int8DecoderLayer>(m, "Int8DecoderLayer", "A decoder layer's weights for int8_decoder_step.")
       .def(pybind11::init([](pyengine::Int8Weight qkv, pyengine::Int8Weight self_out, pyengine::Int8Weight cross_q,
                              pyengine::Int8Weight cross_out, pyengine::Int8Weight fc1, pyengine::Int8Weight fc2,

@@ -468,14 +468,9 @@ class Transformer(nn.Module):
         if getattr(self.ops, "kernel", None) != "vnni" or self.cfg.decoder_self == "ssru":
             return None
         from . import _C
-
-        def weight(linear) -> object:
-            w = linear.int8
-            return _C.Int8Weight(w.packed, w.colsum, w.scale, w.bias, w.n)
-
         return [_C.Int8DecoderLayer(
-            weight(l.self_attn.qkv), weight(l.self_attn.out), weight(l.cross_attn.q), weight(l.cross_attn.out),
-            weight(l.ffn.fc1), weight(l.ffn.fc2),
+            l.self_attn.qkv.int8, l.self_attn.out.int8, l.cross_attn.q.int8, l.cross_attn.out.int8,
+            l.ffn.fc1.int8, l.ffn.fc2.int8,
             [t.float().contiguous() for n in (l.self_attn_norm, l.cross_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
             l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in self.decoder_layers]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -170,16 +169,6 @@ def vnni_available() -> bool:
     return bool(_C.build_info()["avx512_vnni"])
 
 
-class Int8Packed(NamedTuple):
-    """A linear layer's int8 weight packed for `_C.int8_linear`."""
-
-    packed: torch.Tensor  # int8 column tiles
-    colsum: torch.Tensor  # int32 column sums (the uint8 activations' +128 is taken back with them)
-    scale: torch.Tensor  # float32 per output row
-    bias: torch.Tensor | None
-    n: int
-
-
 class Int8Ops(TorchOps):
     """TorchOps with int8 linear layers (CTranslate2's `int8` compute type): weights quantized once per
     output row (symmetric), int32 accumulation, attention K/V stored in bfloat16, float32 everywhere else.
@@ -214,8 +203,8 @@ class Int8Ops(TorchOps):
         bias = None if layer.bias is None else layer.bias.float().contiguous()
         if self.kernel == "vnni":
             from . import _C
-            packed, colsum = _C.int8_pack(q)
-            layer.int8 = Int8Packed(packed, colsum, scale.contiguous(), bias, q.shape[0])
+            packed, colsum = _C.int8_pack(q)  # int8 column tiles; int32 column sums (for the zero points)
+            layer.int8 = _C.Int8Weight(packed, colsum, scale.contiguous(), bias, q.shape[0])
         else:
             layer.int8 = {}
             with warnings.catch_warnings():  # quantized tensors are the packing functions' input type
@@ -228,24 +217,27 @@ class Int8Ops(TorchOps):
         if isinstance(layer, torch.nn.Linear):  # only the packed int8 copies are read from here on
             layer.weight = None
 
-    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.kernel == "vnni":
-            from . import _C
-            w = layer.int8
-            y = _C.int8_linear(flat, w.packed, w.colsum, w.scale, w.bias, w.n, out, activation=activation)
-            return y.view(*x.shape[:-1], w.n) if out is None else out
+            return self._vnni_linear(x, layer, out)
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         engine = "onednn" if flat.shape[0] > INT8_ONEDNN_ROWS and "onednn" in layer.int8 else self.engines[0]
         y = torch.ops.quantized.linear_dynamic(flat, layer.int8[engine], False)
         y = y.view(*x.shape[:-1], y.shape[-1])
-        if activation != "none":
-            y = _activation(y, activation)
         return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         if self.kernel == "vnni" and activation in FUSED_INT8_ACTIVATIONS:  # applied in the GEMM's registers
-            return self.linear(x, layer, activation=activation)
+            return self._vnni_linear(x, layer, activation=activation)
         return _activation(self.linear(x, layer), activation)
+
+    @staticmethod
+    def _vnni_linear(x: torch.Tensor, layer, out: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+        from . import _C
+        w = layer.int8
+        y = _C.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum, w.scale, w.bias,
+                           w.n, out, activation=activation)
+        return y.view(*x.shape[:-1], w.n) if out is None else out
 
     @staticmethod
     def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
