@@ -6,6 +6,7 @@
 #include "int8_decoder.h"
 #include "int8_gemm.h"
 #include "kv_cache.h"
+#include "layer_norm.h"
 #include "softmax_topk.h"
 
 namespace pyengine {
@@ -40,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),
         pybind11::arg("rows") = pybind11::none());
+  m.def("add_layer_norm", &pyengine::add_layer_norm,
+        "LN(x + residual) (LN(x) when residual is None) over the last dim of contiguous float32 CPU tensors.",
+        pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("eps"), pybind11::arg("portable") = false);
   m.def("int8_pack", &pyengine::int8_pack,
         "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
   m.def("int8_linear", &pyengine::int8_linear,

@@ -5,11 +5,13 @@
 // K/V may be float32 or bfloat16 (half the bytes: these loops are bound by reading K/V); rows are widened
 // to float32 as they are read, all arithmetic is float32.
 #include "decode_attention.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace pyengine {
@@ -33,8 +35,10 @@ void softmax_inplace(float* row, int64_t n) {
 }
 
 // A task: tq query rows against n keys given as row pointers (in place, or through the cache's row indirection).
+// Query row i's output goes to out + i·out_stride.
 template <typename T>
-using TaskFn = void (*)(const float* const*, const T* const*, const T* const*, int64_t, int64_t, float, float*, float*);
+using TaskFn = void (*)(const float* const*, const T* const*, const T* const*, int64_t, int64_t, float, float*, float*,
+                        int64_t);
 
 // A bfloat16 K/V row widened to float32 into `buf` (float32 rows are read in place).
 inline const float* widen_portable(const at::BFloat16* row, float* buf, int64_t n) {
@@ -89,24 +93,74 @@ __attribute__((target("avx512f"))) const float* widen_avx512(const at::BFloat16*
   return buf;
 }
 
-// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers
-// over its keys, and an output row is accumulated in registers over the keys and stored once (the
-// generic path below loads and stores the output row for every key).
+// 16 vectors of partial dot products → one vector of their 16 sums, lane j = sum of acc[j]: a transpose by
+// halves (15 adds, 30 shuffles, one permute), where 16 horizontal reductions take ~4 shuffles and 4 adds each.
+__attribute__((target("avx512f"))) inline __m512 reduce16(__m512* a) {
+  for (int p = 0; p < 8; ++p)  // 128-bit halves: v[p] holds acc[2p] (lanes 0-1) and acc[2p+1] (lanes 2-3)
+    a[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xEE));
+  for (int p = 0; p < 4; ++p)  // 128-bit lane l of a[p] holds acc[4p + l]
+    a[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0x88),
+                         _mm512_shuffle_f32x4(a[2 * p], a[2 * p + 1], 0xDD));
+  for (int p = 0; p < 2; ++p)  // lane l of a[p]: pairs of acc[8p + l] and acc[8p + 4 + l]
+    a[p] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * p], a[2 * p + 1], 0x44), _mm512_shuffle_ps(a[2 * p], a[2 * p + 1], 0xEE));
+  // element 4l + e holds acc[l + 4e]; permute into order
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(a[0], a[1], 0x88), _mm512_shuffle_ps(a[0], a[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, r);
+}
 
+inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// softmax of a row of n > 0 scores in place, 16 lanes (exp of x − max ≤ 0 by vec_math's polynomial).
+__attribute__((target("avx512f"))) void softmax_avx512(float* row, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first(n - j), row + j));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(k, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + j), m)));
+    _mm512_mask_storeu_ps(row + j, k, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = first(n - j);
+    _mm512_mask_storeu_ps(row + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), inv));
+  }
+}
+
+// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers over
+// its keys, scored 16 keys at a time (one vector of 16 scores, reduce16), the softmax is vectorized, and an
+// output row is accumulated in registers over the keys and stored once (the generic path below loads and
+// stores the output row for every key).
 template <typename T, int NV>
 __attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* const* k, const T* const* v,
-                                                      int64_t n, int64_t tq, float scale, float* scores, float* out) {
+                                                      int64_t n, int64_t tq, float scale, float* scores, float* out,
+                                                      int64_t out_stride) {
+  const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < tq; ++i) {
     __m512 qr[NV];
     for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[i] + 16 * u);
     float* row = scores + i * n;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* kj = k[j];
-      __m512 acc = _mm512_mul_ps(qr[0], load16(kj));
-      for (int u = 1; u < NV; ++u) acc = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), acc);
-      row[j] = _mm512_reduce_add_ps(acc) * scale;
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+      const int64_t m = std::min<int64_t>(16, n - j0);
+      __m512 acc[16];
+      for (int jj = 0; jj < 16; ++jj) {
+        if (jj >= m) {
+          acc[jj] = _mm512_setzero_ps();
+          continue;
+        }
+        const T* kj = k[j0 + jj];
+        __m512 a = _mm512_mul_ps(qr[0], load16(kj));
+        for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), a);
+        acc[jj] = a;
+      }
+      _mm512_mask_storeu_ps(row + j0, first(m), _mm512_mul_ps(reduce16(acc), sc));
     }
-    softmax_inplace(row, n);
+    softmax_avx512(row, n);
     __m512 o[NV];
     for (int u = 0; u < NV; ++u) o[u] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
@@ -114,7 +168,7 @@ __attribute__((target("avx512f"))) void task_registers(const float* const* q, co
       const __m512 p = _mm512_set1_ps(row[j]);
       for (int u = 0; u < NV; ++u) o[u] = _mm512_fmadd_ps(p, load16(vj + 16 * u), o[u]);
     }
-    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + i * 16 * NV + 16 * u, o[u]);
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + i * out_stride + 16 * u, o[u]);
   }
 }
 
@@ -158,20 +212,33 @@ inline const float* load(const at::BFloat16* row, float* buf, int64_t n, const K
 template <typename T>
 View<T> view_of(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+struct OutView {  // the (B, H, Tq, Dh) output, unit stride on Dh
+  float* data;
+  int64_t sb, sh, st;
+};
+
 // rows (B, Tk) or nullptr: key j of sentence b is read from batch row rows[b·Tk + j] of k and v (a beam-search
 // cache whose rows are never moved, FasterTransformer's cache indirection), else from row b.
 template <typename T>
 void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const std::vector<int64_t>& lengths,
-            const int64_t* rows, int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t Dh, float scale, float* o) {
+            const int64_t* rows, int64_t B, int64_t H, int64_t Tq, int64_t Tk, int64_t Dh, float scale,
+            const OutView& o) {
   const Kernels kern = pick_kernels();
   const TaskFn<T> fast = register_task<T>(Dh);
+  // bfloat16 K/V read by several query rows (beams in cross-attention): widened once per task into float32
+  // rows in L1 rather than once per query row (the widening costs more than the multiply-adds)
+  const TaskFn<float> fast_wide = std::is_same_v<T, at::BFloat16> && Tq > 1 ? register_task<float>(Dh) : nullptr;
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores, row_buf(Dh);
-    std::vector<const float*> q_rows(Tq);
+    std::vector<float> scores, row_buf(Dh), wide;
+    std::vector<const float*> q_rows(Tq), k_wide, v_wide;
     std::vector<const T*> k_rows, v_rows;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / H, h = task % H, n = lengths[b];
-      if (n == 0) continue;  // no keys: zeros (never happens in decoding: a source has at least EOS)
+      float* ob = o.data + b * o.sb + h * o.sh;
+      if (n == 0 || fast == nullptr) {  // no keys: zeros (never in decoding: a source has at least EOS); the
+        for (int64_t i = 0; i < Tq; ++i) std::fill_n(ob + i * o.st, Dh, 0.f);  // generic loop accumulates
+        if (n == 0) continue;
+      }
       scores.resize(Tq * n);
       k_rows.resize(n), v_rows.resize(n);
       for (int64_t j = 0; j < n; ++j) {
@@ -179,9 +246,17 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
         k_rows[j] = kv.row(src, h, j), v_rows[j] = vv.row(src, h, j);
       }
       for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
-      float* ob = o + (b * H + h) * Tq * Dh;
+      if (fast_wide != nullptr) {
+        wide.resize(2 * n * Dh), k_wide.resize(n), v_wide.resize(n);
+        for (int64_t j = 0; j < n; ++j) {
+          k_wide[j] = load(k_rows[j], wide.data() + j * Dh, Dh, kern);
+          v_wide[j] = load(v_rows[j], wide.data() + (n + j) * Dh, Dh, kern);
+        }
+        fast_wide(q_rows.data(), k_wide.data(), v_wide.data(), n, Tq, scale, scores.data(), ob, o.st);
+        continue;
+      }
       if (fast != nullptr) {
-        fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob);
+        fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob, o.st);
         continue;
       }
       for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
@@ -191,13 +266,35 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
       for (int64_t i = 0; i < Tq; ++i) softmax_inplace(scores.data() + i * n, n);
       for (int64_t j = 0; j < n; ++j) {
         const float* vj = load(v_rows[j], row_buf.data(), Dh, kern);
-        for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * Dh, Dh);
+        for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * o.st, Dh);
       }
     }
   });
 }
 
 }  // namespace
+
+void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3), Tk = k.size(2);
+  const OutView o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
+  const float s = static_cast<float>(scale);
+  if (k.scalar_type() == at::kFloat) {
+    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, rows, B, H, Tq, Tk, Dh, s, o);
+  } else {
+    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, rows, B, H, Tq, Tk, Dh,
+           s, o);
+  }
+}
+
+void check_rows(const at::Tensor& rows, int64_t B, int64_t Tk, int64_t kv_rows) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == B &&
+                  rows.size(1) == Tk,
+              "decode_attention: rows must be a contiguous int64 (", B, ", ", Tk, ") tensor");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i)
+    TORCH_CHECK(r[i] >= 0 && r[i] < kv_rows, "decode_attention: rows index past k's ", kv_rows, " rows");
+}
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& kv_lengths, double scale,
@@ -214,28 +311,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor row_index;
   if (rows) {
     row_index = rows->to(at::kLong).contiguous();
-    TORCH_CHECK(row_index.dim() == 2 && row_index.size(0) == B && row_index.size(1) == Tk,
-                "decode_attention: rows must be (B, Tk)");
-    const int64_t* r = row_index.data_ptr<int64_t>();
-    for (int64_t i = 0; i < row_index.numel(); ++i)
-      TORCH_CHECK(r[i] >= 0 && r[i] < k.size(0), "decode_attention: rows index past k's ", k.size(0), " rows");
+    check_rows(row_index, B, Tk, k.size(0));
   }
-  const int64_t* row_ptr = rows ? row_index.data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> lengths(B, Tk);
   if (kv_lengths.has_value()) {
     const at::Tensor len = kv_lengths->to(at::kLong).contiguous();
     TORCH_CHECK(len.numel() == B, "decode_attention: kv_lengths must have one entry per sentence");
     for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, Tk);
   }
-  at::Tensor out = at::zeros({B, H, Tq, Dh}, q.options());
-  float* o = out.data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  if (k.scalar_type() == at::kFloat) {
-    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, row_ptr, B, H, Tq, Tk, Dh, s, o);
-  } else {
-    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, row_ptr, B, H, Tq, Tk,
-           Dh, s, o);
-  }
+  at::Tensor out = at::empty({B, H, Tq, Dh}, q.options());  // every row written (zeros where no keys)
+  decode_attention_into(q, k, v, lengths, scale, rows ? row_index.data_ptr<int64_t>() : nullptr, out);
   return out;
 }
 

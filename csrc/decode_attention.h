@@ -1,6 +1,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <vector>
+
 namespace pyengine {
 
 // Attention of a decoder step on the CPU: softmax(q·kᵀ·scale)·v for a few query rows per (sentence, head),
@@ -14,5 +16,14 @@ namespace pyengine {
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& kv_lengths, double scale,
                             const c10::optional<at::Tensor>& rows);
+
+// The same for C++ callers that checked their inputs (shapes, dtypes, unit stride on Dh): lengths (B,) keys per
+// sentence (≤ Tk), rows (B·Tk) or nullptr, and the result written through out's strides ((B, H, Tq, Dh) float32,
+// unit stride on Dh), so a caller can lay it out as its next GEMM reads it.
+void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out);
+
+// Refuses a row index that is not a contiguous int64 (B, Tk) table of rows below kv_rows.
+void check_rows(const at::Tensor& rows, int64_t B, int64_t Tk, int64_t kv_rows);
 
 }  // namespace pyengine

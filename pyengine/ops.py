@@ -19,6 +19,9 @@ OP_NAMES = ("attention", "add_layer_norm", "linear_act", "linear")
 ONEDNN_ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "swish": ("swish", "")}  # (attr, algorithm)
 SMALL_QUERY = 16  # query rows at or under which attention uses explicit matmuls instead of SDPA
 CPP_KV_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes the fused C++ step attention reads
+# keys up to which the C++ attention beats the CPU flash kernel (SDPA) outside decoder steps (encoder):
+# measured 3.2x at 32 × 24 tokens, 1.3x at 64, 1.0x at 128, 0.9x at 256 (8 heads of 64, 2 threads)
+CPP_ATTENTION_KEYS = 128
 
 
 def _activation(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -102,13 +105,19 @@ class TorchOps:
 
         kv_lengths (B,): keys at or past a row's length are padding. causal: query i sits at absolute
         position Tk - Tq + i and sees keys up to it (a block of new tokens after a cache).
-        step: a decoder step (few query rows), where explicit matmuls beat the CPU flash kernel.
+        step: a decoder step (few query rows over a cache or the encoder memory).
         rows (B, Tk): key j of row b is k[rows[b, j], :, j] (an indirect cache; k may have more rows).
         """
         tq, tk = q.shape[2], k.shape[2]
-        cpp_step = (step and tq <= SMALL_QUERY and q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES
-                    and v.dtype == k.dtype and (tq == 1 or not causal))
-        if rows is not None and not cpp_step:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
+        cpp = (q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES and v.dtype == k.dtype and (tq == 1 or not causal)
+               and (tq <= SMALL_QUERY if step else tk <= CPP_ATTENTION_KEYS))
+        if cpp:
+            # the fused C++ loop, one task per (sentence, head): a step's query sees every key given (one new
+            # token); B·H tiny GEMMs cost more in dispatch (measured 7x slower at batch 1, 1.3x at 128 rows),
+            # and the CPU flash kernel is slower for short sources (encoder, 32 × 24 tokens: 3.2x)
+            from . import _C
+            return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5, rows).to(q.dtype)
+        if rows is not None:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
             k, v = _gather_rows(k, rows), _gather_rows(v, rows)
         mask = None
         if kv_lengths is not None:
@@ -118,11 +127,6 @@ class TorchOps:
             mask = causal_mask if mask is None else mask & causal_mask
         if not step or tq > SMALL_QUERY:
             return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        if cpp_step:
-            # a step's query sees every key given (one new token): the fused C++ loop, one task per
-            # (sentence, head), instead of B·H tiny GEMMs (measured 7x faster at batch 1, 1.3x at 128 rows)
-            from . import _C
-            return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5, rows).to(q.dtype)
         # a block of several new tokens with a causal mask (forced target prefixes): two batched matmuls
         # beat the CPU flash kernel several-fold; computed in float32 on CPU
         work = torch.float32 if q.device.type == "cpu" else k.dtype
@@ -238,6 +242,16 @@ class Int8Ops(TorchOps):
         y = _C.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum, w.scale, w.bias,
                            w.n, out, activation=activation)
         return y.view(*x.shape[:-1], w.n) if out is None else out
+
+    @staticmethod
+    def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+        """pyengine's C++ residual + layer norm (csrc/layer_norm.cpp): the one the C++ decoder step runs, so
+        the Python layers and that step agree to the bit; at a step's few rows it is 5-10x ATen's add +
+        layer_norm, whose dispatch dominates there."""
+        from . import _C
+        return _C.add_layer_norm(x.float().contiguous(), None if residual is None else residual.float().contiguous(),
+                                 weight.float().contiguous(), bias.float().contiguous(), eps)
 
     @staticmethod
     def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:

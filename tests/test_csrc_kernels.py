@@ -1,6 +1,7 @@
 """The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
 against float64 PyTorch math, the KV-cache row selection against torch.index_select, the fused decode-step
-attention against float64 softmax(q·kᵀ)·v (also through an indirect cache's row index); the CUDA twin of the top-k compiles for sm_80 and sm_90
+attention against float64 softmax(q·kᵀ)·v (also through an indirect cache's row index, and as the encoder
+calls it), the residual + layer norm against float64; the CUDA twin of the top-k compiles for sm_80 and sm_90
 without spills (nvcc, when present)."""
 from __future__ import annotations
 
@@ -199,6 +200,68 @@ def test_decode_attention_through_a_row_index(head_dim, kv_dtype):
         _C.decode_attention(q, k, v, None, 0.2, torch.full((rows_n, t), physical))
     with pytest.raises(RuntimeError, match="rows must be"):
         _C.decode_attention(q, k, v, None, 0.2, rows[:, :3])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 12])  # register-blocked, generic loops
+def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype):
+    """The encoder's use: every token a query row over up to 40 keys, ragged lengths (keys scored 16 at a time:
+    whole blocks, a tail, fewer keys than a block), against float64."""
+    gen = torch.Generator().manual_seed(7 * head_dim)
+    b, h, s = 4, 2, 40
+    qkv = torch.randn(b, s, 3, h, head_dim, generator=gen) * 2
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, Dh) views, as the encoder passes them
+    k, v = k.to(kv_dtype), v.to(kv_dtype)
+    lengths = torch.tensor([40, 33, 16, 5])
+    out = _C.decode_attention(q, k, v, lengths, head_dim ** -0.5)
+    torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, head_dim ** -0.5), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("tokens", [24, 130])  # the C++ kernel (≤ CPP_ATTENTION_KEYS), the CPU flash kernel above
+def test_encoder_attention_either_kernel_matches_float64(tokens):
+    from pyengine.ops import CPP_ATTENTION_KEYS, TorchOps
+    assert (tokens <= CPP_ATTENTION_KEYS) == (tokens == 24)
+    gen = torch.Generator().manual_seed(tokens)
+    q, k, v = (torch.randn(3, 4, tokens, 32, generator=gen) for _ in range(3))
+    lengths = torch.tensor([tokens, tokens - 5, 3])
+    out = TorchOps.attention(q, k, v, lengths)
+    ref = attention_f64(q, k, v, lengths, 32 ** -0.5)
+    valid = torch.arange(tokens)[None, :] < lengths[:, None]  # padded query rows are never read
+    torch.testing.assert_close(out.double().transpose(1, 2)[valid], ref.transpose(1, 2)[valid], rtol=0, atol=2e-5)
+
+
+def layer_norm_f64(x, residual, weight, bias, eps):
+    s = x.double() + (0 if residual is None else residual.double())
+    mean = s.mean(-1, keepdim=True)
+    var = ((s - mean) ** 2).mean(-1, keepdim=True)
+    return (s - mean) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+@pytest.mark.parametrize("portable", [False, True])  # AVX-512 rows, the scalar twin
+@pytest.mark.parametrize("rows,dim", [(1, 1), (7, 12), (5, 512), (300, 520), (3, 1000)])  # tails; threads at 300
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_layer_norm_matches_float64(rows, dim, with_residual, portable):
+    gen = torch.Generator().manual_seed(rows * dim)
+    x = torch.randn(rows, dim, generator=gen) * 3 + 1.5  # an offset mean: a one-pass variance would lose digits
+    residual = torch.randn(rows, dim, generator=gen) if with_residual else None
+    weight, bias = torch.randn(dim, generator=gen), torch.randn(dim, generator=gen)
+    out = _C.add_layer_norm(x, residual, weight, bias, 1e-5, portable)
+    ref = layer_norm_f64(x, residual, weight, bias, 1e-5)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=3e-5 * max(1.0, float(weight.abs().max())))
+    if not portable and dim > 1:  # and every row alike whatever its place in the batch (no address dependence)
+        alone = _C.add_layer_norm(x[-1:].clone(), None if residual is None else residual[-1:].clone(), weight, bias,
+                                  1e-5, False)
+        assert torch.equal(alone[0], out[-1])
+
+
+def test_add_layer_norm_refuses_bad_inputs():
+    x, w = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.add_layer_norm(x.double(), None, w, w, 1e-5)
+    with pytest.raises(RuntimeError, match="weight and bias"):
+        _C.add_layer_norm(x, None, w[:4], w, 1e-5)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        _C.add_layer_norm(x, torch.randn(2, 4), w, w, 1e-5)
 
 
 def test_decode_attention_refuses_bad_inputs():
