@@ -45,6 +45,32 @@ def test_residual_layer_norm(benchmark, dtype):
     benchmark(TorchOps.add_layer_norm, x, r, w, b, 1e-5)
 
 
+@pytest.mark.parametrize("rows", [32, ROWS])
+@pytest.mark.parametrize("impl", ["cpp", "aten"])
+def test_residual_layer_norm_step_cpp_vs_aten(benchmark, impl, rows):
+    """A decoder step's residual + layer norm: csrc/layer_norm.cpp (Int8Ops, the C++ int8 step) vs ATen's add +
+    layer_norm (TorchOps), float32."""
+    x, r, w, b = torch.randn(rows, D), torch.randn(rows, D), torch.randn(D), torch.randn(D)
+    benchmark(Int8Ops.add_layer_norm if impl == "cpp" else TorchOps.add_layer_norm, x, r, w, b, 1e-5)
+
+
+@pytest.mark.parametrize("tokens", [24, 128])
+@pytest.mark.parametrize("impl", ["cpp", "sdpa"])
+def test_encoder_self_attention_cpp_vs_sdpa(benchmark, impl, tokens):
+    """The encoder's self-attention over 768 source tokens (32 × 24 or 6 × 128): the C++ attention TorchOps
+    uses up to CPP_ATTENTION_KEYS tokens vs the CPU flash kernel (SDPA) it replaces there."""
+    from pyengine import _C
+    batch = 32 * 24 // tokens
+    qkv = torch.randn(batch, tokens, 3, HEADS, DH)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, Dh) views, as the encoder has them
+    lengths = torch.full((batch,), tokens)
+    if impl == "cpp":
+        benchmark(_C.decode_attention, q, k, v, lengths, DH ** -0.5)
+    else:
+        mask = (torch.arange(tokens)[None, :] < lengths[:, None])[:, None, None, :]
+        benchmark(torch.nn.functional.scaled_dot_product_attention, q, k, v, attn_mask=mask)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
 def test_linear_onednn_prepacked(benchmark, dtype, shape):

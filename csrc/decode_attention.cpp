@@ -1,9 +1,10 @@
 // Decode-step attention, fused, on the CPU. At a decoder step each (sentence, head) has 1..16 query rows
 // (beams fold into the query axis for cross-attention) and a few dozen keys: torch.matmul runs this as
 // B·H tiny GEMMs plus a softmax, and its dispatch costs more than the arithmetic. Here one task per
-// (sentence, head): each key row is loaded once for all query rows, scores kept in a small buffer.
+// (sentence, head), scores kept in a small buffer. The same loop serves the encoder's self-attention on short
+// sources (every token a query row; the CPU flash kernel is slower up to ~128 tokens).
 // K/V may be float32 or bfloat16 (half the bytes: these loops are bound by reading K/V); rows are widened
-// to float32 as they are read, all arithmetic is float32.
+// to float32 as they are read (once per task when several query rows share them), all arithmetic is float32.
 #include "decode_attention.h"
 #include "vec_math.h"
 

@@ -49,7 +49,7 @@ inline float activate_portable(float v, Activation act) {
 }
 
 // Scalar twin of the VNNI tile, for CPUs without AVX512-VNNI (and the reference the tests hold it to).
-void tile_portable(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e) {
+void tile_portable(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e, const int8_t*) {
   const int64_t K4 = Kp / 4;
   int32_t acc[kMaxRows * kCols] = {};
   for (int64_t k4 = 0; k4 < K4; ++k4) {
@@ -111,9 +111,10 @@ PYENGINE_VNNI void quantize_row_vnni(const float* row, int64_t K, float inv, flo
 }
 
 // rows × 64 columns of int32 dot products over Kp (a multiple of 4), accumulators in registers, then the
-// epilogue from registers.
-template <int R>
-PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, const Epilogue& e) {
+// epilogue from registers. next, when not nullptr: a tile of the same size to prefetch into L2 meanwhile (as
+// fast as this tile is read), so that the next tile's first row block does not wait on memory.
+template <int R, bool Prefetch>
+PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, const Epilogue& e, const int8_t* next) {
   __m512i c[R][4];
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
@@ -123,6 +124,10 @@ PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, con
     const int8_t* wk = w + k4 * kCols * 4;
     const __m512i w0 = _mm512_loadu_si512(wk), w1 = _mm512_loadu_si512(wk + 64);
     const __m512i w2 = _mm512_loadu_si512(wk + 128), w3 = _mm512_loadu_si512(wk + 192);
+    if (Prefetch) {
+      for (int line = 0; line < 4; ++line)
+        _mm_prefetch(reinterpret_cast<const char*>(next + k4 * kCols * 4 + 64 * line), _MM_HINT_T1);
+    }
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       int32_t four;
@@ -155,27 +160,35 @@ PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, con
   }
 }
 
-PYENGINE_VNNI void tile_vnni_rows(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e) {
+template <bool Prefetch>
+PYENGINE_VNNI void tile_vnni_rows(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e,
+                                  const int8_t* next) {
   switch (rows) {
-    case 1: return tile_vnni<1>(xq, Kp, w, e);
-    case 2: return tile_vnni<2>(xq, Kp, w, e);
-    case 3: return tile_vnni<3>(xq, Kp, w, e);
-    case 4: return tile_vnni<4>(xq, Kp, w, e);
-    case 5: return tile_vnni<5>(xq, Kp, w, e);
-    default: return tile_vnni<6>(xq, Kp, w, e);
+    case 1: return tile_vnni<1, Prefetch>(xq, Kp, w, e, next);
+    case 2: return tile_vnni<2, Prefetch>(xq, Kp, w, e, next);
+    case 3: return tile_vnni<3, Prefetch>(xq, Kp, w, e, next);
+    case 4: return tile_vnni<4, Prefetch>(xq, Kp, w, e, next);
+    case 5: return tile_vnni<5, Prefetch>(xq, Kp, w, e, next);
+    default: return tile_vnni<6, Prefetch>(xq, Kp, w, e, next);
   }
+}
+
+PYENGINE_VNNI void tile_vnni_any(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e,
+                                 const int8_t* next) {
+  if (next != nullptr) return tile_vnni_rows<true>(xq, Kp, rows, w, e, next);
+  tile_vnni_rows<false>(xq, Kp, rows, w, e, nullptr);
 }
 #endif
 
 struct Kernels {
-  void (*tile)(const uint8_t*, int64_t, int, const int8_t*, const Epilogue&);
+  void (*tile)(const uint8_t*, int64_t, int, const int8_t*, const Epilogue&, const int8_t* next);
   void (*min_max)(const float*, int64_t, float*, float*);
   void (*quantize_row)(const float*, int64_t, float, float, uint8_t*);
 };
 
 Kernels pick_kernels(bool portable) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (!portable && vnni_available()) return {tile_vnni_rows, min_max_vnni, quantize_row_vnni};
+  if (!portable && vnni_available()) return {tile_vnni_any, min_max_vnni, quantize_row_vnni};
 #endif
   return {tile_portable, min_max_portable, quantize_row_portable};
 }
@@ -290,7 +303,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
         const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
         const Epilogue e{yp + m0 * n_out + n0, n_out, sx + m0, zp + m0, sums + n0, sw + n0, b ? b + n0 : nullptr,
                          std::min(kCols, n_out - n0), act};
-        kern.tile(xqp + m0 * Kp, Kp, rows, wp + t * tile_bytes, e);
+        // the second row block fetches the thread's next tile (its first row block then finds it in L2)
+        const bool fetch_next = m0 == kMaxRows && t + 1 < end;
+        kern.tile(xqp + m0 * Kp, Kp, rows, wp + t * tile_bytes, e, fetch_next ? wp + (t + 1) * tile_bytes : nullptr);
       }
     }
   });
