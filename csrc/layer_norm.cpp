@@ -11,6 +11,10 @@
 
 #include <cmath>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace pyengine {
 
 namespace {
@@ -36,7 +40,6 @@ void row_portable(const float* x, const float* r, const float* w, const float* b
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 
 __attribute__((target("avx512f"))) inline __m512 load_sum(const float* x, const float* r, int64_t i, __mmask16 m) {
   const __m512 v = _mm512_maskz_loadu_ps(m, x + i);
