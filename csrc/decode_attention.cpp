@@ -288,6 +288,16 @@ void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
   }
 }
 
+std::vector<int64_t> key_lengths(const c10::optional<at::Tensor>& kv_lengths, int64_t B, int64_t Tk) {
+  std::vector<int64_t> lengths(B, Tk);
+  if (kv_lengths.has_value()) {
+    const at::Tensor len = kv_lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(len.numel() == B, "decode_attention: kv_lengths must have one entry per sentence");
+    for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, Tk);
+  }
+  return lengths;
+}
+
 void check_rows(const at::Tensor& rows, int64_t B, int64_t Tk, int64_t kv_rows) {
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 2 && rows.size(0) == B &&
                   rows.size(1) == Tk,
@@ -314,12 +324,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     row_index = rows->to(at::kLong).contiguous();
     check_rows(row_index, B, Tk, k.size(0));
   }
-  std::vector<int64_t> lengths(B, Tk);
-  if (kv_lengths.has_value()) {
-    const at::Tensor len = kv_lengths->to(at::kLong).contiguous();
-    TORCH_CHECK(len.numel() == B, "decode_attention: kv_lengths must have one entry per sentence");
-    for (int64_t b = 0; b < B; ++b) lengths[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, Tk);
-  }
+  const std::vector<int64_t> lengths = key_lengths(kv_lengths, B, Tk);
   at::Tensor out = at::empty({B, H, Tq, Dh}, q.options());  // every row written (zeros where no keys)
   decode_attention_into(q, k, v, lengths, scale, rows ? row_index.data_ptr<int64_t>() : nullptr, out);
   return out;

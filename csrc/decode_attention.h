@@ -23,6 +23,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out);
 
+// Keys per sentence: kv_lengths (B,) clamped to [0, Tk], or Tk for every sentence when it is None.
+std::vector<int64_t> key_lengths(const c10::optional<at::Tensor>& kv_lengths, int64_t B, int64_t Tk);
+
 // Refuses a row index that is not a contiguous int64 (B, Tk) table of rows below kv_rows.
 void check_rows(const at::Tensor& rows, int64_t B, int64_t Tk, int64_t kv_rows);
 

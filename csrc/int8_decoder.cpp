@@ -27,19 +27,14 @@ void linear_into(const at::Tensor& x, const Int8Weight& w, const at::Tensor& out
   int8_linear(x, w.packed, w.colsum, w.scale, w.bias, w.n, out, false, activation);
 }
 
-// float32 → bfloat16 rounding to nearest even, as PyTorch's conversion (NaN aside, which decoding never writes).
-inline uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-}
-
+// float32 → bfloat16 as PyTorch converts (c10's rounding to nearest even).
 void to_bf16_portable(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = to_bf16(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// the same rounding, 16 lanes (AVX512F integer ops; AVX512-BF16 is not needed)
+// c10's rounding (u + 0x7FFF + lsb) >> 16, 16 lanes (AVX512F integer ops; AVX512-BF16 is not needed); NaN aside,
+// which decoding never writes
 __attribute__((target("avx512f"))) void to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
@@ -126,9 +121,7 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
               "int8_decoder_step: cache and memory must have ", H, " heads of ", Dh);
   const at::Tensor row_index = rows.to(at::kLong).contiguous();  // (a view of the cache's origin table)
   check_rows(row_index, N, T, cache.size(2));  // once per step, not per layer
-  std::vector<int64_t> self_len(N, T), cross_len(B);
-  const at::Tensor len = src_lengths.to(at::kLong).contiguous();
-  for (int64_t b = 0; b < B; ++b) cross_len[b] = std::clamp<int64_t>(len.data_ptr<int64_t>()[b], 0, memory.size(4));
+  const std::vector<int64_t> self_len(N, T), cross_len = key_lengths(src_lengths, B, memory.size(4));
   const int64_t* row_ptr = row_index.data_ptr<int64_t>();
   const double scale = std::pow(static_cast<double>(Dh), -0.5);  // as Python computes Dh ** -0.5
 

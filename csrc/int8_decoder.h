@@ -6,7 +6,7 @@
 
 namespace pyengine {
 
-// One linear layer's int8 weight as int8_linear reads it (pyengine.ops.Int8Packed).
+// One linear layer's int8 weight as int8_linear reads it (Int8Ops.prepare_linear builds it: layer.int8).
 struct Int8Weight {
   at::Tensor packed, colsum, scale;
   c10::optional<at::Tensor> bias;

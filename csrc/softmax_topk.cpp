@@ -41,7 +41,6 @@ float sum_exp_portable(const float* x, int64_t n, float max) {
 #define PYENGINE_AVX512 1
 #include <immintrin.h>
 
-
 __attribute__((target("avx512f"))) float max_avx512(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(kNegInf);
   int64_t i = 0;
