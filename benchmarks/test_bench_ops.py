@@ -99,6 +99,23 @@ def test_linear_int8(benchmark, shape, rows, kernel):
         benchmark(ops.linear, x, layer)
 
 
+@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM")
+@pytest.mark.parametrize("rows", [32, ROWS])
+@pytest.mark.parametrize("impl", ["fused", "logits+topk"])
+def test_output_layer_candidates_fused_vs_logits(benchmark, impl, rows):
+    """A step's candidates (k = 8) from the int8 output layer: fused (the logits never written) against the
+    output GEMM writing (rows, V) logits and log_softmax_topk reading them back."""
+    from pyengine import _C
+    ops = Int8Ops("vnni")
+    layer = torch.nn.Linear(D, V)
+    ops.prepare_linear(layer)
+    x, banned, out = torch.randn(rows, D), [0], torch.empty(rows, V)
+    if impl == "fused":
+        benchmark(ops.linear_candidates, x, layer, 8, banned)
+    else:
+        benchmark(lambda: _C.log_softmax_topk(ops.linear(x, layer, out=out), 8, torch.tensor(banned)))
+
+
 @pytest.mark.parametrize("kv", ["fp32", "bf16"])
 @pytest.mark.parametrize("impl", ["cpp", "matmul"])
 def test_cross_attention_step_cpp_vs_matmul(benchmark, impl, kv):

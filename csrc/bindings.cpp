@@ -52,6 +52,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
         pybind11::arg("portable") = false, pybind11::arg("activation") = "none");
+  m.def("int8_linear_log_softmax_topk", &pyengine::int8_linear_log_softmax_topk,
+        "Each row's k best (log-prob, column) of x·(q·scale)ᵀ + bias, the logits never written (int8, CPU); "
+        "banned columns count in the normalizer but are never candidates.",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
+        pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"), pybind11::arg("banned"),
+        pybind11::arg("portable") = false);
   pybind11::class_<pyengine::Int8Weight>(m, "Int8Weight", "An int8 linear layer's weight as int8_linear reads it.")
       .def(pybind11::init([](at::Tensor packed, at::Tensor colsum, at::Tensor scale, c10::optional<at::Tensor> bias,
                              int64_t n) { return pyengine::Int8Weight{packed, colsum, scale, bias, n}; }),

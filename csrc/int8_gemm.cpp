@@ -19,6 +19,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
 
 namespace pyengine {
 
@@ -249,67 +252,262 @@ std::vector<at::Tensor> int8_pack(const at::Tensor& q) {
   return {packed, colsum};
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
-                       const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
-                       const c10::optional<at::Tensor>& out, bool portable, const std::string& activation) {
+namespace {
+
+// int8_linear's operands, checked, with x quantized.
+struct Operands {
+  int64_t M, K, Kp, n_out, tiles, tile_bytes;
+  Kernels kern;
+  at::Tensor xq, row_scale, zero_point;  // owners of the pointers below
+  const uint8_t* xqp;
+  const float* sx;
+  const int32_t* zp;
+  const int8_t* wp;
+  const int32_t* sums;
+  const float* sw;
+  const float* b;
+  Activation act;
+};
+
+Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
+                 const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out, bool portable,
+                 const std::string& activation) {
   Activation act = Activation::kNone;
   if (activation == "relu") act = Activation::kRelu;
   else if (activation == "swish") act = Activation::kSwish;
-  else TORCH_CHECK(activation == "none", "int8_linear: activation must be none, relu or swish, not ", activation);
+  else TORCH_CHECK(activation == "none", who, ": activation must be none, relu or swish, not ", activation);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "int8_linear: x must be a contiguous float32 (M, K) CPU tensor");
+              who, ": x must be a contiguous float32 (M, K) CPU tensor");
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, 4);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 2 && packed.is_contiguous() &&
                   packed.size(1) == Kp * kCols && packed.size(0) * kCols >= n_out && n_out > 0,
-              "int8_linear: packed weight does not match K=", K, " and N=", n_out, " (use int8_pack)");
-  TORCH_CHECK(K <= 65536, "int8_linear: K up to 65536 (int32 accumulation of 255·127·K)");
+              who, ": packed weight does not match K=", K, " and N=", n_out, " (use int8_pack)");
+  TORCH_CHECK(K <= 65536, who, ": K up to 65536 (int32 accumulation of 255·127·K)");
   TORCH_CHECK(colsum.scalar_type() == at::kInt && colsum.numel() == packed.size(0) * kCols,
-              "int8_linear: colsum does not match the packed weight");
+              who, ": colsum does not match the packed weight");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == n_out && scale.is_contiguous(),
-              "int8_linear: scale must be float32 (N,)");
+              who, ": scale must be float32 (N,)");
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
-                        "int8_linear: bias must be float32 (N,)");
+                        who, ": bias must be float32 (N,)");
+  Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(portable)};
+  op.xq = at::empty({M, Kp}, x.options().dtype(at::kByte));
+  op.row_scale = at::empty({M}, x.options());
+  op.zero_point = at::empty({M}, x.options().dtype(at::kInt));
+  quantize_rows_u8(op.kern, x.data_ptr<float>(), M, K, Kp, op.xq.data_ptr<uint8_t>(), op.row_scale.data_ptr<float>(),
+                   op.zero_point.data_ptr<int32_t>());
+  op.xqp = op.xq.data_ptr<uint8_t>();
+  op.sx = op.row_scale.data_ptr<float>();
+  op.zp = op.zero_point.data_ptr<int32_t>();
+  op.wp = packed.data_ptr<int8_t>();
+  op.sums = colsum.data_ptr<int32_t>();
+  op.sw = scale.data_ptr<float>();
+  op.b = bias ? bias->data_ptr<float>() : nullptr;
+  op.act = act;
+  return op;
+}
+
+// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// and its row stride), then after(m0, rows, n0, width) sees it.
+template <typename Out, typename After>
+void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
+    for (int64_t m0 = 0; m0 < op.M; m0 += kMaxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, op.M - m0));
+      const auto [y, ldy] = out(m0, n0);
+      const Epilogue e{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, op.b ? op.b + n0 : nullptr, width,
+                       op.act};
+      // the second row block fetches the thread's next tile (its first row block then finds it in L2)
+      const bool fetch_next = m0 == kMaxRows && t + 1 < end;
+      op.kern.tile(op.xqp + m0 * op.Kp, op.Kp, rows, op.wp + t * op.tile_bytes, e,
+                   fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr);
+      after(m0, rows, n0, width);
+    }
+  }
+}
+
+}  // namespace
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
+                       const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                       const c10::optional<at::Tensor>& out, bool portable, const std::string& activation) {
+  const Operands op = prepare("int8_linear", x, packed, colsum, scale, bias, n_out, portable, activation);
   at::Tensor y;
   if (out) {
-    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == M * n_out,
+    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == op.M * n_out,
                 "int8_linear: out must be a contiguous float32 tensor of M·N elements");
     y = *out;
   } else {
-    y = at::empty({M, n_out}, x.options());
+    y = at::empty({op.M, n_out}, x.options());
   }
-  if (M == 0) return y;
-
-  const Kernels kern = pick_kernels(portable);
-  auto xq = at::empty({M, Kp}, x.options().dtype(at::kByte));
-  auto row_scale = at::empty({M}, x.options());
-  auto zero_point = at::empty({M}, x.options().dtype(at::kInt));
-  quantize_rows_u8(kern, x.data_ptr<float>(), M, K, Kp, xq.data_ptr<uint8_t>(), row_scale.data_ptr<float>(),
-                   zero_point.data_ptr<int32_t>());
-
-  const uint8_t* xqp = xq.data_ptr<uint8_t>();
-  const float* sx = row_scale.data_ptr<float>();
-  const int32_t* zp = zero_point.data_ptr<int32_t>();
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  const int32_t* sums = colsum.data_ptr<int32_t>();
-  const float* sw = scale.data_ptr<float>();
-  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  if (op.M == 0) return y;
   float* yp = y.data_ptr<float>();
-  const int64_t tiles = (n_out + kCols - 1) / kCols, tile_bytes = Kp * kCols;
   // threads split the columns: each streams its share of the weight once
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kCols;
-      for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, M - m0));
-        const Epilogue e{yp + m0 * n_out + n0, n_out, sx + m0, zp + m0, sums + n0, sw + n0, b ? b + n0 : nullptr,
-                         std::min(kCols, n_out - n0), act};
-        // the second row block fetches the thread's next tile (its first row block then finds it in L2)
-        const bool fetch_next = m0 == kMaxRows && t + 1 < end;
-        kern.tile(xqp + m0 * Kp, Kp, rows, wp + t * tile_bytes, e, fetch_next ? wp + (t + 1) * tile_bytes : nullptr);
-      }
-    }
+  at::parallel_for(0, op.tiles, 1, [&](int64_t begin, int64_t end) {
+    run_tiles(op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
+              [](int64_t, int, int64_t, int64_t) {});
   });
   return y;
+}
+
+// -- the output layer with log-softmax and top-k fused ---------------------------------------------------------
+//
+// At a decoder step the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were
+// written to memory, then read back by the log-softmax + top-k. Here each row block's logits stay in a small
+// buffer in L1, and per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it)
+// and the k best (logit, id) so far take them in; nothing (rows, V) is written.
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
+struct TopKState {
+  int64_t k;
+  std::vector<float> lane_max, lane_sum, best_value;
+  std::vector<int64_t> best_id, count;
+
+  TopKState(int64_t rows, int64_t k)
+      : k(k), lane_max(rows * 16, kNegInf), lane_sum(rows * 16, 0.f), best_value(rows * k), best_id(rows * k),
+        count(rows, 0) {}
+
+  // ids reach a thread in increasing order, so an equal value stays behind the ones already held (ties go to the
+  // lower id, as log_softmax_topk)
+  void offer(int64_t row, float v, int64_t id) {
+    float* bv = best_value.data() + row * k;
+    int64_t* bi = best_id.data() + row * k;
+    int64_t& n = count[row];
+    if (n == k && !(v > bv[k - 1])) return;
+    int64_t pos = n < k ? n++ : k - 1;
+    for (; pos > 0 && bv[pos - 1] < v; --pos) bv[pos] = bv[pos - 1], bi[pos] = bi[pos - 1];
+    bv[pos] = v, bi[pos] = id;
+  }
+
+  float threshold(int64_t row) const { return count[row] == k ? best_value[row * k + k - 1] : kNegInf; }
+};
+
+// Banned columns of the 64 from n0, as bits (banned: sorted ids).
+uint64_t banned_bits(const std::vector<int64_t>& banned, int64_t n0) {
+  uint64_t bits = 0;
+  for (auto it = std::lower_bound(banned.begin(), banned.end(), n0); it != banned.end() && *it < n0 + kCols; ++it)
+    bits |= uint64_t{1} << (*it - n0);
+  return bits;
+}
+
+// A row block's logits (rows × width at y, row stride kCols, columns from n0) into the state; scalar twin.
+void absorb_portable(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
+                     TopKState& st) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    float& mx = st.lane_max[row * 16];
+    float& sum = st.lane_sum[row * 16];
+    for (int64_t c = 0; c < width; ++c) {
+      const float v = y[r * kCols + c];
+      if (v > mx) sum *= std::exp(mx - v), mx = v;
+      sum += std::exp(v - mx);
+      if (!(banned >> c & 1)) st.offer(row, v, n0 + c);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+PYENGINE_VNNI void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
+                                 TopKState& st) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = width - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, y + r * kCols + 16 * j);
+      const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
+      if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
+        const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
+        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive(_mm512_sub_ps(mx, new_mx)));
+        mx = new_mx;
+      }
+      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive(_mm512_sub_ps(v, mx)));
+      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), v,
+                                              _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
+      for (; hit; hit &= hit - 1) {
+        const int lane = __builtin_ctz(hit);
+        st.offer(row, y[r * kCols + 16 * j + lane], n0 + 16 * j + lane);
+      }
+    }
+    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
+    _mm512_storeu_ps(st.lane_sum.data() + row * 16, sum);
+  }
+}
+#endif
+
+using AbsorbFn = void (*)(const float*, int, int64_t, int64_t, int64_t, uint64_t, TopKState&);
+
+AbsorbFn pick_absorb(bool portable) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (!portable && vnni_available()) return absorb_avx512;
+#endif
+  return absorb_portable;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
+                                                                const at::Tensor& colsum, const at::Tensor& scale,
+                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                                int64_t k, const at::Tensor& banned, bool portable) {
+  const Operands op = prepare("int8_linear_log_softmax_topk", x, packed, colsum, scale, bias, n_out, portable, "none");
+  TORCH_CHECK(banned.dim() == 1 && banned.scalar_type() == at::kLong && banned.device().is_cpu(),
+              "int8_linear_log_softmax_topk: banned must be (B,) int64 on the CPU");
+  std::vector<int64_t> ban(banned.data_ptr<int64_t>(), banned.data_ptr<int64_t>() + banned.numel());
+  std::sort(ban.begin(), ban.end());
+  ban.erase(std::unique(ban.begin(), ban.end()), ban.end());
+  TORCH_CHECK(ban.empty() || (ban.front() >= 0 && ban.back() < n_out),
+              "int8_linear_log_softmax_topk: banned token id outside the vocabulary");
+  TORCH_CHECK(k >= 1 && k + static_cast<int64_t>(ban.size()) <= n_out, "int8_linear_log_softmax_topk: k=", k,
+              " outside [1, ", n_out - static_cast<int64_t>(ban.size()), "] (the vocabulary less the banned ids)");
+  auto values = at::empty({op.M, k}, x.options());
+  auto ids = at::empty({op.M, k}, x.options().dtype(at::kLong));
+  if (op.M == 0) return {values, ids};
+
+  // one part of the columns per thread, each with its own state, merged per row at the end
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), op.tiles));
+  std::vector<TopKState> states(parts, TopKState(op.M, k));
+  const AbsorbFn absorb = pick_absorb(portable);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float block[kMaxRows * kCols];
+    for (int64_t p = begin; p < end; ++p) {
+      TopKState& st = states[p];
+      run_tiles(op, op.tiles * p / parts, op.tiles * (p + 1) / parts,
+                [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; },
+                [&](int64_t m0, int rows, int64_t n0, int64_t width) {
+                  absorb(block, rows, m0, n0, width, banned_bits(ban, n0), st);
+                });
+    }
+  });
+
+  float* out_v = values.data_ptr<float>();
+  int64_t* out_i = ids.data_ptr<int64_t>();
+  std::vector<std::pair<float, int64_t>> cands;
+  for (int64_t row = 0; row < op.M; ++row) {
+    // log Σ exp over every logit (banned ones too, as after HF's log_softmax + processors)
+    float mx = kNegInf;
+    for (const TopKState& st : states)
+      for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
+    double sum = 0;
+    for (const TopKState& st : states)
+      for (int l = 0; l < 16; ++l)
+        if (st.lane_sum[row * 16 + l] > 0) sum += st.lane_sum[row * 16 + l] * std::exp(double(st.lane_max[row * 16 + l]) - mx);
+    const float log_sum = mx + static_cast<float>(std::log(sum));
+    cands.clear();
+    for (const TopKState& st : states)
+      for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
+    std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (int64_t j = 0; j < k; ++j) out_v[row * k + j] = cands[j].first - log_sum, out_i[row * k + j] = cands[j].second;
+  }
+  return {values, ids};
 }
 
 }  // namespace pyengine

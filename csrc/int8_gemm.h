@@ -1,6 +1,7 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <tuple>
 #include <vector>
 
 namespace pyengine {
@@ -21,5 +22,14 @@ enum class Activation { kNone, kRelu, kSwish };
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
                        const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
                        const c10::optional<at::Tensor>& out, bool portable, const std::string& activation);
+
+// The output layer and the step's candidates in one pass: for y = x·(q·scale)ᵀ + bias (as int8_linear, no
+// activation), each row's k best (y − logsumexp(y row), column), best first, ties to the lower column, as
+// log_softmax_topk(int8_linear(...)) returns them, without writing y. `banned` columns count in the logsumexp
+// but are never candidates. k + the number of banned columns must not exceed n_out.
+std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
+                                                                const at::Tensor& colsum, const at::Tensor& scale,
+                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                                int64_t k, const at::Tensor& banned, bool portable);
 
 }  // namespace pyengine

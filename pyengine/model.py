@@ -558,6 +558,35 @@ class Transformer(nn.Module):
         `out`, a preallocated float32 (N, T, V) tensor, receives the logits (no fresh 30 MB per step).
         `attention_out`, a list, receives the last layer's cross-attention averaged over heads (N, T, S).
         """
+        x = self._decoder_states(tokens, start, cache, memory, attention_out)
+        if memory.vocab is None:
+            if out is None:
+                return self.ops.linear(x, self.output).float()
+            return self.ops.linear(x, self.output, out=out) if x.dtype == torch.float32 else out.copy_(
+                self.ops.linear(x, self.output))
+        # shortlist: the union's logits, each row's outside its sentence's words -inf, and -inf for the rest
+        logits = self.ops.linear(x, memory.output).float()
+        mask = memory.vocab_mask.repeat_interleave(x.shape[0] // memory.vocab_mask.shape[0], dim=0)
+        logits.masked_fill_(~mask[:, None, :], float("-inf"))
+        full = torch.empty(x.shape[0], x.shape[1], self.cfg.tgt_vocab_size, device=x.device) if out is None else out
+        full.fill_(float("-inf"))
+        full.index_copy_(2, memory.vocab, logits)
+        return full
+
+    def fuses_candidates(self, memory: Memory) -> bool:
+        """Whether decode_candidates can run: the ops fuse the full output layer with log-softmax + top-k."""
+        return memory.vocab is None and self.ops.fuses_candidates(self.output)
+
+    def decode_candidates(self, tokens: torch.Tensor, start: int, cache: KVCache, memory: Memory, k: int,
+                          banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step as decode, then each row's k best (log-prob, token) from the last position (banned ids
+        excluded, counted in the normalizer): decoding.candidates' result without writing the logits."""
+        x = self._decoder_states(tokens, start, cache, memory)
+        return self.ops.linear_candidates(x[:, -1], self.output, k, banned)
+
+    def _decoder_states(self, tokens: torch.Tensor, start: int | RowPositions, cache: KVCache, memory: Memory,
+                        attention_out: list | None = None) -> torch.Tensor:
+        """The decoder's output (N, T, D) for tokens at start.., before the output layer (decode's first half)."""
         x = self._embed(self._tgt_table, tokens, "tgt", start)
         n, t, d = x.shape
         if (self.int8_step is not None and t == 1 and isinstance(start, int) and attention_out is None
@@ -574,16 +603,4 @@ class Transformer(nn.Module):
                           attention_out if i == last else None)
         if self.cfg.decoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.decoder_norm.weight, self.decoder_norm.bias, self.decoder_norm.eps)
-        if memory.vocab is None:
-            if out is None:
-                return self.ops.linear(x, self.output).float()
-            return self.ops.linear(x, self.output, out=out) if x.dtype == torch.float32 else out.copy_(
-                self.ops.linear(x, self.output))
-        # shortlist: the union's logits, each row's outside its sentence's words -inf, and -inf for the rest
-        logits = self.ops.linear(x, memory.output).float()
-        mask = memory.vocab_mask.repeat_interleave(x.shape[0] // memory.vocab_mask.shape[0], dim=0)
-        logits.masked_fill_(~mask[:, None, :], float("-inf"))
-        full = torch.empty(x.shape[0], x.shape[1], self.cfg.tgt_vocab_size, device=x.device) if out is None else out
-        full.fill_(float("-inf"))
-        full.index_copy_(2, memory.vocab, logits)
-        return full
+        return x

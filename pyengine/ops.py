@@ -76,6 +76,10 @@ class TorchOps:
             y = F.linear(x, layer.weight, layer.bias)
         return y if out is None else out.copy_(y)
 
+    def fuses_candidates(self, layer) -> bool:
+        """Whether `linear_candidates` (the output layer fused with log-softmax + top-k) exists here: no."""
+        return False
+
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
         """activation(x·Wᵀ + b)."""
         packed = getattr(layer, "packed", None)
@@ -235,6 +239,20 @@ class Int8Ops(TorchOps):
             return self._vnni_linear(x, layer, activation=activation)
         return _activation(self.linear(x, layer), activation)
 
+    def fuses_candidates(self, layer) -> bool:
+        """Whether `linear_candidates` can run on this output layer."""
+        return self.kernel == "vnni" and getattr(layer, "int8", None) is not None
+
+    @staticmethod
+    def linear_candidates(x: torch.Tensor, layer, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k best (log-prob, token) of the output layer on x (N, D), banned ids excluded (but in the
+        normalizer), as decoding.candidates takes them from the logits; the (N, V) logits are never written
+        (at 32 rows of a 58k vocabulary, 7 MB written and read back per step)."""
+        from . import _C
+        w = layer.int8
+        return _C.int8_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum,
+                                               w.scale, w.bias, w.n, k, torch.tensor(banned, dtype=torch.long))
+
     @staticmethod
     def _vnni_linear(x: torch.Tensor, layer, out: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
         from . import _C
@@ -293,6 +311,11 @@ class TritonOps:
 
     def prepare_linear(self, layer) -> None:
         """Nothing to pack: the kernels read nn.Linear's (N, K) weight as it is."""
+
+    @staticmethod
+    def fuses_candidates(layer) -> bool:
+        """No output layer fused with log-softmax + top-k here (the logits go to the fused CUDA top-k)."""
+        return False
 
     def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x, layer.weight, layer.bias)  # plain GEMMs stay with cuBLAS

@@ -58,16 +58,32 @@ class GreedyRun:
         self.att = torch.zeros(batch, self.cache_len, src_width, device=device) if opts.needs_attention else None
         self.done = False
 
-    def advance(self, logits: torch.Tensor, buffers: StepBuffers, att_rows: torch.Tensor | None = None) -> Selection:
-        """Choose each row's next token from its (N, V) logits; finished rows leave."""
+    def fused_request(self) -> tuple[int, list[int]] | None:
+        """(k, banned ids) when this step's choice is the best log-prob with only bans applied (advance's fused
+        branch): the model may then give the candidates from its output layer directly (decode_candidates);
+        None when advance needs the logits."""
+        opts, step = self.opts, self.step
+        if self.att is not None or opts.sampling or self.reference or \
+                (self.family == "fairseq" and step + 1 >= opts.max_decoding_length):
+            return None
+        bans = fused_bans(step, opts, self.eos)
+        return None if bans is None else (1, bans)
+
+    def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
+                chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+        """Choose each row's next token from its (N, V) logits, or take `chosen`, the candidates asked for by
+        fused_request; finished rows leave."""
         opts, eos, step = self.opts, self.eos, self.step
-        n = logits.shape[0]
+        n = self.tokens.shape[0]
         if self.att is not None:
             self.att[:, self.position: self.position + self.tokens.shape[1]] = att_rows[:, :, : self.att.shape[2]]
         self.position += self.tokens.shape[1]
         self.step += 1
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
-        if self.family == "fairseq" and step + 1 >= opts.max_decoding_length:
+        if chosen is not None:
+            nxt = chosen[1][:, 0]
+            self.scores += chosen[0][:, 0]
+        elif self.family == "fairseq" and step + 1 >= opts.max_decoding_length:
             final_logp, final = forced_final_eos(logits, eos)
             nxt = final[:, 0]
             self.scores += final_logp[:, 0]
@@ -147,10 +163,22 @@ class BeamRun:
             self.fin_att = torch.zeros(batch, k, self.cache_len, src_width, device=device)
         self.done = False
 
-    def advance(self, logits: torch.Tensor, buffers: StepBuffers, att_rows: torch.Tensor | None = None) -> Selection:
-        """One beam step from the rows' (N, V) logits."""
+    def fused_request(self) -> tuple[int, list[int]] | None:
+        """(2·beam, banned ids) when this step's candidates are the rows' best log-probs with only bans applied
+        (see GreedyRun.fused_request); None when advance needs the logits."""
+        opts, step = self.opts, self.step
+        if self.att is not None or self.reference or \
+                (self.family == "fairseq" and step + 1 >= opts.max_decoding_length):
+            return None
+        bans = fused_bans(step, opts, self.eos)
+        return None if bans is None else (2 * opts.beam_size, bans)
+
+    def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
+                chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+        """One beam step from the rows' (N, V) logits, or from `chosen`, the candidates asked for by
+        fused_request."""
         opts, k, eos, step, state = self.opts, self.opts.beam_size, self.eos, self.step, self.state
-        n = logits.shape[0]
+        n = self.tokens.shape[0]
         if self.att is not None:
             self.att[:, self.position: self.position + self.tokens.shape[1]] = att_rows[:, :, : self.att.shape[2]]
         self.position += self.tokens.shape[1]
@@ -159,14 +187,16 @@ class BeamRun:
         # avoids HF's top-k over a (B, K·V) tensor
         seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
-        if self.family == "fairseq" and step + 1 >= opts.max_decoding_length:
+        if chosen is not None:
+            cand_logp, cand_ids = chosen
+        elif self.family == "fairseq" and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
         else:
             cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.reference)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
         if self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
             b, position = state.run_scores.shape[0], self.position
-            beams = torch.arange(b, device=logits.device)[:, None]
+            beams = torch.arange(b, device=self.att.device)[:, None]
             cand = self.att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
             self.fin_att[:, :, :position] = torch.cat([self.fin_att[:, :, :position], cand], dim=1)[beams, state.last_pick]
         done = state.done(opts)
@@ -231,10 +261,15 @@ def search(model: Transformer, memory: Memory, opts: DecodeOptions, start_id: in
     buffers = StepBuffers(run.tokens.shape[0], model.cfg.tgt_vocab_size, device)
     while not run.done:
         n, t = run.tokens.shape
-        att_out = None if run.att is None else []
-        logits = model.decode(run.tokens, run.position, cache, memory, out=buffers.logits(n) if t == 1 else None,
-                              attention_out=att_out)[:, -1]
-        selection = run.advance(logits, buffers, None if att_out is None else att_out[0])
+        request = run.fused_request() if t == 1 and model.fuses_candidates(memory) else None
+        if request is not None:  # the output layer hands over the candidates, the logits never written
+            chosen = model.decode_candidates(run.tokens, run.position, cache, memory, *request)
+            selection = run.advance(None, buffers, chosen=chosen)
+        else:
+            att_out = None if run.att is None else []
+            logits = model.decode(run.tokens, run.position, cache, memory, out=buffers.logits(n) if t == 1 else None,
+                                  attention_out=att_out)[:, -1]
+            selection = run.advance(logits, buffers, None if att_out is None else att_out[0])
         if run.done:
             break
         if selection.sentences is not None:

@@ -122,6 +122,73 @@ def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable, ac
         assert float(_scheme_reference(x, q, scale, b).abs().max()) > 0.1  # not vacuous
 
 
+def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (log-prob, id) in float64, banned ids counted in the normalizer but never taken."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    logp[:, banned] = float("-inf")
+    return logp.topk(k, dim=-1)
+
+
+@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
+@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("rows, k, n, top", [(1, 8, 70, 1), (7, 36, 200, 3), (13, 96, 1000, 8), (32, 64, 333, 10)])
+def test_fused_output_candidates_against_float64(rows, k, n, top, portable):
+    """The output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math of
+    the int8 scheme, banned ids out of the candidates but in the normalizer (one of them the best logit), row
+    blocks of 1-6 and a remainder, a ragged last tile, several column parts (threads) merged."""
+    gen = torch.Generator().manual_seed(rows * 100 + n)
+    x = torch.randn(rows, k, generator=gen) * 2
+    q, scale = quantize_rows(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen))
+    bias = torch.randn(n, generator=gen)
+    packed, colsum = _C.int8_pack(q)
+    logits = _scheme_reference(x, q, scale, bias)
+    banned = sorted({0, n - 1, int(logits[0].argmax())})
+    values, ids = _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, bias, n, top,
+                                                  torch.tensor(banned), portable=portable)
+    ref_values, ref_ids = _candidates_reference(logits, top, banned)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=1e-5)
+    assert not set(banned) & set(ids.flatten().tolist())
+    # the same candidates as the unfused path on the written logits (log_softmax_topk over int8_linear)
+    unfused = _C.log_softmax_topk(_C.int8_linear(x, packed, colsum, scale, bias, n), top, torch.tensor(banned))
+    assert torch.equal(ids, unfused[1])
+    torch.testing.assert_close(values, unfused[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
+@pytest.mark.parametrize("portable", [False, True])
+def test_fused_output_candidates_ties_go_to_the_lower_id(portable):
+    """Equal logits (one weight row repeated in the first tile, a middle one and the last: different column
+    parts) come out lowest id first, as log_softmax_topk orders them."""
+    n, k = 1000, 40
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(n, k, generator=gen) * 0.1
+    w[[5, 500, 501, 999]] = 1.0
+    q, scale = quantize_rows(w)
+    packed, colsum = _C.int8_pack(q)
+    x = torch.rand(2, k, generator=gen) + 0.5
+    values, ids = _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, n, 5, torch.tensor([500]),
+                                                  portable=portable)
+    assert ids[:, :3].tolist() == [[5, 501, 999]] * 2
+    assert torch.equal(values[:, 0], values[:, 2])
+
+
+@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
+def test_fused_output_candidates_refuses_bad_arguments():
+    q, scale = quantize_rows(torch.randn(70, 36))
+    packed, colsum = _C.int8_pack(q)
+    x = torch.randn(3, 36)
+    with pytest.raises(RuntimeError, match="k=71 outside \\[1, 70\\]"):
+        _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, 70, 71, torch.empty(0, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="k=70 outside \\[1, 69\\]"):
+        _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, 70, 70, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="banned token id outside"):
+        _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, 70, 1, torch.tensor([70]))
+    with pytest.raises(RuntimeError, match="packed weight does not match"):
+        _C.int8_linear_log_softmax_topk(torch.randn(3, 40), packed, colsum, scale, None, 70, 1,
+                                        torch.empty(0, dtype=torch.long))
+
+
 def test_vnni_kernel_refuses_mismatched_inputs():
     q, scale = quantize_rows(torch.randn(70, 36))
     packed, colsum = _C.int8_pack(q)
@@ -269,6 +336,28 @@ def test_int8_translations_do_not_depend_on_the_batch(model_dir, beam):
     alone = [engine.generate([s], beam_size=beam, max_decoding_length=12)[0] for s in src]
     assert [t.tokens for t in batched] == [t.tokens for t in alone]
     assert [t.scores for t in batched] == [t.scores for t in alone]
+
+
+@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
+@pytest.mark.parametrize("beam", [1, 4])
+def test_search_takes_candidates_from_the_fused_output_layer(model_dir, beam, monkeypatch):
+    """Greedy and beam search take each step's candidates from the fused output layer (no logits written) and
+    translate as the unfused path (logits, then log_softmax_topk): the same tokens, scores within float32
+    rounding; min_decoding_length bans EOS early on, so the banned ids reach the kernel too."""
+    engine = pyengine.Engine.load(model_dir, dtype="int8")
+    src = random_sources(12, engine.config.src_vocab_size, seed=8)
+    calls = []
+    fused = _C.int8_linear_log_softmax_topk
+    monkeypatch.setattr(_C, "int8_linear_log_softmax_topk", lambda *a: (calls.append(a[-1]), fused(*a))[1])
+    ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
+    assert len(calls) >= 9 and any(len(banned) for banned in calls)
+    monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
+    calls.clear()
+    ref = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
+    assert not calls
+    assert [t.tokens for t in ours] == [t.tokens for t in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=0, atol=1e-5)
 
 
 def test_int8_engine_translates_like_float32(model_dir):
