@@ -12,6 +12,8 @@
 #include "int8_gemm.h"
 #include "layer_norm.h"
 
+#include <ATen/Parallel.h>
+
 #include <cmath>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -64,14 +66,18 @@ void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tens
   const ToBf16Fn convert = pick_to_bf16();
   char* base = static_cast<char*>(kv.data_ptr());
   const int64_t item = kv.element_size();
-  for (int64_t which = 0; which < 2; ++which)
-    for (int64_t r = 0; r < N; ++r)
-      for (int64_t h = 0; h < H; ++h) {
-        const float* src = qkv + r * 3 * D + (which + 1) * D + h * Dh;
-        char* dst = base + item * (which * kv.stride(0) + r * kv.stride(1) + h * kv.stride(2) + position * kv.stride(3));
-        if (bf16) convert(src, reinterpret_cast<uint16_t*>(dst), Dh);
-        else std::memcpy(dst, src, Dh * sizeof(float));
-      }
+  // threads from 16 rows, as the layer norm and the quantization around it
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t which = 0; which < 2; ++which)
+      for (int64_t r = begin; r < end; ++r)
+        for (int64_t h = 0; h < H; ++h) {
+          const float* src = qkv + r * 3 * D + (which + 1) * D + h * Dh;
+          char* dst =
+              base + item * (which * kv.stride(0) + r * kv.stride(1) + h * kv.stride(2) + position * kv.stride(3));
+          if (bf16) convert(src, reinterpret_cast<uint16_t*>(dst), Dh);
+          else std::memcpy(dst, src, Dh * sizeof(float));
+        }
+  });
 }
 
 // The residual stream after a sub-layer whose output is y: LN(y + x) into x (post-norm, Int8Ops.add_layer_norm's

@@ -197,9 +197,12 @@ Kernels pick_kernels(bool portable) {
 }
 
 // Per-row asymmetric quantization of x (M, K) to uint8, rows padded to Kp with 0 (the padded weights are 0).
+// Threads from 8192 values (16 rows of 512): a decoder step's 32 rows were quantized by one thread while the
+// other waited (A/B, a step at 32 rows: 2% faster with the layer norm's like change).
 void quantize_rows_u8(const Kernels& kern, const float* x, int64_t M, int64_t K, int64_t Kp, uint8_t* xq,
                       float* row_scale, int32_t* zero_point) {
-  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       float lo, hi;
       kern.min_max(x + m * K, K, &lo, &hi);

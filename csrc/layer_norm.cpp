@@ -84,7 +84,7 @@ void add_layer_norm_rows(const float* x, const float* r, const float* w, const f
                          int64_t D, float* sum, float* y, bool portable) {
   const RowFn row = pick_row(portable);
   // a row is read before it is written, so sum and y may alias x or r
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));  // threads only from 128 KB
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(D, 1));  // threads from 32 KB (a step's 32 rows)
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m)
       row(x + m * D, r ? r + m * D : nullptr, w, b, eps, D, sum ? sum + m * D : nullptr, y + m * D);
