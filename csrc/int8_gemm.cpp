@@ -347,8 +347,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   float* yp = y.data_ptr<float>();
   // threads split the columns: each streams its share of the weight once
   at::parallel_for(0, op.tiles, 1, [&](int64_t begin, int64_t end) {
-    run_tiles(op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
-              [](int64_t, int, int64_t, int64_t) {});
+    run_tiles(
+        op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
+        [](int64_t, int, int64_t, int64_t) {});
   });
   return y;
 }
@@ -444,6 +445,29 @@ PYENGINE_VNNI void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n
 }
 #endif
 
+// A row's result from the threads' states: log Σexp over every logit (banned ones too, as after HF's
+// log_softmax + processors), and the k best of all the threads' k best, as log-probs.
+void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_value, int64_t* out_id) {
+  const int64_t k = states.front().k;
+  float mx = kNegInf;
+  for (const TopKState& st : states)
+    for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
+  double sum = 0;
+  for (const TopKState& st : states)
+    for (int l = 0; l < 16; ++l) {
+      const float lane_sum = st.lane_sum[row * 16 + l];  // 0 for a lane that saw no column
+      if (lane_sum > 0) sum += lane_sum * std::exp(double(st.lane_max[row * 16 + l]) - mx);
+    }
+  const float log_sum = mx + static_cast<float>(std::log(sum));
+  std::vector<std::pair<float, int64_t>> cands;
+  for (const TopKState& st : states)
+    for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
+  std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  for (int64_t j = 0; j < k; ++j) out_value[j] = cands[j].first - log_sum, out_id[j] = cands[j].second;
+}
+
 using AbsorbFn = void (*)(const float*, int, int64_t, int64_t, int64_t, uint64_t, TopKState&);
 
 AbsorbFn pick_absorb(bool portable) {
@@ -491,25 +515,7 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor
 
   float* out_v = values.data_ptr<float>();
   int64_t* out_i = ids.data_ptr<int64_t>();
-  std::vector<std::pair<float, int64_t>> cands;
-  for (int64_t row = 0; row < op.M; ++row) {
-    // log Σ exp over every logit (banned ones too, as after HF's log_softmax + processors)
-    float mx = kNegInf;
-    for (const TopKState& st : states)
-      for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
-    double sum = 0;
-    for (const TopKState& st : states)
-      for (int l = 0; l < 16; ++l)
-        if (st.lane_sum[row * 16 + l] > 0) sum += st.lane_sum[row * 16 + l] * std::exp(double(st.lane_max[row * 16 + l]) - mx);
-    const float log_sum = mx + static_cast<float>(std::log(sum));
-    cands.clear();
-    for (const TopKState& st : states)
-      for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
-    std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int64_t j = 0; j < k; ++j) out_v[row * k + j] = cands[j].first - log_sum, out_i[row * k + j] = cands[j].second;
-  }
+  for (int64_t row = 0; row < op.M; ++row) merge_row(states, row, out_v + row * k, out_i + row * k);
   return {values, ids};
 }
 

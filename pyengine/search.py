@@ -1,8 +1,9 @@
 """Greedy and beam search as step objects, and the loop that drives one batch to the end.
 
 A run (GreedyRun, BeamRun) holds one batch's decoding state: the caller runs the decoder on the run's
-`tokens` at its `position`, hands the logits to `advance`, and applies the returned Selection to the
-KV cache and the encoder memory. `search` does that for one batch; pyengine/continuous.py does it for
+`tokens` at its `position`, hands the logits to `advance` (or, when the run's `fused_request` asks for
+them and the model can, the candidates of an output layer fused with log-softmax + top-k), and applies
+the returned Selection to the KV cache and the encoder memory. `search` does that for one batch; pyengine/continuous.py does it for
 several runs sharing one decoder batch (continuous batching).
 """
 from __future__ import annotations
