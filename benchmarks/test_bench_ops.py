@@ -12,7 +12,7 @@ import torch
 
 from pyengine.decoding import log_probs, topk_rows
 from pyengine.model import KVCache
-from pyengine.ops import Int8Ops, TorchOps, int8_engines, vnni_available
+from pyengine.ops import Int8Ops, TorchOps, amx_available, int8_engines, vnni_available
 
 ROWS, HEADS, DH, T, S, V, D = 128, 8, 64, 30, 24, 58101, 512
 
@@ -82,15 +82,16 @@ def test_linear_onednn_prepacked(benchmark, dtype, shape):
         benchmark(ops.linear, x, layer)
 
 
-INT8_KERNELS = (["vnni"] if vnni_available() else []) + (["library"] if int8_engines() else [])
+OWN_INT8 = (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else [])
+INT8_KERNELS = OWN_INT8 + (["library"] if int8_engines() else [])
 
 
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize("rows", [1, 32, ROWS])
 @pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
 def test_linear_int8(benchmark, shape, rows, kernel):
-    """dtype="int8": pyengine's VNNI GEMM (the default where the CPU has it) next to the libraries' dynamic
-    int8 linear (FBGEMM up to 64 rows, oneDNN above) it replaced."""
+    """dtype="int8": pyengine's AMX and VNNI GEMM (the default where the CPU has them; amx runs VNNI at 1 row) next
+    to the libraries' dynamic int8 linear (FBGEMM up to 64 rows, oneDNN above) they replaced."""
     ops = Int8Ops(kernel)
     layer = torch.nn.Linear(*shape)
     ops.prepare_linear(layer)
@@ -99,14 +100,15 @@ def test_linear_int8(benchmark, shape, rows, kernel):
         benchmark(ops.linear, x, layer)
 
 
-@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM")
+@pytest.mark.skipif(not OWN_INT8, reason="the fused output layer runs pyengine's own int8 GEMM")
+@pytest.mark.parametrize("kernel", OWN_INT8)
 @pytest.mark.parametrize("rows", [32, ROWS])
 @pytest.mark.parametrize("impl", ["fused", "logits+topk"])
-def test_output_layer_candidates_fused_vs_logits(benchmark, impl, rows):
+def test_output_layer_candidates_fused_vs_logits(benchmark, impl, rows, kernel):
     """A step's candidates (k = 8) from the int8 output layer: fused (the logits never written) against the
     output GEMM writing (rows, V) logits and log_softmax_topk reading them back."""
     from pyengine import _C
-    ops = Int8Ops("vnni")
+    ops = Int8Ops(kernel)
     layer = torch.nn.Linear(D, V)
     ops.prepare_linear(layer)
     x, banned, out = torch.randn(rows, D), [0], torch.empty(rows, V)

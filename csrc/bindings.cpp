@@ -21,6 +21,7 @@ pybind11::dict build_info() {
 #endif
   info["torch_version"] = TORCH_VERSION;
   info["avx512_vnni"] = vnni_available();
+  info["amx_int8"] = amx_available();
   return info;
 }
 
@@ -45,19 +46,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LN(x + residual) (LN(x) when residual is None) over the last dim of contiguous float32 CPU tensors.",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("eps"), pybind11::arg("portable") = false);
+  m.def("int8_kernel_name", &pyengine::int8_kernel_name,
+        "The tile int8_linear runs for `kernel` on rows × k activations: amx, vnni or portable.",
+        pybind11::arg("kernel"), pybind11::arg("rows"), pybind11::arg("k"));
   m.def("int8_pack", &pyengine::int8_pack,
         "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
   m.def("int8_linear", &pyengine::int8_linear,
-        "act(x·(q·scale)ᵀ + bias) with x quantized per row to uint8, int32 accumulation (AVX512-VNNI; CPU).",
+        "act(x·(q·scale)ᵀ + bias) with x quantized per row to uint8, int32 accumulation (AMX-INT8 or AVX512-VNNI; CPU).",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
-        pybind11::arg("portable") = false, pybind11::arg("activation") = "none");
+        pybind11::arg("kernel") = "auto", pybind11::arg("activation") = "none");
   m.def("int8_linear_log_softmax_topk", &pyengine::int8_linear_log_softmax_topk,
         "Each row's k best (log-prob, column) of x·(q·scale)ᵀ + bias, the logits never written (int8, CPU); "
         "banned columns count in the normalizer but are never candidates.",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"), pybind11::arg("banned"),
-        pybind11::arg("portable") = false);
+        pybind11::arg("kernel") = "auto");
   pybind11::class_<pyengine::Int8Weight>(m, "Int8Weight", "An int8 linear layer's weight as int8_linear reads it.")
       .def(pybind11::init([](at::Tensor packed, at::Tensor colsum, at::Tensor scale, c10::optional<at::Tensor> bias,
                              int64_t n) { return pyengine::Int8Weight{packed, colsum, scale, bias, n}; }),
@@ -86,7 +90,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_decoder_step", &pyengine::int8_decoder_step,
         "One decoder step of every layer with int8 linears (an indirect KV cache), in C++.", pybind11::arg("layers"),
         pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("position"), pybind11::arg("rows"),
-        pybind11::arg("memory"), pybind11::arg("src_lengths"));
+        pybind11::arg("memory"), pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

@@ -25,8 +25,9 @@ namespace pyengine {
 
 namespace {
 
-void linear_into(const at::Tensor& x, const Int8Weight& w, const at::Tensor& out, const std::string& activation = "none") {
-  int8_linear(x, w.packed, w.colsum, w.scale, w.bias, w.n, out, false, activation);
+void linear_into(const at::Tensor& x, const Int8Weight& w, const at::Tensor& out, const std::string& kernel,
+                 const std::string& activation = "none") {
+  int8_linear(x, w.packed, w.colsum, w.scale, w.bias, w.n, out, kernel, activation);
 }
 
 // float32 → bfloat16 as PyTorch converts (c10's rounding to nearest even).
@@ -107,7 +108,7 @@ const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h, const
 
 at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const at::Tensor& x_in, const at::Tensor& cache,
                              int64_t position, const at::Tensor& rows, const at::Tensor& memory,
-                             const at::Tensor& src_lengths) {
+                             const at::Tensor& src_lengths, const std::string& kernel) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_decoder_step: x must be float32 (N, D)");
   TORCH_CHECK(!layers.empty() && cache.dim() == 6 && memory.dim() == 6 &&
                   cache.size(0) == static_cast<int64_t>(layers.size()) && memory.size(0) == cache.size(0),
@@ -146,28 +147,28 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
     const at::Tensor kv_cache = cache.select(0, l);  // (2, P, H, T_max, Dh)
 
     // self-attention: this step's K/V into the cache, then the query against every position so far
-    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer), layer.qkv, qkv);
+    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer), layer.qkv, qkv, kernel);
     write_kv(qkv.data_ptr<float>(), N, H, Dh, kv_cache, position);
     decode_attention_into(self_q, kv_cache.select(0, 0).narrow(2, 0, T), kv_cache.select(0, 1).narrow(2, 0, T),
                           self_len, scale, row_ptr, self_ctx);
-    linear_into(ctx, layer.self_out, y);
+    linear_into(ctx, layer.self_out, y, kernel);
     residual(x, y, layer.self_norm_w, layer.self_norm_b, layer);
 
     // encoder-decoder attention: beams are extra query rows of their sentence (one K/V read serves them all)
-    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer), layer.cross_q, h);
+    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer), layer.cross_q, h, kernel);
     const at::Tensor mem = memory.select(0, l);
     decode_attention_into(cross_q, mem.select(0, 0), mem.select(0, 1), cross_len, scale, nullptr, cross_ctx);
-    linear_into(ctx, layer.cross_out, y);
+    linear_into(ctx, layer.cross_out, y, kernel);
     residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer);
 
     // feed-forward, relu/swish applied in the first GEMM's registers
     const int64_t ffn = layer.fc1.n;
     if (!f.defined() || f.size(1) != ffn) f = at::empty({N, ffn}, f32);
     const bool fused = layer.activation == "relu" || layer.activation == "swish";
-    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer), layer.fc1, f,
+    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer), layer.fc1, f, kernel,
                 fused ? layer.activation : "none");
     if (!fused) f = at::gelu(f);  // HF "gelu" is the exact erf form
-    linear_into(f, layer.fc2, y);
+    linear_into(f, layer.fc2, y, kernel);
     residual(x, y, layer.ffn_norm_w, layer.ffn_norm_b, layer);
   }
   return x;

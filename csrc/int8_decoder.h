@@ -28,9 +28,10 @@ struct Int8DecoderLayer {
 // operations, in the same order, as pyengine.model.DecoderLayer on Int8Ops, without a Python call per op.
 // x (N, D) float32; cache (L, 2, P, H, T_max, Dh) an indirect KV cache (this step's K/V are written to rows
 // 0..N-1 at `position`; key j of row r is read from row rows[r, j]); memory (L, 2, B, H, S, Dh) the encoder
-// K/V with src_lengths (B,), the N rows being B sentences × N/B beams. Returns the last layer's output (N, D).
+// K/V with src_lengths (B,), the N rows being B sentences × N/B beams. kernel: int8_linear's (the one the Python
+// layers use, so that both agree). Returns the last layer's output (N, D).
 at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const at::Tensor& x, const at::Tensor& cache,
                              int64_t position, const at::Tensor& rows, const at::Tensor& memory,
-                             const at::Tensor& src_lengths);
+                             const at::Tensor& src_lengths, const std::string& kernel);
 
 }  // namespace pyengine

@@ -23,12 +23,21 @@
 #include <tuple>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace pyengine {
 
 namespace {
 
 constexpr int64_t kCols = 64;     // columns per packed tile: four 16-lane int32 vectors
 constexpr int kMaxRows = 6;       // rows per register tile (6 × 4 accumulators + 4 weights + 1 broadcast)
+constexpr int kAmxRows = 16;      // rows per AMX tile
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -113,6 +122,33 @@ PYENGINE_VNNI void quantize_row_vnni(const float* row, int64_t K, float inv, flo
   quantize_row_portable(row + k, K - k, inv, zp, out + k);
 }
 
+// 16 of a tile's columns (group j) and what the epilogue needs of them; store() writes row r's 16 results from
+// its int32 dot products. Shared by the VNNI register tile and the AMX tile, so both round alike, to the bit.
+struct ColumnGroup {
+  __mmask16 mask;
+  __m512i sums;
+  __m512 sw, b;
+  int64_t col;
+
+  PYENGINE_VNNI ColumnGroup(const Epilogue& e, int j) : col(16 * j) {
+    const int64_t left = e.width - col;
+    mask = left <= 0 ? __mmask16(0) : left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    sums = _mm512_loadu_si512(e.sums + col);
+    sw = _mm512_maskz_loadu_ps(mask, e.sw + col);
+    b = e.b ? _mm512_maskz_loadu_ps(mask, e.b + col) : _mm512_setzero_ps();
+  }
+
+  PYENGINE_VNNI void store(const Epilogue& e, int r, __m512i acc) const {
+    const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(e.zp[r]), sums);
+    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, comp));
+    const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.sx[r]), sw);  // sx·sw first, as the scalar twin
+    __m512 y = _mm512_add_ps(_mm512_mul_ps(v, scale), b);
+    if (e.act == Activation::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+    if (e.act == Activation::kSwish) y = silu(y);
+    _mm512_mask_storeu_ps(e.y + r * e.ldy + col, mask, y);
+  }
+};
+
 // rows × 64 columns of int32 dot products over Kp (a multiple of 4), accumulators in registers, then the
 // epilogue from registers. next, when not nullptr: a tile of the same size to prefetch into L2 meanwhile (as
 // fast as this tile is read), so that the next tile's first row block does not wait on memory.
@@ -144,22 +180,10 @@ PYENGINE_VNNI void tile_vnni(const uint8_t* xq, int64_t Kp, const int8_t* w, con
   }
 #pragma GCC unroll 4
   for (int j = 0; j < 4; ++j) {  // a constant trip count: the accumulators stay registers (no break)
-    const int64_t left = e.width - 16 * j;
-    if (left <= 0) continue;
-    const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-    const __m512i sums = _mm512_loadu_si512(e.sums + 16 * j);
-    const __m512 sw = _mm512_maskz_loadu_ps(mask, e.sw + 16 * j);
-    const __m512 b = e.b ? _mm512_maskz_loadu_ps(mask, e.b + 16 * j) : _mm512_setzero_ps();
+    const ColumnGroup g(e, j);
+    if (!g.mask) continue;
 #pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) {
-      const __m512i comp = _mm512_mullo_epi32(_mm512_set1_epi32(e.zp[r]), sums);
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(c[r][j], comp));
-      const __m512 scale = _mm512_mul_ps(_mm512_set1_ps(e.sx[r]), sw);  // sx·sw first, as the scalar twin
-      __m512 y = _mm512_add_ps(_mm512_mul_ps(v, scale), b);
-      if (e.act == Activation::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
-      if (e.act == Activation::kSwish) y = silu(y);
-      _mm512_mask_storeu_ps(e.y + r * e.ldy + 16 * j, mask, y);
-    }
+    for (int r = 0; r < R; ++r) g.store(e, r, c[r][j]);
   }
 }
 
@@ -181,19 +205,98 @@ PYENGINE_VNNI void tile_vnni_any(const uint8_t* xq, int64_t Kp, int rows, const 
   if (next != nullptr) return tile_vnni_rows<true>(xq, Kp, rows, w, e, next);
   tile_vnni_rows<false>(xq, Kp, rows, w, e, nullptr);
 }
+
+// -- AMX (Sapphire Rapids and later) ---------------------------------------------------------------------------
+//
+// TDPBUSD multiplies a 16 × 64 uint8 tile by a 16 × 64 int8 tile (16 k4-rows × 16 columns × 4 k) into 16 × 16
+// int32: 16 rows × 16 columns × 64 k in one instruction, ~8x the VPDPBUSD rate per core. The packed weight
+// is already in its layout: a B tile of 16 columns is read with a row stride of 256 bytes (one k4-row of the
+// 64-column pack). A row block is 16 rows (the activations are padded to whole blocks with zero rows); the 64
+// columns of a pack are four C tiles (tmm0-3), the activations tmm4, the weights alternate in tmm5/tmm6.
+// Integer sums are exact, so the results equal the VNNI tile's to the bit (same epilogue).
+#define PYENGINE_AMX __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
+
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tile configuration is per thread: set at the start of each thread's share of a GEMM, released at its end.
+PYENGINE_AMX void amx_begin() {
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+PYENGINE_AMX void amx_end() { _tile_release(); }
+
+PYENGINE_AMX void tile_amx(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e,
+                           const int8_t* next) {
+  constexpr int64_t stride = kCols * 4;  // bytes from one k4-row of the pack to the next
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < Kp; k += 64) {
+    const int8_t* wk = w + (k / 4) * stride;
+    _tile_loadd(4, xq + k, Kp);
+    _tile_loadd(5, wk, stride);
+    _tile_dpbusd(0, 4, 5);
+    _tile_loadd(6, wk + 64, stride);
+    _tile_dpbusd(1, 4, 6);
+    _tile_loadd(5, wk + 128, stride);
+    _tile_dpbusd(2, 4, 5);
+    _tile_loadd(6, wk + 192, stride);
+    _tile_dpbusd(3, 4, 6);
+    if (next != nullptr) {  // the next pack's same 4 KB into L2 while these tiles compute
+      const char* ahead = reinterpret_cast<const char*>(next + (k / 4) * stride);
+      for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    }
+  }
+  alignas(64) int32_t acc[kAmxRows * kCols];
+  _tile_stored(0, acc, stride);
+  _tile_stored(1, acc + 16, stride);
+  _tile_stored(2, acc + 32, stride);
+  _tile_stored(3, acc + 48, stride);
+  for (int j = 0; j < 4; ++j) {
+    const ColumnGroup g(e, j);
+    if (!g.mask) break;
+    for (int r = 0; r < rows; ++r) g.store(e, r, _mm512_load_si512(acc + r * kCols + 16 * j));
+  }
+}
 #endif
 
 struct Kernels {
   void (*tile)(const uint8_t*, int64_t, int, const int8_t*, const Epilogue&, const int8_t* next);
   void (*min_max)(const float*, int64_t, float*, float*);
   void (*quantize_row)(const float*, int64_t, float, float, uint8_t*);
+  int rows;              // rows per tile call (the row block)
+  void (*begin)();       // per thread, before its tiles (nullptr: nothing to do)
+  void (*end)();         // per thread, after them
+  const char* name;
 };
 
-Kernels pick_kernels(bool portable) {
+// kernel: "auto" (AMX where the CPU has it and the shape suits it, else VNNI where the CPU has it, else the
+// portable loop), "amx" (AMX where the shape suits it, else VNNI), "vnni" or "portable". The shape suits AMX when
+// K is a multiple of 64 and there are more rows than one VNNI tile holds: a 16-row AMX block at 1-6 rows is
+// slower (1 row: 11 vs 6 µs at 512×1536, 671 vs 553 µs on a 58101-wide output layer; equal at 6, AMX ahead from
+// 8). An unavailable request is an error, never a silent change of kernel. Every pick gives the same result.
+Kernels pick_kernels(const char* who, const std::string& kernel, int64_t M, int64_t Kp) {
+  TORCH_CHECK(kernel == "auto" || kernel == "amx" || kernel == "vnni" || kernel == "portable", who,
+              ": kernel must be auto, amx, vnni or portable, not ", kernel);
+  TORCH_CHECK(kernel != "amx" || amx_available(), who, ": the amx kernel needs a CPU (and OS) with AMX-INT8");
+  TORCH_CHECK(kernel != "vnni" || vnni_available(), who, ": the vnni kernel needs a CPU with AVX512-VNNI");
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (!portable && vnni_available()) return {tile_vnni_any, min_max_vnni, quantize_row_vnni};
+  const bool amx = kernel == "amx" || (kernel == "auto" && amx_available());
+  if (amx && Kp % 64 == 0 && M > kMaxRows)
+    return {tile_amx, min_max_vnni, quantize_row_vnni, kAmxRows, amx_begin, amx_end, "amx"};
+  if (kernel != "portable" && vnni_available())
+    return {tile_vnni_any, min_max_vnni, quantize_row_vnni, kMaxRows, nullptr, nullptr, "vnni"};
 #endif
-  return {tile_portable, min_max_portable, quantize_row_portable};
+  return {tile_portable, min_max_portable, quantize_row_portable, kMaxRows, nullptr, nullptr, "portable"};
 }
 
 // Per-row asymmetric quantization of x (M, K) to uint8, rows padded to Kp with 0 (the padded weights are 0).
@@ -227,6 +330,30 @@ bool vnni_available() {
 #else
   return false;
 #endif
+}
+
+bool amx_available() {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+  static const bool available = [] {
+    if (!vnni_available()) return false;
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if (((lo >> 17) & 3) != 3) return false;  // the OS saves tile state (XTILECFG, XTILEDATA)
+    // Linux hands out the tile data state on request only (once per process; oneDNN asks the same)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
+std::string int8_kernel_name(const std::string& kernel, int64_t rows, int64_t k) {
+  return pick_kernels("int8_kernel_name", kernel, rows, round_up(k, 4)).name;
 }
 
 std::vector<at::Tensor> int8_pack(const at::Tensor& q) {
@@ -273,8 +400,8 @@ struct Operands {
 };
 
 Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
-                 const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out, bool portable,
-                 const std::string& activation) {
+                 const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
+                 const std::string& kernel, const std::string& activation) {
   Activation act = Activation::kNone;
   if (activation == "relu") act = Activation::kRelu;
   else if (activation == "swish") act = Activation::kSwish;
@@ -292,8 +419,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
               who, ": scale must be float32 (N,)");
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
                         who, ": bias must be float32 (N,)");
-  Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(portable)};
-  op.xq = at::empty({M, Kp}, x.options().dtype(at::kByte));
+  Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(who, kernel, M, Kp)};
+  // whole row blocks: the AMX tile reads 16 rows whatever the block holds (the padding rows are zero, unwritten)
+  const int64_t Mp = round_up(M, op.kern.rows);
+  op.xq = at::empty({Mp, Kp}, x.options().dtype(at::kByte));
+  std::memset(op.xq.data_ptr<uint8_t>() + M * Kp, 0, (Mp - M) * Kp);
   op.row_scale = at::empty({M}, x.options());
   op.zero_point = at::empty({M}, x.options().dtype(at::kInt));
   quantize_rows_u8(op.kern, x.data_ptr<float>(), M, K, Kp, op.xq.data_ptr<uint8_t>(), op.row_scale.data_ptr<float>(),
@@ -313,28 +443,32 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 // and its row stride), then after(m0, rows, n0, width) sees it.
 template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  const int block = op.kern.rows;
+  if (op.kern.begin) op.kern.begin();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
-    for (int64_t m0 = 0; m0 < op.M; m0 += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, op.M - m0));
+    for (int64_t m0 = 0; m0 < op.M; m0 += block) {
+      const int rows = static_cast<int>(std::min<int64_t>(block, op.M - m0));
       const auto [y, ldy] = out(m0, n0);
       const Epilogue e{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, op.b ? op.b + n0 : nullptr, width,
                        op.act};
       // the second row block fetches the thread's next tile (its first row block then finds it in L2)
-      const bool fetch_next = m0 == kMaxRows && t + 1 < end;
+      const bool fetch_next = m0 == (block == kAmxRows ? 0 : block) && t + 1 < end;
       op.kern.tile(op.xqp + m0 * op.Kp, op.Kp, rows, op.wp + t * op.tile_bytes, e,
                    fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr);
       after(m0, rows, n0, width);
     }
   }
+  if (op.kern.end) op.kern.end();
 }
 
 }  // namespace
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& colsum,
                        const at::Tensor& scale, const c10::optional<at::Tensor>& bias, int64_t n_out,
-                       const c10::optional<at::Tensor>& out, bool portable, const std::string& activation) {
-  const Operands op = prepare("int8_linear", x, packed, colsum, scale, bias, n_out, portable, activation);
+                       const c10::optional<at::Tensor>& out, const std::string& kernel,
+                       const std::string& activation) {
+  const Operands op = prepare("int8_linear", x, packed, colsum, scale, bias, n_out, kernel, activation);
   at::Tensor y;
   if (out) {
     TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == op.M * n_out,
@@ -470,9 +604,9 @@ void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_val
 
 using AbsorbFn = void (*)(const float*, int, int64_t, int64_t, int64_t, uint64_t, TopKState&);
 
-AbsorbFn pick_absorb(bool portable) {
+AbsorbFn pick_absorb(const Kernels& kern) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (!portable && vnni_available()) return absorb_avx512;
+  if (kern.tile != tile_portable) return absorb_avx512;
 #endif
   return absorb_portable;
 }
@@ -482,8 +616,9 @@ AbsorbFn pick_absorb(bool portable) {
 std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
                                                                 const at::Tensor& colsum, const at::Tensor& scale,
                                                                 const c10::optional<at::Tensor>& bias, int64_t n_out,
-                                                                int64_t k, const at::Tensor& banned, bool portable) {
-  const Operands op = prepare("int8_linear_log_softmax_topk", x, packed, colsum, scale, bias, n_out, portable, "none");
+                                                                int64_t k, const at::Tensor& banned,
+                                                                const std::string& kernel) {
+  const Operands op = prepare("int8_linear_log_softmax_topk", x, packed, colsum, scale, bias, n_out, kernel, "none");
   TORCH_CHECK(banned.dim() == 1 && banned.scalar_type() == at::kLong && banned.device().is_cpu(),
               "int8_linear_log_softmax_topk: banned must be (B,) int64 on the CPU");
   std::vector<int64_t> ban(banned.data_ptr<int64_t>(), banned.data_ptr<int64_t>() + banned.numel());
@@ -500,9 +635,9 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor
   // one part of the columns per thread, each with its own state, merged per row at the end
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), op.tiles));
   std::vector<TopKState> states(parts, TopKState(op.M, k));
-  const AbsorbFn absorb = pick_absorb(portable);
+  const AbsorbFn absorb = pick_absorb(op.kern);
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float block[kMaxRows * kCols];
+    alignas(64) float block[std::max(kMaxRows, kAmxRows) * kCols];
     for (int64_t p = begin; p < end; ++p) {
       TopKState& st = states[p];
       run_tiles(op, op.tiles * p / parts, op.tiles * (p + 1) / parts,

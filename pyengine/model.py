@@ -463,9 +463,9 @@ class Transformer(nn.Module):
         self.int8_step = self._int8_step_layers()
 
     def _int8_step_layers(self) -> list | None:
-        """The decoder layers for the C++ int8 step (`_C.int8_decoder_step`): int8 VNNI linears and
-        self-attention decoders; None otherwise (the Python layers run)."""
-        if getattr(self.ops, "kernel", None) != "vnni" or self.cfg.decoder_self == "ssru":
+        """The decoder layers for the C++ int8 step (`_C.int8_decoder_step`): pyengine's own int8 linears (AMX or
+        VNNI) and self-attention decoders; None otherwise (the Python layers run)."""
+        if not getattr(self.ops, "own_kernel", False) or self.cfg.decoder_self == "ssru":
             return None
         from . import _C
         return [_C.Int8DecoderLayer(
@@ -595,7 +595,7 @@ class Transformer(nn.Module):
             from . import _C
             cache.index_rows(n, start, start + 1)
             x = _C.int8_decoder_step(self.int8_step, x.view(n, d), cache.physical, start, cache.rows_index,
-                                     memory.kv, memory.lengths).view(n, 1, d)
+                                     memory.kv, memory.lengths, kernel=self.ops.kernel).view(n, 1, d)
         else:
             last = len(self.decoder_layers) - 1
             for i, layer in enumerate(self.decoder_layers):

@@ -177,13 +177,24 @@ def vnni_available() -> bool:
     return bool(_C.build_info()["avx512_vnni"])
 
 
+def amx_available() -> bool:
+    """The CPU has AMX-INT8 and the OS grants its tile state: pyengine's int8 GEMM runs its AMX tile."""
+    from . import _C
+    return bool(_C.build_info()["amx_int8"])
+
+
+OWN_INT8_KERNELS = ("amx", "vnni")  # pyengine's own GEMM (csrc/int8_gemm.cpp), the C++ decoder step's too
+
+
 class Int8Ops(TorchOps):
     """TorchOps with int8 linear layers (CTranslate2's `int8` compute type): weights quantized once per
     output row (symmetric), int32 accumulation, attention K/V stored in bfloat16, float32 everywhere else.
 
-    kernel="vnni" (the default where the CPU has AVX512-VNNI): pyengine's own GEMM, activations quantized
-    per row (asymmetric uint8); measured 1.2-3x FBGEMM and oneDNN on the decoder's shapes at 1-128 rows, and on par
-    or faster at the encoder's hundreds (README). kernel="library": PyTorch's dynamic quantized linear,
+    kernel="amx" (the default where the CPU has AMX-INT8) or "vnni" (the default where it has AVX512-VNNI):
+    pyengine's own GEMM, activations quantized per row (asymmetric uint8). "amx" runs AMX tiles where the shape
+    suits them (over 6 rows, K a multiple of 64) and the VNNI tile elsewhere, equal to it to the bit; 2.3-2.7x the
+    VNNI tile on a decoder step's layers at 32-128 rows (README). VNNI: 1.2-3x FBGEMM and oneDNN on the decoder's
+    shapes at 1-128 rows, and on par or faster at the encoder's hundreds. kernel="library": PyTorch's dynamic quantized linear,
     activations quantized per tensor; each weight packed for FBGEMM and oneDNN, and a call picks by its row
     count (INT8_ONEDNN_ROWS).
     """
@@ -192,10 +203,12 @@ class Int8Ops(TorchOps):
 
     def __init__(self, kernel: str | None = None) -> None:
         super().__init__(onednn=False)
-        self.kernel = kernel or ("vnni" if vnni_available() else "library")
-        if self.kernel not in ("vnni", "library"):
-            raise OptionError(f"unknown int8 kernel {self.kernel!r}; expected 'vnni' or 'library'")
+        self.kernel = kernel or ("amx" if amx_available() else "vnni" if vnni_available() else "library")
+        if self.kernel not in (*OWN_INT8_KERNELS, "library"):
+            raise OptionError(f"unknown int8 kernel {self.kernel!r}; expected 'amx', 'vnni' or 'library'")
         self.engines = int8_engines()
+        if self.kernel == "amx" and not amx_available():
+            raise OptionError("the int8 'amx' kernel needs a CPU (and OS) with AMX-INT8")
         if self.kernel == "vnni" and not vnni_available():
             raise OptionError("the int8 'vnni' kernel needs a CPU with AVX512-VNNI")
         if self.kernel == "library" and not self.engines:
@@ -204,12 +217,17 @@ class Int8Ops(TorchOps):
 
     @property
     def report(self) -> str:
-        return "torch-int8-vnni" if self.kernel == "vnni" else "torch-int8-" + "+".join(self.engines)
+        return f"torch-int8-{self.kernel}" if self.own_kernel else "torch-int8-" + "+".join(self.engines)
+
+    @property
+    def own_kernel(self) -> bool:
+        """pyengine's own int8 GEMM (AMX or VNNI) runs here, and so can the C++ decoder step."""
+        return self.kernel in OWN_INT8_KERNELS
 
     def prepare_linear(self, layer) -> None:
         q, scale = quantize_rows(layer.weight)
         bias = None if layer.bias is None else layer.bias.float().contiguous()
-        if self.kernel == "vnni":
+        if self.own_kernel:
             from . import _C
             packed, colsum = _C.int8_pack(q)  # int8 column tiles; int32 column sums (for the zero points)
             layer.int8 = _C.Int8Weight(packed, colsum, scale.contiguous(), bias, q.shape[0])
@@ -226,8 +244,8 @@ class Int8Ops(TorchOps):
             layer.weight = None
 
     def linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kernel == "vnni":
-            return self._vnni_linear(x, layer, out)
+        if self.own_kernel:
+            return self._own_linear(x, layer, out)
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         engine = "onednn" if flat.shape[0] > INT8_ONEDNN_ROWS and "onednn" in layer.int8 else self.engines[0]
         y = torch.ops.quantized.linear_dynamic(flat, layer.int8[engine], False)
@@ -235,30 +253,30 @@ class Int8Ops(TorchOps):
         return y if out is None else out.copy_(y)
 
     def linear_act(self, x: torch.Tensor, layer, activation: str) -> torch.Tensor:
-        if self.kernel == "vnni" and activation in FUSED_INT8_ACTIVATIONS:  # applied in the GEMM's registers
-            return self._vnni_linear(x, layer, activation=activation)
+        if self.own_kernel and activation in FUSED_INT8_ACTIVATIONS:  # applied in the GEMM's epilogue
+            return self._own_linear(x, layer, activation=activation)
         return _activation(self.linear(x, layer), activation)
 
     def fuses_candidates(self, layer) -> bool:
         """Whether `linear_candidates` can run on this output layer."""
-        return self.kernel == "vnni" and getattr(layer, "int8", None) is not None
+        return self.own_kernel and getattr(layer, "int8", None) is not None
 
-    @staticmethod
-    def linear_candidates(x: torch.Tensor, layer, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def linear_candidates(self, x: torch.Tensor, layer, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's k best (log-prob, token) of the output layer on x (N, D), banned ids excluded (but in the
         normalizer), as decoding.candidates takes them from the logits; the (N, V) logits are never written
         (at 32 rows of a 58k vocabulary, 7 MB written and read back per step)."""
         from . import _C
         w = layer.int8
         return _C.int8_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum,
-                                               w.scale, w.bias, w.n, k, torch.tensor(banned, dtype=torch.long))
+                                               w.scale, w.bias, w.n, k, torch.tensor(banned, dtype=torch.long),
+                                               kernel=self.kernel)
 
-    @staticmethod
-    def _vnni_linear(x: torch.Tensor, layer, out: torch.Tensor | None = None, activation: str = "none") -> torch.Tensor:
+    def _own_linear(self, x: torch.Tensor, layer, out: torch.Tensor | None = None,
+                    activation: str = "none") -> torch.Tensor:
         from . import _C
         w = layer.int8
         y = _C.int8_linear(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum, w.scale, w.bias,
-                           w.n, out, activation=activation)
+                           w.n, out, kernel=self.kernel, activation=activation)
         return y.view(*x.shape[:-1], w.n) if out is None else out
 
     @staticmethod

@@ -3,8 +3,8 @@
 A quantized GEMM is not equal to the float one, so the layer is checked against the error bound of its
 quantization (per-row symmetric int8 weights; uint8 activations, asymmetric, per row in pyengine's own
 VNNI kernel, per tensor in the libraries'), computed in float64 from the inputs alone; the VNNI
-kernel is also checked against float64 math of its quantization scheme; the engine against float64
-logits and the float32 decoder.
+kernel is also checked against float64 math of its quantization scheme (its AMX tile, VNNI tile and portable
+twin alike); the engine against float64 logits and the float32 decoder.
 """
 from __future__ import annotations
 
@@ -18,13 +18,15 @@ import pyengine
 from conftest import ARCHS, build_marian, random_sources
 from pyengine.errors import OptionError
 from pyengine import _C
-from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, int8_engines, vnni_available
+from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, amx_available, int8_engines, vnni_available
 from pyengine.quant import quantize_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 # the engine's int8 kernel on this CPU, and every kernel this machine can run (the library one needs the
-# PyTorch build's FBGEMM/oneDNN; pyengine's VNNI one, AVX512-VNNI): each is tested where it exists
-KERNELS = (["vnni"] if vnni_available() else []) + (["library"] if int8_engines() else [])
+# PyTorch build's FBGEMM/oneDNN; pyengine's own: AVX512-VNNI, AMX-INT8): each is tested where it exists
+OWN = (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else [])
+KERNELS = OWN + (["library"] if int8_engines() else [])
+TILES = ["portable"] + OWN  # the C++ GEMM's tiles (the portable twin runs anywhere)
 pytestmark = pytest.mark.skipif(not KERNELS, reason="no int8 GEMM on this machine (no AVX512-VNNI, FBGEMM, oneDNN)")
 
 
@@ -39,7 +41,7 @@ def _quantization_bound(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.
     x, w = x.double(), w.double()
     _, s_w = quantize_rows(w)
     dw = s_w.double()[None, :] / 2
-    if kernel == "vnni":
+    if kernel in ("amx", "vnni"):
         dx = (x.amax(1, keepdim=True).clamp(min=0) - x.amin(1, keepdim=True).clamp(max=0)) / 255 / 2
     else:
         dx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255 / 2
@@ -52,7 +54,7 @@ def _quantization_bound(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.
 @pytest.mark.parametrize("seed", [0, 1])
 def test_int8_linear_within_its_quantization_bound(rows, seed, kernel):
     gen = torch.Generator().manual_seed(seed)
-    k, n = 96, 72
+    k, n = 128, 72  # K a multiple of 64: the AMX tile runs from 7 rows
     # rows of different magnitudes, a few outliers: the per-tensor activation scale is the hard case
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 3
     x[0, 3] = 9.0
@@ -101,11 +103,13 @@ def _scheme_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bia
 
 
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
-@pytest.mark.parametrize("portable", [False, True] if vnni_available() else [True])
-@pytest.mark.parametrize("rows, k, n", [(1, 8, 3), (6, 37, 64), (7, 36, 70), (13, 512, 130), (32, 96, 200)])
-def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable, activation):
-    """Row tiles of 1-6 and a remainder, K not a multiple of 4, N not a multiple of the 64-column tile, a zero
-    row, with and without bias, into `out`, each fused activation; the AVX512-VNNI loop and its portable twin."""
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("rows, k, n", [(1, 8, 3), (6, 37, 64), (7, 36, 70), (7, 64, 64), (13, 512, 130), (32, 96, 200),
+                                        (40, 192, 130), (35, 128, 1000)])
+def test_own_kernel_against_float64_math_of_its_scheme(rows, k, n, tile, activation):
+    """VNNI row tiles of 1-6 and a remainder, AMX row blocks of 16 with a ragged last one (7, 13, 35, 40 rows at K
+    a multiple of 64), K not a multiple of 4, N not a multiple of the 64-column tile, a zero row, with and without
+    bias, into `out`, each fused activation; the AMX tile, the AVX512-VNNI loop and the portable twin."""
     gen = torch.Generator().manual_seed(rows * 1000 + k + n)
     x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
     if rows > 1:
@@ -116,10 +120,30 @@ def test_vnni_kernel_against_float64_math_of_its_scheme(rows, k, n, portable, ac
     for b in (bias, None):
         ref = _scheme_reference(x, q, scale, b, activation)
         out = torch.full((rows, n), float("nan"))
-        y = _C.int8_linear(x, packed, colsum, scale, b, n, out, portable=portable, activation=activation)
+        y = _C.int8_linear(x, packed, colsum, scale, b, n, out, kernel=tile, activation=activation)
         assert y.data_ptr() == out.data_ptr()
         torch.testing.assert_close(out.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
         assert float(_scheme_reference(x, q, scale, b).abs().max()) > 0.1  # not vacuous
+    expect = tile if tile != "amx" or (k % 64 == 0 and rows > 6) else "vnni"  # AMX where the shape suits it
+    assert _C.int8_kernel_name(tile, rows, k) == expect
+
+
+@pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("activation", ["none", "relu", "swish"])
+@pytest.mark.parametrize("rows, k, n", [(7, 64, 64), (16, 512, 1536), (17, 2048, 100), (128, 512, 2048), (61, 576, 333)])
+def test_amx_tile_equals_the_vnni_tile_to_the_bit(rows, k, n, activation):
+    """The int32 sums are exact and the epilogue shared, so AMX and VNNI results are equal to the bit: a model
+    gives the same tokens whichever tile a layer's row count picks (1-6 rows run VNNI, more AMX)."""
+    gen = torch.Generator().manual_seed(rows + k + n)
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 3
+    q, scale = quantize_rows(torch.randn(n, k, generator=gen))
+    packed, colsum = _C.int8_pack(q)
+    bias = torch.randn(n, generator=gen)
+    assert _C.int8_kernel_name("amx", rows, k) == "amx"
+    amx = _C.int8_linear(x, packed, colsum, scale, bias, n, kernel="amx", activation=activation)
+    vnni = _C.int8_linear(x, packed, colsum, scale, bias, n, kernel="vnni", activation=activation)
+    assert torch.equal(amx, vnni)
+    assert amx.abs().max() > 0.1
 
 
 def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,13 +153,14 @@ def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]) -> tu
     return logp.topk(k, dim=-1)
 
 
-@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
-@pytest.mark.parametrize("portable", [False, True])
-@pytest.mark.parametrize("rows, k, n, top", [(1, 8, 70, 1), (7, 36, 200, 3), (13, 96, 1000, 8), (32, 64, 333, 10)])
-def test_fused_output_candidates_against_float64(rows, k, n, top, portable):
+@pytest.mark.parametrize("tile", TILES)
+@pytest.mark.parametrize("rows, k, n, top", [(1, 8, 70, 1), (7, 36, 200, 3), (13, 96, 1000, 8), (32, 64, 333, 10),
+                                             (37, 128, 1000, 4)])
+def test_fused_output_candidates_against_float64(rows, k, n, top, tile):
     """The output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math of
-    the int8 scheme, banned ids out of the candidates but in the normalizer (one of them the best logit), row
-    blocks of 1-6 and a remainder, a ragged last tile, several column parts (threads) merged."""
+    the int8 scheme, banned ids out of the candidates but in the normalizer (one of them the best logit), VNNI row
+    blocks of 1-6 and a remainder, AMX blocks of 16 and a ragged one, a ragged last tile, several column parts
+    (threads) merged."""
     gen = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(rows, k, generator=gen) * 2
     q, scale = quantize_rows(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen))
@@ -144,10 +169,11 @@ def test_fused_output_candidates_against_float64(rows, k, n, top, portable):
     logits = _scheme_reference(x, q, scale, bias)
     banned = sorted({0, n - 1, int(logits[0].argmax())})
     values, ids = _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, bias, n, top,
-                                                  torch.tensor(banned), portable=portable)
+                                                  torch.tensor(banned), kernel=tile)
     ref_values, ref_ids = _candidates_reference(logits, top, banned)
     assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(values.double(), ref_values, rtol=0, atol=1e-5)
+    # float32: the logit and the normalizer each rounded (a few ulps of |log p| up to ~30 here)
+    torch.testing.assert_close(values.double(), ref_values, rtol=1e-6, atol=1e-5)
     assert not set(banned) & set(ids.flatten().tolist())
     # the same candidates as the unfused path on the written logits (log_softmax_topk over int8_linear)
     unfused = _C.log_softmax_topk(_C.int8_linear(x, packed, colsum, scale, bias, n), top, torch.tensor(banned))
@@ -155,21 +181,20 @@ def test_fused_output_candidates_against_float64(rows, k, n, top, portable):
     torch.testing.assert_close(values, unfused[0], rtol=0, atol=1e-5)
 
 
-@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
-@pytest.mark.parametrize("portable", [False, True])
-def test_fused_output_candidates_ties_go_to_the_lower_id(portable):
+@pytest.mark.parametrize("tile", TILES)
+def test_fused_output_candidates_ties_go_to_the_lower_id(tile):
     """Equal logits (one weight row repeated in the first tile, a middle one and the last: different column
     parts) come out lowest id first, as log_softmax_topk orders them."""
-    n, k = 1000, 40
+    n, k = 1000, 64
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(n, k, generator=gen) * 0.1
     w[[5, 500, 501, 999]] = 1.0
     q, scale = quantize_rows(w)
     packed, colsum = _C.int8_pack(q)
-    x = torch.rand(2, k, generator=gen) + 0.5
+    x = (torch.rand(1, k, generator=gen) + 0.5).expand(9, k).contiguous()  # 9 rows: AMX blocks where it runs
     values, ids = _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, n, 5, torch.tensor([500]),
-                                                  portable=portable)
-    assert ids[:, :3].tolist() == [[5, 501, 999]] * 2
+                                                  kernel=tile)
+    assert ids[:, :3].tolist() == [[5, 501, 999]] * 9
     assert torch.equal(values[:, 0], values[:, 2])
 
 
@@ -189,7 +214,7 @@ def test_fused_output_candidates_refuses_bad_arguments():
                                         torch.empty(0, dtype=torch.long))
 
 
-def test_vnni_kernel_refuses_mismatched_inputs():
+def test_own_kernel_refuses_mismatched_inputs():
     q, scale = quantize_rows(torch.randn(70, 36))
     packed, colsum = _C.int8_pack(q)
     with pytest.raises(RuntimeError, match="packed weight does not match"):
@@ -202,13 +227,21 @@ def test_vnni_kernel_refuses_mismatched_inputs():
         _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, torch.empty(2, 70))
     with pytest.raises(RuntimeError, match="activation must be"):
         _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, activation="gelu")
+    with pytest.raises(RuntimeError, match="kernel must be auto, amx, vnni or portable"):
+        _C.int8_linear(torch.randn(3, 36), packed, colsum, scale, None, 70, kernel="avx2")
     with pytest.raises(RuntimeError, match="int8 \\(N, K\\)"):
         _C.int8_pack(torch.randn(4, 4))
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_marian(tmp_path_factory.mktemp("int8"), **ARCHS["swish-shared"])
+# widths that are multiples of 64 (the decoder's FFN input 128; the encoder's 124 is not): AMX runs on them from 7
+# rows, the VNNI tile on the rest and below 7 rows
+AMX_ARCH = dict(activation="swish", d_model=64, heads=4, ffn=124, seed=6)
+
+
+@pytest.fixture(scope="module", params=["swish-shared", "amx-shaped"])
+def model_dir(request, tmp_path_factory):
+    arch = AMX_ARCH if request.param == "amx-shaped" else ARCHS[request.param]
+    return build_marian(tmp_path_factory.mktemp("int8"), **arch)
 
 
 def _teacher_forced_log_probs(engine, src: list[list[int]], tgt: list[list[int]], start_id: int) -> list[torch.Tensor]:
@@ -276,7 +309,7 @@ def _steps_logits(model, memory, rows: int, steps: int, seed: int) -> list[torch
     return out
 
 
-def _prenorm_model():
+def _prenorm_model(kernel: str):
     import math
     from pyengine.config import ModelConfig
     from pyengine.model import Transformer
@@ -285,7 +318,7 @@ def _prenorm_model():
                       pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
                       normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
                       shared_embeddings=True, tie_output=True, final_logits_bias=False)
-    model = Transformer(cfg, Int8Ops("vnni"))
+    model = Transformer(cfg, Int8Ops(kernel))
     gen = torch.Generator().manual_seed(4)
     state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
              for name, p in model.named_parameters()}
@@ -293,26 +326,32 @@ def _prenorm_model():
     return model
 
 
-@pytest.mark.skipif(not vnni_available(), reason="the C++ int8 step runs the VNNI GEMM (no AVX512-VNNI here)")
-@pytest.mark.parametrize("arch", [*sorted(ARCHS), "pre-norm"])
-def test_cpp_int8_decoder_step_equals_the_python_layers(arch, tmp_path, monkeypatch):
+@pytest.mark.skipif(not OWN, reason="the C++ int8 step runs pyengine's GEMM (no AVX512-VNNI here)")
+@pytest.mark.parametrize("kernel", OWN)
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
+def test_cpp_int8_decoder_step_equals_the_python_layers(arch, kernel, tmp_path, monkeypatch):
     """The C++ step (all layers in one call) runs the Python layers' operations in their order: the logits of
-    every step are equal to the bit, post-norm (swish, relu, gelu) and pre-norm, beams reordered each step."""
+    every step are equal to the bit, post-norm (swish, relu, gelu) and pre-norm, beams reordered each step;
+    with each of pyengine's int8 kernels (the AMX-shaped model's 8 rows run AMX tiles where the kernel is amx)."""
     if arch == "pre-norm":
-        model = _prenorm_model()
+        model = _prenorm_model(kernel)
     else:
-        model = pyengine.Engine.load(build_marian(tmp_path, **ARCHS[arch]), dtype="int8").model
+        path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
+        model = pyengine.Engine.load(path, dtype="int8").model
+        model.ops.kernel = kernel  # the packed weights are the same for both kernels
     assert model.int8_step is not None
-    batch, beam = 3, 2
+    batch, beam = 4, 2
     src = torch.randint(3, 40, (batch, 7), generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([7, 4, 6])
+    lengths = torch.tensor([7, 4, 6, 5])
+    if arch == "amx-shaped":
+        assert _C.int8_kernel_name(kernel, batch * beam, model.cfg.d_model) == kernel
     with torch.inference_mode():
         memory = model.memory(model.encode(src, lengths), lengths)  # beams: extra query rows of their sentence
     calls = []
     step = _C.int8_decoder_step
-    monkeypatch.setattr(_C, "int8_decoder_step", lambda *a: (calls.append(1), step(*a))[1])
+    monkeypatch.setattr(_C, "int8_decoder_step", lambda *a, **kw: (calls.append(kw["kernel"]), step(*a, **kw))[1])
     fast = _steps_logits(model, memory, batch * beam, 6, seed=2)
-    assert len(calls) == 6  # every step ran in C++
+    assert calls == [kernel] * 6  # every step ran in C++, with the kernel asked for
     layers, model.int8_step = model.int8_step, None
     try:
         python = _steps_logits(model, memory, batch * beam, 6, seed=2)
@@ -324,12 +363,13 @@ def test_cpp_int8_decoder_step_equals_the_python_layers(arch, tmp_path, monkeypa
     assert not torch.equal(fast[0], fast[-1])  # the steps differ: the cache and positions were used
 
 
-@pytest.mark.skipif(not vnni_available(), reason="per-row activation quantization is the VNNI kernel's")
+@pytest.mark.skipif(not OWN, reason="per-row activation quantization is pyengine's own kernel's")
 @pytest.mark.parametrize("beam", [1, 3])
 def test_int8_translations_do_not_depend_on_the_batch(model_dir, beam):
     """Activations are quantized per row, so a sentence's int8 GEMMs see only its own rows: translated alone
     or in a batch of 16 (padded, length-sorted), the tokens and scores are the same to the bit. (The
-    libraries' per-tensor rule let the other sentences of a batch change a sentence's scale.)"""
+    libraries' per-tensor rule let the other sentences of a batch change a sentence's scale.) On the AMX-shaped
+    model a sentence alone runs the VNNI tile (under 7 rows) and in the batch the AMX one: equal to the bit too."""
     engine = pyengine.Engine.load(model_dir, dtype="int8")
     src = random_sources(16, engine.config.src_vocab_size, seed=5)
     batched = engine.generate(src, beam_size=beam, max_decoding_length=12)
@@ -338,7 +378,7 @@ def test_int8_translations_do_not_depend_on_the_batch(model_dir, beam):
     assert [t.scores for t in batched] == [t.scores for t in alone]
 
 
-@pytest.mark.skipif(not vnni_available(), reason="the fused output layer runs the VNNI GEMM's tiles")
+@pytest.mark.skipif(not OWN, reason="the fused output layer runs pyengine's own GEMM tiles")
 @pytest.mark.parametrize("beam", [1, 4])
 def test_search_takes_candidates_from_the_fused_output_layer(model_dir, beam, monkeypatch):
     """Greedy and beam search take each step's candidates from the fused output layer (no logits written) and
@@ -348,7 +388,8 @@ def test_search_takes_candidates_from_the_fused_output_layer(model_dir, beam, mo
     src = random_sources(12, engine.config.src_vocab_size, seed=8)
     calls = []
     fused = _C.int8_linear_log_softmax_topk
-    monkeypatch.setattr(_C, "int8_linear_log_softmax_topk", lambda *a: (calls.append(a[-1]), fused(*a))[1])
+    monkeypatch.setattr(_C, "int8_linear_log_softmax_topk",
+                        lambda *a, **kw: (calls.append(a[-1]), fused(*a, **kw))[1])
     ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
     assert len(calls) >= 9 and any(len(banned) for banned in calls)
     monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
