@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "beam_search.h"
+#include "bf16_gemm.h"
 #include "decode_attention.h"
 #include "int8_decoder.h"
 #include "int8_gemm.h"
@@ -22,6 +23,8 @@ pybind11::dict build_info() {
   info["torch_version"] = TORCH_VERSION;
   info["avx512_vnni"] = vnni_available();
   info["amx_int8"] = amx_available();
+  info["amx_bf16"] = amx_bf16_available();
+  info["avx512"] = avx512_available();
   return info;
 }
 
@@ -91,6 +94,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One decoder step of every layer with int8 linears (an indirect KV cache), in C++.", pybind11::arg("layers"),
         pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("position"), pybind11::arg("rows"),
         pybind11::arg("memory"), pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
+  m.def("bf16_kernel_name", &pyengine::bf16_kernel_name,
+        "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512 or portable.", pybind11::arg("kernel"));
+  m.def("bf16_pack", &pyengine::bf16_pack, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",
+        pybind11::arg("w"));
+  m.def("bf16_linear", &pyengine::bf16_linear,
+        "act(x·Wᵀ + bias) with bfloat16 W and float32 x carried as two bf16 terms (AMX-BF16 or AVX-512; CPU).",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"),
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("kernel") = "auto",
+        pybind11::arg("activation") = "none");
+  m.def("bf16_linear_log_softmax_topk", &pyengine::bf16_linear_log_softmax_topk,
+        "Each row's k best (log-prob, column) of x·Wᵀ + bias with bfloat16 W (as bf16_linear), the logits never "
+        "written; banned columns count in the normalizer but are never candidates.",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"),
+        pybind11::arg("banned"), pybind11::arg("kernel") = "auto");
   m.def("log_softmax_topk", &pyengine::log_softmax_topk,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",

@@ -12,6 +12,7 @@
 // (Symmetric activations, CTranslate2's choice, leave half the levels unused after ReLU/swish: measured to
 // flip more translations of the test models than the libraries' per-tensor asymmetric rule.)
 #include "int8_gemm.h"
+#include "fused_topk.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -488,170 +489,21 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return y;
 }
 
-// -- the output layer with log-softmax and top-k fused ---------------------------------------------------------
-//
-// At a decoder step the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were
-// written to memory, then read back by the log-softmax + top-k. Here each row block's logits stay in a small
-// buffer in L1, and per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it)
-// and the k best (logit, id) so far take them in; nothing (rows, V) is written.
-
-namespace {
-
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
-struct TopKState {
-  int64_t k;
-  std::vector<float> lane_max, lane_sum, best_value;
-  std::vector<int64_t> best_id, count;
-
-  TopKState(int64_t rows, int64_t k)
-      : k(k), lane_max(rows * 16, kNegInf), lane_sum(rows * 16, 0.f), best_value(rows * k), best_id(rows * k),
-        count(rows, 0) {}
-
-  // ids reach a thread in increasing order, so an equal value stays behind the ones already held (ties go to the
-  // lower id, as log_softmax_topk)
-  void offer(int64_t row, float v, int64_t id) {
-    float* bv = best_value.data() + row * k;
-    int64_t* bi = best_id.data() + row * k;
-    int64_t& n = count[row];
-    if (n == k && !(v > bv[k - 1])) return;
-    int64_t pos = n < k ? n++ : k - 1;
-    for (; pos > 0 && bv[pos - 1] < v; --pos) bv[pos] = bv[pos - 1], bi[pos] = bi[pos - 1];
-    bv[pos] = v, bi[pos] = id;
-  }
-
-  float threshold(int64_t row) const { return count[row] == k ? best_value[row * k + k - 1] : kNegInf; }
-};
-
-// Banned columns of the 64 from n0, as bits (banned: sorted ids).
-uint64_t banned_bits(const std::vector<int64_t>& banned, int64_t n0) {
-  uint64_t bits = 0;
-  for (auto it = std::lower_bound(banned.begin(), banned.end(), n0); it != banned.end() && *it < n0 + kCols; ++it)
-    bits |= uint64_t{1} << (*it - n0);
-  return bits;
-}
-
-// A row block's logits (rows × width at y, row stride kCols, columns from n0) into the state; scalar twin.
-void absorb_portable(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
-                     TopKState& st) {
-  for (int r = 0; r < rows; ++r) {
-    const int64_t row = m0 + r;
-    float& mx = st.lane_max[row * 16];
-    float& sum = st.lane_sum[row * 16];
-    for (int64_t c = 0; c < width; ++c) {
-      const float v = y[r * kCols + c];
-      if (v > mx) sum *= std::exp(mx - v), mx = v;
-      sum += std::exp(v - mx);
-      if (!(banned >> c & 1)) st.offer(row, v, n0 + c);
-    }
-  }
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-PYENGINE_VNNI void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
-                                 TopKState& st) {
-  for (int r = 0; r < rows; ++r) {
-    const int64_t row = m0 + r;
-    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
-    for (int j = 0; j < 4; ++j) {
-      const int64_t left = width - 16 * j;
-      if (left <= 0) break;
-      const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-      const __m512 v = _mm512_maskz_loadu_ps(valid, y + r * kCols + 16 * j);
-      const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
-      if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
-        const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
-        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive(_mm512_sub_ps(mx, new_mx)));
-        mx = new_mx;
-      }
-      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive(_mm512_sub_ps(v, mx)));
-      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), v,
-                                              _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
-      for (; hit; hit &= hit - 1) {
-        const int lane = __builtin_ctz(hit);
-        st.offer(row, y[r * kCols + 16 * j + lane], n0 + 16 * j + lane);
-      }
-    }
-    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
-    _mm512_storeu_ps(st.lane_sum.data() + row * 16, sum);
-  }
-}
-#endif
-
-// A row's result from the threads' states: log Σexp over every logit (banned ones too, as after HF's
-// log_softmax + processors), and the k best of all the threads' k best, as log-probs.
-void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_value, int64_t* out_id) {
-  const int64_t k = states.front().k;
-  float mx = kNegInf;
-  for (const TopKState& st : states)
-    for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
-  double sum = 0;
-  for (const TopKState& st : states)
-    for (int l = 0; l < 16; ++l) {
-      const float lane_sum = st.lane_sum[row * 16 + l];  // 0 for a lane that saw no column
-      if (lane_sum > 0) sum += lane_sum * std::exp(double(st.lane_max[row * 16 + l]) - mx);
-    }
-  const float log_sum = mx + static_cast<float>(std::log(sum));
-  std::vector<std::pair<float, int64_t>> cands;
-  for (const TopKState& st : states)
-    for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
-  std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  });
-  for (int64_t j = 0; j < k; ++j) out_value[j] = cands[j].first - log_sum, out_id[j] = cands[j].second;
-}
-
-using AbsorbFn = void (*)(const float*, int, int64_t, int64_t, int64_t, uint64_t, TopKState&);
-
-AbsorbFn pick_absorb(const Kernels& kern) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (kern.tile != tile_portable) return absorb_avx512;
-#endif
-  return absorb_portable;
-}
-
-}  // namespace
+// -- the output layer with log-softmax and top-k fused (fused_topk.h) --------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
                                                                 const at::Tensor& colsum, const at::Tensor& scale,
                                                                 const c10::optional<at::Tensor>& bias, int64_t n_out,
                                                                 int64_t k, const at::Tensor& banned,
                                                                 const std::string& kernel) {
-  const Operands op = prepare("int8_linear_log_softmax_topk", x, packed, colsum, scale, bias, n_out, kernel, "none");
-  TORCH_CHECK(banned.dim() == 1 && banned.scalar_type() == at::kLong && banned.device().is_cpu(),
-              "int8_linear_log_softmax_topk: banned must be (B,) int64 on the CPU");
-  std::vector<int64_t> ban(banned.data_ptr<int64_t>(), banned.data_ptr<int64_t>() + banned.numel());
-  std::sort(ban.begin(), ban.end());
-  ban.erase(std::unique(ban.begin(), ban.end()), ban.end());
-  TORCH_CHECK(ban.empty() || (ban.front() >= 0 && ban.back() < n_out),
-              "int8_linear_log_softmax_topk: banned token id outside the vocabulary");
-  TORCH_CHECK(k >= 1 && k + static_cast<int64_t>(ban.size()) <= n_out, "int8_linear_log_softmax_topk: k=", k,
-              " outside [1, ", n_out - static_cast<int64_t>(ban.size()), "] (the vocabulary less the banned ids)");
-  auto values = at::empty({op.M, k}, x.options());
-  auto ids = at::empty({op.M, k}, x.options().dtype(at::kLong));
-  if (op.M == 0) return {values, ids};
-
-  // one part of the columns per thread, each with its own state, merged per row at the end
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), op.tiles));
-  std::vector<TopKState> states(parts, TopKState(op.M, k));
-  const AbsorbFn absorb = pick_absorb(op.kern);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) float block[std::max(kMaxRows, kAmxRows) * kCols];
-    for (int64_t p = begin; p < end; ++p) {
-      TopKState& st = states[p];
-      run_tiles(op, op.tiles * p / parts, op.tiles * (p + 1) / parts,
-                [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; },
-                [&](int64_t m0, int rows, int64_t n0, int64_t width) {
-                  absorb(block, rows, m0, n0, width, banned_bits(ban, n0), st);
-                });
-    }
-  });
-
-  float* out_v = values.data_ptr<float>();
-  int64_t* out_i = ids.data_ptr<int64_t>();
-  for (int64_t row = 0; row < op.M; ++row) merge_row(states, row, out_v + row * k, out_i + row * k);
-  return {values, ids};
+  constexpr const char* who = "int8_linear_log_softmax_topk";
+  const Operands op = prepare(who, x, packed, colsum, scale, bias, n_out, kernel, "none");
+  static_assert(kCols == fused_topk::kCols && kAmxRows <= fused_topk::kBlockRows && kMaxRows <= fused_topk::kBlockRows);
+  return fused_topk::linear_log_softmax_topk(
+      who, x, op.M, n_out, op.tiles, k, banned, std::string(op.kern.name) != "portable",
+      [&](int64_t begin, int64_t end, float* block, auto after) {
+        run_tiles(op, begin, end, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
+      });
 }
 
 }  // namespace pyengine

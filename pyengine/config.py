@@ -177,8 +177,8 @@ class EngineConfig:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
     backend: str = "auto"  # "auto", "torch" or "triton"
-    # "float": linear layers in `dtype`; "int8": int8 weights, dynamically quantized float32 activations
-    # (CPU; Engine.load(dtype="int8") sets it)
+    # "float": linear layers in `dtype`; "int8": int8 weights, dynamically quantized float32 activations;
+    # "bf16": bfloat16 weights, float32 activations (CPU; Engine.load(dtype="int8" / "bfloat16") sets them)
     weights: str = "float"
     max_batch_tokens: int = 8192  # padded source tokens × beam per batch
     max_batch_size: int = 64  # sentences per batch

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -94,39 +92,6 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cpu_has_bf16_instructions() -> bool:
-    """True when the CPU advertises native bfloat16 matmul instructions (AVX512-BF16 or AMX)."""
-    capability = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2"
-    if "AVX512" not in capability:
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-@functools.lru_cache(maxsize=1)
-def bf16_linear_speedup() -> float:
-    """Measured speed of a decode-shaped bf16 linear (oneDNN, prepacked) over the float32 one on this CPU.
-    The flags alone mislead: on some virtual machines with AVX512-BF16 (no AMX) bf16 runs slower than fp32."""
-    if not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return 0.0
-
-    def best_time(dtype: torch.dtype) -> float:
-        x, w = torch.randn(128, 512).to(dtype), torch.randn(2048, 512).to(dtype)
-        packed, bias = torch.ops.mkldnn._reorder_linear_weight(w, None), torch.zeros(2048, dtype=dtype)
-        times = []
-        for _ in range(12):
-            start = time.perf_counter()
-            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-            times.append(time.perf_counter() - start)
-        return min(times[2:])
-
-    return best_time(torch.float32) / best_time(torch.bfloat16)
-
-
 def decode_memory_bytes(cfg: ModelConfig, sentences: int, src_len: int, beam: int, max_len: int,
                         dtype: torch.dtype, cache_dtype: torch.dtype) -> int:
     """Bytes a batch reserves for decoding: the double-buffered self-attention cache, the encoder K/V,
@@ -147,8 +112,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def cpu_has_fast_bf16() -> bool:
-    """bfloat16 is the fast path here: the CPU has the instructions and a measured bf16 linear beats float32."""
-    return cpu_has_bf16_instructions() and bf16_linear_speedup() > 1.1
+    """bfloat16 is the faster path here: the CPU has AMX-BF16, where pyengine's bf16 GEMM (two bf16 products per
+    weight, float32 activations) runs 2-3x float32's. With AVX-512 alone it does two FMAs per weight, so on a
+    decoder's large batches it is no faster than float32 (bf16 stays available, with float32's results)."""
+    from .ops import bf16_kernels
+    return "amx" in bf16_kernels()
 
 
 class Engine:
@@ -174,7 +142,12 @@ class Engine:
             raise OptionError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
         if isinstance(dtype, str) and dtype == "int8":  # CTranslate2's compute type: int8 GEMMs, float32 elsewhere
             dtype, engine_options = torch.float32, {**engine_options, "weights": "int8"}
-        engine_config = EngineConfig(device=device, dtype=resolve_dtype(dtype), backend=backend, **engine_options)
+        dtype = resolve_dtype(dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu" and backend in ("auto", "torch") and \
+                engine_options.get("weights", "float") == "float":
+            # on the CPU, bfloat16 is bf16 weights with float32 activations (Bf16Ops: float32's tokens, bf16 speed)
+            dtype, engine_options = torch.float32, {**engine_options, "weights": "bf16"}
+        engine_config = EngineConfig(device=device, dtype=dtype, backend=backend, **engine_options)
         ops, backends = resolve_ops(backend, device, engine_config.dtype, engine_config.weights)
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):

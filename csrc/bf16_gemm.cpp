@@ -1,0 +1,436 @@
+// bfloat16-weight linear layer with float32 activations: y = act(x·Wᵀ + b), float32 to within float32's rounding.
+//
+// A bf16 GEMM rounds both operands to bf16. For a model whose weights are bf16 (the shipped default model), the
+// weight rounding is free, and it is the activations' rounding (8 significant bits) that changes translations:
+// measured on the default model, bf16 activations into float32 GEMMs change ~4% of UI strings and ~5% of verses,
+// and bf16 logits ~5x more. Here x is carried as two bf16 terms, hi = bf16(x) and lo = bf16(x − hi) (16 bits),
+// each term's products with a bf16 weight are exact in float32, and the sums are float32: on the default model
+// this gave the float32 path's tokens on every one of 600 held-out sentences. It costs two bf16 products per
+// weight, which AMX-BF16 (TDPBF16PS: 16 × 16 × 32 per instruction) still runs several times faster than float32
+// FMAs, while the weight, the memory a decoder step streams, is half float32's.
+//
+// The AVX-512 and portable kernels add the same products in one order, per output element: for each 32-wide
+// chunk of k, the hi term's 32 products in k order, then the lo term's, each product (exact) added to the
+// float32 sum with rounding to nearest even — the order of Intel's pseudo-code for TDPBF16PS — so they equal
+// each other to the bit (but for swish's exp). The AMX unit sums more precisely than that pseudo-code (measured:
+// 4x closer to float64), so its results differ from theirs within float32 rounding; where the CPU has AMX it
+// runs at every row count (a 16-row block costs about what the register tile does at 1 row), so a sentence's
+// result does not depend on its batch. bf16 subnormals (which AMX reads as zero) are flushed to zero when the
+// weights are packed and the activations split.
+#include "bf16_gemm.h"
+#include "fused_topk.h"
+#include "vec_math.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
+namespace pyengine {
+
+namespace {
+
+constexpr int64_t kCols = 64;    // columns per packed tile
+constexpr int64_t kChunk = 32;   // k per AMX A tile row (64 bytes of bf16); K is padded to a multiple of it
+constexpr int kMaxRows = 6;      // rows per AVX-512 register tile (6 × 4 accumulators)
+constexpr int kAmxRows = 16;     // rows per AMX tile
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// bf16 bits of v, rounded to nearest even (c10's rule), subnormals flushed to zero (AMX reads them as zero).
+uint16_t to_bf16(float v) {
+  if (std::fabs(v) < std::numeric_limits<float>::min()) return 0;
+  const uint16_t b = c10::BFloat16(v).x;
+  return (b & 0x7F80) == 0 && (b & 0x7F) != 0 ? 0 : b;  // rounded down to a subnormal
+}
+
+float from_bf16(uint16_t b) {
+  const uint32_t bits = uint32_t(b) << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+
+// x's two bf16 terms for the rows a kernel reads: bf16 bits (AMX) or their float32 values (the others),
+// (Mp, Kp) each, zero past K and past M.
+struct Split {
+  int64_t Kp;
+  bool bits;
+  at::Tensor hi, lo;
+  const uint16_t* hi16 = nullptr;
+  const uint16_t* lo16 = nullptr;
+  const float* hi32 = nullptr;
+  const float* lo32 = nullptr;
+};
+
+void split_row_portable(const float* x, int64_t K, int64_t Kp, uint16_t* hi, uint16_t* lo) {
+  for (int64_t k = 0; k < K; ++k) {
+    hi[k] = to_bf16(x[k]);
+    lo[k] = to_bf16(x[k] - from_bf16(hi[k]));
+  }
+  std::fill(hi + K, hi + Kp, 0), std::fill(lo + K, lo + Kp, 0);
+}
+
+Split split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, bool bits) {
+  Split s{Kp, bits};
+  auto opts = at::TensorOptions().dtype(bits ? at::kBFloat16 : at::kFloat);
+  s.hi = at::zeros({Mp, Kp}, opts);
+  s.lo = at::zeros({Mp, Kp}, opts);
+  uint16_t* hi16 = bits ? reinterpret_cast<uint16_t*>(s.hi.data_ptr()) : nullptr;
+  uint16_t* lo16 = bits ? reinterpret_cast<uint16_t*>(s.lo.data_ptr()) : nullptr;
+  float* hi32 = bits ? nullptr : s.hi.data_ptr<float>();
+  float* lo32 = bits ? nullptr : s.lo.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> h(bits ? 0 : Kp), l(bits ? 0 : Kp);
+    for (int64_t m = begin; m < end; ++m) {
+      uint16_t* hr = bits ? hi16 + m * Kp : h.data();
+      uint16_t* lr = bits ? lo16 + m * Kp : l.data();
+      split_row_portable(x + m * K, K, Kp, hr, lr);
+      if (!bits)
+        for (int64_t k = 0; k < Kp; ++k) hi32[m * Kp + k] = from_bf16(hr[k]), lo32[m * Kp + k] = from_bf16(lr[k]);
+    }
+  });
+  s.hi16 = hi16, s.lo16 = lo16, s.hi32 = hi32, s.lo32 = lo32;
+  return s;
+}
+
+// What a tile writes: y[m, n] = act(acc[m, n] + b[n]) for its rows and `width` columns.
+struct Epilogue {
+  float* y;           // row m0, column n0
+  int64_t ldy;
+  const float* b;     // bias from n0, or nullptr
+  int64_t width;      // ≤ 64
+  Activation act;
+};
+
+float activate(float v, Activation act) {
+  if (act == Activation::kRelu) return std::max(v, 0.f);
+  if (act == Activation::kSwish) return v / (1.f + std::exp(-v));
+  return v;
+}
+
+// Scalar twin (any CPU; the reference the tests hold the others to).
+void tile_portable(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e, const uint16_t*) {
+  const int64_t Kp = a.Kp;
+  float acc[kAmxRows * kCols] = {};
+  for (int64_t c = 0; c < Kp; c += kChunk)
+    for (const float* term : {a.hi32, a.lo32})
+      for (int r = 0; r < rows; ++r) {
+        const float* t = term + (m0 + r) * Kp;
+        float* out = acc + r * kCols;
+        for (int64_t k = c; k < c + kChunk; ++k) {
+          const uint16_t* wk = w + (k / 2) * kCols * 2 + (k % 2);
+          for (int64_t n = 0; n < kCols; ++n) out[n] = out[n] + t[k] * from_bf16(wk[2 * n]);
+        }
+      }
+  for (int r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < e.width; ++n) {
+      const float v = acc[r * kCols + n];
+      e.y[r * e.ldy + n] = activate(e.b ? v + e.b[n] : v, e.act);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PYENGINE_AVX512 __attribute__((target("avx512f,avx512bw")))
+
+// Columns j·16..j·16+15 of a tile: act(acc + b), masked to the tile's width.
+PYENGINE_AVX512 void store_group(const Epilogue& e, int r, int j, __m512 acc) {
+  const int64_t left = e.width - 16 * j;
+  if (left <= 0) return;
+  const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+  __m512 y = e.b ? _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, e.b + 16 * j)) : acc;
+  if (e.act == Activation::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
+  if (e.act == Activation::kSwish) y = silu(y);
+  _mm512_mask_storeu_ps(e.y + r * e.ldy + 16 * j, mask, y);
+}
+
+// R rows × 64 columns in 24 accumulators; a weight vector (16 columns × a k pair) gives its even and odd k as
+// float32 (bf16 bits shifted up, exact), each multiplied by a broadcast activation term in one FMA (the product
+// is exact, so the FMA rounds as AMX's add).
+template <int R>
+PYENGINE_AVX512 void tile_avx512(const Split& a, int64_t m0, const uint16_t* w, const Epilogue& e,
+                                 const uint16_t* next) {
+  const int64_t Kp = a.Kp;
+  __m512 c[R][4];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t ch = 0; ch < Kp; ch += kChunk) {
+    if (next != nullptr) {  // this chunk's 4 KB of the next tile into L2
+      const char* ahead = reinterpret_cast<const char*>(next + ch * kCols);
+      for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    }
+    for (const float* term : {a.hi32, a.lo32}) {
+      const float* t = term + m0 * Kp;
+      for (int64_t k = ch; k < ch + kChunk; k += 2) {
+        const uint16_t* wk = w + (k / 2) * kCols * 2;
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m512i v = _mm512_loadu_si512(wk + 32 * j);
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+#pragma GCC unroll 6
+          for (int r = 0; r < R; ++r) {
+            c[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(t[r * Kp + k]), even, c[r][j]);
+            c[r][j] = _mm512_fmadd_ps(_mm512_set1_ps(t[r * Kp + k + 1]), odd, c[r][j]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) store_group(e, r, j, c[r][j]);
+}
+
+PYENGINE_AVX512 void tile_avx512_any(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e,
+                                     const uint16_t* next) {
+  switch (rows) {
+    case 1: return tile_avx512<1>(a, m0, w, e, next);
+    case 2: return tile_avx512<2>(a, m0, w, e, next);
+    case 3: return tile_avx512<3>(a, m0, w, e, next);
+    case 4: return tile_avx512<4>(a, m0, w, e, next);
+    case 5: return tile_avx512<5>(a, m0, w, e, next);
+    default: return tile_avx512<6>(a, m0, w, e, next);
+  }
+}
+
+// -- AMX-BF16 ---------------------------------------------------------------------------------------------------
+//
+// TDPBF16PS: C (16 × 16 float32) += A (16 rows × 32 bf16) · B (16 k-pair rows × 16 columns × 2 bf16). The packed
+// weight is B's layout: a 16-column B tile is read at a 256-byte row stride (one k pair of the 64-column tile).
+// Four C tiles (tmm0-3) hold a tile's 64 columns for a 16-row block; the hi and lo terms are tmm4 and tmm7, the
+// weights alternate in tmm5/tmm6, and each B tile meets hi then lo.
+#define PYENGINE_AMX_BF16 __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+PYENGINE_AMX_BF16 void amx_begin() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+PYENGINE_AMX_BF16 void amx_end() { _tile_release(); }
+
+PYENGINE_AMX_BF16 void tile_amx(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e,
+                                const uint16_t* next) {
+  const int64_t Kp = a.Kp, lda = Kp * 2;
+  constexpr int64_t stride = kCols * 2 * 2;  // bytes from one k pair of the tile to the next
+  const uint16_t* hi = a.hi16 + m0 * Kp;
+  const uint16_t* lo = a.lo16 + m0 * Kp;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t k = 0; k < Kp; k += kChunk) {
+    const uint16_t* wk = w + k * kCols;  // k/2 pairs × 64 columns × 2
+    _tile_loadd(4, hi + k, lda);
+    _tile_loadd(7, lo + k, lda);
+    _tile_loadd(5, wk, stride);
+    _tile_dpbf16ps(0, 4, 5);
+    _tile_dpbf16ps(0, 7, 5);
+    _tile_loadd(6, wk + 32, stride);
+    _tile_dpbf16ps(1, 4, 6);
+    _tile_dpbf16ps(1, 7, 6);
+    _tile_loadd(5, wk + 64, stride);
+    _tile_dpbf16ps(2, 4, 5);
+    _tile_dpbf16ps(2, 7, 5);
+    _tile_loadd(6, wk + 96, stride);
+    _tile_dpbf16ps(3, 4, 6);
+    _tile_dpbf16ps(3, 7, 6);
+    if (next != nullptr) {  // the next tile's same 4 KB into L2 while these compute
+      const char* ahead = reinterpret_cast<const char*>(next + k * kCols);
+      for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
+    }
+  }
+  alignas(64) float acc[kAmxRows * kCols];
+  _tile_stored(0, acc, kCols * 4);
+  _tile_stored(1, acc + 16, kCols * 4);
+  _tile_stored(2, acc + 32, kCols * 4);
+  _tile_stored(3, acc + 48, kCols * 4);
+  for (int j = 0; j < 4; ++j)
+    for (int r = 0; r < rows; ++r) store_group(e, r, j, _mm512_load_ps(acc + r * kCols + 16 * j));
+}
+#endif
+
+struct Kernel {
+  void (*tile)(const Split&, int64_t m0, int rows, const uint16_t* w, const Epilogue&, const uint16_t* next);
+  int rows;         // rows per tile call
+  bool bits;        // reads the terms as bf16 bits (else as float32)
+  void (*begin)();  // per thread, before its tiles (nullptr: nothing to do)
+  void (*end)();
+  const char* name;
+};
+
+// AMX at every row count where the CPU has it: measured, a 16-row AMX block costs about what the AVX-512 register
+// tile takes for 1 row (512×1536: 36 vs 30 µs; 58101-wide output layer: 1.30 vs 1.44 ms) and less from 2 rows,
+// and a sentence's result does not then depend on how many rows its batch has. An unavailable request is an
+// error, never a silent change of kernel.
+Kernel pick_kernel(const char* who, const std::string& kernel) {
+  TORCH_CHECK(kernel == "auto" || kernel == "amx" || kernel == "avx512" || kernel == "portable", who,
+              ": kernel must be auto, amx, avx512 or portable, not ", kernel);
+  TORCH_CHECK(kernel != "amx" || amx_bf16_available(), who, ": the amx kernel needs a CPU (and OS) with AMX-BF16");
+  TORCH_CHECK(kernel != "avx512" || avx512_available(), who, ": the avx512 kernel needs a CPU with AVX-512");
+#if defined(__x86_64__) && defined(__GNUC__)
+  const bool amx = kernel == "amx" || (kernel == "auto" && amx_bf16_available());
+  if (amx) return {tile_amx, kAmxRows, true, amx_begin, amx_end, "amx"};
+  if (kernel != "portable" && avx512_available())
+    return {tile_avx512_any, kMaxRows, false, nullptr, nullptr, "avx512"};
+#endif
+  return {tile_portable, kAmxRows, false, nullptr, nullptr, "portable"};
+}
+
+}  // namespace
+
+bool avx512_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+bool amx_bf16_available() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool available = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1)) return false;  // AMX-BF16
+    return amx_available();  // AMX-TILE, the OS's tile state and this process's permission (asked there)
+  }();
+  return available;
+#else
+  return false;
+#endif
+}
+
+std::string bf16_kernel_name(const std::string& kernel) {
+  return pick_kernel("bf16_kernel_name", kernel).name;
+}
+
+at::Tensor bf16_pack(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16) &&
+                  w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0,
+              "bf16_pack: a float32 or bfloat16 (N, K) CPU tensor");
+  const auto wf = w.to(at::kFloat).contiguous();
+  const int64_t N = wf.size(0), K = wf.size(1), Np = round_up(N, kCols), Kp = round_up(K, kChunk);
+  // packed[tile][k pair][column (64)][2 consecutive k]: one 64-byte load = 16 columns × a k pair
+  auto packed = at::zeros({Np / kCols, Kp * kCols}, wf.options().dtype(at::kBFloat16));
+  const float* src = wf.data_ptr<float>();
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed.data_ptr());
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      uint16_t* tile = dst + (n / kCols) * Kp * kCols + (n % kCols) * 2;
+      for (int64_t k = 0; k < K; ++k) tile[(k / 2) * kCols * 2 + (k % 2)] = to_bf16(src[n * K + k]);
+    }
+  });
+  return packed;
+}
+
+namespace {
+
+// bf16_linear's operands, checked, with x split into its terms.
+struct Operands {
+  int64_t M, K, Kp, n_out, tiles, tile_elems;
+  Kernel kern;
+  Split a;
+  const uint16_t* w;
+  const float* b;
+  Activation act;
+};
+
+Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                 int64_t n_out, const std::string& kernel, const std::string& activation) {
+  Activation act = Activation::kNone;
+  if (activation == "relu") act = Activation::kRelu;
+  else if (activation == "swish") act = Activation::kSwish;
+  else TORCH_CHECK(activation == "none", who, ": activation must be none, relu or swish, not ", activation);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              who, ": x must be a contiguous float32 (M, K) CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kChunk);
+  TORCH_CHECK(packed.scalar_type() == at::kBFloat16 && packed.dim() == 2 && packed.is_contiguous() &&
+                  packed.size(1) == Kp * kCols && packed.size(0) * kCols >= n_out && n_out > 0,
+              who, ": packed weight does not match K=", K, " and N=", n_out, " (use bf16_pack)");
+  if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
+                        who, ": bias must be float32 (N,)");
+  const Kernel kern = pick_kernel(who, kernel);
+  return {M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, kern,
+          split_rows(x.data_ptr<float>(), M, round_up(M, kern.rows), K, Kp, kern.bits),
+          reinterpret_cast<const uint16_t*>(packed.data_ptr()), bias ? bias->data_ptr<float>() : nullptr, act};
+}
+
+// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// and its row stride), then after(m0, rows, n0, width) sees it.
+template <typename Out, typename After>
+void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  if (op.kern.begin) op.kern.begin();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
+    for (int64_t m0 = 0; m0 < op.M; m0 += op.kern.rows) {
+      const int rows = static_cast<int>(std::min<int64_t>(op.kern.rows, op.M - m0));
+      const auto [y, ldy] = out(m0, n0);
+      const Epilogue e{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act};
+      const bool fetch_next = m0 == 0 && t + 1 < end;  // the next tile into L2 while the first block computes
+      op.kern.tile(op.a, m0, rows, op.w + t * op.tile_elems, e, fetch_next ? op.w + (t + 1) * op.tile_elems : nullptr);
+      after(m0, rows, n0, width);
+    }
+  }
+  if (op.kern.end) op.kern.end();
+}
+
+}  // namespace
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                       int64_t n_out, const c10::optional<at::Tensor>& out, const std::string& kernel,
+                       const std::string& activation) {
+  const Operands op = prepare("bf16_linear", x, packed, bias, n_out, kernel, activation);
+  at::Tensor y;
+  if (out) {
+    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == op.M * n_out,
+                "bf16_linear: out must be a contiguous float32 tensor of M·N elements");
+    y = *out;
+  } else {
+    y = at::empty({op.M, n_out}, x.options());
+  }
+  if (op.M == 0) return y;
+  float* yp = y.data_ptr<float>();
+  // threads split the columns: each streams its share of the weight once
+  at::parallel_for(0, op.tiles, 1, [&](int64_t begin, int64_t end) {
+    run_tiles(
+        op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
+        [](int64_t, int, int64_t, int64_t) {});
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bf16_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
+                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                                int64_t k, const at::Tensor& banned,
+                                                                const std::string& kernel) {
+  constexpr const char* who = "bf16_linear_log_softmax_topk";
+  const Operands op = prepare(who, x, packed, bias, n_out, kernel, "none");
+  static_assert(kCols == fused_topk::kCols && kAmxRows <= fused_topk::kBlockRows);
+  return fused_topk::linear_log_softmax_topk(
+      who, x, op.M, n_out, op.tiles, k, banned, std::string(op.kern.name) != "portable",
+      [&](int64_t begin, int64_t end, float* block, auto after) {
+        run_tiles(op, begin, end, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
+      });
+}
+
+}  // namespace pyengine

@@ -1,0 +1,46 @@
+#pragma once
+#include <torch/extension.h>
+
+#include <string>
+#include <tuple>
+
+#include "int8_gemm.h"  // Activation
+
+namespace pyengine {
+
+// True when this CPU has AMX-BF16 and the OS grants this process the tile state.
+bool amx_bf16_available();
+
+// True when this CPU has AVX-512 (F, BW), which the bf16 GEMM's register tile needs.
+bool avx512_available();
+
+// Pack weights w (N, K) (float32 or bfloat16; float32 is rounded to bfloat16, to nearest even) for bf16_linear:
+// (ceil(N/64), ceil(K/32)·32·64) bfloat16, in 64-column tiles of k pairs (K is known to its padding only:
+// the callers check an x against the layer's own width).
+at::Tensor bf16_pack(const at::Tensor& w);
+
+// The tile bf16_linear runs for `kernel` here: "amx", "avx512" or "portable".
+std::string bf16_kernel_name(const std::string& kernel);
+
+// y = act(x·Wᵀ + bias) for x (M, K) float32 and W the packed bfloat16 weight, in float32 to within float32's
+// own rounding of x: x is split into two bfloat16 terms, x ≈ hi + lo with hi = bf16(x), lo = bf16(x − hi)
+// (16 significant bits, where one bf16 keeps 8), every product of a bf16 weight and a term is exact in float32,
+// and the sums are float32 — so a model whose weights are bfloat16 computes what float32 computes on them,
+// to ~2^-17 relative. Returns (M, n_out) float32, written into `out` when given.
+// kernel: "auto" (AMX-BF16 where the CPU has it, else the AVX-512 register tile where the CPU has it, else the
+// portable loop), "amx", "avx512" or "portable". AVX-512 and portable add the same products in the same order
+// (equal to the bit but for swish's exp); AMX sums them more precisely (equal within float32 rounding).
+// activation: "none", "relu" or "swish".
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
+                       int64_t n_out, const c10::optional<at::Tensor>& out, const std::string& kernel,
+                       const std::string& activation);
+
+// The output layer and the step's candidates in one pass: each row's k best (y − logsumexp(y row), column) of
+// y = x·Wᵀ + bias (as bf16_linear), best first, ties to the lower column, without writing y (fused_topk.h).
+// `banned` columns count in the logsumexp but are never candidates.
+std::tuple<at::Tensor, at::Tensor> bf16_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
+                                                                const c10::optional<at::Tensor>& bias, int64_t n_out,
+                                                                int64_t k, const at::Tensor& banned,
+                                                                const std::string& kernel);
+
+}  // namespace pyengine

@@ -1,0 +1,136 @@
+// The fused output layer's shared part (fused_topk.h): the running log-sum-exp + top-k state and its merge.
+#include "fused_topk.h"
+#include "vec_math.h"
+
+#include <cmath>
+#include <limits>
+
+namespace pyengine {
+namespace fused_topk {
+
+namespace {
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+}  // namespace
+
+TopKState::TopKState(int64_t rows, int64_t k)
+    : k(k), lane_max(rows * 16, kNegInf), lane_sum(rows * 16, 0.f), best_value(rows * k), best_id(rows * k),
+      count(rows, 0) {}
+
+void TopKState::offer(int64_t row, float v, int64_t id) {
+  float* bv = best_value.data() + row * k;
+  int64_t* bi = best_id.data() + row * k;
+  int64_t& n = count[row];
+  if (n == k && !(v > bv[k - 1])) return;
+  int64_t pos = n < k ? n++ : k - 1;
+  for (; pos > 0 && bv[pos - 1] < v; --pos) bv[pos] = bv[pos - 1], bi[pos] = bi[pos - 1];
+  bv[pos] = v, bi[pos] = id;
+}
+
+float TopKState::threshold(int64_t row) const { return count[row] == k ? best_value[row * k + k - 1] : kNegInf; }
+
+std::vector<int64_t> checked_banned(const char* who, const at::Tensor& banned, int64_t n_out, int64_t k) {
+  TORCH_CHECK(banned.dim() == 1 && banned.scalar_type() == at::kLong && banned.device().is_cpu(),
+              who, ": banned must be (B,) int64 on the CPU");
+  std::vector<int64_t> ban(banned.data_ptr<int64_t>(), banned.data_ptr<int64_t>() + banned.numel());
+  std::sort(ban.begin(), ban.end());
+  ban.erase(std::unique(ban.begin(), ban.end()), ban.end());
+  TORCH_CHECK(ban.empty() || (ban.front() >= 0 && ban.back() < n_out), who, ": banned token id outside the vocabulary");
+  TORCH_CHECK(k >= 1 && k + static_cast<int64_t>(ban.size()) <= n_out, who, ": k=", k, " outside [1, ",
+              n_out - static_cast<int64_t>(ban.size()), "] (the vocabulary less the banned ids)");
+  return ban;
+}
+
+uint64_t banned_bits(const std::vector<int64_t>& banned, int64_t n0) {
+  uint64_t bits = 0;
+  for (auto it = std::lower_bound(banned.begin(), banned.end(), n0); it != banned.end() && *it < n0 + kCols; ++it)
+    bits |= uint64_t{1} << (*it - n0);
+  return bits;
+}
+
+namespace {
+
+// scalar twin
+void absorb_portable(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
+                     TopKState& st) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    float& mx = st.lane_max[row * 16];
+    float& sum = st.lane_sum[row * 16];
+    for (int64_t c = 0; c < width; ++c) {
+      const float v = y[r * kCols + c];
+      if (v > mx) sum *= std::exp(mx - v), mx = v;
+      sum += std::exp(v - mx);
+      if (!(banned >> c & 1)) st.offer(row, v, n0 + c);
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0,
+                                                      int64_t width, uint64_t banned, TopKState& st) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
+    for (int j = 0; j < 4; ++j) {
+      const int64_t left = width - 16 * j;
+      if (left <= 0) break;
+      const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, y + r * kCols + 16 * j);
+      const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
+      if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
+        const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
+        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive(_mm512_sub_ps(mx, new_mx)));
+        mx = new_mx;
+      }
+      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive(_mm512_sub_ps(v, mx)));
+      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), v,
+                                              _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
+      for (; hit; hit &= hit - 1) {
+        const int lane = __builtin_ctz(hit);
+        st.offer(row, y[r * kCols + 16 * j + lane], n0 + 16 * j + lane);
+      }
+    }
+    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
+    _mm512_storeu_ps(st.lane_sum.data() + row * 16, sum);
+  }
+}
+#endif
+
+// One row's merge (see merge_rows).
+void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_value, int64_t* out_id) {
+  const int64_t k = states.front().k;
+  float mx = kNegInf;
+  for (const TopKState& st : states)
+    for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
+  double sum = 0;
+  for (const TopKState& st : states)
+    for (int l = 0; l < 16; ++l) {
+      const float lane_sum = st.lane_sum[row * 16 + l];  // 0 for a lane that saw no column
+      if (lane_sum > 0) sum += lane_sum * std::exp(double(st.lane_max[row * 16 + l]) - mx);
+    }
+  const float log_sum = mx + static_cast<float>(std::log(sum));
+  std::vector<std::pair<float, int64_t>> cands;
+  for (const TopKState& st : states)
+    for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
+  std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  for (int64_t j = 0; j < k; ++j) out_value[j] = cands[j].first - log_sum, out_id[j] = cands[j].second;
+}
+
+}  // namespace
+
+AbsorbFn pick_absorb(bool vectorized) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (vectorized && __builtin_cpu_supports("avx512f")) return absorb_avx512;
+#endif
+  return absorb_portable;
+}
+
+void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* values, int64_t* ids) {
+  const int64_t k = states.front().k;
+  for (int64_t row = 0; row < rows; ++row) merge_row(states, row, values + row * k, ids + row * k);
+}
+
+}  // namespace fused_topk
+}  // namespace pyengine

@@ -1,0 +1,78 @@
+#pragma once
+// The output layer fused with log-softmax + top-k, the part shared by the int8 and bf16 GEMMs: at a decoder step
+// the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were written to memory, then
+// read back by the log-softmax + top-k. Instead a GEMM hands each row block's logits, still in an L1 buffer, to
+// `absorb`: per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it) and the k
+// best (logit, id) so far take them in; nothing (rows, V) is written.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace pyengine {
+namespace fused_topk {
+
+constexpr int64_t kCols = 64;  // the GEMMs' tile width: a block's logits are rows × 64, row stride 64
+constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
+
+// One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
+struct TopKState {
+  int64_t k;
+  std::vector<float> lane_max, lane_sum, best_value;
+  std::vector<int64_t> best_id, count;
+
+  TopKState(int64_t rows, int64_t k);
+  // ids reach a thread in increasing order, so an equal value stays behind the ones already held (ties go to the
+  // lower id, as log_softmax_topk)
+  void offer(int64_t row, float v, int64_t id);
+  float threshold(int64_t row) const;
+};
+
+// A row block's logits (rows × width at y, row stride kCols, columns from n0) into the state; banned: bits of
+// the 64 columns from n0 that are never candidates.
+using AbsorbFn = void (*)(const float* y, int rows, int64_t m0, int64_t n0, int64_t width, uint64_t banned,
+                          TopKState& st);
+AbsorbFn pick_absorb(bool vectorized);  // AVX-512 where asked and the CPU has it, else the scalar twin
+
+// The banned ids sorted and unique, checked against the vocabulary (n_out) and k.
+std::vector<int64_t> checked_banned(const char* who, const at::Tensor& banned, int64_t n_out, int64_t k);
+
+// Banned columns of the 64 from n0, as bits (banned: sorted ids).
+uint64_t banned_bits(const std::vector<int64_t>& banned, int64_t n0);
+
+// Each row's result from the threads' states: log Σexp over every logit (banned ones too, as after HF's
+// log_softmax + processors), and the k best of all the threads' k best, as log-probs, best first.
+void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* values, int64_t* ids);
+
+// The fused pass: one part of the `tiles` column tiles per thread, each with its own state; run_part(begin, end,
+// block, after) runs a GEMM's tiles [begin, end) for every row block into `block` (kBlockRows × kCols floats)
+// and calls after(m0, rows, n0, width) on each. Returns each row's k best (log-prob, id).
+template <typename RunPart>
+std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, const at::Tensor& x, int64_t M,
+                                                           int64_t n_out, int64_t tiles, int64_t k,
+                                                           const at::Tensor& banned, bool vectorized,
+                                                           RunPart run_part) {
+  const std::vector<int64_t> ban = checked_banned(who, banned, n_out, k);
+  auto values = at::empty({M, k}, x.options().dtype(at::kFloat));
+  auto ids = at::empty({M, k}, x.options().dtype(at::kLong));
+  if (M == 0) return {values, ids};
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
+  std::vector<TopKState> states(parts, TopKState(M, k));
+  const AbsorbFn absorb = pick_absorb(vectorized);
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float block[kBlockRows * kCols];
+    for (int64_t p = begin; p < end; ++p) {
+      TopKState& st = states[p];
+      run_part(tiles * p / parts, tiles * (p + 1) / parts, block, [&](int64_t m0, int rows, int64_t n0, int64_t width) {
+        absorb(block, rows, m0, n0, width, banned_bits(ban, n0), st);
+      });
+    }
+  });
+  merge_rows(states, M, values.data_ptr<float>(), ids.data_ptr<int64_t>());
+  return {values, ids};
+}
+
+}  // namespace fused_topk
+}  // namespace pyengine

@@ -1,0 +1,207 @@
+"""pyengine's bf16-weight GEMM (csrc/bf16_gemm.cpp, dtype=bfloat16 on the CPU) against references built apart.
+
+The AVX-512 and portable kernels promise one summation order (per 32-wide chunk of k, the hi term's products in
+k order, then the lo term's, each added in float32), so they are held to the bit to that order written out in
+PyTorch float32 operations; the AMX unit sums more precisely, so it is held to float64 math of the same terms
+within float32's summation bound (Higham's γ_K), a bound the tests show a one-term (plain bf16) GEMM breaks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyengine import _C
+from pyengine.errors import OptionError
+from pyengine.ops import Bf16Ops, bf16_kernels
+
+OWN = list(bf16_kernels())  # "amx" (AMX-BF16), "avx512": each tested where this CPU has it
+ORDERED = ["portable"] + [k for k in OWN if k == "avx512"]  # the kernels with the written-out order
+U = 2.0 ** -24  # float32 unit roundoff
+
+
+def _terms(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's two bf16 terms, as float32 values: hi = bf16(x), lo = bf16(x − hi)."""
+    hi = x.bfloat16().float()
+    return hi, (x - hi).bfloat16().float()
+
+
+def _ordered_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The promised order, one float32 op at a time (a bf16·bf16 product is exact in float32)."""
+    hi, lo = _terms(x)
+    wb = w.bfloat16().float()
+    acc = torch.zeros(x.shape[0], w.shape[0])
+    for c in range(0, x.shape[1], 32):
+        for term in (hi, lo):
+            for k in range(c, min(c + 32, x.shape[1])):
+                acc = acc + term[:, k:k + 1] * wb[:, k][None, :]
+    return acc
+
+
+def _float64(x: torch.Tensor, w: torch.Tensor, terms: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ (hi + lo)·w in float64 (terms=1: hi only, what a plain bf16 GEMM computes) and γ_K·Σ|products|."""
+    hi, lo = _terms(x)
+    a = (hi + lo if terms == 2 else hi).double()
+    wb = w.bfloat16().double()
+    k = 2 * x.shape[1]
+    bound = k * U / (1 - k * U) * ((hi.double().abs() + lo.double().abs()) @ wb.abs().T)
+    return a @ wb.T, bound
+
+
+def _inputs(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 3
+    x[0] = 0.0  # a zero row (padding)
+    if m > 1:
+        x[1, 0] = 40.0  # an outlier
+    return x, torch.randn(n, k, generator=gen) * 0.1, torch.randn(n, generator=gen)
+
+
+SHAPES = [(1, 64, 64), (5, 100, 70), (7, 33, 65), (16, 512, 130), (35, 96, 200), (3, 2048, 64)]
+
+
+@pytest.mark.parametrize("kernel", ORDERED)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_ordered_kernels_equal_the_written_out_order(kernel, m, k, n):
+    x, w, _ = _inputs(m, k, n, seed=m + k)
+    y = _C.bf16_linear(x, _C.bf16_pack(w), None, n, kernel=kernel)
+    assert torch.equal(y, _ordered_reference(x, w))
+
+
+@pytest.mark.parametrize("kernel", ORDERED + [k for k in OWN if k == "amx"])
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("activation", ["none", "relu", "swish"])
+def test_each_kernel_within_float32_summation_of_float64(kernel, m, k, n, activation):
+    x, w, b = _inputs(m, k, n, seed=3 * m + n)
+    y = _C.bf16_linear(x, _C.bf16_pack(w), b, n, kernel=kernel, activation=activation).double()
+    ref, bound = _float64(x, w)
+    ref = ref + b.double()
+    bound = bound + U * ref.abs()  # the bias add
+    if activation == "relu":
+        ref = ref.clamp(min=0)
+    elif activation == "swish":  # |d swish/dy| ≤ 1.1; the epilogue's own exp and divide: a few ulps of |y|
+        ref, bound = F.silu(ref), 1.1 * bound + 1e-6 * ref.abs() + 1e-30
+    assert ((y - ref).abs() <= bound + 1e-30).all(), f"max excess {((y - ref).abs() - bound).max().item():.3g}"
+
+
+def test_the_bound_rejects_a_one_term_gemm():
+    """The check above can fail: plain bf16 activations (hi only) fall outside it on these inputs."""
+    for m, k, n in SHAPES[1:5]:  # (the first has only a zero row)
+        x, w, _ = _inputs(m, k, n, seed=m + k)
+        one, _ = _float64(x, w, terms=1)
+        ref, bound = _float64(x, w)
+        assert ((one - ref).abs() > bound).any(), (m, k, n)
+
+
+@pytest.mark.parametrize("kernel", ORDERED + [k for k in OWN if k == "amx"])
+def test_rows_are_independent_of_the_batch(kernel):
+    """A row's result is the same alone or among others (so a sentence's translation does not depend on its
+    batch): AMX runs at every row count."""
+    x, w, b = _inputs(40, 512, 192, seed=5)
+    packed = _C.bf16_pack(w)
+    full = _C.bf16_linear(x, packed, b, 192, kernel=kernel)
+    for rows in (slice(0, 1), slice(3, 4), slice(7, 13), slice(17, 40)):
+        assert torch.equal(_C.bf16_linear(x[rows].contiguous(), packed, b, 192, kernel=kernel), full[rows])
+
+
+def test_packing_rounds_to_nearest_even_and_takes_bf16_weights():
+    w = torch.randn(70, 40)
+    assert torch.equal(_C.bf16_pack(w), _C.bf16_pack(w.bfloat16()))
+    x = torch.eye(40)  # y = W: the packed weights read back
+    assert torch.equal(_C.bf16_linear(x, _C.bf16_pack(w), None, 70, kernel="portable"), w.bfloat16().float().T)
+
+
+def test_out_buffer_and_empty_input():
+    x, w, b = _inputs(4, 64, 96, seed=1)
+    packed = _C.bf16_pack(w)
+    out = torch.full((4, 96), float("nan"))
+    assert _C.bf16_linear(x, packed, b, 96, out=out) is not None
+    assert torch.equal(out, _C.bf16_linear(x, packed, b, 96))
+    assert _C.bf16_linear(torch.zeros(0, 64), packed, b, 96).shape == (0, 96)
+
+
+def test_bad_operands_are_named():
+    x, w, _ = _inputs(4, 64, 96, seed=1)
+    packed = _C.bf16_pack(w)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        _C.bf16_linear(x.double(), packed, None, 96)
+    with pytest.raises(RuntimeError, match="does not match K=65"):
+        _C.bf16_linear(torch.zeros(4, 65), packed, None, 96)
+    with pytest.raises(RuntimeError, match="bias must be float32"):
+        _C.bf16_linear(x, packed, torch.zeros(95), 96)
+    with pytest.raises(RuntimeError, match="activation must be"):
+        _C.bf16_linear(x, packed, None, 96, activation="gelu")
+    with pytest.raises(RuntimeError, match="kernel must be"):
+        _C.bf16_linear(x, packed, None, 96, kernel="fast")
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        _C.bf16_pack(torch.zeros(3, 4, dtype=torch.float16))
+    if "amx" not in OWN:
+        with pytest.raises(RuntimeError, match="needs a CPU .* AMX-BF16"):
+            _C.bf16_linear(x, packed, None, 96, kernel="amx")
+
+
+def test_kernel_choice_and_its_errors():
+    assert _C.bf16_kernel_name("auto") == (OWN[0] if OWN else "portable")
+    assert _C.bf16_kernel_name("portable") == "portable"
+    assert Bf16Ops().kernel == (OWN[0] if OWN else "library")
+    with pytest.raises(OptionError, match="unknown bf16 kernel"):
+        Bf16Ops(kernel="vnni")
+
+
+@pytest.mark.parametrize("kernel", OWN + ["library"])
+def test_ops_layers_against_float64(kernel):
+    """Bf16Ops' linear and fused activations, every kernel, within the float32 bound of float64 math."""
+    x, w, b = _inputs(9, 96, 130, seed=4)
+    layer = torch.nn.Linear(96, 130)
+    layer.weight.data, layer.bias.data = w, b
+    ops = Bf16Ops(kernel=kernel)
+    ops.prepare_linear(layer)
+    assert layer.weight is None  # only the bf16 copy is kept
+    ref, bound = _float64(x, w)
+    ref, bound = ref + b.double(), bound + U * ref.abs() + 1e-30
+    y = ops.linear(x.view(3, 3, 96), layer)
+    assert y.shape == (3, 3, 130) and ((y.reshape(9, 130).double() - ref).abs() <= bound).all()
+    y = ops.linear_act(x, layer, "relu").double()
+    assert ((y - ref.clamp(min=0)).abs() <= bound).all()
+    with pytest.raises(ValueError, match="input width 95, the layer takes 96"):
+        ops.linear(x[:, :95], layer)
+    y = ops.linear_act(x, layer, "gelu").double()  # applied after the GEMM
+    assert ((y - F.gelu(ref)).abs() <= 1.2 * bound + 1e-6 * ref.abs()).all()
+
+
+def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]):
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    logp[:, banned] = float("-inf")
+    return logp.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("kernel", ORDERED + [k for k in OWN if k == "amx"])
+@pytest.mark.parametrize("rows, k, n, top", [(1, 8, 70, 1), (7, 36, 200, 3), (13, 96, 1000, 8), (37, 128, 1000, 4)])
+def test_fused_output_candidates_against_float64(kernel, rows, k, n, top):
+    """The bf16 output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math
+    of the two-term scheme, banned ids out of the candidates but in the normalizer (one of them the best logit),
+    ragged row blocks and last tile, several column parts (threads) merged; and the unfused path's candidates."""
+    x, w, b = _inputs(rows, k, n, seed=rows * 100 + n)
+    x = x * 0.5
+    packed = _C.bf16_pack(w)
+    logits, _ = _float64(x, w)
+    logits = logits + b.double()
+    banned = sorted({0, n - 1, int(logits[-1].argmax())})
+    values, ids = _C.bf16_linear_log_softmax_topk(x, packed, b, n, top, torch.tensor(banned), kernel=kernel)
+    ref_values, ref_ids = _candidates_reference(logits, top, banned)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(values.double(), ref_values, rtol=1e-6, atol=1e-5)
+    unfused = _C.log_softmax_topk(_C.bf16_linear(x, packed, b, n, kernel=kernel), top, torch.tensor(banned))
+    assert torch.equal(ids, unfused[1])
+    torch.testing.assert_close(values, unfused[0], rtol=0, atol=1e-5)
+
+
+def test_fused_output_candidates_refuses_bad_arguments():
+    x, w, _ = _inputs(3, 36, 70, seed=2)
+    packed = _C.bf16_pack(w)
+    with pytest.raises(RuntimeError, match="k=70 outside \\[1, 69\\]"):
+        _C.bf16_linear_log_softmax_topk(x, packed, None, 70, 70, torch.tensor([3]))
+    with pytest.raises(RuntimeError, match="banned token id outside"):
+        _C.bf16_linear_log_softmax_topk(x, packed, None, 70, 1, torch.tensor([70]))
+    with pytest.raises(RuntimeError, match="packed weight does not match"):
+        _C.bf16_linear_log_softmax_topk(torch.randn(3, 100), packed, None, 70, 1, torch.empty(0, dtype=torch.long))
