@@ -149,6 +149,16 @@ class TorchOps:
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """pyengine's C++ residual + layer norm (csrc/layer_norm.cpp), float32: the one the C++ int8 decoder step runs,
+    so the Python layers and that step agree to the bit; at a step's few rows it is faster than ATen's add +
+    layer_norm, whose dispatch dominates there (2.4x at 32 rows, 1.5x at 128: `pytest benchmarks/`)."""
+    from . import _C
+    return _C.add_layer_norm(x.float().contiguous(), None if residual is None else residual.float().contiguous(),
+                             weight.float().contiguous(), bias.float().contiguous(), eps)
+
+
 # Rows above which oneDNN's dynamic int8 GEMM beats FBGEMM's (measured on this project's Zen 4 machine:
 # FBGEMM 2x faster at 1-4 rows on the 58101-wide output layer, oneDNN 1.9x faster at 128 rows).
 INT8_ONEDNN_ROWS = 64
@@ -279,15 +289,7 @@ class Int8Ops(TorchOps):
                            w.n, out, kernel=self.kernel, activation=activation)
         return y.view(*x.shape[:-1], w.n) if out is None else out
 
-    @staticmethod
-    def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                       bias: torch.Tensor, eps: float) -> torch.Tensor:
-        """pyengine's C++ residual + layer norm (csrc/layer_norm.cpp): the one the C++ decoder step runs, so
-        the Python layers and that step agree to the bit; at a step's few rows it is faster than ATen's add +
-        layer_norm, whose dispatch dominates there (2.4x at 32 rows, 1.5x at 128: `pytest benchmarks/`)."""
-        from . import _C
-        return _C.add_layer_norm(x.float().contiguous(), None if residual is None else residual.float().contiguous(),
-                                 weight.float().contiguous(), bias.float().contiguous(), eps)
+    add_layer_norm = staticmethod(cpp_add_layer_norm)
 
     @staticmethod
     def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -363,6 +365,7 @@ class Bf16Ops(TorchOps):
     """
 
     name = "torch-bf16"
+    add_layer_norm = staticmethod(cpp_add_layer_norm)
 
     def __init__(self, kernel: str | None = None) -> None:
         super().__init__(onednn=False)
