@@ -12,7 +12,7 @@ import torch
 
 from pyengine.decoding import log_probs, topk_rows
 from pyengine.model import KVCache
-from pyengine.ops import Int8Ops, TorchOps, amx_available, int8_engines, vnni_available
+from pyengine.ops import Bf16Ops, Int8Ops, TorchOps, amx_available, bf16_kernels, int8_engines, vnni_available
 
 ROWS, HEADS, DH, T, S, V, D = 128, 8, 64, 30, 24, 58101, 512
 
@@ -93,6 +93,21 @@ def test_linear_int8(benchmark, shape, rows, kernel):
     """dtype="int8": pyengine's AMX and VNNI GEMM (the default where the CPU has them; amx runs VNNI at 1 row) next
     to the libraries' dynamic int8 linear (FBGEMM up to 64 rows, oneDNN above) they replaced."""
     ops = Int8Ops(kernel)
+    layer = torch.nn.Linear(*shape)
+    ops.prepare_linear(layer)
+    x = torch.randn(rows, 1, shape[0])
+    with torch.inference_mode():
+        benchmark(ops.linear, x, layer)
+
+
+@pytest.mark.skipif(not bf16_kernels(), reason="pyengine's bf16 GEMM needs AVX-512")
+@pytest.mark.parametrize("kernel", list(bf16_kernels()))
+@pytest.mark.parametrize("rows", [1, 32, ROWS])
+@pytest.mark.parametrize("shape", [(D, 2048), (2048, D), (D, V)], ids=["fc1", "fc2", "output"])
+def test_linear_bf16(benchmark, shape, rows, kernel):
+    """dtype="bfloat16" on the CPU: bf16 weights, float32 x as two bf16 terms (AMX-BF16 or the AVX-512 FMA tile);
+    compare with test_linear_onednn_prepacked (float32, and plain bf16 which rounds x to bf16)."""
+    ops = Bf16Ops(kernel)
     layer = torch.nn.Linear(*shape)
     ops.prepare_linear(layer)
     x = torch.randn(rows, 1, shape[0])

@@ -36,7 +36,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
                        const std::string& activation);
 
 // The output layer and the step's candidates in one pass: each row's k best (y − logsumexp(y row), column) of
-// y = x·Wᵀ + bias (as bf16_linear), best first, ties to the lower column, without writing y (fused_topk.h).
+// y = x·Wᵀ + bias (as bf16_linear), best first, ties to the lower column, without writing y (gemm_shared.h).
 // `banned` columns count in the logsumexp but are never candidates.
 std::tuple<at::Tensor, at::Tensor> bf16_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
                                                                 const c10::optional<at::Tensor>& bias, int64_t n_out,

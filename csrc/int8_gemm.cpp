@@ -12,7 +12,7 @@
 // (Symmetric activations, CTranslate2's choice, leave half the levels unused after ReLU/swish: measured to
 // flip more translations of the test models than the libraries' per-tensor asymmetric rule.)
 #include "int8_gemm.h"
-#include "fused_topk.h"
+#include "gemm_shared.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -470,26 +470,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const c10::optional<at::Tensor>& out, const std::string& kernel,
                        const std::string& activation) {
   const Operands op = prepare("int8_linear", x, packed, colsum, scale, bias, n_out, kernel, activation);
-  at::Tensor y;
-  if (out) {
-    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == op.M * n_out,
-                "int8_linear: out must be a contiguous float32 tensor of M·N elements");
-    y = *out;
-  } else {
-    y = at::empty({op.M, n_out}, x.options());
-  }
-  if (op.M == 0) return y;
-  float* yp = y.data_ptr<float>();
-  // threads split the columns: each streams its share of the weight once
-  at::parallel_for(0, op.tiles, 1, [&](int64_t begin, int64_t end) {
+  return gemm::linear_into("int8_linear", x, op.M, n_out, op.tiles, out, [&](int64_t begin, int64_t end, float* yp) {
     run_tiles(
         op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
         [](int64_t, int, int64_t, int64_t) {});
   });
-  return y;
 }
 
-// -- the output layer with log-softmax and top-k fused (fused_topk.h) --------------------------------------------
+// -- the output layer with log-softmax and top-k fused (gemm_shared.h) --------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor& x, const at::Tensor& packed,
                                                                 const at::Tensor& colsum, const at::Tensor& scale,
@@ -498,8 +486,8 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor
                                                                 const std::string& kernel) {
   constexpr const char* who = "int8_linear_log_softmax_topk";
   const Operands op = prepare(who, x, packed, colsum, scale, bias, n_out, kernel, "none");
-  static_assert(kCols == fused_topk::kCols && kAmxRows <= fused_topk::kBlockRows && kMaxRows <= fused_topk::kBlockRows);
-  return fused_topk::linear_log_softmax_topk(
+  static_assert(kCols == gemm::kCols && kAmxRows <= gemm::kBlockRows && kMaxRows <= gemm::kBlockRows);
+  return gemm::linear_log_softmax_topk(
       who, x, op.M, n_out, op.tiles, k, banned, std::string(op.kern.name) != "portable",
       [&](int64_t begin, int64_t end, float* block, auto after) {
         run_tiles(op, begin, end, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);

@@ -170,3 +170,23 @@ def copy_with_config(src: Path, dst: Path, **changes) -> Path:
     cfg.update(changes)
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+def check_search_takes_fused_candidates(engine, kernel_name: str, beam: int, monkeypatch) -> None:
+    """Greedy / beam search take each step's candidates from the fused output layer `_C.<kernel_name>` (no logits
+    written) and translate as the unfused path (logits, then log_softmax_topk): the same tokens, scores within
+    float32 rounding; min_decoding_length bans EOS early on, so banned ids reach the kernel too."""
+    from pyengine import _C
+    src = random_sources(12, engine.config.src_vocab_size, seed=8)
+    calls = []
+    fused = getattr(_C, kernel_name)
+    monkeypatch.setattr(_C, kernel_name, lambda *a, **kw: (calls.append(a[-1]), fused(*a, **kw))[1])
+    ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
+    assert len(calls) >= 9 and any(len(banned) for banned in calls)
+    monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
+    calls.clear()
+    ref = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
+    assert not calls
+    assert [t.tokens for t in ours] == [t.tokens for t in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=0, atol=1e-5)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pyengine
-from conftest import ARCHS, build_marian, hf_model, pad_batch, random_sources
+from conftest import (ARCHS, build_marian, check_search_takes_fused_candidates, hf_model, pad_batch,
+                      random_sources)
 
 
 @pytest.fixture(scope="module", params=["swish-shared", "relu-separate"])
@@ -140,23 +141,7 @@ def test_auto_dtype_is_bf16_where_the_cpu_has_amx_bf16(monkeypatch):
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_search_takes_candidates_from_the_fused_bf16_output_layer(model_dir, beam, monkeypatch):
-    """With pyengine's bf16 kernels, greedy and beam search take each step's candidates from the fused output
-    layer (no logits written) and translate as the unfused path: the same tokens, scores within float32 rounding;
-    min_decoding_length bans EOS early on, so banned ids reach the kernel too."""
-    from pyengine import _C
     engine = pyengine.Engine.load(model_dir, dtype="bfloat16")
     if engine.model.ops.kernel == "library":
         pytest.skip("no AVX-512: the bf16 path runs PyTorch's GEMM, without the fused output layer")
-    src = random_sources(12, engine.config.src_vocab_size, seed=8)
-    calls = []
-    fused = _C.bf16_linear_log_softmax_topk
-    monkeypatch.setattr(_C, "bf16_linear_log_softmax_topk", lambda *a, **kw: (calls.append(a[-1]), fused(*a, **kw))[1])
-    ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
-    assert len(calls) >= 9 and any(len(banned) for banned in calls)
-    monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
-    calls.clear()
-    ref = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
-    assert not calls
-    assert [t.tokens for t in ours] == [t.tokens for t in ref]
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=0, atol=1e-5)
+    check_search_takes_fused_candidates(engine, "bf16_linear_log_softmax_topk", beam, monkeypatch)

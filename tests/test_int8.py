@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pyengine
-from conftest import ARCHS, build_marian, random_sources
+from conftest import ARCHS, build_marian, check_search_takes_fused_candidates, random_sources
 from pyengine.errors import OptionError
 from pyengine import _C
 from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, amx_available, int8_engines, vnni_available
@@ -381,24 +381,8 @@ def test_int8_translations_do_not_depend_on_the_batch(model_dir, beam):
 @pytest.mark.skipif(not OWN, reason="the fused output layer runs pyengine's own GEMM tiles")
 @pytest.mark.parametrize("beam", [1, 4])
 def test_search_takes_candidates_from_the_fused_output_layer(model_dir, beam, monkeypatch):
-    """Greedy and beam search take each step's candidates from the fused output layer (no logits written) and
-    translate as the unfused path (logits, then log_softmax_topk): the same tokens, scores within float32
-    rounding; min_decoding_length bans EOS early on, so the banned ids reach the kernel too."""
-    engine = pyengine.Engine.load(model_dir, dtype="int8")
-    src = random_sources(12, engine.config.src_vocab_size, seed=8)
-    calls = []
-    fused = _C.int8_linear_log_softmax_topk
-    monkeypatch.setattr(_C, "int8_linear_log_softmax_topk",
-                        lambda *a, **kw: (calls.append(a[-1]), fused(*a, **kw))[1])
-    ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
-    assert len(calls) >= 9 and any(len(banned) for banned in calls)
-    monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
-    calls.clear()
-    ref = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
-    assert not calls
-    assert [t.tokens for t in ours] == [t.tokens for t in ref]
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=0, atol=1e-5)
+    check_search_takes_fused_candidates(pyengine.Engine.load(model_dir, dtype="int8"), "int8_linear_log_softmax_topk",
+                                        beam, monkeypatch)
 
 
 def test_int8_engine_translates_like_float32(model_dir):

@@ -1,10 +1,14 @@
 #pragma once
-// The output layer fused with log-softmax + top-k, the part shared by the int8 and bf16 GEMMs: at a decoder step
+// What the int8 and bf16 GEMMs share: the pass that writes y, and the output layer fused with log-softmax +
+// top-k.
+//
+// The fused output layer: at a decoder step
 // the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were written to memory, then
 // read back by the log-softmax + top-k. Instead a GEMM hands each row block's logits, still in an L1 buffer, to
 // `absorb`: per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it) and the k
 // best (logit, id) so far take them in; nothing (rows, V) is written.
 #include <torch/extension.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -12,10 +16,29 @@
 #include <vector>
 
 namespace pyengine {
-namespace fused_topk {
+namespace gemm {
 
 constexpr int64_t kCols = 64;  // the GEMMs' tile width: a block's logits are rows × 64, row stride 64
 constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
+
+// y (M, n_out) float32 (into `out` when given): run(begin, end, y) computes column tiles [begin, end) into y;
+// the threads split the columns, so each streams its share of the weight once.
+template <typename Run>
+at::Tensor linear_into(const char* who, const at::Tensor& x, int64_t M, int64_t n_out, int64_t tiles,
+                       const c10::optional<at::Tensor>& out, Run run) {
+  at::Tensor y;
+  if (out) {
+    TORCH_CHECK(out->scalar_type() == at::kFloat && out->is_contiguous() && out->numel() == M * n_out,
+                who, ": out must be a contiguous float32 tensor of M·N elements");
+    y = *out;
+  } else {
+    y = at::empty({M, n_out}, x.options().dtype(at::kFloat));
+  }
+  if (M == 0) return y;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { run(begin, end, yp); });
+  return y;
+}
 
 // One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
 struct TopKState {
@@ -74,5 +97,5 @@ std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, cons
   return {values, ids};
 }
 
-}  // namespace fused_topk
+}  // namespace gemm
 }  // namespace pyengine

@@ -1,12 +1,12 @@
-// The fused output layer's shared part (fused_topk.h): the running log-sum-exp + top-k state and its merge.
-#include "fused_topk.h"
+// The fused output layer's shared part (gemm_shared.h): the running log-sum-exp + top-k state and its merge.
+#include "gemm_shared.h"
 #include "vec_math.h"
 
 #include <cmath>
 #include <limits>
 
 namespace pyengine {
-namespace fused_topk {
+namespace gemm {
 
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -132,5 +132,5 @@ void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* value
   for (int64_t row = 0; row < rows; ++row) merge_row(states, row, values + row * k, ids + row * k);
 }
 
-}  // namespace fused_topk
+}  // namespace gemm
 }  // namespace pyengine
