@@ -213,21 +213,7 @@ PYENGINE_AVX512 void tile_avx512_any(const Split& a, int64_t m0, int rows, const
 // Four C tiles (tmm0-3) hold a tile's 64 columns for a 16-row block; the hi and lo terms are tmm4 and tmm7, the
 // weights alternate in tmm5/tmm6, and each B tile meets hi then lo.
 #define PYENGINE_AMX_BF16 __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-PYENGINE_AMX_BF16 void amx_begin() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
-}
-
-PYENGINE_AMX_BF16 void amx_end() { _tile_release(); }
+// (the tile configuration, per thread: gemm::amx_begin / amx_end, gemm_shared.h)
 
 PYENGINE_AMX_BF16 void tile_amx(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e,
                                 const uint16_t* next) {
@@ -290,7 +276,7 @@ Kernel pick_kernel(const char* who, const std::string& kernel) {
   TORCH_CHECK(kernel != "avx512" || avx512_available(), who, ": the avx512 kernel needs a CPU with AVX-512");
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_bf16_available());
-  if (amx) return {tile_amx, kAmxRows, true, amx_begin, amx_end, "amx"};
+  if (amx) return {tile_amx, kAmxRows, true, gemm::amx_begin, gemm::amx_end, "amx"};
   if (kernel != "portable" && avx512_available())
     return {tile_avx512_any, kMaxRows, false, nullptr, nullptr, "avx512"};
 #endif

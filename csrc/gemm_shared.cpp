@@ -2,6 +2,10 @@
 #include "gemm_shared.h"
 #include "vec_math.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <cmath>
 #include <limits>
 
@@ -27,6 +31,28 @@ void TopKState::offer(int64_t row, float v, int64_t id) {
 }
 
 float TopKState::threshold(int64_t row) const { return count[row] == k ? best_value[row * k + k - 1] : kNegInf; }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace {
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+}  // namespace
+
+__attribute__((target("amx-tile"))) void amx_begin() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
+  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
+}
+
+__attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
+#else
+void amx_begin() { TORCH_CHECK(false, "AMX needs an x86-64 build"); }
+void amx_end() {}
+#endif
 
 std::vector<int64_t> checked_banned(const char* who, const at::Tensor& banned, int64_t n_out, int64_t k) {
   TORCH_CHECK(banned.dim() == 1 && banned.scalar_type() == at::kLong && banned.device().is_cpu(),

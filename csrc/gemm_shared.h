@@ -40,6 +40,11 @@ at::Tensor linear_into(const char* who, const at::Tensor& x, int64_t M, int64_t 
   return y;
 }
 
+// AMX: this thread's tile configuration, all 8 tiles 16 rows × 64 bytes (what both GEMMs use), loaded at the
+// start of a thread's share of a GEMM (amx_begin) and released at its end (amx_end). x86-64 with AMX only.
+void amx_begin();
+void amx_end();
+
 // One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
 struct TopKState {
   int64_t k;

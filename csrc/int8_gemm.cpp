@@ -216,23 +216,7 @@ PYENGINE_VNNI void tile_vnni_any(const uint8_t* xq, int64_t Kp, int rows, const 
 // columns of a pack are four C tiles (tmm0-3), the activations tmm4, the weights alternate in tmm5/tmm6.
 // Integer sums are exact, so the results equal the VNNI tile's to the bit (same epilogue).
 #define PYENGINE_AMX __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
-
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tile configuration is per thread: set at the start of each thread's share of a GEMM, released at its end.
-PYENGINE_AMX void amx_begin() {
-  TileConfig cfg;
-  for (int t = 0; t < 7; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-  // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
-  __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
-}
-
-PYENGINE_AMX void amx_end() { _tile_release(); }
+// (the tile configuration, per thread: gemm::amx_begin / amx_end, gemm_shared.h)
 
 PYENGINE_AMX void tile_amx(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e,
                            const int8_t* next) {
@@ -293,7 +277,7 @@ Kernels pick_kernels(const char* who, const std::string& kernel, int64_t M, int6
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_available());
   if (amx && Kp % 64 == 0 && M > kMaxRows)
-    return {tile_amx, min_max_vnni, quantize_row_vnni, kAmxRows, amx_begin, amx_end, "amx"};
+    return {tile_amx, min_max_vnni, quantize_row_vnni, kAmxRows, gemm::amx_begin, gemm::amx_end, "amx"};
   if (kernel != "portable" && vnni_available())
     return {tile_vnni_any, min_max_vnni, quantize_row_vnni, kMaxRows, nullptr, nullptr, "vnni"};
 #endif
