@@ -120,13 +120,14 @@ def parity_model_guard(n_sentences: int = 200) -> dict:
     stored; fp32 and bf16 then run the same model)."""
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
-    from conftest import ARCHS, build_marian, hf_model, pad_batch, random_sources  # the tests' own builders
+    from conftest import (ARCHS, build_marian, hf_model, pad_batch, random_sources,  # the tests' own builders
+                          save_rounded_to_bf16)
     import pyengine
     out = {}
     for name, arch in ARCHS.items():
         with tempfile.TemporaryDirectory() as tmp:
             built = build_marian(Path(tmp) / "fp32", **arch)
-            stored = _rounded_to_bf16(built, Path(tmp) / "bf16")
+            stored = save_rounded_to_bf16(built, Path(tmp) / "bf16")
             for variant, path in (("", built), ("/bf16-weights", stored)):
                 fp32 = pyengine.Engine.load(path)
                 bf16 = pyengine.Engine.load(path, dtype=torch.bfloat16)
@@ -142,17 +143,6 @@ def parity_model_guard(n_sentences: int = 200) -> dict:
                     hf[dname] = [_strip(s, fp32.config.eos_id, fp32.config.pad_id) for s in seqs]
                 out[name + variant] = {"pyengine": same_share(a, b), "hf": same_share(hf["fp32"], hf["bf16"])}
     return out
-
-
-def _rounded_to_bf16(src: Path, dst: Path) -> Path:
-    """A copy of a saved Marian model with every parameter rounded to bf16 (kept in float32 files)."""
-    from transformers import MarianMTModel
-    model = MarianMTModel.from_pretrained(src)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.bfloat16().float())
-    model.save_pretrained(dst)
-    return dst
 
 
 def _strip(seq: list[int], eos: int, pad: int) -> list[int]:

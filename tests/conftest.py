@@ -190,3 +190,14 @@ def check_search_takes_fused_candidates(engine, kernel_name: str, beam: int, mon
     assert [t.tokens for t in ours] == [t.tokens for t in ref]
     for a, b in zip(ours, ref):
         torch.testing.assert_close(torch.tensor(a.scores), torch.tensor(b.scores), rtol=0, atol=1e-5)
+
+
+def save_rounded_to_bf16(src: Path, dst: Path) -> Path:
+    """A copy of a saved Marian model with every parameter rounded to bf16 by HF itself (float32 files)."""
+    from transformers import MarianMTModel
+    model = MarianMTModel.from_pretrained(src)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    model.save_pretrained(dst)
+    return dst

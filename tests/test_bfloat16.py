@@ -10,7 +10,7 @@ import torch
 
 import pyengine
 from conftest import (ARCHS, build_marian, check_search_takes_fused_candidates, hf_model, pad_batch,
-                      random_sources)
+                      random_sources, save_rounded_to_bf16)
 
 
 @pytest.fixture(scope="module", params=["swish-shared", "relu-separate"])
@@ -82,13 +82,7 @@ def test_cpu_bf16_is_bf16_weights_with_float32_activations(model_dir):
 @pytest.fixture(scope="module")
 def bf16_weights_dir(model_dir, tmp_path):
     """The same model with every weight rounded to bf16 (as the shipped default model is stored)."""
-    from transformers import MarianMTModel
-    hf = MarianMTModel.from_pretrained(model_dir)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(p.bfloat16().float())
-    hf.save_pretrained(tmp_path)
-    return tmp_path
+    return save_rounded_to_bf16(model_dir, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pyengine
-from conftest import ARCHS, build_marian, random_sources, sample_lines
+from conftest import ARCHS, build_marian, random_sources, sample_lines, save_rounded_to_bf16
 
 
 def _convert(src, dst, dtype="float32"):
@@ -42,12 +42,7 @@ def test_converted_separate_vocab_model_and_bf16(tmp_path):
     bf16 = _convert(src, tmp_path / "bf16", "bfloat16")
     assert (bf16 / "model.safetensors").stat().st_size < (tmp_path / "fp32" / "model.safetensors").stat().st_size * 0.6
     # the converted bf16 model is the source with every tensor rounded to bf16 (rounded here by HF itself)
-    from transformers import MarianMTModel
-    hf = MarianMTModel.from_pretrained(src)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.copy_(p.bfloat16().float())
-    hf.save_pretrained(tmp_path / "rounded")
+    save_rounded_to_bf16(src, tmp_path / "rounded")
     bf16_ref = pyengine.Engine.load(tmp_path / "rounded", dtype=torch.bfloat16).generate(ids, beam_size=2)
     assert [x.tokens for x in pyengine.Engine.load(bf16, dtype=torch.bfloat16).generate(ids, beam_size=2)] == \
         [x.tokens for x in bf16_ref]
