@@ -53,17 +53,20 @@ def _attention_configs():
     import torch
 
     from pyengine.kernels import attention as mod
-    forms = {"encoder/cross": (True, False), "causal block": (False, True), "decode over cache": (True, True)}
-    for dtype, dh, tq, (form, (has_len, causal)) in itertools.product(
+    # (lengths, causal, rows): the encoder; a causal block; decode steps over the indirect cache and the memory slots
+    forms = {"encoder": (True, False, False), "causal block": (False, True, False),
+             "decode over cache": (True, True, True), "cross over memory": (True, False, True)}
+    for dtype, dh, tq, (form, (has_len, causal, rows)) in itertools.product(
             ("float32", "float16", "bfloat16"), HEAD_DIMS, (1, 64), forms.items()):
         cfg = mod.launch_config(tq, dh, getattr(torch, dtype))
         t = TORCH_TO_TRITON[dtype]
-        sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "o_ptr": f"*{t}", "len_ptr": "*i64"}
+        sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "o_ptr": f"*{t}", "len_ptr": "*i64",
+               "rows_ptr": "*i32"}
         sig.update({name: "i32" for name in (
             "stride_qb", "stride_qh", "stride_qt", "stride_kb", "stride_kh", "stride_kt", "stride_vb", "stride_vh",
             "stride_vt", "stride_ob", "stride_oh", "stride_ot", "H", "Tq", "Tk", "KV_GROUP")})
         sig["qk_scale"] = "fp32"
-        const = {"HEAD_DIM": dh, "HAS_LENGTHS": has_len, "CAUSAL": causal,
+        const = {"HEAD_DIM": dh, "HAS_LENGTHS": has_len, "HAS_ROWS": rows, "CAUSAL": causal,
                  "DOT_PRECISION": "ieee" if dtype == "float32" else "tf32", "UPCAST_DOT": False,
                  "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_D": cfg["BLOCK_D"]}
         yield ("attention", f"{dtype} Dh={dh} Tq={'1' if tq == 1 else '>16'} {form}", mod._attention_kernel, sig,

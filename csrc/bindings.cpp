@@ -6,7 +6,6 @@
 #include "decode_attention.h"
 #include "int8_decoder.h"
 #include "int8_gemm.h"
-#include "kv_cache.h"
 #include "layer_norm.h"
 #include "softmax_topk.h"
 
@@ -38,9 +37,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
         pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
         pybind11::arg("early_stopping"), pybind11::arg("eos"));
-  m.def("kv_cache_select", &pyengine::kv_cache_select,
-        "Keep cache rows in the given order (beam reorder + dropping); True if the result is in `spare`.",
-        pybind11::arg("active"), pybind11::arg("spare"), pybind11::arg("rows"), pybind11::arg("length"));
   m.def("decode_attention", &pyengine::decode_attention,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),
@@ -91,9 +87,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("fc1"), pybind11::arg("fc2"), pybind11::arg("norms"), pybind11::arg("eps"),
            pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"));
   m.def("int8_decoder_step", &pyengine::int8_decoder_step,
-        "One decoder step of every layer with int8 linears (an indirect KV cache), in C++.", pybind11::arg("layers"),
-        pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("position"), pybind11::arg("rows"),
-        pybind11::arg("memory"), pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
+        "One decoder step of every layer with int8 linears (an indirect KV cache, a position per row), in C++.",
+        pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),
+        pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
+        pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
   m.def("bf16_kernel_name", &pyengine::bf16_kernel_name,
         "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512 or portable.", pybind11::arg("kernel"));
   m.def("bf16_pack", &pyengine::bf16_pack, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",

@@ -14,6 +14,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -59,9 +60,10 @@ ToBf16Fn pick_to_bf16() {
   return to_bf16_portable;
 }
 
-// This step's K and V (the 2nd and 3rd thirds of each qkv row) into rows 0..N-1 of the cache at `position`.
-// kv (2, P, H, T_max, Dh) float32 or bfloat16 with a unit stride on Dh.
-void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tensor& kv, int64_t position) {
+// This step's K and V (the 2nd and 3rd thirds of each qkv row r) into physical row write_rows[r] of the cache at
+// positions[r]. kv (2, P, H, T_max, Dh) float32 or bfloat16 with a unit stride on Dh.
+void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tensor& kv, const int64_t* write_rows,
+              const int64_t* positions) {
   const int64_t D = H * Dh;
   const bool bf16 = kv.scalar_type() == at::kBFloat16;
   const ToBf16Fn convert = pick_to_bf16();
@@ -73,8 +75,8 @@ void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tens
       for (int64_t r = begin; r < end; ++r)
         for (int64_t h = 0; h < H; ++h) {
           const float* src = qkv + r * 3 * D + (which + 1) * D + h * Dh;
-          char* dst =
-              base + item * (which * kv.stride(0) + r * kv.stride(1) + h * kv.stride(2) + position * kv.stride(3));
+          char* dst = base + item * (which * kv.stride(0) + write_rows[r] * kv.stride(1) + h * kv.stride(2) +
+                                     positions[r] * kv.stride(3));
           if (bf16) convert(src, reinterpret_cast<uint16_t*>(dst), Dh);
           else std::memcpy(dst, src, Dh * sizeof(float));
         }
@@ -107,8 +109,9 @@ const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h, const
 }  // namespace
 
 at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const at::Tensor& x_in, const at::Tensor& cache,
-                             int64_t position, const at::Tensor& rows, const at::Tensor& memory,
-                             const at::Tensor& src_lengths, const std::string& kernel) {
+                             const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
+                             const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
+                             const std::string& kernel) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_decoder_step: x must be float32 (N, D)");
   TORCH_CHECK(!layers.empty() && cache.dim() == 6 && memory.dim() == 6 &&
                   cache.size(0) == static_cast<int64_t>(layers.size()) && memory.size(0) == cache.size(0),
@@ -117,19 +120,34 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
                   (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16) &&
                   cache.stride(5) == 1 && memory.stride(5) == 1,
               "int8_decoder_step: cache and memory both float32 or both bfloat16, unit stride on Dh");
-  const int64_t N = x_in.size(0), D = x_in.size(1), B = memory.size(2);
+  const int64_t N = x_in.size(0), D = x_in.size(1), B = memory_rows.size(0);
   TORCH_CHECK(B > 0 && N % B == 0, "int8_decoder_step: ", N, " rows are not a whole number of beams of ", B,
               " sentences");
-  TORCH_CHECK(position >= 0 && position < cache.size(4), "int8_decoder_step: position ", position, " outside the cache");
-  TORCH_CHECK(N <= cache.size(2), "int8_decoder_step: more rows than the cache holds");
   TORCH_CHECK(src_lengths.numel() == B, "int8_decoder_step: src_lengths must have one entry per sentence");
-  const int64_t H = layers[0].heads, Dh = D / H, T = position + 1, beam = N / B;
+  const at::Tensor pos = positions.to(at::kLong).contiguous(), dst = write_rows.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == N && dst.numel() == N, "int8_decoder_step: one position and one write row per row");
+  const int64_t* pos_ptr = pos.data_ptr<int64_t>();
+  const int64_t* dst_ptr = dst.data_ptr<int64_t>();
+  int64_t T = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(pos_ptr[r] >= 0 && pos_ptr[r] < cache.size(4), "int8_decoder_step: position ", pos_ptr[r],
+                " outside the cache");
+    TORCH_CHECK(dst_ptr[r] >= 0 && dst_ptr[r] < cache.size(2), "int8_decoder_step: write row ", dst_ptr[r],
+                " outside the cache");
+    T = std::max(T, pos_ptr[r] + 1);
+  }
+  const int64_t H = layers[0].heads, Dh = D / H, S = memory.size(4), beam = N / B;
   TORCH_CHECK(H * Dh == D && cache.size(3) == H && cache.size(5) == Dh && memory.size(3) == H && memory.size(5) == Dh,
               "int8_decoder_step: cache and memory must have ", H, " heads of ", Dh);
-  const at::Tensor row_index = rows.to(at::kLong).contiguous();  // (a view of the cache's origin table)
+  const at::Tensor row_index = rows.to(at::kLong).contiguous();  // (a copy of the cache's origin table)
   check_rows(row_index, N, T, cache.size(2));  // once per step, not per layer
-  const std::vector<int64_t> self_len(N, T), cross_len = key_lengths(src_lengths, B, memory.size(4));
+  const at::Tensor memory_index = memory_rows.to(at::kLong).contiguous();
+  check_rows(memory_index, B, S, memory.size(2));
+  std::vector<int64_t> self_len(N);
+  for (int64_t r = 0; r < N; ++r) self_len[r] = pos_ptr[r] + 1;
+  const std::vector<int64_t> cross_len = key_lengths(src_lengths, B, S);
   const int64_t* row_ptr = row_index.data_ptr<int64_t>();
+  const int64_t* memory_ptr = memory_index.data_ptr<int64_t>();
   const double scale = std::pow(static_cast<double>(Dh), -0.5);  // as Python computes Dh ** -0.5
 
   // the step's buffers; attention outputs are written as the next GEMM reads them: (N, D) = (B, beam, H, Dh)
@@ -148,7 +166,7 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
 
     // self-attention: this step's K/V into the cache, then the query against every position so far
     linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer), layer.qkv, qkv, kernel);
-    write_kv(qkv.data_ptr<float>(), N, H, Dh, kv_cache, position);
+    write_kv(qkv.data_ptr<float>(), N, H, Dh, kv_cache, dst_ptr, pos_ptr);
     decode_attention_into(self_q, kv_cache.select(0, 0).narrow(2, 0, T), kv_cache.select(0, 1).narrow(2, 0, T),
                           self_len, scale, row_ptr, self_ctx);
     linear_into(ctx, layer.self_out, y, kernel);
@@ -157,7 +175,7 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
     // encoder-decoder attention: beams are extra query rows of their sentence (one K/V read serves them all)
     linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer), layer.cross_q, h, kernel);
     const at::Tensor mem = memory.select(0, l);
-    decode_attention_into(cross_q, mem.select(0, 0), mem.select(0, 1), cross_len, scale, nullptr, cross_ctx);
+    decode_attention_into(cross_q, mem.select(0, 0), mem.select(0, 1), cross_len, scale, memory_ptr, cross_ctx);
     linear_into(ctx, layer.cross_out, y, kernel);
     residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer);
 

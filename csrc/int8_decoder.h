@@ -24,14 +24,17 @@ struct Int8DecoderLayer {
   int64_t heads;
 };
 
-// One decoder step of every layer for N rows (one new token each, all at `position`), in C++: the same
-// operations, in the same order, as pyengine.model.DecoderLayer on Int8Ops, without a Python call per op.
-// x (N, D) float32; cache (L, 2, P, H, T_max, Dh) an indirect KV cache (this step's K/V are written to rows
-// 0..N-1 at `position`; key j of row r is read from row rows[r, j]); memory (L, 2, B, H, S, Dh) the encoder
-// K/V with src_lengths (B,), the N rows being B sentences × N/B beams. kernel: int8_linear's (the one the Python
-// layers use, so that both agree). Returns the last layer's output (N, D).
+// One decoder step of every layer for N rows (one new token each, row r at positions[r]), in C++: the same
+// operations, in the same order, as pyengine.model.transformer.DecoderLayer with int8 linears, without a Python
+// call per op. x (N, D) float32; cache (L, 2, P, H, T_max, Dh) the indirect KV cache: row r writes this step's
+// K/V into physical row write_rows[r] at positions[r] and reads key j < positions[r] + 1 from physical row
+// rows[r, j] (rows (N, T), T = max position + 1); memory (L, 2, P', H, S, Dh) the encoder K/V in slots, key j of
+// sentence b read from slot memory_rows[b, j] (memory_rows (B, S)), src_lengths (B,), the N rows being
+// B sentences × N/B beams. kernel: int8_linear's (the one the Python layers use, so that both agree). Returns
+// the last layer's output (N, D).
 at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const at::Tensor& x, const at::Tensor& cache,
-                             int64_t position, const at::Tensor& rows, const at::Tensor& memory,
-                             const at::Tensor& src_lengths, const std::string& kernel);
+                             const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
+                             const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
+                             const std::string& kernel);
 
 }  // namespace pyengine

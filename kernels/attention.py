@@ -12,7 +12,9 @@ folded into one scale. Rows with no visible key give 0.
 
 Layouts: q (B, H, Tq, Dh), k/v (B // kv_group, H, Tk, Dh), out (B, H, Tq, Dh); any strides except a
 unit stride on Dh. kv_lengths (B // kv_group,) int. Head dims up to 256 (32, 64, 80, 128 tested);
-float32 (IEEE dot), float16, bfloat16.
+float32 (IEEE dot), float16, bfloat16. With `rows` ((B // kv_group, Tk) int64), k/v are physical buffers
+(P, H, T ≥ Tk, Dh) and key j of K/V row b is read from row rows[b, j] (the engine's indirect KV cache, whose
+rows never move, and its encoder memory in slots).
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ def _attention_kernel(
     v_ptr,  # (B // KV_GROUP, H, Tk, Dh)
     o_ptr,  # (B, H, Tq, Dh)
     len_ptr,  # (B // KV_GROUP,) visible keys per K/V row (unused unless HAS_LENGTHS)
+    rows_ptr,  # (B // KV_GROUP, Tk) int32 physical row of each key (unused unless HAS_ROWS)
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     H, Tq, Tk, KV_GROUP, qk_scale,  # qk_scale = log2(e) / sqrt(Dh)
-    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_ROWS: tl.constexpr, CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # widen bf16 dot operands (interpreter only, see _common.upcast_bf16_dot)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -73,7 +77,15 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range(0, hi, BLOCK_N):
         cols = start + offs_n
-        k = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+        if HAS_ROWS:  # each key's physical row; K and V share one layout (checked by the launcher)
+            src = tl.load(rows_ptr + kb.to(tl.int64) * Tk + cols, mask=cols < kv_len, other=0)
+            offset = src.to(tl.int64) * stride_kb + cols * stride_kt
+            k_cols = k_ptr + h * stride_kh + offset
+            v_cols = v_ptr + h * stride_vh + offset
+        else:
+            k_cols = k_base + cols * stride_kt
+            v_cols = v_base + cols * stride_vt
+        k = tl.load(k_cols[None, :] + offs_d[:, None],
                     mask=(cols < kv_len)[None, :] & d_in[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
         if UPCAST_DOT:
             k = k.to(tl.float32)
@@ -87,7 +99,7 @@ def _attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
+        v = tl.load(v_cols[:, None] + offs_d[None, :],
                     mask=(cols < kv_len)[:, None] & d_in[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         p = p.to(v.dtype)  # probabilities enter the second dot in the input precision, as flash-attention does
         if UPCAST_DOT:
@@ -111,13 +123,21 @@ def launch_config(tq: int, head_dim: int, dtype: torch.dtype) -> dict:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-              causal: bool = False, kv_group: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+              causal: bool = False, kv_group: int = 1, out: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
     """Fused masked attention; see the module docstring for the forms and layouts."""
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"expected q (B, H, Tq, Dh) and k, v of one shape; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     b, h, tq, dh = q.shape
     bk, hk, tk, dk = k.shape
+    if rows is not None:  # physical buffers: any number of rows, at least Tk positions
+        if rows.dim() != 2 or rows.dtype != torch.long or rows.shape[0] * kv_group != b or rows.shape[1] > tk:
+            raise ValueError(f"rows must be int64 (B // kv_group, Tk ≤ {tk}), got {tuple(rows.shape)} {rows.dtype}")
+        if k.stride() != v.stride():
+            raise ValueError("with rows, k and v must share one layout (strides)")
+        bk, tk = rows.shape
+        rows = rows.to(torch.int32).contiguous()  # physical rows fit in 32 bits; offsets are widened in the kernel
     if hk != h or dk != dh or b != bk * kv_group:
         raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} with kv_group={kv_group}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -136,20 +156,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: tor
         return out
     cfg = launch_config(tq, dh, q.dtype)
     grid = (triton.cdiv(tq, cfg["BLOCK_M"]), b * h)
-    lengths = kv_lengths if kv_lengths is not None else out  # placeholder pointer, never read
+    lengths = kv_lengths if kv_lengths is not None else out  # placeholder pointers, never read
     _attention_kernel[grid](
-        q, k, v, out, lengths,
+        q, k, v, out, lengths, rows if rows is not None else out,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         h, tq, tk, kv_group, LOG2E / math.sqrt(dh),
-        HEAD_DIM=dh, HAS_LENGTHS=kv_lengths is not None, CAUSAL=causal,
+        HEAD_DIM=dh, HAS_LENGTHS=kv_lengths is not None, HAS_ROWS=rows is not None, CAUSAL=causal,
         DOT_PRECISION=dot_precision(q.dtype), UPCAST_DOT=upcast_bf16_dot(q.dtype), **cfg)
     return out
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
-                  causal: bool = False, kv_group: int = 1) -> torch.Tensor:
+                  causal: bool = False, kv_group: int = 1, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Plain PyTorch reference with the same semantics (rows with no visible key give 0)."""
+    if rows is not None:  # gather each K/V row's keys from their physical rows
+        j = torch.arange(rows.shape[1], device=rows.device)
+        k, v = k[rows, :, j[None, :]].transpose(1, 2), v[rows, :, j[None, :]].transpose(1, 2)
     tq, tk = q.shape[2], k.shape[2]
     if kv_group > 1:
         k, v = k.repeat_interleave(kv_group, 0), v.repeat_interleave(kv_group, 0)

@@ -54,7 +54,7 @@ def _add_serve(sub) -> None:
 def serve_main(args: argparse.Namespace) -> int:
     from .config import ServerConfig
     from .engine import Engine
-    from .server import serve
+    from .serving import serve
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -10,14 +10,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .batching import plan_batches, restore_order
+from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, restore_order
 from .config import DecodeOptions, EngineConfig, ModelConfig
-from .decoding import Hypothesis
-from .search import search
+from .decoding import Hypothesis, RuntimeStats, decode, rules_for
+from .decoding.strategies import prompt_options, prompt_prefix
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
-from .model import Memory, Transformer
-from .ops import resolve_ops
+from .model import Transformer, load_weights, resolve_ops
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -58,15 +57,6 @@ class Translation:
         return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None)
 
 
-def pad_sources(ids: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source id lists as one right-padded (B, S) tensor, and their lengths (B,)."""
-    lengths = torch.tensor([len(x) for x in ids], device=device)
-    src = torch.full((len(ids), int(lengths.max())), pad_id, dtype=torch.long, device=device)
-    for i, seq in enumerate(ids):
-        src[i, : len(seq)] = torch.tensor(seq, device=device)
-    return src, lengths
-
-
 def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
     if not hyps or hyps[0].attention is None:
         return None
@@ -85,51 +75,31 @@ def resolve_model_path(path: str | Path) -> Path:
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    if dtype == "auto":  # bfloat16 where the CPU has AMX-BF16: pyengine's bf16 GEMM runs 2-3x float32's there (with
+        # AVX-512 alone it does two FMAs per weight: on a decoder's large batches no faster than float32)
+        from .model.linear import bf16_kernels
+        return torch.bfloat16 if "amx" in bf16_kernels() else torch.float32
     if dtype not in DTYPES:
         raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}, 'int8' or 'auto'")
     return DTYPES[dtype]
-
-
-def decode_memory_bytes(cfg: ModelConfig, sentences: int, src_len: int, beam: int, max_len: int,
-                        dtype: torch.dtype, cache_dtype: torch.dtype) -> int:
-    """Bytes a batch reserves for decoding: the double-buffered self-attention cache, the encoder K/V,
-    the step's logits buffers and the encoder's activations (the weights are not counted)."""
-    rows, cache_elem = sentences * beam, torch.finfo(cache_dtype).bits // 8
-    cache = 2 * cfg.decoder_layers * 2 * rows * max_len * cfg.d_model * cache_elem
-    memory = sentences * cfg.decoder_layers * 2 * src_len * cfg.d_model * cache_elem
-    logits = 2 * rows * cfg.tgt_vocab_size * 4
-    encoder = 2 * sentences * src_len * (4 * cfg.d_model + cfg.encoder_ffn_dim) * (torch.finfo(dtype).bits // 8)
-    return cache + memory + logits + encoder
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocation failure: over the engine's cap, or the allocator's own (CPU or CUDA)."""
-    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
-        return True
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in str(exc) or "out of memory" in str(exc))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """bfloat16 is the faster path here: the CPU has AMX-BF16, where pyengine's bf16 GEMM (two bf16 products per
-    weight, float32 activations) runs 2-3x float32's. With AVX-512 alone it does two FMAs per weight, so on a
-    decoder's large batches it is no faster than float32 (bf16 stays available, with float32's results)."""
-    from .ops import bf16_kernels
-    return "amx" in bf16_kernels()
 
 
 class Engine:
     """A loaded model ready to translate. Build with `Engine.load(path)`."""
 
     def __init__(self, model: Transformer, config: ModelConfig, defaults: DecodeOptions, tokenizer: Any,
-                 engine_config: EngineConfig, backends: dict[str, str], source: str, tokenizer_note: str = ""):
+                 engine_config: EngineConfig, source: str, tokenizer_note: str = "", shortlist=None):
         self.model, self.config, self.defaults = model, config, defaults
-        self.tokenizer, self.engine_config = tokenizer, engine_config
-        self.backends, self.source = backends, source
+        self.tokenizer, self.engine_config, self.source = tokenizer, engine_config, source
         self.tokenizer_note = tokenizer_note or "no tokenizer files were found; use generate() with token ids"
+        self.shortlist = shortlist  # the model's lexical shortlist (Marian students), if it has one
+        self.rules = rules_for(config.family)  # the checkpoint family's search rules
         self.splits = 0  # batches halved because they did not fit in memory
-        self.shortlist = None  # the model's lexical shortlist (Marian students), if it has one
+        self.stats = RuntimeStats()  # what translate()'s decoder steps ran (the server's scheduler keeps its own)
+        # every implementation choice, made once at load
+        self.backends = {**model.ops.report, "decoder_step": model.step.name,
+                         "output_layer": "fused-topk" if model.output.fuses_topk else "logits",
+                         "search_rules": self.rules.name}
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -148,16 +118,14 @@ class Engine:
             # on the CPU, bfloat16 is bf16 weights with float32 activations (Bf16Ops: float32's tokens, bf16 speed)
             dtype, engine_options = torch.float32, {**engine_options, "weights": "bf16"}
         engine_config = EngineConfig(device=device, dtype=dtype, backend=backend, **engine_options)
-        ops, backends = resolve_ops(backend, device, engine_config.dtype, engine_config.weights)
+        ops = resolve_ops(backend, device, engine_config.dtype, engine_config.weights)
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):
             model = Transformer(loaded.config, ops)
-        model.load_weights(loaded.state, engine_config.dtype, device)
+        load_weights(model, loaded.state, engine_config.dtype, device)
         model.eval()
-        engine = cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, backends, loaded.source,
-                     loaded.extra.get("tokenizer_note", ""))
-        engine.shortlist = loaded.extra.get("shortlist")
-        return engine
+        return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, loaded.source,
+                   loaded.extra.get("tokenizer_note", ""), loaded.extra.get("shortlist"))
 
     # -- public API ----------------------------------------------------------------------------
     def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
@@ -224,16 +192,7 @@ class Engine:
         target_prefix: per text, the start the translation must have (None or "" for none).
         """
         ids, opts = self.prepare(texts, source_lang, target_lang, **options)
-        prefixes = None
-        if target_prefix is not None:
-            if len(target_prefix) != len(texts):
-                raise InputError(f"target_prefix has {len(target_prefix)} items for {len(texts)} texts")
-            prefixes = []
-            for i, (x, p) in enumerate(zip(ids, target_prefix)):
-                if p is not None and not isinstance(p, str):
-                    raise InputError(f"target_prefix must be a str or None, got {type(p).__name__}", index=i)
-                if x is not None:
-                    prefixes.append(self.tokenizer.encode_target(p) if p else [])
+        prefixes = self.encode_prefixes(target_prefix, ids)
         positions = [i for i, x in enumerate(ids) if x is not None]
         on_step = None
         if _on_step is not None:  # report with the caller's index
@@ -276,6 +235,23 @@ class Engine:
         results = self._generate(checked, opts, prefixes=prefixes)
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda toks: "")
         return [Translation.of(hyps, decode) for hyps in results]
+
+    def encode_prefixes(self, target_prefix: Sequence[str | None] | None,
+                        ids: list[list[int] | None]) -> list[list[int]] | None:
+        """The target prefix ids of each non-blank text (None without target_prefix)."""
+        if target_prefix is None:
+            return None
+        if isinstance(target_prefix, str) or not isinstance(target_prefix, Sequence):
+            raise InputError(f"target_prefix must be a list of strings, got {type(target_prefix).__name__}")
+        if len(target_prefix) != len(ids):
+            raise InputError(f"target_prefix has {len(target_prefix)} items for {len(ids)} texts")
+        prefixes = []
+        for i, (x, p) in enumerate(zip(ids, target_prefix)):
+            if p is not None and not isinstance(p, str):
+                raise InputError(f"target_prefix must be a str or None, got {type(p).__name__}", index=i)
+            if x is not None:
+                prefixes.append(self.tokenizer.encode_target(p) if p else [])
+        return prefixes
 
     def _language_encoder(self, source_lang: str | None, target_lang: str | None, options: dict):
         """The source encoder for these languages; the target language becomes the forced first token."""
@@ -333,10 +309,8 @@ class Engine:
         results: list = [None] * len(ids)
         for length in sorted({len(p) for p in prefixes}):
             members = [i for i, p in enumerate(prefixes) if len(p) == length]
-            group_opts, group_prefix = opts, [prefixes[i] for i in members]
-            if length and opts.forced_bos_token is not None:  # the forced first token leads the prompt, as in HF
-                group_opts = opts.replace(forced_bos_token=None)
-                group_prefix = [[opts.forced_bos_token] + p for p in group_prefix]
+            group_opts = prompt_options(opts, length)
+            group_prefix = [prompt_prefix(opts, prefixes[i]) for i in members]
             cb = None if on_step is None else (lambda k, t, f, members=members: on_step(members[k], t, f))
             for i, out in zip(members, self._generate_group([ids[i] for i in members], group_opts, cb, group_prefix)):
                 results[i] = out
@@ -373,13 +347,6 @@ class Engine:
             return (self._run_fitting(batch[:half], ids, opts, on_step, generator, prefixes)
                     + self._run_fitting(batch[half:], ids, opts, on_step, generator, prefixes))
 
-    def shortlisted(self, memory: Memory, ids: list[list[int]], opts: DecodeOptions) -> Memory:
-        """The memory with the output layer restricted to each sentence's shortlist (when the model has one
-        and the options use it)."""
-        if self.shortlist is None or not opts.use_shortlist:
-            return memory
-        return self.model.shortlist(memory, self.shortlist.allowed(ids, self.engine_config.device))
-
     def check_memory(self, sentences: int, src_len: int, opts: DecodeOptions, prefix_len: int = 0) -> None:
         """Raise BatchMemoryError when such a batch would reserve more than the engine's memory cap."""
         cap = self.engine_config.max_memory_mb
@@ -387,7 +354,7 @@ class Engine:
             return
         need = decode_memory_bytes(self.config, sentences, src_len, opts.beam_size,
                                    prefix_len + opts.max_decoding_length, self.engine_config.dtype,
-                                   self.model.ops.cache_dtype(self.engine_config.dtype, self.engine_config.device))
+                                   self.model.ops.cache_dtype)
         if need > cap * 2 ** 20:
             raise BatchMemoryError(f"a batch of {sentences} sentences of up to {src_len} tokens needs "
                                    f"{need / 2 ** 20:.1f} MB, over the cap of {cap} MB (max_memory_mb)")
@@ -395,17 +362,5 @@ class Engine:
     def _run_batch(self, ids: list[list[int]], opts: DecodeOptions, on_step=None,
                    generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> list[list[Hypothesis]]:
         cfg = self.config
-        src, lengths = pad_sources(ids, cfg.pad_id, self.engine_config.device)
-        hidden = self.model.encode(src, lengths)
-        memory = self.shortlisted(self.model.memory(hidden, lengths), ids, opts)
-        opts = opts.for_source(int(lengths.max()))
-        if prefix is not None and prefix.shape[1] + opts.max_decoding_length > cfg.max_positions:
-            raise InputError(f"target prefix of {prefix.shape[1]} tokens + max_decoding_length "
-                             f"{opts.max_decoding_length} exceed the model's {cfg.max_positions} positions")
-        results = search(self.model, memory, opts, cfg.decoder_start_id, cfg.eos_id, self.engine_config.dtype,
-                         on_step, generator, prefix)
-        for seq, hyps in zip(ids, results):  # attention over this sentence's tokens, not the batch's padding
-            for h in hyps:
-                if h.attention is not None:
-                    h.attention = h.attention[:, : len(seq)]
-        return results
+        return decode(self.model, self.rules, ids, opts, self.engine_config.device, cfg.decoder_start_id, cfg.eos_id,
+                      self.shortlist, on_step, generator, prefix, self.stats)

@@ -147,10 +147,10 @@ def fairseq_style_sources(n: int, vocab: int, eos: int, seed: int, first: int = 
 def encoder_and_stepwise_logits(engine, x: torch.Tensor, mask: torch.Tensor, tgt: torch.Tensor):
     """pyengine's encoder output and its logits for `tgt` fed one token per step over the KV cache."""
     with torch.no_grad():
+        from pyengine.model import ForcedDecoder
         hidden = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, mask.sum(1))
-        cache = engine.model.new_cache(len(x), tgt.shape[1] + 1, torch.device("cpu"), torch.float32)
-        logits = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
+        forced = ForcedDecoder(engine.model, x, mask.sum(1), tgt.shape[1] + 1)
+        logits = torch.cat([forced.logits(tgt[:, t:t + 1]) for t in range(tgt.shape[1])], 1)
     return hidden, logits
 
 
@@ -183,7 +183,7 @@ def check_search_takes_fused_candidates(engine, kernel_name: str, beam: int, mon
     monkeypatch.setattr(_C, kernel_name, lambda *a, **kw: (calls.append(a[-1]), fused(*a, **kw))[1])
     ours = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
     assert len(calls) >= 9 and any(len(banned) for banned in calls)
-    monkeypatch.setattr(type(engine.model), "fuses_candidates", lambda self, memory: False)
+    monkeypatch.setattr(type(engine.model.output), "fuses_topk", False)  # the output layer writes logits
     calls.clear()
     ref = engine.generate(src, beam_size=beam, max_decoding_length=10, min_decoding_length=3, num_hypotheses=beam)
     assert not calls

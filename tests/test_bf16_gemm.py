@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from pyengine import _C
 from pyengine.errors import OptionError
-from pyengine.ops import Bf16Ops, bf16_kernels
+from pyengine.model.linear import Bf16Linear, Bf16Weight, Linear, bf16_kernels
 
 OWN = list(bf16_kernels())  # "amx" (AMX-BF16), "avx512": each tested where this CPU has it
 ORDERED = ["portable"] + [k for k in OWN if k == "avx512"]  # the kernels with the written-out order
@@ -143,29 +143,29 @@ def test_bad_operands_are_named():
 def test_kernel_choice_and_its_errors():
     assert _C.bf16_kernel_name("auto") == (OWN[0] if OWN else "portable")
     assert _C.bf16_kernel_name("portable") == "portable"
-    assert Bf16Ops().kernel == (OWN[0] if OWN else "library")
+    assert Bf16Linear().kernel == (OWN[0] if OWN else "library")
     with pytest.raises(OptionError, match="unknown bf16 kernel"):
-        Bf16Ops(kernel="vnni")
+        Bf16Linear(kernel="vnni")
 
 
 @pytest.mark.parametrize("kernel", OWN + ["library"])
 def test_ops_layers_against_float64(kernel):
-    """Bf16Ops' linear and fused activations, every kernel, within the float32 bound of float64 math."""
+    """A Linear packed by Bf16Linear, and its fused activations, every kernel, within the float32 bound of float64
+    math."""
     x, w, b = _inputs(9, 96, 130, seed=4)
-    layer = torch.nn.Linear(96, 130)
+    layer = Linear(96, 130)
     layer.weight.data, layer.bias.data = w, b
-    ops = Bf16Ops(kernel=kernel)
-    ops.prepare_linear(layer)
-    assert layer.weight is None  # only the bf16 copy is kept
+    layer.pack(Bf16Linear(kernel=kernel))
+    assert not hasattr(layer, "weight") and isinstance(layer.packed, Bf16Weight)  # only the bf16 copy is kept
     ref, bound = _float64(x, w)
     ref, bound = ref + b.double(), bound + U * ref.abs() + 1e-30
-    y = ops.linear(x.view(3, 3, 96), layer)
+    y = layer(x.view(3, 3, 96))
     assert y.shape == (3, 3, 130) and ((y.reshape(9, 130).double() - ref).abs() <= bound).all()
-    y = ops.linear_act(x, layer, "relu").double()
+    y = layer(x, act="relu").double()
     assert ((y - ref.clamp(min=0)).abs() <= bound).all()
     with pytest.raises(ValueError, match="input width 95, the layer takes 96"):
-        ops.linear(x[:, :95], layer)
-    y = ops.linear_act(x, layer, "gelu").double()  # applied after the GEMM
+        layer(x[:, :95])
+    y = layer(x, act="gelu").double()  # applied after the GEMM
     assert ((y - F.gelu(ref)).abs() <= 1.2 * bound + 1e-6 * ref.abs()).all()
 
 

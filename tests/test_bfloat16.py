@@ -31,10 +31,10 @@ def _teacher_forced(model_dir):
 def _ours(model_dir, dtype, x, mask, tgt):
     engine = pyengine.Engine.load(model_dir, dtype=dtype)
     with torch.no_grad():
+        from pyengine.model import ForcedDecoder
         hidden = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, mask.sum(1))
-        cache = engine.model.new_cache(len(x), 8, torch.device("cpu"), engine.engine_config.dtype)
-        logits = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
+        forced = ForcedDecoder(engine.model, x, mask.sum(1), 8)
+        logits = torch.cat([forced.logits(tgt[:, t:t + 1]) for t in range(tgt.shape[1])], 1)
     return hidden.double(), logits.double()
 
 
@@ -76,7 +76,8 @@ def test_cpu_bf16_is_bf16_weights_with_float32_activations(model_dir):
     engine = pyengine.Engine.load(model_dir, dtype="bfloat16")
     assert engine.engine_config.weights == "bf16" and engine.engine_config.dtype == torch.float32
     assert engine.backends["linear"].startswith("torch-bf16-")
-    assert engine.model.encoder_layers[0].self_attn.qkv.weight is None  # only the bf16 copy is kept
+    qkv = engine.model.encoder_layers[0].self_attn.qkv
+    assert not hasattr(qkv, "weight") and type(qkv.packed).__name__ == "Bf16Weight"  # only the bf16 copy is kept
 
 
 @pytest.fixture(scope="module")
@@ -125,17 +126,18 @@ def test_bf16_batch_invariance(model_dir):
 def test_auto_dtype_is_bf16_where_the_cpu_has_amx_bf16(monkeypatch):
     """dtype="auto" picks bfloat16 only where pyengine's bf16 GEMM runs on AMX-BF16 (with AVX-512 alone it
     does two FMAs per weight: no faster than float32 on large batches)."""
-    from pyengine import engine as eng, ops
-    assert eng.resolve_dtype("auto") == (torch.bfloat16 if "amx" in ops.bf16_kernels() else torch.float32)
-    monkeypatch.setattr(ops, "bf16_kernels", lambda: ("amx", "avx512"))
+    from pyengine import engine as eng
+    from pyengine.model import linear
+    assert eng.resolve_dtype("auto") == (torch.bfloat16 if "amx" in linear.bf16_kernels() else torch.float32)
+    monkeypatch.setattr(linear, "bf16_kernels", lambda: ("amx", "avx512"))
     assert eng.resolve_dtype("auto") == torch.bfloat16
-    monkeypatch.setattr(ops, "bf16_kernels", lambda: ("avx512",))
+    monkeypatch.setattr(linear, "bf16_kernels", lambda: ("avx512",))
     assert eng.resolve_dtype("auto") == torch.float32
 
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_search_takes_candidates_from_the_fused_bf16_output_layer(model_dir, beam, monkeypatch):
     engine = pyengine.Engine.load(model_dir, dtype="bfloat16")
-    if engine.model.ops.kernel == "library":
+    if engine.model.ops.linear.kernel == "library":
         pytest.skip("no AVX-512: the bf16 path runs PyTorch's GEMM, without the fused output layer")
     check_search_takes_fused_candidates(engine, "bf16_linear_log_softmax_topk", beam, monkeypatch)

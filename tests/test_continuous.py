@@ -1,6 +1,7 @@
 """Continuous batching: sentences admitted into a running batch at different steps decode exactly as
-they do alone (tokens, scores, attention), with every decoding option whose rules depend on the step;
-the worker (Scheduler) returns each caller its own results; memory caps split batches instead of failing."""
+they do alone (tokens, scores, attention), with every decoding option whose rules depend on the step and in
+every dtype, through the same decoder step and output layer as translate(); the worker (Scheduler) returns each
+caller its own results; memory caps split batches instead of failing."""
 from __future__ import annotations
 
 import random
@@ -11,9 +12,9 @@ import torch
 
 import pyengine
 from conftest import random_sources, sample_lines
-from pyengine.continuous import ContinuousBatch
+from pyengine.decoding import Runtime
 from pyengine.errors import BatchMemoryError
-from pyengine.scheduler import Scheduler
+from pyengine.serving import Scheduler
 
 OPTION_SETS = {
     "greedy": dict(beam_size=1, max_decoding_length=20),
@@ -26,12 +27,13 @@ OPTION_SETS = {
 }
 
 
-def decode_staggered(engine, sources: list[list[int]], opts, seed: int, every: int = 2):
+def decode_staggered(engine, sources: list[list[int]], opts, seed: int, every: int = 2, stats=None):
     """Admit the sources in cohorts of 1-4, a cohort every `every` steps, until all finish: their n-best
     and the most cohorts that shared a step."""
     rng = random.Random(seed)
     cfg = engine.config
-    batch = ContinuousBatch(engine.model, opts, torch.float32, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
+    batch = Runtime(engine.model, engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id,
+                    stats=stats)
     waiting = list(range(len(sources)))
     results, step, cohorts_at_once = {}, 0, 0
     with torch.inference_mode():
@@ -78,6 +80,33 @@ def default_engine():
     return pyengine.Engine.load("default")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("beam", [1, 4])
+def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
+    """Real text, cohorts admitted at staggered steps: each sentence's tokens and scores are those of translating
+    it alone, and the batch's steps ran the decoder step and output path translate() runs (public stats)."""
+    engine = pyengine.Engine.load("default", dtype=dtype)
+    texts = sample_lines()[40:58]
+    ids, opts = engine.prepare(texts, beam_size=beam, num_hypotheses=beam, max_decoding_length=48)
+    stats = pyengine.decoding.RuntimeStats()
+    got, overlap = decode_staggered(engine, ids, opts, seed=7, every=2, stats=stats)
+    assert overlap >= 3
+    engine.stats = pyengine.decoding.RuntimeStats()
+    alone = [engine.translate_batch([t], beam_size=beam, num_hypotheses=beam, max_decoding_length=48)[0]
+             for t in texts]
+    for hyps, a in zip(got, alone):
+        assert [h.tokens for h in hyps] == a.tokens
+        torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(a.scores), rtol=0, atol=1e-5)
+    assert set(stats.decoder_steps) == set(engine.stats.decoder_steps) == {engine.backends["decoder_step"]}
+    assert set(stats.outputs) - {"none"} == set(engine.stats.outputs) - {"none"}
+    want = {"int8": ("cpp-int8", "fused-topk"), "bfloat16": ("python-layers", "fused-topk"),
+            "float32": ("python-layers", "logits")}[dtype]
+    if dtype != "float32" and not engine.model.output.fuses_topk:  # CPUs without pyengine's own kernels
+        pytest.skip(f"this CPU runs the library {dtype} GEMMs (no fused output layer): {engine.backends}")
+    assert (engine.backends["decoder_step"], engine.backends["output_layer"]) == want
+    assert want[1] in stats.outputs  # ("logits" too at a forced-EOS last step: the model's generation config)
+
+
 def submit_all(scheduler, groups, texts, **options):
     futures = [scheduler.submit([texts[i] for i in g], **options)[1] for g in groups]
     return [f.result(timeout=300) for f in futures]
@@ -104,7 +133,7 @@ def test_memory_cap_splits_batches_with_identical_results(text_model_dir):
     """An engine whose memory cap fits a few sentences per batch translates as an uncapped one."""
     texts = sample_lines()[:48]
     free = pyengine.Engine.load(text_model_dir)
-    unit = pyengine.engine.decode_memory_bytes(free.config, 8, 60, 2, 24, torch.float32, torch.float32) / 2 ** 20
+    unit = pyengine.batching.decode_memory_bytes(free.config, 8, 60, 2, 24, torch.float32, torch.float32) / 2 ** 20
     capped = pyengine.Engine.load(text_model_dir, max_memory_mb=unit)
     assert capped.translate(texts, beam_size=2) == free.translate(texts, beam_size=2)
     assert capped.splits > 0
@@ -120,9 +149,9 @@ def test_scheduler_under_memory_cap_and_out_of_memory_steps(text_model_dir, monk
     texts = sample_lines()[:40]
     free = pyengine.Engine.load(text_model_dir)
     alone = [free.translate_batch([t], beam_size=2)[0].tokens for t in texts]
-    unit = pyengine.engine.decode_memory_bytes(free.config, 6, 80, 2, 24, torch.float32, torch.float32) / 2 ** 20
+    unit = pyengine.batching.decode_memory_bytes(free.config, 6, 80, 2, 24, torch.float32, torch.float32) / 2 ** 20
     capped = pyengine.Engine.load(text_model_dir, max_memory_mb=unit)
-    decode, failures = capped.model.decode, []
+    decode, failures = capped.model.decoder_hidden, []
 
     def flaky_decode(tokens, *args, **kwargs):  # the allocator fails on every 5th step with > 4 rows
         if tokens.shape[0] > 4 and len(failures) < 6 and capped.model._calls % 5 == 4:
@@ -133,7 +162,7 @@ def test_scheduler_under_memory_cap_and_out_of_memory_steps(text_model_dir, monk
         return decode(tokens, *args, **kwargs)
 
     capped.model._calls = 0
-    monkeypatch.setattr(capped.model, "decode", flaky_decode)
+    monkeypatch.setattr(capped.model, "decoder_hidden", flaky_decode)
     scheduler = Scheduler(capped).start()
     try:
         groups = [[i] for i in range(len(texts))]

@@ -1,5 +1,5 @@
 """The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
-against float64 PyTorch math, the KV-cache row selection against torch.index_select, the fused decode-step
+against float64 PyTorch math, the fused decode-step
 attention against float64 softmax(q·kᵀ)·v (also through an indirect cache's row index, and as the encoder
 calls it), the residual + layer norm against float64; the CUDA twin of the top-k compiles for sm_80 and sm_90
 without spills (nvcc, when present)."""
@@ -72,70 +72,6 @@ def test_log_softmax_topk_rejects_bad_arguments():
         _C.log_softmax_topk(torch.randn(2, 8), 1, torch.tensor([8]))
     with pytest.raises(RuntimeError, match="k=9"):
         _C.log_softmax_topk(torch.randn(2, 8), 9, torch.empty(0, dtype=torch.long))
-
-
-def _row_maps(rows: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Beam-like reorders (most rows keep their origin), full permutations, drops, duplicates."""
-    ident = torch.arange(rows)
-    few = ident.clone()
-    few[3], few[5], few[6] = 4, 3, 3  # 3 moves, two of whose sources are overwritten
-    beam = (ident // 4) * 4 + torch.randint(0, 4, (rows,), generator=gen)
-    return [ident, few, beam, torch.randperm(rows, generator=gen), beam[4:], torch.tensor([rows - 1, 0]),
-            torch.randint(0, rows, (rows - 5,), generator=gen)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kv_cache_select_matches_index_select(dtype):
-    gen = torch.Generator().manual_seed(7)
-    layers, rows, heads, max_len, head_dim, length = 2, 16, 3, 9, 5, 6
-    shape = (layers, 2, rows, heads, max_len, head_dim)
-    for index in _row_maps(rows, gen):
-        active = torch.randn(shape, generator=gen).to(dtype)
-        spare = torch.randn(shape, generator=gen).to(dtype)
-        expected = active[:, :, :, :, :length].index_select(2, index)
-        before = active.clone()
-        in_spare = _C.kv_cache_select(active, spare, index, length)
-        result = (spare if in_spare else active)[:, :, : index.numel(), :, :length]
-        assert torch.equal(result, expected), index
-        if not in_spare:  # positions past `length` are never touched
-            assert torch.equal(active[:, :, :, :, length:], before[:, :, :, :, length:])
-
-
-def test_kv_cache_select_copies_in_place_when_few_rows_move():
-    shape = (1, 2, 8, 1, 4, 2)
-    active, spare = torch.randn(shape), torch.randn(shape)
-    few = torch.tensor([0, 1, 2, 2, 4, 5, 6, 7])
-    assert _C.kv_cache_select(active, spare, few, 4) is False
-    assert _C.kv_cache_select(active, spare, torch.arange(8).roll(1), 4) is True  # every row moves: one gather
-    with pytest.raises(RuntimeError, match="outside the cache"):
-        _C.kv_cache_select(active, spare, torch.tensor([8]), 4)
-
-
-def test_indirect_kv_cache_reads_what_a_moving_cache_holds():
-    """Beam reorders and dropped rows over 8 steps: the indirect cache (rows never moved, a row index gathered)
-    gives every row the keys and values of a cache whose rows are physically gathered (torch.index_select)."""
-    from pyengine.model import KVCache
-    from pyengine.ops import _gather_rows
-    gen = torch.Generator().manual_seed(3)
-    layers, rows, heads, head_dim, steps = 2, 12, 2, 4, 8
-    args = (rows, layers, heads, steps, head_dim, torch.float32, torch.device("cpu"))
-    moving, indirect = KVCache(*args, reference=True), KVCache(*args, indirect=True)
-    n = rows
-    for step in range(steps):
-        for layer in range(layers):
-            k, v = torch.randn(n, heads, 1, head_dim, generator=gen), torch.randn(n, heads, 1, head_dim, generator=gen)
-            k_ref, v_ref = moving.write(layer, k, v, step)
-            k_all, v_all = indirect.write(layer, k, v, step)
-            assert k_all.shape[0] == rows  # physical rows: nothing was compacted
-            assert torch.equal(_gather_rows(k_all, indirect.rows_index), k_ref)
-            assert torch.equal(_gather_rows(v_all, indirect.rows_index), v_ref)
-        keep = n - int(step % 3 == 2) * 2  # some steps drop two rows (finished sentences)
-        select = torch.randint(0, n, (keep,), generator=gen)  # beams take other rows' histories
-        moving.select(select)
-        indirect.select(select)
-        n = keep
-    with pytest.raises(RuntimeError, match="does not admit rows"):
-        indirect.grow(2)
 
 
 def test_cuda_top_k_twin_compiles_without_spills():
@@ -219,12 +155,12 @@ def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype):
 
 @pytest.mark.parametrize("tokens", [24, 130])  # the C++ kernel (≤ CPP_ATTENTION_KEYS), the CPU flash kernel above
 def test_encoder_attention_either_kernel_matches_float64(tokens):
-    from pyengine.ops import CPP_ATTENTION_KEYS, TorchOps
+    from pyengine.model.backends import CPP_ATTENTION_KEYS, torch_attention
     assert (tokens <= CPP_ATTENTION_KEYS) == (tokens == 24)
     gen = torch.Generator().manual_seed(tokens)
     q, k, v = (torch.randn(3, 4, tokens, 32, generator=gen) for _ in range(3))
     lengths = torch.tensor([tokens, tokens - 5, 3])
-    out = TorchOps.attention(q, k, v, lengths)
+    out = torch_attention(q, k, v, lengths)
     ref = attention_f64(q, k, v, lengths, 32 ** -0.5)
     valid = torch.arange(tokens)[None, :] < lengths[:, None]  # padded query rows are never read
     torch.testing.assert_close(out.double().transpose(1, 2)[valid], ref.transpose(1, 2)[valid], rtol=0, atol=2e-5)

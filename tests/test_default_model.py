@@ -38,7 +38,7 @@ def test_default_model_matches_hf_generate_on_heldout(engine, beam, monkeypatch)
     (recorded: the decoder's row count shrinks at several steps of the one batch)."""
     from transformers import MarianMTModel, MarianTokenizer
 
-    from pyengine.model import KVCache
+    from pyengine.model.cache import KVCache
     rows_seen: list[int] = []
     select = KVCache.select
     monkeypatch.setattr(KVCache, "select", lambda self, rows: (rows_seen.append(rows.numel()), select(self, rows)))

@@ -181,7 +181,7 @@ def test_cli_reports_bad_lines(text_model_dir):
 
 @pytest.mark.parametrize("v,k", [(58101, 8), (5000, 1), (1024, 10), (40, 3)])
 def test_topk_rows_equals_torch_topk(v, k):
-    from pyengine.decoding import topk_rows
+    from pyengine.decoding.processors import topk_rows
     gen = torch.Generator().manual_seed(v + k)
     x = torch.randn(37, v, generator=gen)
     x[3, :] = float("-inf")

@@ -118,10 +118,9 @@ def test_encoder_output_and_step_log_probs_match_fairseq(checkpoint):
         right = torch.full_like(tokens, 1)
         for i, s in enumerate(src):
             right[i, : len(s)] = torch.tensor(s)
+        from pyengine.model import ForcedDecoder
         hidden = engine.model.encode(right, lengths)
-        memory = engine.model.memory(hidden, lengths)
-        cache = engine.model.new_cache(len(src), 8, torch.device("cpu"), torch.float32)
-        ours = engine.model.decode(tgt, 0, cache, memory).log_softmax(-1)
+        ours = ForcedDecoder(engine.model, right, lengths, 8).logits(tgt).log_softmax(-1)
     ref_hidden = enc["encoder_out"][0].transpose(0, 1)  # (B, S, D), left-padded
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(hidden[i, :n], ref_hidden[i, ref_hidden.shape[1] - n:], atol=1e-4, rtol=0)

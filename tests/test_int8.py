@@ -18,7 +18,11 @@ import pyengine
 from conftest import ARCHS, build_marian, check_search_takes_fused_candidates, random_sources
 from pyengine.errors import OptionError
 from pyengine import _C
-from pyengine.ops import INT8_ONEDNN_ROWS, Int8Ops, amx_available, int8_engines, vnni_available
+from pyengine.config import DecodeOptions
+from pyengine.decoding import Runtime, rules_for
+from pyengine.model import ForcedDecoder
+from pyengine.model.linear import INT8_ONEDNN_ROWS, Int8Linear, Linear, amx_available, int8_engines, vnni_available
+from pyengine.model.step import Int8CppStep, LayerStep
 from pyengine.quant import quantize_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +32,6 @@ OWN = (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else 
 KERNELS = OWN + (["library"] if int8_engines() else [])
 TILES = ["portable"] + OWN  # the C++ GEMM's tiles (the portable twin runs anywhere)
 pytestmark = pytest.mark.skipif(not KERNELS, reason="no int8 GEMM on this machine (no AVX512-VNNI, FBGEMM, oneDNN)")
-
-
-class _Layer:
-    def __init__(self, weight, bias):
-        self.weight, self.bias = weight, bias
 
 
 def _quantization_bound(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
@@ -60,10 +59,8 @@ def test_int8_linear_within_its_quantization_bound(rows, seed, kernel):
     x[0, 3] = 9.0
     w = torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen) * 0.2
     b = torch.randn(n, generator=gen)
-    layer = _Layer(w, b)
-    ops = Int8Ops(kernel)
-    ops.prepare_linear(layer)
-    out = ops.linear(x[None], layer)[0].double()  # a leading batch dim, as the model calls it
+    method = Int8Linear(kernel)
+    out = method.apply(x[None], method.pack(w, b))[0].double()  # a leading batch dim, as the model calls it
     ref = x.double() @ w.double().T + b.double()
     err = (out - ref).abs()
     bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4
@@ -77,12 +74,10 @@ def test_int8_linear_within_its_quantization_bound(rows, seed, kernel):
 def test_int8_linear_act_applies_the_activation(kernel, activation):
     gen = torch.Generator().manual_seed(5)
     x, w = torch.randn(7, 32, generator=gen), torch.randn(40, 32, generator=gen) * 0.1
-    layer = _Layer(w, torch.zeros(40))
-    ops = Int8Ops(kernel)
-    ops.prepare_linear(layer)
+    method = Int8Linear(kernel)
     z = x.double() @ w.double().T
     ref = {"swish": z * torch.sigmoid(z), "relu": z.clamp(min=0), "gelu": torch.nn.functional.gelu(z)}[activation]
-    out = ops.linear_act(x, layer, activation).double()
+    out = method.apply(x, method.pack(w, torch.zeros(40)), act=activation).double()
     bound = _quantization_bound(x, w, kernel) * 1.01 + 1e-4  # each activation is at most 1.13-Lipschitz
     assert bool(((out - ref).abs() <= 1.13 * bound).all())
     assert (out - ref).abs().max() > 1e-6  # the int8 path ran (its error is not zero)
@@ -250,9 +245,7 @@ def _teacher_forced_log_probs(engine, src: list[list[int]], tgt: list[list[int]]
     for s, t in zip(src, tgt):
         with torch.no_grad():
             x, lengths = torch.tensor([s]), torch.tensor([len(s)])
-            memory = engine.model.memory(engine.model.encode(x, lengths), lengths)
-            cache = engine.model.new_cache(1, len(t), torch.device("cpu"), engine.engine_config.dtype)
-            logits = engine.model.decode(torch.tensor([[start_id] + t[:-1]]), 0, cache, memory)[0]
+            logits = ForcedDecoder(engine.model, x, lengths, len(t)).logits(torch.tensor([[start_id] + t[:-1]]))[0]
         out.append(logits.double().log_softmax(-1).gather(1, torch.tensor(t)[:, None])[:, 0])
     return out
 
@@ -294,19 +287,31 @@ def test_int8_error_below_ctranslate2_int8_on_the_default_model(tmp_path):
     assert our_err.max() <= ct2_err.max()
 
 
-def _steps_logits(model, memory, rows: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """Greedy-fed decoder steps over an indirect cache with a random beam reorder after each step."""
-    gen = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(rows, steps, torch.device("cpu"), torch.float32, lockstep=True)
-    assert cache.origin is not None  # the indirect cache the C++ step writes
-    tokens, out = torch.zeros(rows, 1, dtype=torch.long), []
-    with torch.inference_mode():
-        for step in range(steps):
-            logits = model.decode(tokens, step, cache, memory)
-            out.append(logits.clone())
-            cache.select(torch.randint(0, rows, (rows,), generator=gen))
-            tokens = logits[:, -1].argmax(-1, keepdim=True)
-    return out
+def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, beam: int = 2) -> list[torch.Tensor]:
+    """The decoder's output at every step of a running batch whose cohorts (source id lists) are admitted at steps
+    0, 2, 4, ...: rows at different positions, beams reordered by the search, through the indirect cache."""
+    cfg = model.cfg
+    opts = DecodeOptions(beam_size=beam, max_decoding_length=steps, min_decoding_length=steps)
+    runtime = Runtime(model, rules_for("hf"), opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
+    inner, outputs = model.decoder_hidden, []
+    model.decoder_hidden = lambda *a, **kw: (outputs.append(inner(*a, **kw).clone()), outputs[-1])[1]
+    try:
+        with torch.inference_mode():
+            step = 0
+            while step == 0 or runtime.cohorts:
+                if step % 2 == 0 and step // 2 < len(cohorts):
+                    runtime.admit(cohorts[step // 2], list(range(len(cohorts[step // 2]))))
+                runtime.step()
+                step += 1
+    finally:
+        del model.decoder_hidden
+    return outputs
+
+
+def _use_int8_kernel(model, kernel: str) -> None:
+    """The same packed weights run by another of pyengine's int8 kernels (they share one layout)."""
+    model.ops.linear.kernel = kernel
+    model.step = Int8CppStep(model, kernel)
 
 
 def _prenorm_model(kernel: str):
@@ -318,11 +323,13 @@ def _prenorm_model(kernel: str):
                       pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
                       normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
                       shared_embeddings=True, tie_output=True, final_logits_bias=False)
-    model = Transformer(cfg, Int8Ops(kernel))
+    from pyengine.model import load_weights, resolve_ops
+    model = Transformer(cfg, resolve_ops("torch", torch.device("cpu"), weights="int8"))
     gen = torch.Generator().manual_seed(4)
     state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
              for name, p in model.named_parameters()}
-    model.load_weights(state, torch.float32, torch.device("cpu"))
+    load_weights(model, state, torch.float32, torch.device("cpu"))
+    _use_int8_kernel(model, kernel)
     return model
 
 
@@ -330,37 +337,36 @@ def _prenorm_model(kernel: str):
 @pytest.mark.parametrize("kernel", OWN)
 @pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
 def test_cpp_int8_decoder_step_equals_the_python_layers(arch, kernel, tmp_path, monkeypatch):
-    """The C++ step (all layers in one call) runs the Python layers' operations in their order: the logits of
-    every step are equal to the bit, post-norm (swish, relu, gelu) and pre-norm, beams reordered each step;
-    with each of pyengine's int8 kernels (the AMX-shaped model's 8 rows run AMX tiles where the kernel is amx)."""
+    """The C++ step (all layers in one call) runs the Python layers' operations in their order: the decoder's
+    output at every step of a running batch is equal to the bit, post-norm (swish, relu, gelu) and pre-norm,
+    with cohorts at different positions and beams reordered; with each of pyengine's int8 kernels (the
+    AMX-shaped model's rows run AMX tiles where the kernel is amx)."""
     if arch == "pre-norm":
         model = _prenorm_model(kernel)
     else:
         path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
         model = pyengine.Engine.load(path, dtype="int8").model
-        model.ops.kernel = kernel  # the packed weights are the same for both kernels
-    assert model.int8_step is not None
-    batch, beam = 4, 2
-    src = torch.randint(3, 40, (batch, 7), generator=torch.Generator().manual_seed(1))
-    lengths = torch.tensor([7, 4, 6, 5])
+        _use_int8_kernel(model, kernel)
+    assert isinstance(model.step, Int8CppStep)
+    gen = torch.Generator().manual_seed(1)
+    cohorts = [[torch.randint(3, 40, (n,), generator=gen).tolist() + [model.cfg.eos_id] for n in lengths]
+               for lengths in ([7, 4], [6, 5], [3])]
     if arch == "amx-shaped":
-        assert _C.int8_kernel_name(kernel, batch * beam, model.cfg.d_model) == kernel
-    with torch.inference_mode():
-        memory = model.memory(model.encode(src, lengths), lengths)  # beams: extra query rows of their sentence
+        assert _C.int8_kernel_name(kernel, 8, model.cfg.d_model) == kernel
     calls = []
     step = _C.int8_decoder_step
     monkeypatch.setattr(_C, "int8_decoder_step", lambda *a, **kw: (calls.append(kw["kernel"]), step(*a, **kw))[1])
-    fast = _steps_logits(model, memory, batch * beam, 6, seed=2)
-    assert calls == [kernel] * 6  # every step ran in C++, with the kernel asked for
-    layers, model.int8_step = model.int8_step, None
+    fast = _running_batch_outputs(model, cohorts, steps=6)
+    assert len(calls) == len(fast) and set(calls) == {kernel}  # every step ran in C++, with the kernel asked for
+    cpp, model.step = model.step, LayerStep()
     try:
-        python = _steps_logits(model, memory, batch * beam, 6, seed=2)
+        python = _running_batch_outputs(model, cohorts, steps=6)
     finally:
-        model.int8_step = layers
-    assert len(calls) == 6
-    for step, (a, b) in enumerate(zip(fast, python)):
-        assert torch.equal(a, b), f"step {step}: max |Δ| {(a - b).abs().max():.3g}"
-    assert not torch.equal(fast[0], fast[-1])  # the steps differ: the cache and positions were used
+        model.step = cpp
+    assert len(calls) == len(fast) == len(python) == 10  # 6 steps from step 0, the last cohort's end at step 9
+    for i, (a, b) in enumerate(zip(fast, python)):
+        assert torch.equal(a, b), f"step {i}: max |Δ| {(a - b).abs().max():.3g}"
+    assert not torch.equal(fast[0], fast[1])  # the steps differ: the cache and positions were used
 
 
 @pytest.mark.skipif(not OWN, reason="per-row activation quantization is pyengine's own kernel's")
@@ -394,7 +400,8 @@ def test_int8_engine_translates_like_float32(model_dir):
     same = sum(a.tokens[0] == b.tokens[0] for a, b in zip(ours, ref))
     assert same >= len(src) // 2  # int8 may flip near-ties, as bf16 does
     # the float32 copies of the packed layers are released (the int8 engine holds int8 weights)
-    assert all(m.weight is None for m in int8.model.modules() if isinstance(m, torch.nn.Linear))
+    linears = [m for m in int8.model.modules() if isinstance(m, Linear)]
+    assert linears and all(not hasattr(m, "weight") and m.packed is not None for m in linears)
 
 
 def test_int8_option_errors(model_dir):
@@ -405,7 +412,7 @@ def test_int8_option_errors(model_dir):
     with pytest.raises(OptionError, match="backend='torch'"):
         pyengine.Engine.load(model_dir, dtype="int8", backend="triton")
     with pytest.raises(OptionError, match="unknown int8 kernel"):
-        Int8Ops("int4")
+        Int8Linear("int4")
 
 
 def test_requantizing_an_int8_checkpoint_gives_back_its_values():

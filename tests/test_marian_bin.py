@@ -76,7 +76,7 @@ def test_shortlist_changes_only_words_outside_it(engine, direction, pairs):
 def test_batches_and_continuous_batching_give_the_same_translations(engine, direction, pairs):
     """Per-sentence shortlists inside a batch: a verse's translation does not depend on its batch, nor on
     being admitted into a running batch (SSRU state rows appended and dropped)."""
-    from pyengine.scheduler import Scheduler
+    from pyengine.serving import Scheduler
 
     src, _ = sources_and_targets(direction, pairs[:40])
     alone = [engine.translate([t])[0] for t in src]
@@ -94,8 +94,8 @@ def test_batches_and_continuous_batching_give_the_same_translations(engine, dire
 
 def test_ssru_layer_against_float64_formula():
     """c_t = σ(x·Wf + bf) c_{t-1} + (1 − σ(x·Wf + bf)) x·W, output relu(c_t), state carried across calls."""
-    from pyengine.model import SSRU
-    from pyengine.ops import TorchOps
+    from pyengine.model.linear import FloatLinear
+    from pyengine.model.transformer import SSRU
 
     gen = torch.Generator().manual_seed(0)
     d, n, t = 12, 5, 7
@@ -106,15 +106,18 @@ def test_ssru_layer_against_float64_formula():
     x = torch.randn(n, t, d, generator=gen)
     state = torch.randn(n, d, generator=gen)
     c = state.double()
+    w, wf, bf = cell.w.weight.detach().clone(), cell.wf.weight.detach().clone(), cell.wf.bias.detach().clone()
+    cell.w.pack(FloatLinear())
+    cell.wf.pack(FloatLinear())
     want = []
     for step in range(t):
         xs = x[:, step].double()
-        f = torch.sigmoid(xs @ cell.wf.weight.double().T + cell.wf.bias.double())
-        c = f * c + (1 - f) * (xs @ cell.w.weight.double().T)
+        f = torch.sigmoid(xs @ wf.double().T + bf.double())
+        c = f * c + (1 - f) * (xs @ w.double().T)
         want.append(torch.relu(c))
     with torch.no_grad():
-        first = cell(x[:, :3], state, TorchOps())  # two calls: the state is carried in place
-        second = cell(x[:, 3:], state, TorchOps())
+        first = cell(x[:, :3], state)  # two calls: the state is carried in place
+        second = cell(x[:, 3:], state)
     torch.testing.assert_close(torch.cat([first, second], 1).double(), torch.stack(want, 1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.double(), c, rtol=1e-5, atol=1e-5)
 

@@ -40,12 +40,10 @@ def test_step_logits_match_hf_forward(pair):
     tgt[:, 0] = engine.config.decoder_start_id
     with torch.no_grad():
         ref = hf(input_ids=x, attention_mask=mask, decoder_input_ids=tgt).logits
-        hidden = engine.model.encode(x, mask.sum(1))
-        memory = engine.model.memory(hidden, mask.sum(1))
-        cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
-        all_at_once = engine.model.decode(tgt, 0, cache, memory)
-        cache = engine.model.new_cache(len(src), 16, torch.device("cpu"), torch.float32)
-        stepwise = torch.cat([engine.model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(tgt.shape[1])], 1)
+        from pyengine.model import ForcedDecoder
+        all_at_once = ForcedDecoder(engine.model, x, mask.sum(1), 16).logits(tgt)
+        forced = ForcedDecoder(engine.model, x, mask.sum(1), 16)
+        stepwise = torch.cat([forced.logits(tgt[:, t:t + 1]) for t in range(tgt.shape[1])], 1)
     assert torch.allclose(all_at_once, ref, atol=ATOL, rtol=0), (all_at_once - ref).abs().max()
     assert torch.allclose(stepwise, ref, atol=ATOL, rtol=0), (stepwise - ref).abs().max()
 

@@ -116,10 +116,9 @@ def test_encoder_output_and_step_log_probs_match_opennmt(checkpoint):
         model.decoder.init_state(src[:, :, None], enc_out, None)
         dec_out, _ = model.decoder(tgt[:, :, None], enc_out, src_len=lengths)
         ref_logp = model.generator(dec_out).log_softmax(-1)
+        from pyengine.model import ForcedDecoder
         ours_hidden = engine.model.encode(src, lengths)
-        memory = engine.model.memory(ours_hidden, lengths)
-        cache = engine.model.new_cache(len(src_ids), 8, torch.device("cpu"), torch.float32)
-        ours_logp = engine.model.decode(tgt, 0, cache, memory).log_softmax(-1)
+        ours_logp = ForcedDecoder(engine.model, src, lengths, 8).logits(tgt).log_softmax(-1)
     for i, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(ours_hidden[i, :n], enc_out[i, :n], atol=1e-4, rtol=0)
     torch.testing.assert_close(ours_logp, ref_logp, atol=1e-4, rtol=0)

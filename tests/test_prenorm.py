@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pyengine.config import ModelConfig
-from pyengine.model import Transformer, sinusoid_half
-from pyengine.ops import TorchOps
+from pyengine.model import ForcedDecoder, Transformer, load_weights, resolve_ops
+from pyengine.model.transformer import sinusoid_half
 
 CFG = ModelConfig(d_model=24, encoder_layers=2, decoder_layers=2, encoder_heads=3, decoder_heads=3,
                   encoder_ffn_dim=40, decoder_ffn_dim=36, src_vocab_size=50, tgt_vocab_size=50, activation="gelu",
@@ -82,9 +82,9 @@ def reference(state, src, lengths, tgt):
 
 def test_pre_norm_stack_matches_float64_reference():
     with torch.device("meta"):
-        model = Transformer(CFG, TorchOps())
+        model = Transformer(CFG, resolve_ops("torch", torch.device("cpu")))
     state = _random_state(model, seed=4)
-    model.load_weights(state, torch.float32, torch.device("cpu"))
+    load_weights(model, state, torch.float32, torch.device("cpu"))
     gen = torch.Generator().manual_seed(1)
     src = torch.randint(3, 50, (3, 9), generator=gen)
     lengths = torch.tensor([9, 4, 1])
@@ -92,9 +92,8 @@ def test_pre_norm_stack_matches_float64_reference():
     ref_memory, ref_logits = reference(state, src, lengths, tgt)
     with torch.inference_mode():
         hidden = model.encode(src, lengths)
-        memory = model.memory(hidden, lengths)
-        cache = model.new_cache(3, 8, torch.device("cpu"), torch.float32)
-        stepwise = torch.cat([model.decode(tgt[:, t:t + 1], t, cache, memory) for t in range(6)], 1)
+        forced = ForcedDecoder(model, src, lengths, 8)
+        stepwise = torch.cat([forced.logits(tgt[:, t:t + 1]) for t in range(6)], 1)
     valid = torch.arange(9)[None, :] < lengths[:, None]
     assert torch.allclose(hidden.double()[valid], ref_memory[valid], atol=1e-5, rtol=0)
     assert torch.allclose(stepwise.double(), ref_logits, atol=1e-4, rtol=0)

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 import pyengine
 from conftest import sample_lines
 from pyengine.errors import InputError, OptionError
-from pyengine.server import create_app
+from pyengine.serving import create_app
 
 OPTS = dict(beam_size=2, max_decoding_length=48)
 
@@ -135,7 +135,7 @@ BAD_BODIES = [
     ({"texts": "just a string"}, 400, "'texts' must be a list of strings, got string"),
     ({"texts": ["ok"], "options": {"beam": 2}}, 400, "unknown decoding option(s) ['beam']"),
     ({"texts": ["ok"], "options": {"beam_size": "wide"}}, 400, "beam_size must be an integer"),
-    ({"texts": ["ok"], "options": {"target_prefix": "Die"}}, 400, "not supported"),
+    ({"texts": ["ok"], "options": {"target_prefix": "Die"}}, 400, "target_prefix must be a list of strings"),
     ({"texts": ["ok"], "colour": "red"}, 400, "unknown field(s) ['colour']"),
     ({"options": {}}, 400, "missing field 'texts'"),
     ([1, 2], 400, "must be a JSON object, got array"),

@@ -23,9 +23,9 @@ def first_step_probs(engine, temperature, topk, topp) -> torch.Tensor:
     model, cfg = engine.model, engine.config
     with torch.inference_mode():
         src = torch.tensor([SRC])
-        memory = model.memory(model.encode(src, torch.tensor([len(SRC)])), torch.tensor([len(SRC)]))
-        cache = model.new_cache(1, 4, torch.device("cpu"), torch.float32)
-        logits = model.decode(torch.tensor([[cfg.decoder_start_id]]), 0, cache, memory)[0, -1].double()
+        from pyengine.model import ForcedDecoder
+        forced = ForcedDecoder(model, src, torch.tensor([len(SRC)]), 4)
+        logits = forced.logits(torch.tensor([[cfg.decoder_start_id]]))[0, -1].double()
     logits = logits.clone()  # a normal tensor, outside inference mode
     for banned in engine.defaults.suppress_tokens:
         logits[banned] = float("-inf")

@@ -13,7 +13,7 @@ import pyengine
 from benchmarks.load import ServerProcess, offline_translations, pool_of_texts, post, run_load
 from conftest import sample_lines
 from pyengine.config import ServerConfig
-from pyengine.server import create_app
+from pyengine.serving import create_app
 
 OPTS = {"beam_size": 2, "max_decoding_length": 48}
 

@@ -42,17 +42,18 @@ def test_triton_backend_matches_torch_backend(tiny_dir, beam):
 
 @pytest.mark.parametrize("beam", [1, 3])
 def test_continuous_batch_through_the_kernels(tiny_dir, beam):
-    """Rows at different positions (per-row cache lengths in the decode attention kernel), cohorts admitted
-    at staggered steps: the tokens of decoding each sentence alone with the PyTorch path."""
-    from pyengine.continuous import ContinuousBatch
+    """Rows at different positions (per-row cache lengths in the decode attention kernel, keys read through the
+    cache's row index), cohorts admitted at staggered steps: the tokens of decoding each sentence alone with the
+    PyTorch path."""
+    from pyengine.decoding import Runtime
 
     triton_engine = pyengine.Engine.load(tiny_dir, backend="triton")
     torch_engine = pyengine.Engine.load(tiny_dir, backend="torch")
     src = random_sources(6, 61, seed=10 + beam, lo=2, hi=16)
     opts = triton_engine.options(beam_size=beam, max_decoding_length=8)
     cfg = triton_engine.config
-    batch = ContinuousBatch(triton_engine.model, opts, torch.float32, torch.device("cpu"), cfg.decoder_start_id,
-                            cfg.eos_id)
+    batch = Runtime(triton_engine.model, triton_engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id,
+                    cfg.eos_id)
     got, step, overlap = {}, 0, 0
     with torch.inference_mode():
         while len(got) < len(src):

@@ -1,4 +1,4 @@
-"""HTTP front end: FastAPI over one continuous-batching worker (pyengine.scheduler) per engine.
+"""HTTP front end: FastAPI over one continuous-batching worker (pyengine.serving.scheduler) per engine.
 
 Endpoints: POST /v1/translate (texts + decoding options), POST /translate and GET /languages (the
 LibreTranslate API, so its clients work unchanged), GET /health, GET /metrics (Prometheus text).
@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .config import ServerConfig
-from .engine import Engine, Translation
-from .errors import BatchMemoryError, PyEngineError
+from ..config import ServerConfig
+from ..engine import Engine, Translation
+from ..errors import BatchMemoryError, PyEngineError
 from .scheduler import QueueFullError, Scheduler
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"

@@ -3,6 +3,7 @@
 Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations.
 Input errors are raised by `submit` itself, before anything is queued, so a bad request never reaches
 the batch. The worker admits waiting sentences into the running batch of their decoding options
+(a pyengine.decoding.Runtime: the loop `translate()` runs, so the same decoder step and output layer)
 between decode steps, within the engine's token budget (max_batch_tokens, max_batch_size) and memory
 cap (max_memory_mb), oldest first; it steps every running batch once per round. A step that runs out of
 memory halves the rows the worker admits from then on, evicts the newest cohorts back to the queue until
@@ -20,13 +21,12 @@ from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
-from .config import DecodeOptions
-from .continuous import ContinuousBatch
-from .decoding import Hypothesis
-from .engine import Engine, Translation, is_out_of_memory
-from .errors import BatchMemoryError, OptionError, PyEngineError
-
-SERVER_UNSUPPORTED = ("target_prefix",)
+from ..batching import is_out_of_memory
+from ..config import DecodeOptions
+from ..decoding import Hypothesis, Runtime, RuntimeStats
+from ..decoding.strategies import prompt_options, prompt_prefix
+from ..engine import Engine, Translation
+from ..errors import BatchMemoryError, PyEngineError
 
 
 def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -46,12 +46,14 @@ class QueueFullError(PyEngineError):
 
 @dataclass(eq=False)
 class Request:
-    """One caller's texts; `results` fill in as sentences finish, in the caller's order."""
+    """One caller's texts; `results` fill in as sentences finish, in the caller's order. prefixes: each text's
+    forced target tokens (empty for none)."""
 
     ids: list[list[int] | None]
     opts: DecodeOptions
     future: Future
-    key: Hashable
+    prefixes: list[list[int]]
+    sampled: bool = False  # a seeded stream per request: its sentences get a batch of their own options
     generator: torch.Generator | None = None
     results: list[Translation | None] = field(default_factory=list)
     pending: int = 0
@@ -62,16 +64,24 @@ class Request:
         """The caller gave up (timeout, disconnect): its waiting sentences are not admitted."""
         self.cancelled = True
 
+    def options(self, i: int) -> DecodeOptions:
+        """Text i's decoding options (a target prefix moves a forced first token into the prompt)."""
+        return prompt_options(self.opts, len(self.prefixes[i]))
+
+    def key(self, i: int) -> Hashable:
+        """The running batch text i joins: one per option set (per request when sampling)."""
+        return (self.options(i), id(self)) if self.sampled else self.options(i)
+
 
 @dataclass
-class SchedulerStats:
-    """Counters the server exports; written by the worker thread only."""
+class SchedulerStats(RuntimeStats):
+    """Counters the server exports; written by the worker thread only. The runtime's own (decoder step
+    implementation and output path per step) say that the server runs what translate() runs."""
 
     requests: int = 0
     sentences: int = 0
     source_tokens: int = 0
     target_tokens: int = 0
-    steps: int = 0
     evictions: int = 0
     rows_per_step: list[int] = field(default_factory=list)  # drained by the metrics reader
 
@@ -86,8 +96,8 @@ class _Plan:
     waiting: int = 0  # sentences of this batch's options waiting
 
     @classmethod
-    def of(cls, batch: ContinuousBatch | None) -> "_Plan":
-        if batch is None or batch.memory is None:
+    def of(cls, batch: Runtime | None) -> "_Plan":
+        if batch is None or not batch.cohorts:
             return cls(0, 0)
         return cls(batch.sentences, batch.memory.width)
 
@@ -102,7 +112,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._inbox: collections.deque[Request] = collections.deque()
         self._waiting: collections.deque[tuple[Request, int]] = collections.deque()
-        self._batches: dict[Hashable, ContinuousBatch] = {}
+        self._batches: dict[Hashable, Runtime] = {}
         self._queued = 0  # sentences submitted and not yet admitted
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -127,13 +137,13 @@ class Scheduler:
         return sum(b.sentences for b in list(self._batches.values()))
 
     def submit(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
-               **options: Any) -> tuple[Request, Future]:
-        """Queue `texts` for translation; input and option errors are raised here. Returns the request
-        (to cancel it) and a Future of one Translation per text."""
-        unsupported = sorted(set(options) & set(SERVER_UNSUPPORTED))
-        if unsupported:
-            raise OptionError(f"option(s) {unsupported} are not supported by the continuous-batching worker")
+               target_prefix: Sequence[str | None] | None = None, **options: Any) -> tuple[Request, Future]:
+        """Queue `texts` for translation (the arguments of Engine.translate_batch); input and option errors are
+        raised here. Returns the request (to cancel it) and a Future of one Translation per text."""
         ids, opts = self.engine.prepare(texts, source_lang, target_lang, **options)
+        encoded = self.engine.encode_prefixes(target_prefix, ids)
+        it = iter(encoded or [])
+        prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
         future: Future = Future()
         n = sum(x is not None for x in ids)
         with self._lock:
@@ -141,9 +151,8 @@ class Scheduler:
                 raise QueueFullError("the worker is shutting down")
             if self._queued + n > self.max_queue:
                 raise QueueFullError(f"{self._queued} sentences are waiting (limit {self.max_queue})")
-            request = Request(ids, opts, future, opts)
+            request = Request(ids, opts, future, prefixes, sampled=opts.sampling)
             if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
-                request.key = (opts, id(request))
                 request.generator = torch.Generator(device=self.engine.engine_config.device)
                 request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
             self._queued += n
@@ -207,9 +216,10 @@ class Scheduler:
             if request.cancelled:
                 dropped += 1
                 continue
-            plan = plans.get(request.key)
+            key = request.key(i)
+            plan = plans.get(key)
             if plan is None:
-                plan = plans[request.key] = _Plan.of(self._batches.get(request.key))
+                plan = plans[key] = _Plan.of(self._batches.get(key))
             plan.waiting += 1
             sentences, width = plan.sentences + 1, max(plan.width, len(request.ids[i]))
             beam = request.opts.beam_size
@@ -217,7 +227,7 @@ class Scheduler:
                 and (self.row_limit is None or sentences * beam <= self.row_limit)
             if fits and ec.max_memory_mb is not None:
                 try:
-                    self.engine.check_memory(sentences, width, request.opts)
+                    self.engine.check_memory(sentences, width, request.opts, len(request.prefixes[i]))
                 except BatchMemoryError:
                     fits = False
             if fits or sentences == 1:  # a sentence alone always gets a batch (the budget bounds padding)
@@ -233,34 +243,39 @@ class Scheduler:
         taken = {(id(r), i) for plan in plans.values() for r, i in plan.group}
         self._waiting = collections.deque((r, i) for r, i in self._waiting
                                           if not r.cancelled and (id(r), i) not in taken)
-        admitted = 0
+        taken = 0
         for key, plan in plans.items():
-            group = plan.group
-            if not group:
-                continue
-            request = group[0][0]
-            batch = self._batches.get(key)
-            if batch is None:
-                cfg = self.engine.config
-                batch = self._batches[key] = ContinuousBatch(self.engine.model, request.opts, ec.dtype, ec.device,
-                                                             cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist)
-            ids = [r.ids[i] for r, i in group]
-            try:
-                if len(group) == 1 and not batch.cohorts:
-                    self.engine.check_memory(1, len(ids[0]), request.opts)
-                batch.admit(ids, group, request.generator)
-            except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
-                self._fail([r for r, _ in group], exc)
-                if not batch.cohorts:
-                    del self._batches[key]
-                continue
-            admitted += len(group)
-            self.stats.sentences += len(group)
-            self.stats.source_tokens += sum(len(x) for x in ids)
+            if plan.group:
+                taken += len(plan.group)
+                self._admit_group(key, plan.group)
         with self._lock:
-            self._queued -= admitted + dropped
+            self._queued -= taken + dropped
 
-    def _step(self, key: Hashable, batch: ContinuousBatch) -> None:
+    def _admit_group(self, key: Hashable, group: list[tuple[Request, int]]) -> None:
+        """Encode these sentences into the running batch of `key`: a cohort per target prefix length."""
+        ec, cfg = self.engine.engine_config, self.engine.config
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = self._batches[key] = Runtime(self.engine.model, self.engine.rules, group[0][0].options(group[0][1]),
+                                                 ec.device, cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist,
+                                                 self.stats)
+        for length in sorted({len(r.prefixes[i]) for r, i in group}):
+            cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length]
+            ids = [r.ids[i] for r, i in cohort]
+            prefix = torch.tensor([r.prefixes[i] for r, i in cohort], device=ec.device) if length else None
+            try:
+                if len(cohort) == 1 and not batch.cohorts:
+                    self.engine.check_memory(1, len(ids[0]), cohort[0][0].opts, length)
+                batch.admit(ids, cohort, prefix, cohort[0][0].generator)
+            except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
+                self._fail([r for r, _ in cohort], exc)
+                continue
+            self.stats.sentences += len(cohort)
+            self.stats.source_tokens += sum(len(x) for x in ids)
+        if not batch.cohorts:
+            del self._batches[key]
+
+    def _step(self, key: Hashable, batch: Runtime) -> None:
         rows = batch.rows
         try:
             finished = batch.step()
@@ -276,7 +291,6 @@ class Scheduler:
             self._fail([r for c in batch.cohorts for r, _ in c.tags], exc)
             del self._batches[key]
             return
-        self.stats.steps += 1
         self.stats.rows_per_step.append(rows)
         if self.on_step is not None:
             self.on_step(rows)
@@ -286,9 +300,6 @@ class Scheduler:
             del self._batches[key]
 
     def _deliver(self, request: Request, i: int, hyps: list[Hypothesis]) -> None:
-        for h in hyps:  # attention over this sentence's tokens, not its cohort's padding
-            if h.attention is not None:
-                h.attention = h.attention[:, : len(request.ids[i])]
         request.results[i] = Translation.of(hyps, self.engine.tokenizer.decode)
         self.stats.target_tokens += len(hyps[0].tokens) + 1  # EOS included
         request.pending -= 1

@@ -1,0 +1,153 @@
+"""Logits processors (HF's, in HF's order) and candidate selection: what a search strategy applies to a step's
+logits, and which of the processors an output layer fused with log-softmax + top-k can take as bans."""
+from __future__ import annotations
+
+import torch
+
+from ..config import DecodeOptions
+
+NEG = -1.0e9  # HF's "excluded" score
+
+
+def needs_history(opts: DecodeOptions) -> bool:
+    """Whether the processors look at the tokens generated so far."""
+    return opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0
+
+
+def penalize_repetitions(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> None:
+    """HF's RepetitionPenaltyLogitsProcessor: every token of the row's sequence, × penalty if < 0, ÷ if > 0."""
+    seen = scores.gather(1, seqs)
+    scores.scatter_(1, seqs, torch.where(seen < 0, seen * penalty, seen / penalty))
+
+
+def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """HF's NoRepeatNGramLogitsProcessor: ban each token that would complete an n-gram already in the row."""
+    length, vocab = seqs.shape[1], scores.shape[1]
+    if length < n:
+        return
+    windows = seqs.unfold(1, n, 1)  # (N, W, n)
+    prefix = seqs[:, length + 1 - n:]  # the last n-1 tokens
+    matches = (windows[..., :-1] == prefix[:, None, :]).all(dim=-1)
+    banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, torch.where(matches, windows[..., -1], vocab), True)  # non-matches land in a spare column
+    scores.masked_fill_(banned[:, :vocab], float("-inf"))
+
+
+def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+                     seqs: torch.Tensor | None = None) -> torch.Tensor:
+    """HF's logits processors for these options, in HF's order, in place on (N, V) logits or log-probs at
+    generated index `step`. seqs (N, step + 1): each row's decoder tokens so far, start token included."""
+    if opts.repetition_penalty != 1.0:
+        penalize_repetitions(scores, seqs, opts.repetition_penalty)
+    if opts.no_repeat_ngram_size > 0:
+        ban_repeated_ngrams(scores, seqs, opts.no_repeat_ngram_size)
+    if opts.suppress_tokens:
+        scores[:, list(opts.suppress_tokens)] = float("-inf")
+    if step < opts.min_decoding_length:
+        scores[:, eos] = float("-inf")
+    if opts.forced_bos_token is not None and step == 0:
+        scores.fill_(float("-inf"))
+        scores[:, opts.forced_bos_token] = 0.0
+    if opts.forced_eos and step == opts.max_decoding_length - 1:
+        scores.fill_(float("-inf"))
+        scores[:, eos] = 0.0
+    return scores
+
+
+def topk_rows(x: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) for (N, V) rows with V ≫ k, computed in two cheap passes.
+
+    The k largest values of a row lie in the k chunks with the largest maxima (each of those values
+    is some chunk's max or below it, and at most k chunks have a max that large), so a max per chunk,
+    a top-k over chunk maxima and a top-k over the k·chunk gathered values give the exact result
+    (equal values may come in another order). On CPU this is ~5× torch.topk over a 58k vocabulary.
+    """
+    n, v = x.shape
+    chunks = v // chunk
+    if chunks < 4 * k:
+        return torch.topk(x, k, dim=-1)
+    body = x[:, : chunks * chunk].view(n, chunks, chunk)
+    best_chunks = torch.topk(body.amax(dim=-1), k, dim=-1).indices  # (N, k)
+    cand = body.gather(1, best_chunks[:, :, None].expand(n, k, chunk)).view(n, k * chunk)
+    cand_ids = (best_chunks[:, :, None] * chunk + torch.arange(chunk, device=x.device)).view(n, k * chunk)
+    if v > chunks * chunk:  # the ragged tail is always a candidate
+        cand = torch.cat([cand, x[:, chunks * chunk:]], dim=1)
+        tail_ids = torch.arange(chunks * chunk, v, device=x.device).expand(n, v - chunks * chunk)
+        cand_ids = torch.cat([cand_ids, tail_ids], dim=1)
+    values, pos = torch.topk(cand, k, dim=-1)
+    return values, cand_ids.gather(1, pos)
+
+
+def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
+    """The token ids the processors exclude at this step when excluding is all they do, for the fused
+    C++ log-softmax + top-k; None when a processor changes scores or looks at each row's history
+    (repetition penalty, n-gram ban, forced tokens), which take the unfused path."""
+    if needs_history(opts):
+        return None
+    if (opts.forced_bos_token is not None and step == 0) or \
+            (opts.forced_eos and step == opts.max_decoding_length - 1):
+        return None
+    return list(opts.suppress_tokens) + ([eos] if step < opts.min_decoding_length else [])
+
+
+def candidates(logits: torch.Tensor, k: int, step: int, opts: DecodeOptions, eos: int, buffers: "StepBuffers",
+               seqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (log-prob after HF's processors, token) from (N, V) logits, best first.
+
+    Fused in C++ (one pass over each row, no (N, V) log-prob tensor written) unless a processor needs the
+    full matrix. Consumes `logits`."""
+    bans = fused_bans(step, opts, eos)
+    if bans is None:
+        return topk_rows(log_probs(logits, step, opts, eos, out=buffers.logp(logits.shape[0]), seqs=seqs), k)
+    from .. import _C
+    return _C.log_softmax_topk(logits.contiguous(), k, torch.tensor(bans, dtype=torch.long))
+
+
+def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+              out: torch.Tensor | None = None, seqs: torch.Tensor | None = None) -> torch.Tensor:
+    """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given)."""
+    logp = torch.log_softmax(logits, dim=-1) if out is None else \
+        torch.ops.aten._log_softmax.out(logits, -1, False, out=out)
+    return apply_processors(logp, step, opts, eos, seqs)
+
+
+class StepBuffers:
+    """The per-step (rows, V) float32 tensors, allocated once per search: fresh 30 MB tensors every step
+    cost more in page faults than the log-softmax that fills them."""
+
+    def __init__(self, rows: int, vocab: int, device: torch.device):
+        self._logits = torch.empty(rows, 1, vocab, device=device)
+        self._logp = torch.empty(rows, vocab, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self._logits.shape[0]
+
+    def logits(self, rows: int) -> torch.Tensor:
+        return self._logits[:rows]
+
+    def logp(self, rows: int) -> torch.Tensor:
+        return self._logp[:rows]
+
+
+def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from processed scores: temperature, then top-k, then top-p (HF's warper order)."""
+    scores = scores / opts.sampling_temperature
+    if opts.sampling_topk > 1:
+        kth = topk_rows(scores, min(opts.sampling_topk, scores.shape[-1]))[0][:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if opts.sampling_topp < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already reach p (the best one always stays)
+        drop = (cumulative - sorted_scores.softmax(dim=-1)) >= opts.sampling_topp
+        scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's last step: EOS is the only candidate, with its real log-probability."""
+    logp = torch.log_softmax(logits.float(), dim=-1)[:, eos:eos + 1]
+    return logp, torch.full_like(logp, eos, dtype=torch.long)
+
+

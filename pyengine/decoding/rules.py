@@ -1,0 +1,209 @@
+"""Beam-search rules of each checkpoint family, behind one interface chosen at load: Hugging Face `generate`
+(Marian/OPUS-MT, M2M100/NLLB, BART), OpenNMT-py's Translator and fairseq's SequenceGenerator.
+
+A rules object makes the per-batch beam state (`beam_state`) and says the two things greedy decoding also takes
+from the family (`length_offset`, `forces_final_eos`). A beam state's interface: `step` (each row's candidates →
+parent rows and next tokens), `done`, `results`, `keep` (sentences that stay), `sentence`, `run_hist`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import DecodeOptions
+from .processors import NEG
+from .hypothesis import Hypothesis
+
+EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
+
+
+class HFBeamState:
+    """Hugging Face `generate`'s beam rules. Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...);
+    B shrinks as sentences finish. Each step scores 2×beam candidates over beam × vocab; candidates ending in EOS
+    (or at the length limit) among the first `beam` enter the finished set with score / length ** length_penalty;
+    the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its worst finished
+    one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step, ATen: CPU or CUDA tensors); its Python
+    specification, which the C++ is tested against, is tests/reference_search.py."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+        self.beam, self.max_len = beam, max_len
+        self.sentence = torch.arange(batch, device=device)  # caller's index of each live sentence
+        self.run_scores = torch.full((batch, beam), NEG, device=device)
+        self.run_scores[:, 0] = 0.0  # only the first beam is live at the start
+        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.fin_scores = torch.full((batch, beam), NEG, device=device)
+        self.fin_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.fin_len = torch.zeros(batch, beam, dtype=torch.long, device=device)
+        self.fin_flag = torch.zeros(batch, beam, dtype=torch.bool, device=device)
+        self.open = torch.ones(batch, dtype=torch.bool, device=device)  # HF: early-stop heuristic unsatisfied
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's best (log-prob, token) candidates → (parent row per new row (B·K,), next token (B·K,))."""
+        from .. import _C
+        rows, nxt, self.last_parent, self.last_pick = _C.beam_step(
+            cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist, self.fin_len,
+            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping], eos)
+        return rows, nxt
+
+    def done(self, opts: DecodeOptions) -> torch.Tensor:
+        """(B,) sentences whose finished set can no longer change."""
+        full = self.fin_flag.all(dim=1) if opts.early_stopping is True else torch.zeros_like(self.open)
+        return ~self.open | full
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for r in rows.tolist():
+            hyps = []
+            for j in range(opts.num_hypotheses):
+                n = int(self.fin_len[r, j])
+                toks = self.fin_hist[r, j, :n].tolist()
+                if toks and toks[-1] == eos:
+                    toks = toks[:-1]
+                hyps.append(Hypothesis(toks, float(self.fin_scores[r, j])))
+            out.append((int(self.sentence[r]), hyps))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for name in ("sentence", "run_scores", "run_hist", "fin_scores", "fin_hist", "fin_len", "fin_flag", "open"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
+class RecordedBeamState:
+    """Shared part of the beam states whose finished hypotheses are recorded in a list per sentence
+    (OpenNMT-py's and fairseq's rules), same interface as BeamState. Only the first beam is live at the
+    start; `step` is the library's rule."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+        self.beam, self.max_len = beam, max_len
+        self.sentence = torch.arange(batch, device=device)
+        self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
+        self.run_scores[:, 0] = 0.0
+        self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
+        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # per caller sentence
+        self._done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def top_candidates(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor,
+                       n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The n best (running score + log-prob) over each sentence's beam × candidates:
+        (scores (B, n), parent beam (B, n), token (B, n))."""
+        b, k = self.run_scores.shape
+        per_row = cand_logp.shape[-1]
+        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
+        top_scores, top_pos = torch.topk(acc, min(n, k * per_row))
+        parent = torch.div(top_pos, per_row, rounding_mode="floor")
+        return top_scores, parent, cand_ids.view(b, k * per_row).gather(1, top_pos)
+
+    def advance(self, parent: torch.Tensor, token: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Continue beam j of each sentence from beam parent[:, j] with token[:, j]: (rows (B·K,), tokens (B·K,))."""
+        b, k = parent.shape
+        self.run_hist = self.run_hist.gather(1, parent[:, :, None].expand(b, k, self.max_len)).clone()
+        self.run_hist[:, :, step] = token
+        rows = (parent + torch.arange(b, device=parent.device)[:, None] * k).view(-1)
+        return rows, token.view(-1)
+
+    def done(self, opts: DecodeOptions) -> torch.Tensor:
+        return self._done.clone()
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for r in rows.tolist():
+            sentence = int(self.sentence[r])
+            best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
+            out.append((sentence, [Hypothesis(toks, score) for score, toks in best]))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for name in ("sentence", "run_scores", "run_hist", "_done"):
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+
+class OnmtBeamState(RecordedBeamState):
+    """OpenNMT-py 3's beam rules (onmt.translate.BeamSearch with its translate defaults). Each step keeps
+    the `beam` best candidates over beam × vocab; those ending in EOS (or at the length limit) are
+    recorded with score / (generated + 1) ** alpha — OpenNMT counts the start token — and stay in the
+    beam with a score of -65504, so they do not extend. A sentence is done when the best candidate of a
+    step has finished and at least n-best hypotheses are recorded; its n-best are the recorded ones
+    sorted by score."""
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, k)
+        rows, nxt = self.advance(parent, token, step)
+        normalized = top_scores / float((step + 2) ** opts.length_penalty)
+        hits = (token == eos) | (step + 1 >= self.max_len)
+        self._done = torch.zeros(b, dtype=torch.bool, device=token.device)
+        if bool(hits.any()):
+            hits_list, scores_list = hits.tolist(), normalized.tolist()
+            for i in range(b):
+                if not any(hits_list[i]):
+                    continue
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if hits_list[i][j]:
+                        toks = self.run_hist[i, j, : step + 1].tolist()
+                        record.append((scores_list[i][j], toks[:-1] if toks[-1] == eos else toks))
+                self._done[i] = hits_list[i][0] and len(record) >= opts.num_hypotheses
+        self.run_scores = top_scores.masked_fill(hits, -65504.0)
+        return rows, nxt
+
+
+class FairseqBeamState(RecordedBeamState):
+    """fairseq's SequenceGenerator beam rules (BeamSearch). Each step takes the 2 × beam best candidates
+    over beam × vocab; EOS candidates among the first `beam` (with a finite score) are finalized in score
+    order while the sentence has fewer than `beam` finalized, with score / generated_length **
+    length_penalty; the first `beam` non-EOS candidates continue. A sentence is done once it has `beam`
+    finalized hypotheses (no early-stopping heuristic). At the last step the caller offers only EOS,
+    with its real log-probability, as fairseq forces it."""
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
+        is_eos = (token == eos) & torch.isfinite(top_scores)
+        self._done = torch.zeros(b, dtype=torch.bool, device=token.device)
+        if bool(is_eos[:, :k].any()):
+            eos_list, scores_list, parents = is_eos[:, :k].tolist(), top_scores.tolist(), parent.tolist()
+            norm = float((step + 1) ** opts.length_penalty)
+            for i in range(b):
+                record = self.finished[int(self.sentence[i])]
+                for j in range(k):
+                    if eos_list[i][j] and len(record) < k:
+                        record.append((scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist()))
+                self._done[i] = len(record) >= k
+        # the first `beam` candidates that are not EOS continue (positions of EOS ones pushed past the end)
+        width = top_scores.shape[1]
+        order = torch.arange(width, device=token.device) + is_eos.long() * width
+        active = torch.topk(order, k, largest=False).indices.sort(dim=1).values
+        active = torch.where(active < width, active, active % width)
+        self.run_scores = top_scores.gather(1, active)
+        return self.advance(parent.gather(1, active), token.gather(1, active), step)
+
+
+class BeamRules:
+    """A family's rules: its beam state, and what greedy decoding takes from it."""
+
+    name = "hf"
+    length_offset = 0  # added to greedy's generated length in the length penalty
+    forces_final_eos = False  # at the last allowed step EOS is the only candidate, with its real log-prob
+    supports_attention = True  # return_attention / coverage_penalty are implemented for these rules
+    state_class: type = HFBeamState
+
+    def beam_state(self, batch: int, beam: int, max_len: int, device: torch.device):
+        return self.state_class(batch, beam, max_len, device)
+
+
+class OnmtRules(BeamRules):
+    name, length_offset, supports_attention, state_class = "onmt", 1, False, OnmtBeamState  # counts the start token
+
+
+class FairseqRules(BeamRules):
+    name, forces_final_eos, supports_attention, state_class = "fairseq", True, False, FairseqBeamState
+
+
+RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules()}
+
+
+def rules_for(family: str) -> BeamRules:
+    """The rules of a checkpoint family (ModelConfig.family)."""
+    return RULES[family]

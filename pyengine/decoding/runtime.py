@@ -1,0 +1,228 @@
+"""The one decode loop: a running batch of cohorts, every row fed one token per step.
+
+A cohort is the sentences admitted together (encoded together, decoded in lockstep by one strategy). Offline
+decoding (`translate`, `generate`, streaming) is one cohort run to the end; the server's scheduler admits
+cohorts between steps and takes sentences out as they finish. Either way a step is: the decoder step the engine
+chose at load over every row (each at its own position, through the indirect KV cache), the output layer —
+fused with log-softmax + top-k where the cohorts' rules allow it — and each cohort's search rules on its rows;
+then the cache's row table and the memory keep the surviving rows. So a sentence takes the same path, with the
+same numbers, whichever entry point it came from and whatever else shares its batch.
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import DecodeOptions
+from ..errors import InputError
+from ..model.cache import Segment
+from ..model.transformer import Transformer
+from .hypothesis import Hypothesis, StepCallback
+from .processors import StepBuffers
+from .rules import BeamRules
+from .strategies import Beam, Greedy, Need, new_strategy
+
+
+@dataclass
+class Cohort:
+    """Sentences admitted together: their strategy, the caller's tag and source length of each sentence, and
+    the block of cache rows they hold until the last of them finishes."""
+
+    strategy: Greedy | Beam
+    tags: list[Any]
+    lengths: list[int]
+    base: int
+    capacity: int
+
+    @property
+    def rows(self) -> int:
+        return self.strategy.rows
+
+    @property
+    def sentences(self) -> int:
+        return len(self.strategy.live)
+
+
+@dataclass
+class RuntimeStats:
+    """What the steps ran: the decoder step implementation and the output path, counted per step and cohort."""
+
+    steps: int = 0
+    decoder_steps: collections.Counter = field(default_factory=collections.Counter)  # by DecoderStep name
+    outputs: collections.Counter = field(default_factory=collections.Counter)  # "fused-topk" / "logits" / "none"
+
+
+class Runtime:
+    """One running decoder batch for one set of decoding options (see the module docstring)."""
+
+    def __init__(self, model: Transformer, rules: BeamRules, opts: DecodeOptions, device: torch.device,
+                 start_id: int, eos_id: int, shortlist=None, stats: RuntimeStats | None = None):
+        self.model, self.rules, self.opts, self.device = model, rules, opts, device
+        self.start_id, self.eos_id = start_id, eos_id
+        self.shortlist = shortlist if opts.use_shortlist else None  # the model's lexical shortlist, if it has one
+        self.stats = stats if stats is not None else RuntimeStats()
+        self.cohorts: list[Cohort] = []
+        self.cache = model.new_cache(device)
+        self.memory = model.new_memory(device)
+        self.buffers: StepBuffers | None = None
+
+    @property
+    def rows(self) -> int:
+        """Decoder rows in the batch (sentences × beam while they run)."""
+        return sum(c.rows for c in self.cohorts)
+
+    @property
+    def sentences(self) -> int:
+        return sum(c.sentences for c in self.cohorts)
+
+    def admit(self, ids: list[list[int]], tags: list[Any], prefix: torch.Tensor | None = None,
+              generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> None:
+        """Encode `ids` (source token ids, EOS included) and add them as a cohort before the next step.
+        prefix (B, P): forced target tokens, one length for the cohort. on_step gets the cohort's indices."""
+        lengths = [len(x) for x in ids]
+        src = torch.full((len(ids), max(lengths)), self.model.cfg.pad_id, dtype=torch.long)
+        for i, seq in enumerate(ids):
+            src[i, : len(seq)] = torch.tensor(seq)
+        src, length_tensor = src.to(self.device), torch.tensor(lengths, device=self.device)
+        strategy = new_strategy(len(ids), self.opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
+                                self.device, max(lengths), on_step, generator, prefix)
+        if strategy.cache_len > self.model.cfg.max_positions:
+            raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "
+                             f"{strategy.cache_len - strategy.forced} exceed the model's {self.model.cfg.max_positions} "
+                             "positions")
+        hidden = self.model.encode(src, length_tensor)
+        allowed = None if self.shortlist is None else self.shortlist.allowed(ids, self.device)
+        self.model.remember(hidden, lengths, self.memory, allowed)
+        if allowed is not None:  # the union grows with the newcomers' words
+            self.memory.restrict_output(self.model.output)
+        base = self.cache.reserve(strategy.rows, strategy.cache_len)
+        self.cache.append(strategy.rows)
+        self.cohorts.append(Cohort(strategy, list(tags), lengths, base, strategy.rows))
+        capacity = 0 if self.buffers is None else self.buffers.capacity
+        if capacity < self.rows:
+            self.buffers = StepBuffers(max(self.rows, 2 * capacity), self.model.cfg.tgt_vocab_size, self.device)
+
+    def evict_newest(self) -> list[Any]:
+        """Take the most recently admitted cohort out (its sentences restart later); returns the tags of its
+        unfinished sentences. Used when a step runs out of memory: the others' step is then retried."""
+        cohort = self.cohorts.pop()
+        tags = [cohort.tags[i] for i in cohort.strategy.live]
+        self.memory.select(torch.arange(self.sentences, device=self.device))
+        self.cache.select(torch.arange(self.rows, device=self.device))
+        self.cache.release(cohort.base, cohort.capacity)
+        return tags
+
+    def step(self) -> list[tuple[Any, list[Hypothesis]]]:
+        """One decoder step over every row; returns (tag, n-best) of each sentence that finished."""
+        if not self.cohorts:
+            return []
+        segments, start = [], 0
+        for c in self.cohorts:
+            segments.append(Segment(start, c.rows, c.base, c.strategy.position))
+            start += c.rows
+        tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
+                  torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
+        needs = [c.strategy.need() for c in self.cohorts]
+        att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
+        self.cache.begin_step(segments)
+        x = self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
+        outputs = self._outputs(x, needs, segments)
+        self.stats.steps += 1
+        self.stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
+        return self._advance(outputs, segments, None if att_out is None else att_out[0])
+
+    def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Segment]) -> list:
+        """Per cohort: its rows' candidates (from the fused output layer), logits, or None (nothing needed).
+        Cohorts asking the same of the output layer share one call over their rows."""
+        fused = self.model.output.fuses_topk and self.memory.vocab is None
+        groups: dict[Any, list[int]] = {}
+        for i, need in enumerate(needs):
+            key = None if need.kind == "nothing" else (need.k, need.banned) if need.kind == "topk" and fused else "logits"
+            groups.setdefault(key, []).append(i)
+        out: list = [None] * len(needs)
+        for key, members in groups.items():
+            if key is None:
+                self.stats.outputs["none"] += len(members)
+                continue
+            rows = self._rows_of(members, segments, x.shape[0])
+            xs = x if rows is None else x.index_select(0, rows)
+            if key == "logits":
+                self.stats.outputs["logits"] += len(members)
+                if rows is not None and self.memory.vocab is not None:  # shortlist masks go by sentence: all rows
+                    xs, rows = x, None
+                result = self.model.logits(xs[:, None], self.memory, out=self.buffers.logits(xs.shape[0]))[:, -1]
+            else:
+                self.stats.outputs["fused-topk"] += len(members)
+                result = self.model.output.topk(xs, key[0], list(key[1]))
+            at = 0
+            for i in members:
+                seg = segments[i]
+                span = slice(seg.start, seg.start + seg.rows) if rows is None else slice(at, at + seg.rows)
+                out[i] = result[span] if key == "logits" else (result[0][span], result[1][span])
+                at += seg.rows
+        return out
+
+    @staticmethod
+    def _rows_of(members: list[int], segments: list[Segment], total: int) -> torch.Tensor | None:
+        """The batch rows of these cohorts (None: all of them, in order)."""
+        if sum(segments[i].rows for i in members) == total:
+            return None
+        return torch.cat([torch.arange(segments[i].start, segments[i].start + segments[i].rows) for i in members])
+
+    def _advance(self, outputs: list, segments: list[Segment], att: torch.Tensor | None) -> list:
+        rows, sentences, finished, kept = [], [], [], []
+        changed_rows = changed_sentences = False
+        sentence_at = 0
+        for cohort, output, seg in zip(self.cohorts, outputs, segments):
+            strategy, n_sentences = cohort.strategy, cohort.sentences
+            span = slice(seg.start, seg.start + seg.rows)
+            logits, chosen = (output, None) if isinstance(output, torch.Tensor) else (None, output)
+            selection = strategy.advance(logits, self.buffers, None if att is None else att[span], chosen=chosen)
+            if selection.rows is None:
+                rows.append(torch.arange(seg.start, seg.start + seg.rows, device=self.device))
+            else:
+                rows.append(selection.rows + seg.start)
+                changed_rows = True
+            if selection.sentences is None:
+                sentences.append(torch.arange(sentence_at, sentence_at + n_sentences, device=self.device))
+            else:
+                sentences.append(selection.sentences + sentence_at)
+                changed_sentences = True
+            for i in selection.finished:
+                finished.append((cohort.tags[i], trimmed(strategy.results[i], cohort.lengths[i])))
+            if strategy.done:
+                self.cache.release(cohort.base, cohort.capacity)
+            else:
+                kept.append(cohort)
+            sentence_at += n_sentences
+        self.cohorts = kept
+        if changed_sentences:
+            self.memory.select(torch.cat(sentences))
+        if changed_rows:
+            self.cache.select(torch.cat(rows))
+        return finished
+
+
+def trimmed(hyps: list[Hypothesis], length: int) -> list[Hypothesis]:
+    """Attention over the sentence's own source tokens, not its cohort's padding."""
+    for h in hyps:
+        if h.attention is not None:
+            h.attention = h.attention[:, :length]
+    return hyps
+
+
+def decode(model: Transformer, rules: BeamRules, ids: list[list[int]], opts: DecodeOptions, device: torch.device,
+           start_id: int, eos_id: int, shortlist=None, on_step: StepCallback | None = None,
+           generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
+           stats: RuntimeStats | None = None) -> list[list[Hypothesis]]:
+    """Offline decoding: one cohort run to the end; each sentence's n-best in the order of `ids`."""
+    runtime = Runtime(model, rules, opts, device, start_id, eos_id, shortlist, stats)
+    runtime.admit(ids, list(range(len(ids))), prefix, generator, on_step)
+    results: list = [None] * len(ids)
+    while runtime.cohorts:
+        for tag, hyps in runtime.step():
+            results[tag] = hyps
+    return results

@@ -1,0 +1,284 @@
+"""Greedy (or sampling) and beam search as step objects over one cohort of sentences.
+
+Each step the runtime feeds every row of the cohort one token (`tokens`, at `position`), asks what the strategy
+needs from the step's output (`need`: nothing while a target prefix is fed, else the best candidates from an
+output layer fused with log-softmax + top-k, or the logits), hands it to `advance`, and applies the returned
+Selection to the cache and the memory. A target prefix (HF's decoder prompt) is fed one token per step: part of
+the output, not of the score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ..config import DecodeOptions
+from ..errors import OptionError
+from .hypothesis import Hypothesis, StepCallback, finalize
+from .processors import (StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
+                         needs_history, sample_tokens, topk_rows)
+from .rules import BeamRules
+
+
+class Selection(NamedTuple):
+    """What a step keeps: decoder rows in their new order (cache rows; beam reorder and finished rows
+    dropped) and sentences (encoder memory rows), None for all of them in place; and the cohort's indices
+    of the sentences that finished at this step (their n-best is in `results`)."""
+
+    rows: torch.Tensor | None
+    sentences: torch.Tensor | None
+    finished: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Need:
+    """What a step's output must give a cohort: nothing (a prefix token was fed), its rows' k best candidates
+    with `banned` ids excluded (kind "topk": an output layer fused with log-softmax + top-k can give them), or
+    the logits (kind "logits": a processor needs them)."""
+
+    kind: str
+    k: int = 0
+    banned: tuple[int, ...] = ()
+
+
+NOTHING, LOGITS = Need("nothing"), Need("logits")
+
+
+def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
+    """(rows, 1 + P): the start token, then the forced target prefix if any."""
+    start = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
+    return start if prefix is None or prefix.shape[1] == 0 else torch.cat([start, prefix.to(device)], dim=1)
+
+
+def prompt_options(opts: DecodeOptions, prefix_length: int) -> DecodeOptions:
+    """The options of sentences with a target prefix of this length: a forced first token (a target language)
+    then leads the prompt instead of being forced at the first step, as in HF."""
+    return opts.replace(forced_bos_token=None) if prefix_length and opts.forced_bos_token is not None else opts
+
+
+def prompt_prefix(opts: DecodeOptions, prefix: list[int]) -> list[int]:
+    """The forced target tokens of a sentence with this prefix (see prompt_options)."""
+    return [opts.forced_bos_token] + prefix if prefix and opts.forced_bos_token is not None else prefix
+
+
+class Strategy:
+    """Shared bookkeeping: the prompt, the position, the tokens fed next and the attention rows."""
+
+    def __init__(self, batch: int, beam: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
+                 device: torch.device, src_width: int, on_step: StepCallback | None, prefix: torch.Tensor | None):
+        if opts.needs_attention and not rules.supports_attention:
+            raise OptionError(f"return_attention and coverage_penalty are not supported with {rules.name}'s beam "
+                              "rules yet")
+        self.opts, self.rules, self.eos, self.on_step = opts, rules, eos_id, on_step
+        self.prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
+        self.forced = self.prompt.shape[1] - 1  # prefix tokens fed before the first one is generated
+        self.cache_len = self.forced + opts.max_decoding_length  # positions the cohort's rows use
+        self.tokens = self.prompt[:, 0].repeat_interleave(beam)  # (rows,) the tokens fed at this step
+        self.position, self.step = 0, 0  # cache position; generated tokens so far
+        self.results: list[list[Hypothesis]] = [[] for _ in range(batch)]
+        # attention rows by decoder position: the query at position i predicts output token i
+        self.att = torch.zeros(batch * beam, self.cache_len, src_width, device=device) if opts.needs_attention else None
+        self.done = False
+
+    @property
+    def rows(self) -> int:
+        return self.tokens.shape[0]
+
+    def feed(self, att_rows: torch.Tensor | None) -> bool:
+        """Record this step's attention and move on; True while the prefix is still being fed (the step's
+        output is not used: the next token is the prefix's)."""
+        if self.att is not None:  # the batch's memory may be narrower or wider than the cohort's sources
+            width = min(self.att.shape[2], att_rows.shape[2])
+            self.att[:, self.position, :width] = att_rows[:, 0, :width]
+        self.position += 1
+        if self.position <= self.forced:
+            self.tokens = self.prompt[:, self.position].repeat_interleave(self.rows // self.prompt.shape[0])
+            return True
+        return False
+
+    def bans(self) -> list[int] | None:
+        """The ids this step's choice excludes, when excluding is all the processors do (fused_bans)."""
+        opts = self.opts
+        if self.att is not None or (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length):
+            return None
+        return fused_bans(self.step, opts, self.eos)
+
+
+class Greedy(Strategy):
+    """Greedy (or sampling, with a generator) decoding of one cohort; finished rows leave at once. on_step sees
+    each row's tokens after each step. A sampled token's score is its log-prob before temperature and filtering.
+
+    prefix (B, P): target tokens forced after the start token (HF's decoder prompt): part of the output,
+    not of the score; max/min_decoding_length count the tokens generated after it."""
+
+    def __init__(self, batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
+                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 generator: torch.Generator | None = None, prefix: torch.Tensor | None = None):
+        if opts.sampling and generator is None:
+            raise ValueError("sampling needs a torch.Generator")
+        super().__init__(batch, 1, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)
+        self.generator = generator
+        self.sentence = torch.arange(batch, device=device)  # cohort index of each row
+        self.history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
+        self.scores = torch.zeros(batch, dtype=torch.float32, device=device)
+
+    def need(self) -> Need:
+        if self.position < self.forced:
+            return NOTHING
+        bans = None if self.opts.sampling else self.bans()
+        return LOGITS if bans is None else Need("topk", 1, tuple(bans))
+
+    def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
+                chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+        """Choose each row's next token from its (N, V) logits, or take `chosen`, the candidates `need` asked
+        for; finished rows leave."""
+        if self.feed(att_rows):
+            return Selection(None, None)
+        opts, eos, step = self.opts, self.eos, self.step
+        self.step += 1
+        seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
+        if chosen is not None:
+            nxt = chosen[1][:, 0]
+            self.scores += chosen[0][:, 0]
+        elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
+            final_logp, final = forced_final_eos(logits, eos)
+            nxt = final[:, 0]
+            self.scores += final_logp[:, 0]
+        elif opts.sampling or fused_bans(step, opts, eos) is None:
+            logp = log_probs(logits, step, opts, eos, out=buffers.logp(self.rows), seqs=seqs)
+            # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
+            # near-equal logits to one value)
+            processed = apply_processors(logits, step, opts, eos, seqs)
+            nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
+            self.scores += logp.gather(1, nxt[:, None])[:, 0]
+        else:  # the best logit among the allowed tokens is the argmax of the processed scores
+            best_logp, best = candidates(logits, 1, step, opts, eos, buffers, seqs)
+            nxt = best[:, 0]
+            self.scores += best_logp[:, 0]
+        self.history[:, step] = nxt
+        done = (nxt == eos) | (step + 1 >= opts.max_decoding_length)
+        if self.on_step is not None:
+            for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
+                toks = self.history[row, : step + 1].tolist()
+                self.on_step(sentence, self.prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] == eos else toks),
+                             finished)
+        self.tokens = nxt
+        if not bool(done.any()):
+            return Selection(None, None)
+        finished = []
+        for row in done.nonzero()[:, 0].tolist():
+            toks = self.history[row, : step + 1].tolist()
+            if toks and toks[-1] == eos:
+                toks = toks[:-1]
+            out_tokens = self.prompt[row, 1:].tolist() + toks
+            finished.append(int(self.sentence[row]))
+            length = (step + 1 + self.rules.length_offset) ** opts.length_penalty
+            self.results[finished[-1]] = finalize(
+                [Hypothesis(out_tokens, float(self.scores[row]) / length,
+                            None if self.att is None else self.att[row, : len(out_tokens)].clone())], opts)
+        keep = (~done).nonzero()[:, 0]
+        self.done = keep.numel() == 0
+        for name in ("sentence", "history", "scores", "tokens", "prompt") + (("att",) if self.att is not None else ()):
+            setattr(self, name, getattr(self, name)[keep])
+        return Selection(keep, keep, tuple(finished))
+
+    @property
+    def live(self) -> list[int]:
+        """The cohort's indices of the sentences still decoding, in row order."""
+        return self.sentence.tolist()
+
+
+class Beam(Strategy):
+    """Beam search of one cohort with its family's rules (BeamRules); done sentences leave the batch.
+
+    on_step sees, after each step, each live sentence's best running hypothesis (it may still be revised:
+    a later step can prefer another beam), and each sentence's final best when it finishes."""
+
+    def __init__(self, batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
+                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 prefix: torch.Tensor | None = None):
+        super().__init__(batch, opts.beam_size, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)
+        self.state = rules.beam_state(batch, opts.beam_size, opts.max_decoding_length, device)
+        self.prompts = self.prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the cohort's order
+        # per finished hypothesis, by decoder position
+        self.fin_att = None if self.att is None else \
+            torch.zeros(batch, opts.beam_size, self.cache_len, self.att.shape[2], device=device)
+
+    def need(self) -> Need:
+        if self.position < self.forced:
+            return NOTHING
+        bans = self.bans()
+        return LOGITS if bans is None else Need("topk", 2 * self.opts.beam_size, tuple(bans))
+
+    def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
+                chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
+        """One beam step from the rows' (N, V) logits, or from `chosen`, the candidates `need` asked for."""
+        if self.feed(att_rows):
+            return Selection(None, None)
+        opts, k, eos, step, state = self.opts, self.opts.beam_size, self.eos, self.step, self.state
+        n = self.rows
+        self.step += 1
+        # a sentence's best 2K over beam × vocab are among its rows' own best 2K: per-row top-k
+        # avoids HF's top-k over a (B, K·V) tensor
+        seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
+            if needs_history(opts) else None
+        if chosen is not None:
+            cand_logp, cand_ids = chosen
+        elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
+            cand_logp, cand_ids = forced_final_eos(logits, eos)
+        else:
+            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs)
+        rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
+        if self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
+            b, position = state.run_scores.shape[0], self.position
+            beams = torch.arange(b, device=self.att.device)[:, None]
+            cand = self.att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
+            self.fin_att[:, :, :position] = torch.cat([self.fin_att[:, :, :position], cand], dim=1)[beams, state.last_pick]
+        done = state.done(opts)
+        if step + 1 >= opts.max_decoding_length:
+            done = torch.ones_like(done)
+        if self.on_step is not None:
+            for row, sentence in enumerate(state.sentence.tolist()):
+                if not bool(done[row]):
+                    self.on_step(sentence, self.prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False)
+        sentences, finished = None, []
+        if bool(done.any()):
+            done_rows = done.nonzero()[:, 0]
+            for r, (sentence, hyps) in zip(done_rows.tolist(), state.results(done_rows, opts, eos)):
+                finished.append(sentence)
+                prompt = self.prompts[sentence]
+                self.results[sentence] = finalize([
+                    Hypothesis(prompt + h.tokens, h.score,
+                               None if self.fin_att is None else self.fin_att[r, j, : len(prompt) + len(h.tokens)].clone())
+                    for j, h in enumerate(hyps)], opts)
+                if self.on_step is not None:
+                    self.on_step(sentence, self.results[sentence][0].tokens, True)
+            sentences = (~done).nonzero()[:, 0]
+            if sentences.numel() == 0:
+                self.done = True
+                return Selection(rows[:0], sentences, tuple(finished))
+            state.keep(sentences)
+            self.prompt = self.prompt[sentences]
+            if self.fin_att is not None:
+                self.fin_att = self.fin_att[sentences]
+            # parent rows still index the pre-drop rows, so one selection both drops and reorders
+            rows, nxt = rows.view(-1, k)[sentences].view(-1), nxt.view(-1, k)[sentences].view(-1)
+        if self.att is not None:
+            self.att = self.att.index_select(0, rows)
+        self.tokens = nxt
+        return Selection(rows, sentences, tuple(finished))
+
+    @property
+    def live(self) -> list[int]:
+        """The cohort's indices of the sentences still decoding, in row order."""
+        return self.state.sentence.tolist()
+
+
+def new_strategy(batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
+                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> Greedy | Beam:
+    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise."""
+    if opts.beam_size == 1:
+        return Greedy(batch, opts, rules, start_id, eos_id, device, src_width, on_step, generator, prefix)
+    return Beam(batch, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)

@@ -1,0 +1,198 @@
+"""Which implementation runs each operation, decided once per engine (`resolve_ops`) and reported.
+
+`Ops` bundles the choices a model runs with: the linear method (pyengine.model.linear), the attention and the
+residual + layer norm (PyTorch with pyengine's C++ kernels on the CPU, or the Triton kernels of pyengine.kernels),
+and the dtype the attention K/V are stored in. A backend that is asked for and not available is an error, never
+a silent fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BackendError, OptionError
+from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear
+
+SMALL_QUERY = 16  # query rows at or under which attention uses explicit matmuls instead of SDPA
+CPP_KV_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes the fused C++ step attention reads
+# keys up to which the C++ attention beats the CPU flash kernel (SDPA) outside decoder steps (encoder):
+# measured 3.2x at 32 × 24 tokens, 1.3x at 64, 1.0x at 128, 0.9x at 256 (8 heads of 64, 2 threads)
+CPP_ATTENTION_KEYS = 128
+
+
+def gather_rows(kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(P, H, T, Dh) keys and a (B, Tk) row index → (B, H, Tk, Dh): key j of row b from row rows[b, j]."""
+    positions = torch.arange(rows.shape[1], device=kv.device)
+    return kv[rows, :, positions[None, :]].transpose(1, 2)
+
+
+def visible_keys(b: int, tq: int, tk: int, kv_lengths: torch.Tensor | None, causal: bool,
+                 device: torch.device) -> torch.Tensor | None:
+    """(B or 1, 1, Tq, Tk) mask of the keys each query sees: those before its row's length, and with `causal`
+    only those up to its own position (query i of row b sits at kv_lengths[b] - Tq + i)."""
+    if kv_lengths is None and not (causal and tq > 1):
+        return None
+    lengths = kv_lengths if kv_lengths is not None else torch.full((b,), tk, device=device)
+    cols = torch.arange(tk, device=device)
+    mask = (cols[None, :] < lengths[:, None])[:, None, None, :]
+    if causal and tq > 1:
+        q_pos = lengths[:, None] - tq + torch.arange(tq, device=device)[None, :]  # (B, Tq)
+        mask = mask & (cols[None, None, :] <= q_pos[:, :, None])[:, None]
+    return mask
+
+
+def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
+                    causal: bool = False, step: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ/√Dh)·v for q (B, H, Tq, Dh), k/v (B, H, Tk, Dh) — or, with `rows` (B, Tk), physical (P, H, T, Dh)
+    buffers whose key j of row b is k[rows[b, j], :, j] (the KV cache and the encoder memory are read so).
+
+    kv_lengths (B,): keys at or past a row's length are unseen. causal: query i of row b sits at position
+    kv_lengths[b] - Tq + i (a block of new tokens after a cache) and sees keys up to it. step: a decoder step
+    (few query rows over a cache or the encoder memory).
+    """
+    tq = q.shape[2]
+    tk = rows.shape[1] if rows is not None else k.shape[2]
+    cpp = (q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES and v.dtype == k.dtype and (tq == 1 or not causal)
+           and (tq <= SMALL_QUERY if step else tk <= CPP_ATTENTION_KEYS))
+    if cpp:
+        # the fused C++ loop, one task per (sentence, head): a step's query sees every key given (one new
+        # token); B·H tiny GEMMs cost more in dispatch (measured 7x slower at batch 1, 1.3x at 128 rows),
+        # and the CPU flash kernel is slower for short sources (encoder, 32 × 24 tokens: 3.2x)
+        from .. import _C
+        k, v = k[:, :, :tk], v[:, :, :tk]  # physical buffers are longer than the keys read
+        return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5,
+                                   None if rows is None else rows.contiguous()).to(q.dtype)
+    if rows is not None:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
+        k, v = gather_rows(k, rows), gather_rows(v, rows)
+        if kv_lengths is not None:  # positions a row never wrote may hold anything; masked weights are 0, 0·NaN not
+            unseen = torch.arange(tk, device=q.device)[None, :] >= kv_lengths[:, None]
+            v = v.masked_fill(unseen[:, None, :, None], 0)
+    mask = visible_keys(q.shape[0], tq, tk, kv_lengths, causal, q.device)
+    if not step or tq > SMALL_QUERY:
+        return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    # a block of several new tokens with a causal mask (forced target prefixes): two batched matmuls
+    # beat the CPU flash kernel several-fold; computed in float32 on CPU
+    work = torch.float32 if q.device.type == "cpu" else k.dtype
+    scores = torch.matmul(q.to(work), k.to(work).transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(work)
+    return torch.matmul(probs, v.to(work)).to(q.dtype)
+
+
+def torch_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LN(x + residual) (post-norm form); LN(x) when residual is None."""
+    if residual is not None:
+        x = x + residual
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """pyengine's C++ residual + layer norm (csrc/layer_norm.cpp), float32: the one the C++ decoder steps run, so the
+    Python layers and those steps agree to the bit; at a step's few rows it is faster than ATen's add +
+    layer_norm, whose dispatch dominates there (2.4x at 32 rows, 1.5x at 128: `pytest benchmarks/`)."""
+    from .. import _C
+    return _C.add_layer_norm(x.float().contiguous(), None if residual is None else residual.float().contiguous(),
+                             weight.float().contiguous(), bias.float().contiguous(), eps)
+
+
+class TritonKernels:
+    """The fused Triton kernels of pyengine.kernels (CUDA; CPU only under the Triton interpreter)."""
+
+    def __init__(self) -> None:
+        from ..kernels import attention, layernorm  # imported here: no compilation at import time
+        self._attention, self._layernorm = attention, layernorm
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
+                  causal: bool = False, step: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self._attention.attention(q, k, v, kv_lengths, causal, rows=rows)
+
+    def add_layer_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+        return self._layernorm.add_layer_norm(x, residual, weight, bias, eps)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The implementations a model runs with, chosen once (resolve_ops); `report` says which."""
+
+    linear: LinearMethod
+    attention: Callable
+    add_layer_norm: Callable
+    cache_dtype: torch.dtype  # attention K/V storage (self-attention cache and encoder memory)
+    report: dict[str, str] = field(default_factory=dict)
+
+
+def cache_dtype_for(device: torch.device, dtype: torch.dtype, weights: str) -> torch.dtype:
+    """Attention K/V storage. CPU: bfloat16 for int8 models (the step attention, bound by reading K/V once the
+    int8 GEMMs are fast, reads half the bytes; bf16 rounding of K/V is well inside the int8 activations' error)
+    and for bfloat16 models (their K/V projections are bf16 already), float32 otherwise; a GPU stores them in the
+    model's dtype."""
+    if device.type != "cpu":
+        return dtype
+    return torch.bfloat16 if weights == "int8" or dtype == torch.bfloat16 else torch.float32
+
+
+def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.float32,
+                weights: str = "float") -> Ops:
+    """The implementations for `backend` on `device`. weights="int8": int8 linear layers; weights="bf16": bfloat16
+    linear weights with float32 activations (both CPU, PyTorch backend)."""
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if weights not in ("float", "int8", "bf16"):
+        raise OptionError(f"unknown weights {weights!r}; expected 'float', 'int8' or 'bf16'")
+    if backend not in ("torch", "triton"):
+        raise BackendError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    cache = cache_dtype_for(device, dtype, weights)
+    if weights == "bf16":
+        if dtype != torch.float32 or backend != "torch" or device.type != "cpu":
+            raise OptionError("bf16 weights run on the CPU with float32 activations (dtype='bfloat16' sets them)")
+        return _torch_ops(Bf16Linear(), cpp_add_layer_norm, cache)
+    if weights == "int8":
+        if dtype != torch.float32:
+            raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
+        if backend != "torch" or device.type != "cpu":
+            raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
+        return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache)
+    if backend == "torch":
+        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache)
+    kernels = _triton_kernels(device)
+    linear = TritonLinear()
+    return Ops(linear, kernels.attention, kernels.add_layer_norm, cache,
+               {"attention": "triton", "add_layer_norm": "triton", "linear": linear.name,
+                "linear_act": linear.activation_name})
+
+
+def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype) -> Ops:
+    return Ops(linear, torch_attention, norm, cache,
+               {"attention": "torch", "add_layer_norm": "torch", "linear": linear.name,
+                "linear_act": linear.activation_name})
+
+
+def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Prepacked oneDNN linears: CPU, float32, or bfloat16 where oneDNN has a native bf16 path."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _triton_kernels(device: torch.device) -> TritonKernels:
+    try:
+        import triton
+    except ImportError:
+        raise BackendError("backend='triton' needs the triton package (pip install triton)") from None
+    if device.type == "cpu" and not triton.knobs.runtime.interpret:
+        raise BackendError("backend='triton' on CPU runs under the Triton interpreter: set TRITON_INTERPRET=1 "
+                           "before triton is imported (slow; for tests), or use backend='torch'")
+    if device.type not in ("cpu", "cuda"):
+        raise BackendError(f"backend='triton' does not run on {device.type} devices")
+    if device.type == "cuda" and triton.knobs.runtime.interpret:
+        raise BackendError("TRITON_INTERPRET=1 is set: the Triton kernels would not run on the GPU")
+    return TritonKernels()

@@ -1,0 +1,43 @@
+"""Loading a model's weights: load → assign every parameter → pack for the chosen implementations (vLLM's
+`process_weights_after_loading`): linear layers packed by the LinearMethod, the output layer built, the
+decoder step chosen."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .linear import Linear, OutputLayer
+from .step import choose_step
+from .transformer import POSITION_TABLES, Transformer
+
+
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Assign every parameter from `state` (our names); missing, extra or mis-shaped tensors are errors. Then
+    pack the linear layers and choose the decoder step (the model is ready to decode)."""
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}")
+    for name, param in expected.items():
+        tensor = state[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                  f"the config implies {tuple(param.shape)}")
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        setattr(module, leaf, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+    cfg = model.cfg
+    if cfg.positions in POSITION_TABLES:
+        table = POSITION_TABLES[cfg.positions](cfg.max_positions + cfg.position_offset, cfg.d_model)
+        model.register_buffer("sin_positions", table.to(device=device, dtype=dtype), persistent=False)
+    method = model.ops.linear
+    weight = (model.src_embed if model.tgt_embed is None else model.tgt_embed).weight if model.lm_head is None \
+        else model.lm_head.weight
+    model.output = OutputLayer(weight.detach(), model.final_logits_bias.detach() if cfg.final_logits_bias else None,
+                               method)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack(method)
+    model.step = choose_step(model)
