@@ -48,7 +48,8 @@ setup(
     package_data={"pyengine": ["models/default/*"]},
     include_package_data=True,
     install_requires=["torch>=2.4", "sentencepiece>=0.2", "safetensors>=0.4", "tqdm>=4.60", "tokenizers>=0.20",
-                      "fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "PyYAML>=6"],
+                      "fastapi>=0.115", "uvicorn>=0.30", "uvloop>=0.19; sys_platform != 'win32'", "httptools>=0.6",
+                      "prometheus-client>=0.20", "PyYAML>=6"],
     extras_require={
         "test": ["pytest>=8", "transformers>=5.0", "sacrebleu>=2.4"],
     },

@@ -1,15 +1,18 @@
 """Load on loopback: concurrent clients against `pyengine serve`, latency percentiles and throughput.
 
-Starts the server in its own process on 127.0.0.1, runs `--clients` client threads that each send
-`--requests` requests (mixed lengths; /v1/translate and LibreTranslate's /translate alternated) with a
-bounded time, checks every answer against the offline translation of its input (zero lost, failed or
-swapped responses), and prints p50/p99 latency and throughput; JSON goes to benchmarks/results/.
+For each dtype: starts the server in its own process on 127.0.0.1; one client process (this one) keeps
+`--clients` requests in flight on asynchronous connections (aiohttp), each client sending `--requests` requests
+(mixed lengths; /v1/translate and LibreTranslate's /translate alternated), so the load generator does not eat the
+server's cores; checks every answer against the offline translation of its input (zero lost, failed or swapped
+responses); prints p50/p99 latency and the server's throughput against offline `translate()` of the same
+sentences (after the server stopped, same threads). JSON goes to benchmarks/results/.
 
-    python -m benchmarks.load --clients 64 --requests 4
+    python -m benchmarks.load --clients 64 --requests 4 --dtypes int8 bfloat16 --check
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -18,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -113,43 +115,46 @@ class Outcome:
 
 def run_load(url: str, clients: int, requests: int, pool: list[str], options: dict, seed: int = 0,
              deadline_s: float = 300.0, request_timeout: float = 120.0) -> list[Outcome]:
-    """`clients` threads, each sending up to `requests` requests of 1-4 texts from `pool` (one text to
-    LibreTranslate's /translate every other request), all starting together; none starts after deadline_s."""
-    outcomes: list[Outcome] = []
-    lock, start = threading.Lock(), threading.Barrier(clients)
-    stop_at = time.monotonic() + deadline_s
+    """`clients` concurrent clients on asynchronous connections, each sending up to `requests` requests of 1-4
+    texts from `pool` (one text to LibreTranslate's /translate every other request), all starting together; none
+    starts after deadline_s."""
+    return asyncio.run(_load(url, clients, requests, pool, options, seed, deadline_s, request_timeout))
 
-    def client(k: int) -> None:
-        rng = random.Random(seed * 1000 + k)
-        start.wait()
-        for j in range(requests):
-            if time.monotonic() > stop_at:
-                return
-            libre = (k + j) % 2 == 1
-            texts = [rng.choice(pool)] if libre else [rng.choice(pool) for _ in range(rng.randint(1, 4))]
-            out = Outcome(k, "/translate" if libre else "/v1/translate", texts)
-            t0 = time.monotonic()
-            try:
-                if libre:
-                    out.status, body = post(url + "/translate", {"q": texts[0], "source": "en", "target": "de"},
-                                            request_timeout)
-                    out.translations = [body["translatedText"]] if out.status == 200 else []
-                else:
-                    out.status, body = post(url + "/v1/translate", {"texts": texts, "options": options},
-                                            request_timeout)
-                    out.translations = [t["translation"] for t in body.get("translations", [])]
-                out.error = body.get("error", "") if out.status != 200 else ""
-            except Exception as exc:  # noqa: BLE001 - a lost request is a result here
-                out.error = f"{type(exc).__name__}: {exc}"
-            out.latency = time.monotonic() - t0
-            with lock:
+
+async def _load(url: str, clients: int, requests: int, pool: list[str], options: dict, seed: int,
+                deadline_s: float, request_timeout: float) -> list[Outcome]:
+    import aiohttp  # the lightest of the maintained asynchronous clients: the load generator shares the cores
+
+    outcomes: list[Outcome] = []
+    stop_at = time.monotonic() + deadline_s
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=request_timeout)) as http:
+        async def client(k: int) -> None:
+            rng = random.Random(seed * 1000 + k)
+            for j in range(requests):
+                if time.monotonic() > stop_at:
+                    return
+                libre = (k + j) % 2 == 1
+                texts = [rng.choice(pool)] if libre else [rng.choice(pool) for _ in range(rng.randint(1, 4))]
+                out = Outcome(k, "/translate" if libre else "/v1/translate", texts)
+                t0 = time.monotonic()
+                try:
+                    body = {"q": texts[0], "source": "en", "target": "de"} if libre else \
+                        {"texts": texts, "options": options}
+                    async with http.post(out.endpoint, json=body) as r:
+                        out.status, data = r.status, await r.json(content_type=None)
+                    if out.status == 200:
+                        out.translations = [data["translatedText"]] if libre else \
+                            [t["translation"] for t in data["translations"]]
+                    else:
+                        out.error = data.get("error", "")
+                except Exception as exc:  # noqa: BLE001 - a lost request is a result here
+                    out.error = f"{type(exc).__name__}: {exc}"
+                out.latency = time.monotonic() - t0
                 outcomes.append(out)
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        await asyncio.gather(*(client(k) for k in range(clients)))
     return outcomes
 
 
@@ -177,7 +182,8 @@ def pool_of_texts(n: int, seed: int = 0) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
-    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"])
+    ap.add_argument("--clients", type=int, default=64, help="requests in flight")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--threads", type=int, default=2, help="the server's intra-op threads")
     ap.add_argument("--beam-size", type=int, default=2)
@@ -187,34 +193,38 @@ def main() -> None:
     args = ap.parse_args()
     options = {"beam_size": args.beam_size, "max_decoding_length": args.max_decoding_length}
     pool = pool_of_texts(args.pool)
-    with ServerProcess(args.model, args.threads) as server:
-        t0 = time.monotonic()
-        outcomes = run_load(server.url, args.clients, args.requests, pool, options)
-        wall = time.monotonic() - t0
-        exit_code = server.stop()
-    summary = {"clients": args.clients, "requests_per_client": args.requests, "options": options,
-               "server_threads": args.threads, "server_exit_code": exit_code, **summarize(outcomes, wall)}
-    summary.update(offline_throughput(outcomes, args.model, options, args.threads, wall))
-    if args.check:
-        summary["mismatches"] = count_mismatches(outcomes, args.model, options)
-    print(json.dumps(summary, indent=2))
+    runs = []
+    for dtype in args.dtypes:
+        with ServerProcess(args.model, args.threads, extra=["--dtype", dtype]) as server:
+            t0 = time.monotonic()
+            outcomes = run_load(server.url, args.clients, args.requests, pool, options)
+            wall = time.monotonic() - t0
+            exit_code = server.stop()
+        summary = {"dtype": dtype, "clients": args.clients, "requests_per_client": args.requests, "options": options,
+                   "server_threads": args.threads, "server_exit_code": exit_code, **summarize(outcomes, wall)}
+        summary.update(offline_throughput(outcomes, args.model, options, args.threads, wall, dtype))
+        if args.check:
+            summary["mismatches"] = count_mismatches(outcomes, args.model, options, dtype)
+        print(json.dumps(summary, indent=2))
+        runs.append({"summary": summary, "outcomes": [asdict(o) for o in outcomes]})
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"summary": summary, "cpu": cpu_name(), "outcomes": [asdict(o) for o in outcomes]}))
+    path.write_text(json.dumps({"cpu": cpu_name(), "runs": runs}))
     print(f"written {path}", file=sys.stderr)
 
 
-def offline_translations(model: str, texts: list[str], options: dict) -> tuple[dict, dict]:
+def offline_translations(model: str, texts: list[str], options: dict, dtype: str = "float32") -> tuple[dict, dict]:
     """Each text translated alone, with the /v1 options and with the model's defaults (/translate)."""
     import pyengine
 
-    engine = pyengine.Engine.load(model)
+    engine = pyengine.Engine.load(model, dtype=dtype)
     v1 = {t: engine.translate([t], **options)[0] for t in texts}
     libre = {t: engine.translate([t])[0] for t in texts}
     return v1, libre
 
 
-def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threads: int, wall: float) -> dict:
+def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threads: int, wall: float,
+                       dtype: str = "float32") -> dict:
     """The same sentences translated offline in one call per endpoint's options (length-sorted token-budget
     batches, no HTTP): the throughput the server is compared with."""
     import torch
@@ -222,7 +232,7 @@ def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threa
     import pyengine
 
     torch.set_num_threads(threads)
-    engine = pyengine.Engine.load(model)
+    engine = pyengine.Engine.load(model, dtype=dtype)
     v1 = [t for o in outcomes if o.status == 200 and o.endpoint == "/v1/translate" for t in o.texts]
     libre = [t for o in outcomes if o.status == 200 and o.endpoint == "/translate" for t in o.texts]
     engine.translate(v1[:8], **options)  # warm-up
@@ -234,9 +244,9 @@ def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threa
             "server_over_offline": (len(v1) + len(libre)) / wall / ((len(v1) + len(libre)) / seconds)}
 
 
-def count_mismatches(outcomes: list[Outcome], model: str, options: dict) -> int:
+def count_mismatches(outcomes: list[Outcome], model: str, options: dict, dtype: str = "float32") -> int:
     texts = sorted({t for o in outcomes for t in o.texts})
-    v1, libre = offline_translations(model, texts, options)
+    v1, libre = offline_translations(model, texts, options, dtype)
     return sum(o.translations != [(libre if o.endpoint == "/translate" else v1)[t] for t in o.texts]
                for o in outcomes if o.status == 200)
 

@@ -13,7 +13,7 @@ import torch
 from pyengine.decoding.processors import log_probs, topk_rows
 from pyengine.model import ForcedDecoder, KVCache
 from pyengine.model.backends import cpp_add_layer_norm, torch_add_layer_norm, torch_attention
-from pyengine.model.cache import Segment
+from pyengine.model.cache import Span
 from pyengine.model.linear import (Bf16Linear, FloatLinear, Int8Linear, amx_available, bf16_kernels, int8_engines,
                                    vnni_available)
 
@@ -168,7 +168,7 @@ def test_kv_cache_reorder(benchmark):
     """A beam reorder of 128 rows at cache length 30: only the indirect cache's (rows, T) origin table moves."""
     cache = KVCache(6, HEADS, DH, torch.float32, torch.device("cpu"))
     cache.append(ROWS)
-    cache.begin_step([Segment(0, ROWS, cache.reserve(ROWS, 64), T - 1)])
+    cache.begin_step([Span(0, ROWS, T - 1)], torch.tensor(cache.reserve(ROWS, 64)), first_row=0)
     rows = torch.randint(0, ROWS, (ROWS,))
     benchmark(cache.select, rows)
 

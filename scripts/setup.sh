@@ -9,7 +9,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade "pip>=23" "setuptools>=69" wheel ninja
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q "sentencepiece>=0.2" "safetensors>=0.4" "tqdm>=4.60" "tokenizers>=0.20" "numpy" \
-    "fastapi>=0.115" "uvicorn>=0.30" "prometheus-client>=0.20" "PyYAML>=6"
+    "fastapi>=0.115" "uvicorn>=0.30" "uvloop>=0.19" "httptools>=0.6" "prometheus-client>=0.20" "PyYAML>=6"
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -r requirements-test.txt
   # OpenNMT-py 3.5.1's metadata pins torch<2.3 (it runs on 2.13 for what the tests use): no deps from it

@@ -12,6 +12,12 @@ from pyengine.decoding.rules import HFBeamState
 from pyengine.model import ForcedDecoder
 
 
+def best_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (values, indices), best first; equal values in index order (the beam step's tie rule)."""
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int,
                  opts: DecodeOptions, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's beam rule as HFBeamState.step applies it (in C++), updating the state in place. The best 2K of a
@@ -19,7 +25,7 @@ def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Te
     b, k = state.run_scores.shape
     per_row = cand_logp.shape[-1]
     acc = (cand_logp.view(b, k, per_row) + state.run_scores[:, :, None]).view(b, k * per_row)
-    top_scores, top_pos = torch.topk(acc, 2 * k)  # (B, 2K)
+    top_scores, top_pos = best_first(acc, 2 * k)  # (B, 2K)
     parent = torch.div(top_pos, per_row, rounding_mode="floor")
     token = cand_ids.view(b, k * per_row).gather(1, top_pos)
     cand_hist = state.run_hist.gather(1, parent[:, :, None].expand(b, 2 * k, state.max_len)).clone()
@@ -28,7 +34,7 @@ def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Te
 
     # the best `beam` candidates that did not finish continue
     run_scores = top_scores + hits.float() * NEG
-    keep = torch.topk(run_scores, k).indices
+    keep = best_first(run_scores, k)[1]
     state.run_scores = run_scores.gather(1, keep)
     state.run_hist = cand_hist.gather(1, keep[:, :, None].expand(b, k, state.max_len))
     next_parent = parent.gather(1, keep)
@@ -44,7 +50,7 @@ def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Te
     just_finished = hits & first_k[None, :]
     cand = cand + (~just_finished).float() * NEG
     merged_scores = torch.cat([state.fin_scores, cand], dim=1)
-    pick = torch.topk(merged_scores, k).indices
+    pick = best_first(merged_scores, k)[1]
     state.last_parent, state.last_pick = parent, pick  # which beam each candidate extends; who is finished
     state.fin_scores = merged_scores.gather(1, pick)
     state.fin_hist = torch.cat([state.fin_hist, cand_hist], 1).gather(1, pick[:, :, None].expand(b, k, state.max_len))

@@ -11,32 +11,55 @@ import torch
 import pyengine
 from conftest import ARCHS, build_marian, random_sources
 from pyengine.config import DecodeOptions
-from pyengine.decoding.rules import HFBeamState
+from pyengine import _C
+from pyengine.decoding.rules import EARLY_STOPPING_CODES, HFBeamState
 from reference_search import beam_search, hf_beam_step
 
 FIELDS = ("run_scores", "run_hist", "fin_scores", "fin_hist", "fin_len", "fin_flag", "open")
 
 
+@pytest.mark.parametrize("impl", ["loop", "aten"])
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [0.6, 1.0, 2.0])
-def test_cpp_step_equals_reference(early_stopping, length_penalty):
+def test_cpp_step_equals_reference(early_stopping, length_penalty, ties, impl):
+    """Both C++ versions (the CPU loop and the ATen composition other devices run) equal the specification field by
+    field at every step; with `ties`, log-probs on a coarse grid and some -inf make many scores equal, where the
+    rule (lower index first) decides."""
     b, k, vocab, max_len, eos = 5, 4, 50, 12, 0
     opts = DecodeOptions(beam_size=k, length_penalty=length_penalty, early_stopping=early_stopping,
                          max_decoding_length=max_len)
     cpp = HFBeamState(b, k, max_len, torch.device("cpu"))
     ref = HFBeamState(b, k, max_len, torch.device("cpu"))
-    gen = torch.Generator().manual_seed(int(length_penalty * 10))
+    gen = torch.Generator().manual_seed(int(length_penalty * 10) + ties)
     for step in range(max_len):
         logp = torch.log_softmax(3 * torch.randn(b * k, vocab, generator=gen), -1)
         logp[:, eos] += 1.5 * (step > 2)  # EOS becomes likely after a few steps
+        if ties:
+            logp = (logp * 2).round() / 2
+            logp[torch.rand(logp.shape, generator=gen) < 0.3] = float("-inf")
         cand_logp, cand_ids = torch.topk(logp, 2 * k, dim=-1)
         before = copy.deepcopy(ref.__dict__)
-        out_cpp = cpp.step(cand_logp, cand_ids, step, opts, eos)
+        out_cpp = _C.beam_step(cand_logp, cand_ids, cpp.run_scores, cpp.run_hist, cpp.fin_scores, cpp.fin_hist,
+                               cpp.fin_len, cpp.fin_flag, cpp.open, step, float(length_penalty),
+                               EARLY_STOPPING_CODES[early_stopping], eos, impl=impl)
         out_ref = hf_beam_step(ref, cand_logp, cand_ids, step, opts, eos)
-        assert all(torch.equal(a, c) for a, c in zip(out_cpp, out_ref)), f"step {step}"
+        assert torch.equal(out_cpp[0], out_ref[0]) and torch.equal(out_cpp[1], out_ref[1]), f"step {step}"
+        assert torch.equal(out_cpp[2], ref.last_parent) and torch.equal(out_cpp[3], ref.last_pick), f"step {step}"
         for name in FIELDS:
             assert torch.equal(getattr(cpp, name), getattr(ref, name)), f"{name} at step {step}"
         assert not all(torch.equal(before[n], getattr(ref, n)) for n in FIELDS)  # the state did move
+
+
+def test_beam_step_refuses_bad_arguments():
+    state = HFBeamState(2, 3, 8, torch.device("cpu"))
+    logp, ids = torch.zeros(6, 6), torch.zeros(6, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="impl is auto, loop or aten"):
+        _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,
+                     state.fin_flag, state.open, 0, 1.0, 0, 0, impl="fast")
+    with pytest.raises(RuntimeError, match="outside the history"):
+        _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,
+                     state.fin_flag, state.open, 8, 1.0, 0, 0)
 
 
 def test_whole_search_equals_the_reference_search(tmp_path):

@@ -111,12 +111,16 @@ def test_request_timeout_answers_504_and_the_worker_goes_on(engine):
         assert c.get("/health").json()["status"] == "ok"
 
 
-def test_load_on_loopback_64_clients_and_graceful_shutdown():
-    """64 clients × 3 requests at once against a real server process: every response is its own input's
-    offline translation; then requests in flight when SIGTERM arrives still get their answers."""
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
+def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype):
+    """64 clients × 3 requests at once against a real server process in each dtype: every response is its own
+    input's offline translation in that dtype, and the server's steps ran the decoder step and output path that
+    translate() runs (engine.backends, against /health and /metrics); then requests in flight when SIGTERM arrives
+    still get their answers."""
     pool = pool_of_texts(48, seed=3)
-    v1, libre = offline_translations("default", pool, OPTS)
-    with ServerProcess("default", threads=2) as server:
+    v1, libre = offline_translations("default", pool, OPTS, dtype)
+    backends = pyengine.Engine.load("default", dtype=dtype).backends
+    with ServerProcess("default", threads=2, extra=["--dtype", dtype]) as server:
         outcomes = run_load(server.url, clients=64, requests=3, pool=pool, options=OPTS, seed=1, deadline_s=240)
         assert len(outcomes) == 64 * 3
         failed = [(o.status, o.error) for o in outcomes if o.status != 200]
@@ -126,6 +130,9 @@ def test_load_on_loopback_64_clients_and_graceful_shutdown():
             assert o.translations == want, (o.endpoint, o.texts)
         metrics = post_metrics(server.url)
         assert max_batch_rows(metrics) > 8, "concurrent requests must have shared the running batch"
+        assert get_json(server.url + "/health")["backends"] == backends
+        assert labelled(metrics, "pyengine_decoder_steps_total") == {backends["decoder_step"]}
+        assert backends["output_layer"] in labelled(metrics, "pyengine_output_layer_total")
 
         # graceful shutdown: requests in flight finish with their answers, then the process exits 0
         answers: list = []
@@ -143,6 +150,29 @@ def test_load_on_loopback_64_clients_and_graceful_shutdown():
     assert sorted(t for t, _ in answers) == sorted(pool[:6])
     for text, (status, body) in answers:
         assert status == 200 and body["translations"][0]["translation"] == v1[text]
+
+
+def test_target_prefix_through_the_server(client, engine):
+    """target_prefix (an argument of translate_batch) works as an option of /v1/translate, per text."""
+    texts = ["Open the file.", "Save your changes?", "Close"]
+    prefixes = [None, "Ihre", ""]
+    r = client.post("/v1/translate", json={"texts": texts, "options": {**OPTS, "target_prefix": prefixes}})
+    assert r.status_code == 200, r.text
+    want = engine.translate(texts, target_prefix=prefixes, **OPTS)
+    assert [t["translation"] for t in r.json()["translations"]] == want and want[1].startswith("Ihre")
+
+
+def labelled(metrics: str, name: str) -> set[str]:
+    """The label values of a labelled Prometheus counter that counted something."""
+    return {line.split('"')[1] for line in metrics.splitlines()
+            if line.startswith(name + "{") and float(line.split()[-1]) > 0}
+
+
+def get_json(url: str) -> dict:
+    import json
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
 
 
 def post_metrics(url: str) -> str:

@@ -11,6 +11,7 @@ same numbers, whichever entry point it came from and whatever else shares its ba
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 
 from ..config import DecodeOptions
 from ..errors import InputError
-from ..model.cache import Segment
+from ..model.cache import Span
 from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
 from .processors import StepBuffers
@@ -29,13 +30,12 @@ from .strategies import Beam, Greedy, Need, new_strategy
 @dataclass
 class Cohort:
     """Sentences admitted together: their strategy, the caller's tag and source length of each sentence, and
-    the block of cache rows they hold until the last of them finishes."""
+    the cache rows of each live sentence (its beams'), in the order of its batch rows."""
 
     strategy: Greedy | Beam
     tags: list[Any]
     lengths: list[int]
-    base: int
-    capacity: int
+    slots: list[list[int]]
 
     @property
     def rows(self) -> int:
@@ -45,21 +45,33 @@ class Cohort:
     def sentences(self) -> int:
         return len(self.strategy.live)
 
+    def keep(self, sentences: list[int]) -> list[int]:
+        """Keep these sentences' cache rows (in this order); returns the rows of the others, now free."""
+        kept = set(sentences)
+        freed = [slot for i, rows in enumerate(self.slots) if i not in kept for slot in rows]
+        self.slots = [self.slots[i] for i in sentences]
+        return freed
+
 
 @dataclass
 class RuntimeStats:
-    """What the steps ran: the decoder step implementation and the output path, counted per step and cohort."""
+    """What the steps ran: the decoder step implementation and the output path, counted per step and cohort; and
+    the seconds spent admitting (encoding) and in each part of a step (decoder, output layer, search rules)."""
 
     steps: int = 0
+    cohorts: int = 0
     decoder_steps: collections.Counter = field(default_factory=collections.Counter)  # by DecoderStep name
     outputs: collections.Counter = field(default_factory=collections.Counter)  # "fused-topk" / "logits" / "none"
+    seconds: collections.Counter = field(default_factory=collections.Counter)  # admit / decoder / output / search
 
 
 class Runtime:
-    """One running decoder batch for one set of decoding options (see the module docstring)."""
+    """One running decoder batch for one set of decoding options (see the module docstring). `capacity`: the
+    sentences it will hold at most (a server's budget), to size its buffers once."""
 
     def __init__(self, model: Transformer, rules: BeamRules, opts: DecodeOptions, device: torch.device,
-                 start_id: int, eos_id: int, shortlist=None, stats: RuntimeStats | None = None):
+                 start_id: int, eos_id: int, shortlist=None, stats: RuntimeStats | None = None,
+                 capacity: int = 0):
         self.model, self.rules, self.opts, self.device = model, rules, opts, device
         self.start_id, self.eos_id = start_id, eos_id
         self.shortlist = shortlist if opts.use_shortlist else None  # the model's lexical shortlist, if it has one
@@ -68,6 +80,9 @@ class Runtime:
         self.cache = model.new_cache(device)
         self.memory = model.new_memory(device)
         self.buffers: StepBuffers | None = None
+        if capacity:  # sentences the batch will hold at most: the cache and memory sized once, not grown
+            self.cache.fit(capacity * opts.beam_size, opts.max_decoding_length + 1)
+            self.memory.fit(capacity, 128)  # sources grow it past 128 tokens
 
     @property
     def rows(self) -> int:
@@ -82,28 +97,27 @@ class Runtime:
               generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> None:
         """Encode `ids` (source token ids, EOS included) and add them as a cohort before the next step.
         prefix (B, P): forced target tokens, one length for the cohort. on_step gets the cohort's indices."""
+        start = time.perf_counter()
         lengths = [len(x) for x in ids]
-        src = torch.full((len(ids), max(lengths)), self.model.cfg.pad_id, dtype=torch.long)
-        for i, seq in enumerate(ids):
-            src[i, : len(seq)] = torch.tensor(seq)
-        src, length_tensor = src.to(self.device), torch.tensor(lengths, device=self.device)
         strategy = new_strategy(len(ids), self.opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
                                 self.device, max(lengths), on_step, generator, prefix)
         if strategy.cache_len > self.model.cfg.max_positions:
             raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "
                              f"{strategy.cache_len - strategy.forced} exceed the model's {self.model.cfg.max_positions} "
                              "positions")
-        hidden = self.model.encode(src, length_tensor)
         allowed = None if self.shortlist is None else self.shortlist.allowed(ids, self.device)
-        self.model.remember(hidden, lengths, self.memory, allowed)
+        self.model.remember(ids, self.memory, allowed)
         if allowed is not None:  # the union grows with the newcomers' words
             self.memory.restrict_output(self.model.output)
-        base = self.cache.reserve(strategy.rows, strategy.cache_len)
+        beam = strategy.rows // len(ids)
+        slots = self.cache.reserve(strategy.rows, strategy.cache_len)
         self.cache.append(strategy.rows)
-        self.cohorts.append(Cohort(strategy, list(tags), lengths, base, strategy.rows))
+        self.cohorts.append(Cohort(strategy, list(tags), lengths, [slots[i: i + beam] for i in range(0, len(slots), beam)]))
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
             self.buffers = StepBuffers(max(self.rows, 2 * capacity), self.model.cfg.tgt_vocab_size, self.device)
+        self.stats.seconds["admit"] += time.perf_counter() - start
+        self.stats.cohorts += 1
 
     def evict_newest(self) -> list[Any]:
         """Take the most recently admitted cohort out (its sentences restart later); returns the tags of its
@@ -112,29 +126,40 @@ class Runtime:
         tags = [cohort.tags[i] for i in cohort.strategy.live]
         self.memory.select(torch.arange(self.sentences, device=self.device))
         self.cache.select(torch.arange(self.rows, device=self.device))
-        self.cache.release(cohort.base, cohort.capacity)
+        self.cache.release([slot for rows in cohort.slots for slot in rows])
         return tags
 
     def step(self) -> list[tuple[Any, list[Hypothesis]]]:
         """One decoder step over every row; returns (tag, n-best) of each sentence that finished."""
         if not self.cohorts:
             return []
-        segments, start = [], 0
+        spans, start = [], 0
         for c in self.cohorts:
-            segments.append(Segment(start, c.rows, c.base, c.strategy.position))
+            spans.append(Span(start, c.rows, c.strategy.position))
             start += c.rows
+        write_rows = [slot for c in self.cohorts for rows in c.slots for slot in rows]
         tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
                   torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
         needs = [c.strategy.need() for c in self.cohorts]
         att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
-        self.cache.begin_step(segments)
+        t0 = time.perf_counter()
+        run = len(spans) == 1 and all(b - a == 1 for a, b in zip(write_rows, write_rows[1:]))  # one slice per write
+        self.cache.begin_step(spans, torch.tensor(write_rows, device=self.device),
+                              first_row=write_rows[0] if run else None)
         x = self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
-        outputs = self._outputs(x, needs, segments)
-        self.stats.steps += 1
-        self.stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
-        return self._advance(outputs, segments, None if att_out is None else att_out[0])
+        t1 = time.perf_counter()
+        outputs = self._outputs(x, needs, spans)
+        t2 = time.perf_counter()
+        finished = self._advance(outputs, spans, None if att_out is None else att_out[0])
+        seconds, stats = self.stats.seconds, self.stats
+        seconds["decoder"] += t1 - t0
+        seconds["output"] += t2 - t1
+        seconds["search"] += time.perf_counter() - t2
+        stats.steps += 1
+        stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
+        return finished
 
-    def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Segment]) -> list:
+    def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Span]) -> list:
         """Per cohort: its rows' candidates (from the fused output layer), logits, or None (nothing needed).
         Cohorts asking the same of the output layer share one call over their rows."""
         fused = self.model.output.fuses_topk and self.memory.vocab is None
@@ -166,13 +191,13 @@ class Runtime:
         return out
 
     @staticmethod
-    def _rows_of(members: list[int], segments: list[Segment], total: int) -> torch.Tensor | None:
+    def _rows_of(members: list[int], segments: list[Span], total: int) -> torch.Tensor | None:
         """The batch rows of these cohorts (None: all of them, in order)."""
         if sum(segments[i].rows for i in members) == total:
             return None
         return torch.cat([torch.arange(segments[i].start, segments[i].start + segments[i].rows) for i in members])
 
-    def _advance(self, outputs: list, segments: list[Segment], att: torch.Tensor | None) -> list:
+    def _advance(self, outputs: list, segments: list[Span], att: torch.Tensor | None) -> list:
         rows, sentences, finished, kept = [], [], [], []
         changed_rows = changed_sentences = False
         sentence_at = 0
@@ -193,9 +218,9 @@ class Runtime:
                 changed_sentences = True
             for i in selection.finished:
                 finished.append((cohort.tags[i], trimmed(strategy.results[i], cohort.lengths[i])))
-            if strategy.done:
-                self.cache.release(cohort.base, cohort.capacity)
-            else:
+            if selection.sentences is not None:  # finished sentences give their cache rows back
+                self.cache.release(cohort.keep(selection.sentences.tolist()))
+            if not strategy.done:
                 kept.append(cohort)
             sentence_at += n_sentences
         self.cohorts = kept

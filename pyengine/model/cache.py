@@ -2,94 +2,95 @@
 
 Rows of a running batch sit at different positions (cohorts admitted at different steps) and are reordered
 (beam search) and dropped (finished sentences) every step. Keys and values are written once, into physical rows
-that never move: a cohort reserves a block of physical rows for its lifetime, its i-th row writes its new
-position into the block's i-th row, and `origin[r, s]` says which physical row holds position s of batch row r
+that never move: each sentence holds `beam` physical rows from its admission to its end, its beam j writes each
+new position into its j-th row, and `origin[r, s]` says which physical row holds position s of batch row r
 (FasterTransformer's cache indirection). Reordering and dropping rows gather only this (rows, T) table. Sound
-because a cohort's rows share a position: each writes position s when no row of the cohort has read it yet,
-into a block no other cohort touches.
+because the beams of a sentence share a position and read only their own sentence's rows: position s is written
+before any of them reads it. A finished sentence's rows are free at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 
 class SlotAllocator:
-    """Contiguous blocks of slots (physical rows) from a pool that grows: first fit, freed blocks merge."""
+    """Slots (physical rows, or encoder-memory slots) from a pool that grows only when too few are free: the
+    lowest free ones are taken; freed slots merge back into blocks."""
 
     def __init__(self) -> None:
         self.capacity = 0
-        self._free: list[tuple[int, int]] = []  # (start, length), sorted, merged
+        self._free: list[tuple[int, int]] = []  # (first, count), sorted, merged
 
-    def reserve(self, n: int) -> int:
-        """The first slot of a free block of n; the pool grows (capacity may be read after) when none fits."""
-        for i, (start, length) in enumerate(self._free):
-            if length >= n:
-                self._free[i] = (start + n, length - n)
-                if length == n:
-                    del self._free[i]
-                return start
-        # grow: extend a free block that ends at the capacity, else append
-        start = self.capacity
-        if self._free and sum(self._free[-1]) == self.capacity:
-            start = self._free.pop()[0]
-        self.capacity = start + n
-        return start
+    def take(self, n: int) -> list[int]:
+        """n free slots, lowest first; the pool grows (capacity may be read after) by what is missing."""
+        short = n - sum(count for _, count in self._free)
+        if short > 0:
+            self.release(range(self.capacity, self.capacity + short))
+            self.capacity += short
+        slots: list[int] = []
+        while len(slots) < n:
+            first, count = self._free.pop(0)
+            used = min(count, n - len(slots))
+            slots += range(first, first + used)
+            if used < count:
+                self._free.insert(0, (first + used, count - used))
+        return slots
 
-    def release(self, start: int, n: int) -> None:
-        if n <= 0:
-            return
-        blocks = sorted(self._free + [(start, n)])
+    def release(self, slots) -> None:
+        """Slots no longer used (any iterable of ints)."""
+        blocks = sorted(self._free + [(s, 1) for s in slots])
         merged: list[tuple[int, int]] = []
-        for s, length in blocks:
-            if merged and sum(merged[-1]) == s:
-                merged[-1] = (merged[-1][0], merged[-1][1] + length)
+        for first, count in blocks:
+            if merged and sum(merged[-1]) == first:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
             else:
-                merged.append((s, length))
+                merged.append((first, count))
         self._free = merged
 
     @property
     def in_use(self) -> int:
-        return self.capacity - sum(length for _, length in self._free)
+        return self.capacity - sum(count for _, count in self._free)
 
 
-@dataclass(frozen=True)
-class Segment:
-    """The rows of one cohort in a step: batch rows start..start+rows-1, writing physical rows base..base+rows-1
-    at `position` (all rows of a cohort sit at one position)."""
+class Span(NamedTuple):
+    """The rows of one cohort in a step: batch rows start..start+rows-1, all at `position`."""
 
     start: int
     rows: int
-    base: int
     position: int
 
 
-def step_positions(segments: list[Segment], tokens: int, device: torch.device) -> tuple[torch.Tensor, int]:
+def step_positions(spans: list[Span], tokens: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """(N,) the first position each batch row decodes at this step, and the end of the widest (last position + 1)."""
-    end = max(s.position for s in segments) + tokens
-    if len(segments) == 1:
-        return torch.full((segments[0].rows,), segments[0].position, device=device), end
-    return torch.cat([torch.full((s.rows,), s.position, device=device) for s in segments]), end
+    end = max(s.position for s in spans) + tokens
+    if len(spans) == 1:
+        return torch.full((spans[0].rows,), spans[0].position, device=device), end
+    return torch.cat([torch.full((s.rows,), s.position, device=device) for s in spans]), end
 
 
-def grown(tensor: torch.Tensor, sizes: dict[int, int], zero: bool = False) -> torch.Tensor:
-    """A tensor at least `sizes` along those dims (doubling), the old content copied; the rest zero with `zero`,
-    else uninitialized (buffers whose unwritten parts are never read: pages are touched only where written)."""
+def grown(tensor: torch.Tensor, sizes: dict[int, int], zero: bool = False,
+          keep: dict[int, int] | None = None) -> torch.Tensor:
+    """A tensor at least `sizes` along those dims (doubling), the old content copied (only its first keep[d]
+    entries along the dims `keep` names: the part ever read); the rest zero with `zero`, else uninitialized
+    (buffers whose unwritten parts are never read: pages are touched only where written)."""
     shape = list(tensor.shape)
     if all(shape[d] >= n for d, n in sizes.items()):
         return tensor
     for d, n in sizes.items():
         shape[d] = max(n, 2 * shape[d]) if n > shape[d] else shape[d]
     out = (torch.zeros if zero else torch.empty)(shape, dtype=tensor.dtype, device=tensor.device)
-    out[tuple(slice(0, s) for s in tensor.shape)] = tensor
+    part = tuple(slice(0, min(s, (keep or {}).get(d, s))) for d, s in enumerate(tensor.shape))
+    out[part] = tensor[part]
     return out
 
 
 class KVCache:
     """Self-attention keys and values of every decoder layer, (L, 2, P, H, T, Dh) physical rows (see the module
-    docstring). `begin_step` records where this step's rows write; `write` stores one layer's new K/V and returns
-    what its attention reads; `select` keeps batch rows in a new order (beam reorder and dropping in one gather).
+    docstring). `reserve` gives a sentence its rows; `begin_step` records where this step's rows write; `write`
+    stores one layer's new K/V and returns what its attention reads; `select` keeps batch rows in a new order
+    (beam reorder and dropping in one gather of the origin table).
 
     After begin_step: rows_index (N, end) — key j of batch row r is physical row rows_index[r, j]; lengths (N,) —
     the keys row r sees; write_rows / positions (N,) — where each row writes (the C++ step writes them itself).
@@ -101,54 +102,64 @@ class KVCache:
         self.slots = SlotAllocator()
         self.rows = 0  # batch rows
         self.length = 0  # positions filled (the widest row)
-        self.segments: list[Segment] = []
         self.rows_index = self.lengths = self.write_rows = self.positions = None
         self.end = 0
+        self._block: tuple[int, int] | None = None  # (first physical row, position) when one slice takes the write
 
     @property
     def device(self) -> torch.device:
         return self.physical.device
 
-    def reserve(self, rows: int, length: int) -> int:
-        """A block of `rows` physical rows holding `length` positions, for a cohort; returns its first row."""
-        base = self.slots.reserve(rows)
-        self.physical = grown(self.physical, {2: self.slots.capacity, 4: length})
-        self.origin = grown(self.origin, {1: length}, zero=True)  # every entry a valid row, read or not
-        return base
+    def reserve(self, rows: int, length: int) -> list[int]:
+        """`rows` physical rows holding `length` positions (a sentence's beams)."""
+        slots = self.slots.take(rows)
+        self.fit(self.slots.capacity, length)
+        return slots
 
-    def release(self, base: int, rows: int) -> None:
-        """A finished cohort's block is free again."""
-        self.slots.release(base, rows)
+    def fit(self, rows: int, length: int) -> None:
+        """Room for `rows` physical rows of `length` positions (a running batch sizes it for its budget once:
+        growing copies what the rows hold)."""
+        self.physical = grown(self.physical, {2: rows, 4: length}, keep={4: self.length})
+        self.origin = grown(self.origin, {1: length}, zero=True)  # every entry a valid row, read or not
+
+    def release(self, slots: list[int]) -> None:
+        """A finished sentence's rows are free again."""
+        self.slots.release(slots)
 
     def append(self, rows: int) -> None:
         """`rows` batch rows join after the current ones (their positions are recorded as they write)."""
         self.rows += rows
         self.origin = grown(self.origin, {0: self.rows}, zero=True)
 
-    def begin_step(self, segments: list[Segment], tokens: int = 1) -> None:
-        """This step's rows: each cohort's rows write `tokens` positions from theirs into their block."""
-        self.segments = segments
-        self.positions, self.end = step_positions(segments, tokens, self.device)
+    def begin_step(self, spans: list[Span], write_rows: torch.Tensor, tokens: int = 1,
+                   first_row: int | None = None) -> None:
+        """This step's rows: batch row r writes `tokens` positions from its span's into physical row write_rows[r].
+        first_row: given when the rows are first_row.. in one run at one position (then written by slices)."""
+        self.positions, self.end = step_positions(spans, tokens, self.device)
         if self.end > self.physical.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {self.end} > capacity {self.physical.shape[4]}")
-        arange = torch.arange(max(s.rows for s in segments), device=self.device)
-        for s in segments:
-            self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = (s.base + arange[: s.rows])[:, None]
-        self.rows_index = self.origin[: self.positions.numel(), : self.end].contiguous()
-        self.write_rows = torch.cat([s.base + arange[: s.rows] for s in segments]) if len(segments) > 1 else \
-            segments[0].base + arange
-        self.lengths = self.positions + tokens
+        for s in spans:
+            self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = \
+                write_rows[s.start: s.start + s.rows, None]
+        self.rows_index = self.origin[: write_rows.numel(), : self.end].contiguous()
+        self.write_rows, self.lengths = write_rows, self.positions + tokens
         self.length = max(self.length, self.end)
+        self._block = None if first_row is None or len(spans) != 1 else (first_row, spans[0].position)
+        if self._block is None and tokens > 1:
+            raise ValueError("a block of several tokens per row is written by rows in one run at one position")
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (N, H, T, Dh) of this step into the physical rows → the layer's (P, H, T_max, Dh) key and value
         buffers, to be read through rows_index (with lengths)."""
-        t = k.shape[2]
         keys, values = self.physical[layer, 0], self.physical[layer, 1]
-        for s in self.segments:  # a block per cohort: plain slice copies
-            rows = slice(s.start, s.start + s.rows)
-            keys[s.base: s.base + s.rows, :, s.position: s.position + t] = k[rows]
-            values[s.base: s.base + s.rows, :, s.position: s.position + t] = v[rows]
+        if self._block is not None:  # rows in one run at one position (offline, teacher forcing): slice copies
+            first, position = self._block
+            n, t = k.shape[0], k.shape[2]
+            keys[first: first + n, :, position: position + t] = k
+            values[first: first + n, :, position: position + t] = v
+        else:
+            keys[self.write_rows, :, self.positions] = k[:, :, 0].to(keys.dtype)
+            values[self.write_rows, :, self.positions] = v[:, :, 0].to(values.dtype)
         return keys, values
 
     def select(self, rows: torch.Tensor) -> None:
@@ -167,19 +178,23 @@ class RecurrentCache:
         self.rows = 0
         self.positions, self.end = None, 0
 
-    def reserve(self, rows: int, length: int) -> int:
-        return 0
+    def reserve(self, rows: int, length: int) -> list[int]:
+        return list(range(rows))
 
-    def release(self, base: int, rows: int) -> None:
+    def fit(self, rows: int, length: int) -> None:
+        """Nothing to size: the state grows with the rows."""
+
+    def release(self, slots: list[int]) -> None:
         """Nothing reserved."""
 
     def append(self, rows: int) -> None:
         self.state = torch.cat([self.state, self.state.new_zeros(self.state.shape[0], rows, self.state.shape[2])], 1)
         self.rows += rows
 
-    def begin_step(self, segments: list[Segment], tokens: int = 1) -> None:
+    def begin_step(self, spans: list[Span], write_rows: torch.Tensor, tokens: int = 1,
+                   first_row: int | None = None) -> None:
         """Only the positions (for the embeddings): the state itself does not depend on them."""
-        self.positions, self.end = step_positions(segments, tokens, self.state.device)
+        self.positions, self.end = step_positions(spans, tokens, self.state.device)
 
     def select(self, rows: torch.Tensor) -> None:
         self.state = self.state.index_select(1, rows)

@@ -41,15 +41,19 @@ class Memory:
         """The longest source among the batch's sentences: the keys the attention reads."""
         return max(self._length_list, default=0)
 
-    def reserve(self, sentences: int, width: int) -> int:
-        """A block of slots for `sentences` sources of up to `width` tokens; returns its first slot."""
-        base = self.pool.reserve(sentences)
-        self.kv = grown(self.kv, {2: self.pool.capacity, 4: width})
-        return base
+    def reserve(self, sentences: int, width: int) -> list[int]:
+        """Free slots for `sentences` sources of up to `width` tokens."""
+        slots = self.pool.take(sentences)
+        self.fit(self.pool.capacity, width)
+        return slots
 
-    def append(self, base: int, lengths: list[int], allowed: torch.Tensor | None = None) -> None:
-        """The sentences written at slots base.. join the batch after the current ones."""
-        self.slots += range(base, base + len(lengths))
+    def fit(self, sentences: int, width: int) -> None:
+        """Room for `sentences` slots of `width` source positions (growing copies the slots in use)."""
+        self.kv = grown(self.kv, {2: sentences, 4: width}, keep={2: self.pool.capacity})
+
+    def append(self, slots: list[int], lengths: list[int], allowed: torch.Tensor | None = None) -> None:
+        """The sentences written at these slots join the batch after the current ones."""
+        self.slots += slots
         self._length_list += lengths
         self.lengths = torch.cat([self.lengths, torch.tensor(lengths, device=self.lengths.device)])
         if allowed is not None:
@@ -59,8 +63,7 @@ class Memory:
     def select(self, sentences: torch.Tensor) -> None:
         """Keep these batch sentences, in this order; the others' slots are freed."""
         keep = sentences.tolist()
-        for slot in set(self.slots) - {self.slots[i] for i in keep}:
-            self.pool.release(slot, 1)
+        self.pool.release(set(self.slots) - {self.slots[i] for i in keep})
         self.slots = [self.slots[i] for i in keep]
         self._length_list = [self._length_list[i] for i in keep]
         self.lengths = self.lengths.index_select(0, sentences)

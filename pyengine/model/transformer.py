@@ -8,6 +8,7 @@ decoder step runs its layers is the DecoderStep chosen at load (pyengine.model.s
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,11 +115,6 @@ class CrossAttention(nn.Module):
         self.kv = Linear(dim, 2 * dim)
         self.out = Linear(dim, dim)
 
-    def memory_kv(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) → (2, B, H, S, Dh) (a view)."""
-        b, s, _ = hidden.shape
-        return self.kv(hidden).view(b, s, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-
     def forward(self, x: torch.Tensor, memory: Memory, layer: int, ops: Ops,
                 probs_out: list | None = None) -> torch.Tensor:
         """x (N, T, D) with N = B × beam; beams become extra query rows of their sentence (one K/V read serves them).
@@ -159,6 +155,35 @@ def _sublayer(x: torch.Tensor, norm: LayerNorm, pre_norm: bool, fn, ops: Ops) ->
     return ops.add_layer_norm(fn(x), x, norm.weight, norm.bias, norm.eps)
 
 
+@dataclass(frozen=True)
+class Ragged:
+    """B sentences of different lengths as one (T, ...) sequence of their tokens (no padding: the encoder's GEMMs,
+    layer norms and FFN see real tokens only), and where each token sits in the padded (B, S) layout the
+    attention reads. index (T,): b·S + p of each token; positions (T,): p."""
+
+    lengths: torch.Tensor
+    width: int
+    index: torch.Tensor
+    positions: torch.Tensor
+
+    @classmethod
+    def of(cls, lengths: list[int], device: torch.device) -> "Ragged":
+        width = max(lengths)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
+        rows = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
+        return cls(torch.tensor(lengths, device=device), width, rows * width + positions, positions)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, F) → (B, S, F), zeros where a sentence has no token (finite: attention weights are 0 there)."""
+        out = x.new_zeros(self.lengths.shape[0] * self.width, x.shape[-1])
+        out[self.index] = x
+        return out.view(self.lengths.shape[0], self.width, -1)
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, S, F) → (T, F)."""
+        return y.reshape(-1, y.shape[-1])[self.index]
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -168,10 +193,16 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = LayerNorm(cfg.d_model, cfg.layer_norm_eps)
         self.pre_norm = cfg.normalize_before
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor, ops: Ops) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ragged: Ragged, ops: Ops) -> torch.Tensor:
+        """x (T, D): the tokens of B sentences one after the other; only the attention sees them padded."""
+        attn = self.self_attn
+
         def attend(h):
-            q, k, v = self.self_attn.project(h)
-            return self.self_attn.merge(ops.attention(q, k, v, lengths))
+            b, s = ragged.lengths.shape[0], ragged.width
+            qkv = ragged.pad(attn.qkv(h)).view(b, s, 3, attn.heads, attn.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, S, Dh)
+            ctx = ops.attention(q, k, v, ragged.lengths)
+            return attn.out(ragged.unpad(ctx.transpose(1, 2).reshape(b, s, -1)))
 
         x = _sublayer(x, self.self_attn_norm, self.pre_norm, attend, ops)
         return _sublayer(x, self.ffn_norm, self.pre_norm, self.ffn, ops)
@@ -260,10 +291,15 @@ class Transformer(nn.Module):
 
     # -- encoder -------------------------------------------------------------------------------
     def encode(self, src: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """src (B, S) right-padded, lengths (B,) → hidden (B, S, D); rows past a length are padding."""
-        x = self._embed(self.src_embed, src, "src", None, src.shape[1])
+        """src (B, S) right-padded, lengths (B,) → hidden (B, S, D); rows past a length are zeros."""
+        ragged = Ragged.of(lengths.tolist(), src.device)
+        return ragged.pad(self.encode_ragged(src.view(-1)[ragged.index], ragged))
+
+    def encode_ragged(self, ids: torch.Tensor, ragged: Ragged) -> torch.Tensor:
+        """ids (T,): B sentences' tokens one after the other → their encoder output (T, D)."""
+        x = self._embed(self.src_embed, ids[:, None], "src", ragged.positions, ragged.width)[:, 0]
         for layer in self.encoder_layers:
-            x = layer(x, lengths, self.ops)
+            x = layer(x, ragged, self.ops)
         if self.cfg.encoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps)
         return x
@@ -272,16 +308,20 @@ class Transformer(nn.Module):
         attn = self.decoder_layers[0].cross_attn
         return Memory(len(self.decoder_layers), attn.heads, attn.head_dim, self.ops.cache_dtype, device)
 
-    def remember(self, hidden: torch.Tensor, lengths: list[int], memory: Memory,
-                 allowed: torch.Tensor | None = None) -> None:
-        """Every decoder layer's cross-attention K/V of these encoded sentences (B, S, D), written straight into
-        free slots of `memory` in its dtype (a stack, then a conversion, were two more passes: 9 ms of a
-        32-sentence int8 batch); the sentences join the memory's batch."""
-        b, s, _ = hidden.shape
-        base = memory.reserve(b, s)
+    def remember(self, ids: list[list[int]], memory: Memory, allowed: torch.Tensor | None = None) -> None:
+        """Encode these sentences (source ids, EOS included) and write every decoder layer's cross-attention K/V
+        straight into a block of free slots of `memory`, in its dtype; the sentences join the memory's batch in
+        this order. Encoded ragged (no padding), each layer's K/V projection one GEMM over every token."""
+        device, lengths = memory.kv.device, [len(x) for x in ids]
+        slots = memory.reserve(len(ids), max(lengths))
+        ragged = Ragged.of(lengths, device)
+        hidden = self.encode_ragged(torch.tensor([t for x in ids for t in x], device=device), ragged)
+        token_slots = torch.tensor(slots, device=device)[torch.div(ragged.index, ragged.width, rounding_mode="floor")]
         for i, layer in enumerate(self.decoder_layers):
-            memory.kv[i, :, base: base + b, :, :s] = layer.cross_attn.memory_kv(hidden)
-        memory.append(base, lengths, allowed)
+            attn = layer.cross_attn
+            kv = attn.kv(hidden).view(-1, 2, attn.heads, attn.head_dim)  # (T, 2, H, Dh)
+            memory.kv[i][:, token_slots, :, ragged.positions] = kv.to(memory.kv.dtype)
+        memory.append(slots, lengths, allowed)
 
     # -- decoder -------------------------------------------------------------------------------
     def new_cache(self, device: torch.device) -> KVCache | RecurrentCache:

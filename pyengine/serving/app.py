@@ -110,9 +110,26 @@ class _WorkerCollector:
                                  ("target_tokens", "Target tokens generated (best hypothesis, EOS included)",
                                   s.target_tokens),
                                  ("decode_steps", "Decoder steps run", s.steps),
+                                 ("cohorts", "Cohorts admitted (sentences encoded together)", s.cohorts),
                                  ("evictions", "Cohorts evicted and retried after running out of memory",
                                   s.evictions)):
             yield CounterMetricFamily(f"pyengine_{name}", doc, value=value)
+        # what the steps ran (the implementations translate() runs: engine.backends), and where their time went
+        steps = CounterMetricFamily("pyengine_decoder_steps", "Decoder steps by implementation", labels=["implementation"])
+        for name, n in s.decoder_steps.items():
+            steps.add_metric([name], n)
+        yield steps
+        outputs = CounterMetricFamily("pyengine_output_layer", "Cohort steps by output path (fused-topk: output layer "
+                                      "fused with log-softmax + top-k; logits; none: a target prefix token)",
+                                      labels=["path"])
+        for name, n in s.outputs.items():
+            outputs.add_metric([name], n)
+        yield outputs
+        seconds = CounterMetricFamily("pyengine_worker_seconds", "Worker time by part (admit: encoding)",
+                                      labels=["part"])
+        for name, value in s.seconds.items():
+            seconds.add_metric([name], value)
+        yield seconds
         yield GaugeMetricFamily("pyengine_queue_depth", "Sentences waiting for a batch",
                                 value=self.scheduler.queue_depth)
         yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=self.scheduler.running)
@@ -128,16 +145,20 @@ def translation_json(t: Translation, scores: bool, n_best: int) -> dict[str, Any
     return out
 
 
-def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI:
-    """The ASGI app; its lifespan starts the worker and, at shutdown, lets it finish what it holds."""
-    scheduler = Scheduler(engine, max_queue=config.max_queue)
+def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler: Scheduler | None = None) -> FastAPI:
+    """The ASGI app. Without `scheduler`, its lifespan starts a worker thread and, at shutdown, lets it finish what
+    it holds; with one, the caller runs that worker (`serve` runs it in the thread that loaded the model)."""
+    owned = scheduler is None
+    scheduler = scheduler or Scheduler(engine, max_queue=config.max_queue)
     metrics = Metrics(scheduler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        scheduler.start()
+        if owned:
+            scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.stop)
+        if owned:
+            await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="pyengine", lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
@@ -236,8 +257,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig()) -> FastAPI
     async def health() -> Response:
         alive = scheduler.alive
         return JSONResponse({"status": "ok" if alive else "worker stopped", "model": engine.source,
-                             "queue_depth": scheduler.queue_depth, "running": scheduler.running},
-                            status_code=200 if alive else 503)
+                             "backends": engine.backends, "queue_depth": scheduler.queue_depth,
+                             "running": scheduler.running}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -279,8 +300,29 @@ def language_list(engine: Engine) -> list[dict[str, Any]]:
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
           graceful_seconds: float = 30.0) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds)."""
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds).
+
+    The worker runs in this thread, the one that loaded the model, and the HTTP front end (uvicorn, which answers
+    requests and does no model work) in another: see Scheduler.run for why the model's work stays in one thread."""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.run(create_app(engine, config), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=graceful_seconds)
+    scheduler = Scheduler(engine, max_queue=config.max_queue)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, scheduler), host=host, port=port,
+                                           log_level="info", timeout_graceful_shutdown=graceful_seconds))
+    front = threading.Thread(target=server.run, name="pyengine-http")
+    # uvicorn installs no signal handlers outside the main thread: this thread takes the signals and asks it to
+    # shut down gracefully (stop accepting, let requests in flight finish; the worker keeps serving them)
+    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    front.start()
+    try:
+        scheduler.run(until=lambda: not front.is_alive())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        front.join()
+        scheduler.stop()
+    if not server.started:
+        raise PyEngineError(f"the HTTP server did not start on {host}:{port} (see the log above)")

@@ -40,6 +40,9 @@ def resolve(future: Future, result: Any = None, error: BaseException | None = No
         pass
 
 
+ADMIT_WAIT_STEPS = 24  # steps a sentence waits at most for a busy batch to take a cohort worth encoding
+
+
 class QueueFullError(PyEngineError):
     """The worker's queue holds its maximum of waiting sentences; retry later."""
 
@@ -59,6 +62,13 @@ class Request:
     pending: int = 0
     cancelled: bool = False
     submitted: float = field(default_factory=time.monotonic)
+    arrived: int = 0  # the worker's step count when it took the request in
+    keys: list[Hashable] = field(default_factory=list)  # per text, the running batch it joins
+
+    def __post_init__(self) -> None:
+        # one batch per option set (per request when sampling); computed once: hashing options is not free
+        options = {n: prompt_options(self.opts, n) for n in {len(p) for p in self.prefixes}}
+        self.keys = [(options[len(p)], id(self)) if self.sampled else options[len(p)] for p in self.prefixes]
 
     def cancel(self) -> None:
         """The caller gave up (timeout, disconnect): its waiting sentences are not admitted."""
@@ -67,10 +77,6 @@ class Request:
     def options(self, i: int) -> DecodeOptions:
         """Text i's decoding options (a target prefix moves a forced first token into the prompt)."""
         return prompt_options(self.opts, len(self.prefixes[i]))
-
-    def key(self, i: int) -> Hashable:
-        """The running batch text i joins: one per option set (per request when sampling)."""
-        return (self.options(i), id(self)) if self.sampled else self.options(i)
 
 
 @dataclass
@@ -91,15 +97,14 @@ class _Plan:
     """Admission of one step into one batch: its size with the sentences planned so far."""
 
     sentences: int
-    width: int  # the widest source
-    group: list[tuple[Request, int]] = field(default_factory=list)  # the sentences to admit
-    waiting: int = 0  # sentences of this batch's options waiting
+    tokens: int  # source tokens held (the encoder memory is not padded: each sentence has its own slot)
+    width: int  # the widest source (the memory cap's estimate)
 
     @classmethod
     def of(cls, batch: Runtime | None) -> "_Plan":
         if batch is None or not batch.cohorts:
-            return cls(0, 0)
-        return cls(batch.sentences, batch.memory.width)
+            return cls(0, 0, 0)
+        return cls(batch.sentences, int(batch.memory.lengths.sum()), batch.memory.width)
 
 
 class Scheduler:
@@ -111,7 +116,9 @@ class Scheduler:
         self.on_step = on_step  # called with the number of decoder rows after each step
         self.stats = SchedulerStats()
         self._inbox: collections.deque[Request] = collections.deque()
-        self._waiting: collections.deque[tuple[Request, int]] = collections.deque()
+        # sentences waiting for a batch: a FIFO per batch key (admission costs what it admits, and one option
+        # set's backlog never holds another's batch back)
+        self._waiting: dict[Hashable, collections.deque[tuple[Request, int]]] = {}
         self._batches: dict[Hashable, Runtime] = {}
         self._queued = 0  # sentences submitted and not yet admitted
         self._lock = threading.Lock()
@@ -161,25 +168,39 @@ class Scheduler:
         return request, future
 
     def start(self) -> "Scheduler":
+        """Run the worker in a background thread (in-process use: tests, an app embedding pyengine)."""
         self._thread = threading.Thread(target=self._loop, name="pyengine-worker", daemon=True)
         self._thread.start()
         return self
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Run the worker in the calling thread until stop() is called or, when idle, `until()` is true.
+
+        The model's work should run in the thread that loaded it: OpenMP keeps a team of threads per thread
+        that starts parallel work, and a second team on the same cores makes every parallel region of both
+        wait on a futex instead of spinning (libgomp throttles its spin once it manages more threads than
+        CPUs): a decode loop in a new thread after the main thread loaded the model ran ~1.5x slower here.
+        `pyengine serve` runs this in its main thread and the HTTP front end in another."""
+        self._thread = threading.current_thread()
+        self._loop(until)
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new requests, finish every queued and running one, then end the worker."""
         with self._lock:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     # -- worker side ---------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _loop(self, until: Callable[[], bool] | None = None) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
                     while not (self._inbox or self._waiting or self._batches or self._stopping):
-                        self._wake.wait()
+                        if until is not None and until():
+                            return
+                        self._wake.wait(None if until is None else 0.2)
                     if self._stopping and not (self._inbox or self._waiting or self._batches):
                         return
                     inbox, self._inbox = self._inbox, collections.deque()
@@ -190,66 +211,78 @@ class Scheduler:
                     for key, batch in list(self._batches.items()):
                         self._step(key, batch)
                 except Exception as exc:  # noqa: BLE001 - a bug fails what is in flight, not the worker
-                    self._fail(list(inbox) + [r for r, _ in self._waiting]
+                    self._fail(list(inbox) + [r for q in self._waiting.values() for r, _ in q]
                                + [r for b in self._batches.values() for c in b.cohorts for r, _ in c.tags], exc)
                     self._batches.clear()
 
     def _accept(self, request: Request) -> None:
         """Blank texts are answered at once; the others wait for a batch."""
         request.results = [None] * len(request.ids)
+        request.arrived = self.stats.steps
         self.stats.requests += 1
         for i, ids in enumerate(request.ids):
             if ids is None:
                 request.results[i] = Translation.blank(request.opts)
             else:
                 request.pending += 1
-                self._waiting.append((request, i))
+                self._waiting.setdefault(request.keys[i], collections.deque()).append((request, i))
         if request.pending == 0:
             resolve(request.future, request.results)
 
     def _admit(self) -> None:
         """Move waiting sentences into their batch, oldest first, while the budget allows."""
         ec = self.engine.engine_config
-        plans: dict[Hashable, _Plan] = {}
-        dropped = 0
-        for request, i in self._waiting:
-            if request.cancelled:
-                dropped += 1
-                continue
-            key = request.key(i)
-            plan = plans.get(key)
-            if plan is None:
-                plan = plans[key] = _Plan.of(self._batches.get(key))
-            plan.waiting += 1
-            sentences, width = plan.sentences + 1, max(plan.width, len(request.ids[i]))
-            beam = request.opts.beam_size
-            fits = sentences <= ec.max_batch_size and sentences * width * beam <= ec.max_batch_tokens \
-                and (self.row_limit is None or sentences * beam <= self.row_limit)
-            if fits and ec.max_memory_mb is not None:
-                try:
-                    self.engine.check_memory(sentences, width, request.opts, len(request.prefixes[i]))
-                except BatchMemoryError:
-                    fits = False
-            if fits or sentences == 1:  # a sentence alone always gets a batch (the budget bounds padding)
-                plan.group.append((request, i))
-                plan.sentences, plan.width = sentences, width
-        # a running batch takes newcomers once a quarter of it is free (or all that wait fit): each
-        # admission encodes a cohort and re-pads the batch's encoder memory, so one-by-one admission under
-        # load costs more than the few steps a sentence waits for its cohort
+        # a busy batch (a chunk or more running) takes newcomers a quarter of its size at a time, or, when few wait,
+        # once the oldest has waited ADMIT_WAIT_STEPS: each cohort is encoded apart and costs every step its own
+        # search bookkeeping, so admitting sentences one by one as room frees or requests trickle in costs more
+        # than the few steps they wait
         chunk = max(1, ec.max_batch_size // 4)
-        for key, plan in plans.items():
-            if key in self._batches and len(plan.group) < min(plan.waiting, chunk):
-                plan.group = []
-        taken = {(id(r), i) for plan in plans.values() for r, i in plan.group}
-        self._waiting = collections.deque((r, i) for r, i in self._waiting
-                                          if not r.cancelled and (id(r), i) not in taken)
-        taken = 0
-        for key, plan in plans.items():
-            if plan.group:
-                taken += len(plan.group)
-                self._admit_group(key, plan.group)
+        taken = dropped = 0
+        for key, queue in list(self._waiting.items()):
+            batch = self._batches.get(key)
+            plan, group = _Plan.of(batch), []
+            while queue:
+                request, i = queue[0]
+                if request.cancelled:
+                    queue.popleft()
+                    dropped += 1
+                    continue
+                if not self._fits(plan, request, i):
+                    break
+                group.append(queue.popleft())
+            busy = batch is not None and batch.sentences >= chunk
+            # room for less than a chunk while more wait: wait for room; all that wait fit but they are few: wait
+            # (a bounded number of steps) for more to arrive
+            if busy and group and len(group) < chunk and \
+                    (queue or self.stats.steps - group[0][0].arrived < ADMIT_WAIT_STEPS):
+                queue.extendleft(reversed(group))
+                group = []
+            if not queue:
+                del self._waiting[key]
+            if group:
+                taken += len(group)
+                self._admit_group(key, group)
         with self._lock:
             self._queued -= taken + dropped
+
+    def _fits(self, plan: _Plan, request: Request, i: int) -> bool:
+        """Whether sentence i of the request fits in the planned batch (then it is planned in); a sentence alone
+        always gets a batch (the budget bounds batches, not input)."""
+        ec = self.engine.engine_config
+        length = len(request.ids[i])
+        sentences, tokens, width = plan.sentences + 1, plan.tokens + length, max(plan.width, length)
+        beam = request.opts.beam_size
+        fits = sentences <= ec.max_batch_size and tokens * beam <= ec.max_batch_tokens \
+            and (self.row_limit is None or sentences * beam <= self.row_limit)
+        if fits and ec.max_memory_mb is not None:
+            try:
+                self.engine.check_memory(sentences, width, request.opts, len(request.prefixes[i]))
+            except BatchMemoryError:
+                fits = False
+        if fits or sentences == 1:
+            plan.sentences, plan.tokens, plan.width = sentences, tokens, width
+            return True
+        return False
 
     def _admit_group(self, key: Hashable, group: list[tuple[Request, int]]) -> None:
         """Encode these sentences into the running batch of `key`: a cohort per target prefix length."""
@@ -258,7 +291,7 @@ class Scheduler:
         if batch is None:
             batch = self._batches[key] = Runtime(self.engine.model, self.engine.rules, group[0][0].options(group[0][1]),
                                                  ec.device, cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist,
-                                                 self.stats)
+                                                 self.stats, capacity=ec.max_batch_size)
         for length in sorted({len(r.prefixes[i]) for r, i in group}):
             cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length]
             ids = [r.ids[i] for r, i in cohort]
@@ -308,7 +341,8 @@ class Scheduler:
 
     def _requeue(self, tags: list[tuple[Request, int]]) -> None:
         """Evicted sentences wait again, ahead of the others (they were admitted first)."""
-        self._waiting.extendleft(reversed(tags))
+        for request, i in reversed(tags):
+            self._waiting.setdefault(request.keys[i], collections.deque()).appendleft((request, i))
         with self._lock:
             self._queued += len(tags)
 
@@ -317,8 +351,13 @@ class Scheduler:
             exc = BatchMemoryError(f"the sentence does not fit in memory: {exc}")
         for request in dict.fromkeys(requests):
             resolve(request.future, error=exc)
-        failed = set(map(id, requests))
-        kept = collections.deque((r, i) for r, i in self._waiting if id(r) not in failed)
+        failed, removed = set(map(id, requests)), 0
+        for key, queue in list(self._waiting.items()):
+            kept = collections.deque((r, i) for r, i in queue if id(r) not in failed)
+            removed += len(queue) - len(kept)
+            if kept:
+                self._waiting[key] = kept
+            else:
+                del self._waiting[key]
         with self._lock:
-            self._queued -= len(self._waiting) - len(kept)
-        self._waiting = kept
+            self._queued -= removed

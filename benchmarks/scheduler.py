@@ -1,0 +1,129 @@
+"""The server's worker fed directly (no HTTP) against offline `translate_batch`, in one process, alternated.
+
+~500 mixed-length held-out sentences (UI strings and Bible verses) are submitted to a Scheduler all at once, in
+requests of 1-8 sentences (saturation: the queue never runs dry), and the same sentences are translated offline
+in one call (length-sorted token-budget batches). Both must give the same translations; the ratio of their
+throughputs is the worker's share of offline speed. JSON goes to benchmarks/results/.
+
+    python -m benchmarks.scheduler --dtypes int8 bfloat16 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+HELDOUT = ROOT / "data" / "heldout"
+
+
+def heldout_mix(n: int, seed: int = 0) -> list[str]:
+    """n held-out English sentences, half UI strings and half Bible verses, shuffled."""
+    rows = []
+    for name in ("ui", "bible"):
+        lines = (HELDOUT / f"test.{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        rows += [json.loads(line)["en"] for line in lines[: n // 2]]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def requests_of(texts: list[str], seed: int = 0) -> list[list[str]]:
+    """The texts cut into requests of 1-8 sentences."""
+    rng, out, i = random.Random(seed), [], 0
+    while i < len(texts):
+        n = rng.randint(1, 8)
+        out.append(texts[i: i + n])
+        i += n
+    return out
+
+
+def run_offline(engine, texts: list[str], options: dict) -> tuple[float, list[str], dict]:
+    from pyengine.decoding import RuntimeStats
+    engine.stats = RuntimeStats()
+    t0 = time.perf_counter()
+    out = engine.translate(texts, **options)
+    seconds = time.perf_counter() - t0
+    return seconds, out, {"steps": engine.stats.steps,
+                          "seconds": {k: round(v, 3) for k, v in engine.stats.seconds.items()}}
+
+
+def run_scheduler(engine, requests: list[list[str]], options: dict) -> tuple[float, list[str], dict]:
+    """Every request queued at once, then the worker run in this thread (as `pyengine serve` runs it) until done."""
+    from pyengine.serving.scheduler import Scheduler
+    scheduler = Scheduler(engine, max_queue=1 << 20)
+    t0 = time.perf_counter()
+    futures = [scheduler.submit(r, **options)[1] for r in requests]
+    scheduler.run(until=lambda: True)
+    out = [t.hypotheses[0] for f in futures for t in f.result()]
+    seconds = time.perf_counter() - t0
+    s = scheduler.stats
+    return seconds, out, {"steps": s.steps, "decoder_steps": dict(s.decoder_steps), "outputs": dict(s.outputs),
+                          "mean_rows_per_step": statistics.mean(s.rows_per_step),
+                          "seconds": {k: round(v, 3) for k, v in s.seconds.items()}}
+
+
+def measure(dtype: str, texts: list[str], options: dict, rounds: int, threads: int) -> dict:
+    import torch
+
+    import pyengine
+    torch.set_num_threads(threads)
+    import pyengine.serving.scheduler  # noqa: F401 - imported before timing
+    engine = pyengine.Engine.load("default", dtype=dtype)
+    requests = requests_of(texts)
+    engine.translate(texts[:16], **options)  # warm-up
+    offline, worker, stats, offline_stats = [], [], {}, {}
+    for _ in range(rounds):  # alternated in one process
+        seconds, want, offline_stats = run_offline(engine, texts, options)
+        offline.append(seconds)
+        seconds, got, stats = run_scheduler(engine, requests, options)
+        worker.append(seconds)
+        print(f"  {dtype} round: offline {offline[-1]:.2f} s {offline_stats['seconds']}, worker {worker[-1]:.2f} s "
+              f"{stats['seconds']}", file=sys.stderr)
+        mismatches = sum(a != b for a, b in zip(got, want))
+        if mismatches:
+            raise SystemExit(f"{dtype}: {mismatches} of {len(texts)} translations differ between the worker and "
+                             "translate()")
+    off, wrk = statistics.median(offline), statistics.median(worker)
+    # the machine's speed drifts between runs (a shared VM): the ratio of each round's adjacent pair, median
+    ratio = statistics.median(o / w for o, w in zip(offline, worker))
+    return {"dtype": dtype, "backends": engine.backends, "sentences": len(texts), "requests": len(requests),
+            "offline_s": offline, "worker_s": worker, "offline_sentences_per_s": len(texts) / off,
+            "worker_sentences_per_s": len(texts) / wrk, "worker_over_offline": ratio, "worker_stats": stats,
+            "offline_stats": offline_stats}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"])
+    ap.add_argument("--sentences", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--beam-size", type=int, default=4)
+    ap.add_argument("--max-decoding-length", type=int, default=128)
+    args = ap.parse_args(argv)
+    texts = heldout_mix(args.sentences)
+    options = {"beam_size": args.beam_size, "max_decoding_length": args.max_decoding_length}
+    results = []
+    for dtype in args.dtypes:
+        r = measure(dtype, texts, options, args.rounds, args.threads)
+        results.append(r)
+        print(f"{dtype:<9} offline {r['offline_sentences_per_s']:6.1f} sent/s  worker {r['worker_sentences_per_s']:6.1f} "
+              f"sent/s  = {r['worker_over_offline']:.2f}x  ({r['worker_stats']['decoder_steps']}, "
+              f"{r['worker_stats']['outputs']}, {r['worker_stats']['mean_rows_per_step']:.0f} rows/step)",
+              file=sys.stderr)
+    from benchmarks.load import cpu_name
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"scheduler-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "options": options, "results": results},
+                               indent=1))
+    print(f"written {path.relative_to(ROOT)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
