@@ -142,11 +142,6 @@ def test_truncated_weights_file(text_model_dir, tmp_path):
         pyengine.Engine.load(dst)
 
 
-def test_pre_norm_config_is_refused(text_model_dir, tmp_path):
-    with pytest.raises(CheckpointError, match="normalize_before"):
-        pyengine.Engine.load(copy_with_config(text_model_dir, tmp_path / "model", normalize_before=True))
-
-
 def test_unavailable_backend_is_an_error(text_model_dir):
     with pytest.raises(pyengine.BackendError, match="unknown backend"):
         pyengine.Engine.load(text_model_dir, backend="tensorrt")

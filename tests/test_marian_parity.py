@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import pyengine
-from conftest import hf_model, pad_batch, random_sources
+from conftest import ARCHS, build_marian, copy_with_config, hf_model, pad_batch, random_sources
 
 ATOL = 1e-4
 
@@ -125,3 +125,26 @@ def test_min_decoding_length_matches_hf(pair):
             assert ours[i].tokens[0] == _strip(seq, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id)
             assert len(ours[i].tokens[0]) >= 8  # 9 generated tokens at least, EOS included
 
+
+
+@pytest.mark.parametrize("key", ["normalize_before", "normalize_embedding", "add_final_layer_norm"])
+def test_keys_hf_ignores_are_ignored_with_a_warning(tmp_path, key):
+    """A MarianMTModel saved with normalize_before=True (or another norm key HF's Marian does not read): HF loads it
+    and runs post-norm, CTranslate2's converter gives HF's tokens; pyengine warns that the key is ignored and gives
+    HF generate's tokens and scores, greedy and beam."""
+    base = build_marian(tmp_path / "base", **ARCHS["swish-shared"])
+    path = copy_with_config(base, tmp_path / "model", **{key: True})
+    hf = hf_model(path)
+    with pytest.warns(UserWarning, match=f"{key}=true, which Hugging Face's MarianMTModel ignores"):
+        engine = pyengine.Engine.load(path)
+    cfg = engine.config
+    src = _sources(engine, n=6, seed=21)
+    for beam in (1, 4):
+        ref = _hf_generate(hf, src, cfg.pad_id, num_beams=beam, num_return_sequences=beam, max_new_tokens=16)
+        ours = engine.generate(src, beam_size=beam, num_hypotheses=beam, max_decoding_length=16)
+        seqs = ref.sequences.view(len(src), beam, -1).tolist()
+        for i in range(len(src)):
+            assert ours[i].tokens == [_strip(s, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id) for s in seqs[i]]
+            if beam > 1:
+                assert torch.allclose(torch.tensor(ours[i].scores), ref.sequences_scores.view(len(src), beam)[i],
+                                      atol=ATOL, rtol=0)

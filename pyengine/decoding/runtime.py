@@ -80,6 +80,7 @@ class Runtime:
         self.cache = model.new_cache(device)
         self.memory = model.new_memory(device)
         self.buffers: StepBuffers | None = None
+        self._write_rows: tuple[torch.Tensor, int | None] | None = None  # the rows' cache rows, until they change
         if capacity:  # sentences the batch will hold at most: the cache and memory sized once, not grown
             self.cache.fit(capacity * opts.beam_size, opts.max_decoding_length + 1)
             self.memory.fit(capacity, 128)  # sources grow it past 128 tokens
@@ -113,6 +114,7 @@ class Runtime:
         slots = self.cache.reserve(strategy.rows, strategy.cache_len)
         self.cache.append(strategy.rows)
         self.cohorts.append(Cohort(strategy, list(tags), lengths, [slots[i: i + beam] for i in range(0, len(slots), beam)]))
+        self._write_rows = None
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
             self.buffers = StepBuffers(max(self.rows, 2 * capacity), self.model.cfg.tgt_vocab_size, self.device)
@@ -127,6 +129,7 @@ class Runtime:
         self.memory.select(torch.arange(self.sentences, device=self.device))
         self.cache.select(torch.arange(self.rows, device=self.device))
         self.cache.release([slot for rows in cohort.slots for slot in rows])
+        self._write_rows = None
         return tags
 
     def step(self) -> list[tuple[Any, list[Hypothesis]]]:
@@ -137,15 +140,13 @@ class Runtime:
         for c in self.cohorts:
             spans.append(Span(start, c.rows, c.strategy.position))
             start += c.rows
-        write_rows = [slot for c in self.cohorts for rows in c.slots for slot in rows]
         tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
                   torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
         needs = [c.strategy.need() for c in self.cohorts]
         att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
         t0 = time.perf_counter()
-        run = len(spans) == 1 and all(b - a == 1 for a, b in zip(write_rows, write_rows[1:]))  # one slice per write
-        self.cache.begin_step(spans, torch.tensor(write_rows, device=self.device),
-                              first_row=write_rows[0] if run else None)
+        write_rows, first_row = self._rows_written(len(spans))
+        self.cache.begin_step(spans, write_rows, first_row=first_row)
         x = self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
         t1 = time.perf_counter()
         outputs = self._outputs(x, needs, spans)
@@ -158,6 +159,15 @@ class Runtime:
         stats.steps += 1
         stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
         return finished
+
+    def _rows_written(self, spans: int) -> tuple[torch.Tensor, int | None]:
+        """The cache row each batch row writes, and the first when they are one run at one position (one slice
+        per write); rebuilt when sentences join or leave."""
+        if self._write_rows is None:
+            rows = [slot for c in self.cohorts for beams in c.slots for slot in beams]
+            run = spans == 1 and all(b - a == 1 for a, b in zip(rows, rows[1:]))
+            self._write_rows = (torch.tensor(rows, device=self.device), rows[0] if run else None)
+        return self._write_rows
 
     def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Span]) -> list:
         """Per cohort: its rows' candidates (from the fused output layer), logits, or None (nothing needed).
@@ -206,29 +216,31 @@ class Runtime:
             span = slice(seg.start, seg.start + seg.rows)
             logits, chosen = (output, None) if isinstance(output, torch.Tensor) else (None, output)
             selection = strategy.advance(logits, self.buffers, None if att is None else att[span], chosen=chosen)
-            if selection.rows is None:
-                rows.append(torch.arange(seg.start, seg.start + seg.rows, device=self.device))
-            else:
-                rows.append(selection.rows + seg.start)
-                changed_rows = True
-            if selection.sentences is None:
-                sentences.append(torch.arange(sentence_at, sentence_at + n_sentences, device=self.device))
-            else:
-                sentences.append(selection.sentences + sentence_at)
-                changed_sentences = True
+            # a cohort's kept rows and sentences, in batch terms (a range when it kept them all in place)
+            rows.append(range(seg.start, seg.start + seg.rows) if selection.rows is None else selection.rows + seg.start)
+            sentences.append(range(sentence_at, sentence_at + n_sentences) if selection.sentences is None
+                             else selection.sentences + sentence_at)
+            changed_rows |= selection.rows is not None
+            changed_sentences |= selection.sentences is not None
             for i in selection.finished:
                 finished.append((cohort.tags[i], trimmed(strategy.results[i], cohort.lengths[i])))
             if selection.sentences is not None:  # finished sentences give their cache rows back
                 self.cache.release(cohort.keep(selection.sentences.tolist()))
+                self._write_rows = None
             if not strategy.done:
                 kept.append(cohort)
             sentence_at += n_sentences
         self.cohorts = kept
         if changed_sentences:
-            self.memory.select(torch.cat(sentences))
+            self.memory.select(as_index(sentences, self.device))
         if changed_rows:
-            self.cache.select(torch.cat(rows))
+            self.cache.select(as_index(rows, self.device))
         return finished
+
+
+def as_index(parts: list, device: torch.device) -> torch.Tensor:
+    """One index tensor from ranges and tensors, in order."""
+    return torch.cat([torch.arange(p.start, p.stop, device=device) if isinstance(p, range) else p for p in parts])
 
 
 def trimmed(hyps: list[Hypothesis], length: int) -> list[Hypothesis]:

@@ -7,6 +7,7 @@ final_logits_bias, decoding from decoder_start_token_id (= pad).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from ..config import DecodeOptions, ModelConfig
@@ -20,11 +21,12 @@ def detect(path: Path) -> bool:
 
 
 def model_config(raw: dict, origin: str) -> ModelConfig:
-    """ModelConfig from a Marian config.json, refusing settings HF's MarianMTModel would not honour."""
+    """ModelConfig from a Marian config.json, as HF's MarianMTModel (the reference) reads it: keys it ignores are
+    ignored here too, with a warning that names them."""
     for key in ("normalize_before", "normalize_embedding", "add_final_layer_norm"):
         if raw.get(key):
-            raise CheckpointError(f"{origin}: config sets {key}=true, which Hugging Face's MarianMTModel "
-                                  "(the reference for this format) ignores; refusing to guess its meaning")
+            warnings.warn(f"{origin}: config sets {key}=true, which Hugging Face's MarianMTModel ignores (it runs "
+                          "post-norm, without that norm); ignored here too", UserWarning, stacklevel=2)
     if raw.get("static_position_embeddings") is False:
         raise CheckpointError(f"{origin}: learned positions (static_position_embeddings=false) are not Marian's")
     shared = raw.get("share_encoder_decoder_embeddings", True)

@@ -275,7 +275,10 @@ class Transformer(nn.Module):
         if end > cfg.max_positions:
             raise ValueError(f"position {end} exceeds the model's {cfg.max_positions} positions")
         x = table(ids) * cfg.embed_scale
-        pos = None if positions is None else positions[:, None] + torch.arange(ids.shape[1], device=ids.device)
+        if positions is None or ids.shape[1] == 1:  # (a decoder step: one token per row, no arange)
+            pos = None if positions is None else positions[:, None]
+        else:
+            pos = positions[:, None] + torch.arange(ids.shape[1], device=ids.device)
         if side == "tgt" and cfg.zero_start_embedding:  # Marian starts decoding from a zero vector (plus position 0)
             first = torch.arange(ids.shape[1], device=ids.device)[None, :] == 0 if pos is None else pos == 0
             x = x.masked_fill(first[:, :, None], 0)

@@ -1,0 +1,51 @@
+"""The project as a user meets it: Hugging Face's `kernels` package is not shadowed by pyengine's top-level
+kernels/ folder when Python starts in the repository root (transformers imports it), and every results file the
+README and docs/ cite exists in benchmarks/results/."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+# a results file: <kind>-<yyyymmdd>[-<hhmmss>].json, with or without the benchmarks/results/ prefix
+CITED = re.compile(r"\b([a-z][a-z-]*-\d{8}(?:-\d{6})?\.json)\b")
+
+
+def cited_results(text: str) -> set[str]:
+    return set(CITED.findall(text))
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_every_cited_results_file_exists():
+    missing = {f"{doc.relative_to(ROOT)}: {name}" for doc in documents()
+               for name in cited_results(doc.read_text(encoding="utf-8")) if not (RESULTS / name).is_file()}
+    assert not missing, f"cited but not in benchmarks/results/: {sorted(missing)}"
+    assert cited_results((ROOT / "README.md").read_text(encoding="utf-8")), "the README cites its results files"
+
+
+def test_the_citation_check_fails_on_a_missing_file():
+    text = "measured in `benchmarks/results/compare-20991231-235959.json` and load-20991231.json"
+    assert cited_results(text) == {"compare-20991231-235959.json", "load-20991231.json"}
+    assert not any((RESULTS / name).is_file() for name in cited_results(text))
+
+
+def test_hugging_face_kernels_is_not_shadowed_from_the_repository_root():
+    """`import kernels` in Python started in the repository root is Hugging Face's package (transformers depends on
+    it), not pyengine's kernels/ folder, which has no __init__.py and is installed as pyengine.kernels."""
+    pytest.importorskip("kernels", reason="Hugging Face's kernels package comes with transformers >= 5.25")
+    code = ("import transformers, kernels, pyengine, pyengine.kernels.attention as a; "
+            "print(kernels.__file__); print(a.__name__)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    hf_file, name = run.stdout.split()
+    assert Path(hf_file).resolve().parent != (ROOT / "kernels").resolve(), hf_file
+    assert "site-packages" in hf_file and name == "pyengine.kernels.attention"
+    assert not (ROOT / "kernels" / "__init__.py").exists()
