@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,35 @@ class ModelConfig:
                 raise ValueError(f"d_model {self.d_model} is not divisible by {name}_heads {heads}")
 
 
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (JSON true is not a beam size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(owner: Any, name: str, lo: int | None = None, hi: int | None = None, hi_name: str | None = None) -> None:
+    """owner.<name> is an integer in [lo, hi], or an OptionError names it."""
+    value = getattr(owner, name)
+    if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f" >= {lo}" if hi is None else f" from {lo} to {hi_name or hi}" + (f" ({hi})" if hi_name else "")
+        raise OptionError(f"{name} must be an integer{bounds}, got {value!r}")
+
+
+def real(owner: Any, name: str, lo: float | None = None, hi: float | None = None, above: bool = False) -> None:
+    """owner.<name> is a finite number in [lo, hi] ((lo, hi] with `above`), or an OptionError names it."""
+    value = getattr(owner, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+        (lo is None or (value > lo if above else value >= lo)) and (hi is None or value <= hi)
+    if not ok:
+        rng = "" if lo is None else (f" > {lo}" if above else f" >= {lo}") + ("" if hi is None else f" and <= {hi}")
+        raise OptionError(f"{name} must be a finite number{rng}, got {value!r}")
+
+
+def flag(owner: Any, name: str) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """Decoding options, named like CTranslate2's; see README for the mapping to HF `generate`."""
@@ -95,41 +125,36 @@ class DecodeOptions:
     use_shortlist: bool = True  # restrict the output layer to the model's lexical shortlist, where it has one
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_size, int) or self.beam_size < 1:
-            raise OptionError(f"beam_size must be an integer >= 1, got {self.beam_size!r}")
-        if not isinstance(self.num_hypotheses, int) or not 1 <= self.num_hypotheses <= self.beam_size:
-            raise OptionError(
-                f"num_hypotheses must be between 1 and beam_size ({self.beam_size}), got {self.num_hypotheses!r}")
-        if not isinstance(self.max_decoding_length, int) or self.max_decoding_length < 1:
-            raise OptionError(f"max_decoding_length must be an integer >= 1, got {self.max_decoding_length!r}")
-        if not isinstance(self.min_decoding_length, int) or not 0 <= self.min_decoding_length <= self.max_decoding_length:
-            raise OptionError(f"min_decoding_length must be between 0 and max_decoding_length "
-                              f"({self.max_decoding_length}), got {self.min_decoding_length!r}")
-        if self.early_stopping not in (True, False, "never"):
+        """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
+        passed on); what depends on the model (vocabulary ids, positions) is checked by Engine.options."""
+        integer(self, "beam_size", 1)
+        integer(self, "num_hypotheses", 1, self.beam_size, "beam_size")
+        integer(self, "max_decoding_length", 1)
+        integer(self, "min_decoding_length", 0, self.max_decoding_length, "max_decoding_length")
+        integer(self, "no_repeat_ngram_size", 0)
+        integer(self, "sampling_topk", 0)
+        real(self, "length_penalty", -100, 100)  # bounded: a score divided by length ** 1e308 is not a score
+        real(self, "repetition_penalty", 0, above=True)
+        real(self, "sampling_topp", 0, 1, above=True)
+        real(self, "sampling_temperature", 1e-4, 1e4)  # float32 logits divided outside it overflow to inf
+        real(self, "coverage_penalty", -100, 100)
+        for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist"):
+            flag(self, name)
+        if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
+                not isinstance(self.early_stopping, bool):
             raise OptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or self.repetition_penalty <= 0:
-            raise OptionError(f"repetition_penalty must be a positive number, got {self.repetition_penalty!r}")
-        if not isinstance(self.no_repeat_ngram_size, int) or self.no_repeat_ngram_size < 0:
-            raise OptionError(f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")
-        if not isinstance(self.sampling_topk, int) or self.sampling_topk < 0:
-            raise OptionError(f"sampling_topk must be an integer >= 0, got {self.sampling_topk!r}")
-        if not 0 < self.sampling_topp <= 1:
-            raise OptionError(f"sampling_topp must be in (0, 1], got {self.sampling_topp!r}")
-        if not self.sampling_temperature > 0:
-            raise OptionError(f"sampling_temperature must be > 0, got {self.sampling_temperature!r}")
+        if not isinstance(self.suppress_tokens, tuple) or not all(is_int(t) and t >= 0 for t in self.suppress_tokens):
+            raise OptionError(f"suppress_tokens must be a list of token ids (integers >= 0), got {self.suppress_tokens!r}")
+        if self.forced_bos_token is not None:
+            integer(self, "forced_bos_token", 0)
+        if self.seed is not None:
+            integer(self, "seed", 0, 2 ** 63 - 1)
+        if self.max_input_length is not None:
+            integer(self, "max_input_length", 1)
+        if self.max_length_factor is not None:
+            real(self, "max_length_factor", 0, 1000, above=True)
         if self.sampling and self.beam_size > 1:
             raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
-        if not isinstance(self.return_attention, bool):
-            raise OptionError(f"return_attention must be True or False, got {self.return_attention!r}")
-        if not isinstance(self.coverage_penalty, (int, float)) or isinstance(self.coverage_penalty, bool):
-            raise OptionError(f"coverage_penalty must be a number, got {self.coverage_penalty!r}")
-        if self.max_length_factor is not None and not (isinstance(self.max_length_factor, (int, float))
-                                                       and self.max_length_factor > 0):
-            raise OptionError(f"max_length_factor must be a positive number, got {self.max_length_factor!r}")
-        if not isinstance(self.use_shortlist, bool):
-            raise OptionError(f"use_shortlist must be True or False, got {self.use_shortlist!r}")
-        if not isinstance(self.length_penalty, (int, float)):
-            raise OptionError(f"length_penalty must be a number, got {self.length_penalty!r}")
 
     def for_source(self, width: int) -> "DecodeOptions":
         """These options for a batch whose longest source has `width` tokens (max_length_factor applied)."""
@@ -153,7 +178,7 @@ class DecodeOptions:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise OptionError(f"unknown decoding option(s) {unknown}; known options: {sorted(known)}")
-        if "suppress_tokens" in changes:
+        if isinstance(changes.get("suppress_tokens"), list):
             changes["suppress_tokens"] = tuple(changes["suppress_tokens"])
         return dataclasses.replace(self, **changes)
 
@@ -168,6 +193,7 @@ class ServerConfig:
     request_timeout: float = 120.0  # seconds from arrival to answer; then 504
     max_queue: int = 4096  # sentences waiting for a batch; past it 503 with Retry-After
     retry_after: int = 2  # seconds, in the Retry-After header of a 503
+    read_timeout: float = 30.0  # seconds for a request's headers, and again for its body; then 408
 
 
 @dataclass(frozen=True)
@@ -185,3 +211,12 @@ class EngineConfig:
     # cap on a batch's decoding buffers (estimated by engine.decode_memory_bytes); a batch over it is split
     # in two and retried, as is one whose allocation fails. None: no cap
     max_memory_mb: float | None = None
+    max_beam_size: int | None = None  # beam_size refused above it (a server's bound on one request's cost); None: none
+
+    def __post_init__(self) -> None:
+        integer(self, "max_batch_tokens", 1)
+        integer(self, "max_batch_size", 1)
+        if self.max_beam_size is not None:
+            integer(self, "max_beam_size", 1)
+        if self.max_memory_mb is not None:
+            real(self, "max_memory_mb", 0, above=True)

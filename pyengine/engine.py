@@ -277,8 +277,15 @@ class Engine:
         opts = self.defaults.replace(**options)
         if "beam_size" in options and "num_hypotheses" not in options:
             opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
-        if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < self.config.tgt_vocab_size:
-            raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary")
+        vocab = self.config.tgt_vocab_size
+        if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < vocab:
+            raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary of {vocab}")
+        outside = [t for t in opts.suppress_tokens if t >= vocab]
+        if outside:
+            raise OptionError(f"suppress_tokens {outside} are outside the target vocabulary of {vocab}")
+        limit = self.engine_config.max_beam_size
+        if limit is not None and opts.beam_size > limit:
+            raise OptionError(f"beam_size {opts.beam_size} is over this engine's limit of {limit} (max_beam_size)")
         if opts.max_decoding_length > self.config.max_positions:
             raise OptionError(f"max_decoding_length {opts.max_decoding_length} exceeds the model's "
                               f"{self.config.max_positions} target positions")

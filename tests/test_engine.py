@@ -89,6 +89,32 @@ def test_unknown_and_bad_options(engine):
         engine.translate(["x"], max_decoding_length=500)
 
 
+@pytest.mark.parametrize("options,words", [
+    ({"suppress_tokens": [[1]]}, "suppress_tokens"), ({"suppress_tokens": 5}, "suppress_tokens"),
+    ({"suppress_tokens": [10 ** 9]}, "outside the target vocabulary"), ({"seed": "1"}, "seed"),
+    ({"seed": 2 ** 63}, "seed"), ({"sampling_topp": "0.9"}, "sampling_topp"),
+    ({"sampling_temperature": None}, "sampling_temperature"), ({"sampling_temperature": 1e-300}, "sampling_temperature"),
+    ({"max_input_length": "5"}, "max_input_length"), ({"forced_bos_token": 5.5}, "forced_bos_token"),
+    ({"forced_bos_token": 10 ** 6}, "outside the target vocabulary"), ({"max_length_factor": 1e308}, "max_length_factor"),
+    ({"length_penalty": float("nan")}, "length_penalty"), ({"length_penalty": 1e308}, "length_penalty"),
+    ({"coverage_penalty": float("inf")}, "coverage_penalty"), ({"beam_size": True}, "beam_size"),
+    ({"beam_size": 2.0}, "beam_size"), ({"return_scores": "yes"}, "return_scores"),
+    ({"early_stopping": 2}, "early_stopping"), ({"no_repeat_ngram_size": -1}, "no_repeat_ngram_size"),
+], ids=lambda x: str(x) if isinstance(x, str) else None)
+def test_every_option_is_checked_and_named(engine, options, words):
+    """Type, range, finiteness and vocabulary: one OptionError naming the option, before any decoding."""
+    with pytest.raises(OptionError, match=words):
+        engine.translate(["x"], **options)
+
+
+def test_max_beam_size_bounds_beam_size(tmp_path):
+    bounded = pyengine.Engine.load("default", max_beam_size=8)
+    with pytest.raises(OptionError, match=r"beam_size 9 is over this engine's limit of 8 \(max_beam_size\)"):
+        bounded.translate(["x"], beam_size=9)
+    assert bounded.translate(["Open the file."], beam_size=8) == pyengine.Engine.load("default").translate(
+        ["Open the file."], beam_size=8)
+
+
 def test_generate_validates_ids(engine):
     with pytest.raises(InputError, match="input 1: token ids must be ints"):
         engine.generate([[5, 0], [10 ** 6, 0]])

@@ -73,3 +73,10 @@ def test_seed_repeats_and_topk_one_is_argmax(engine):
 def test_sampling_with_beam_is_refused(engine):
     with pytest.raises(pyengine.OptionError, match="needs beam_size 1"):
         engine.generate([SRC], beam_size=2, sampling_topk=5)
+
+
+def test_top_p_below_float32_resolution_keeps_the_best_token(engine):
+    """top-p smaller than the smallest float32 keeps the most probable token (HF's min_tokens_to_keep=1): argmax,
+    not an empty set of candidates."""
+    greedy = engine.generate([SRC], beam_size=1, max_decoding_length=8)[0].tokens
+    assert engine.generate([SRC], sampling_topp=1e-300, seed=3, max_decoding_length=8)[0].tokens == greedy

@@ -141,6 +141,7 @@ def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Ge
         cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         # drop a token once the tokens before it already reach p (the best one always stays)
         drop = (cumulative - sorted_scores.softmax(dim=-1)) >= opts.sampling_topp
+        drop[:, 0] = False  # also when p is below float32's smallest number (then 0 >= p holds for the first)
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
 
