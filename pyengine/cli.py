@@ -49,6 +49,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-texts", type=int, default=defaults.max_texts, help="texts per request")
     p.add_argument("--max-chars", type=int, default=defaults.max_chars, help="characters per text")
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    p.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
+                   help="seconds to receive a request's headers, and again its body, before 408")
+    p.add_argument("--max-beam-size", type=int, default=16, help="largest beam_size a request may ask for (0: none)")
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -60,9 +63,10 @@ def serve_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     engine_options = {k: v for k, v in {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size,
                                         "max_memory_mb": args.max_memory_mb}.items() if v is not None}
+    engine_options["max_beam_size"] = args.max_beam_size or None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, **engine_options)
     config = ServerConfig(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
-                          request_timeout=args.timeout, max_queue=args.max_queue)
+                          request_timeout=args.timeout, max_queue=args.max_queue, read_timeout=args.read_timeout)
     serve(engine, args.host, args.port, config)
     return 0
 

@@ -36,6 +36,11 @@ class Cohort:
     tags: list[Any]
     lengths: list[int]
     slots: list[list[int]]
+    rows_before: int = 0  # rows and sentences in the batch before the step (selections index them)
+    sentences_before: int = 0
+
+    def snapshot(self) -> None:
+        self.rows_before, self.sentences_before = self.rows, self.sentences
 
     @property
     def rows(self) -> int:
@@ -114,6 +119,7 @@ class Runtime:
         slots = self.cache.reserve(strategy.rows, strategy.cache_len)
         self.cache.append(strategy.rows)
         self.cohorts.append(Cohort(strategy, list(tags), lengths, [slots[i: i + beam] for i in range(0, len(slots), beam)]))
+        self.cohorts[-1].snapshot()
         self._write_rows = None
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
@@ -208,33 +214,58 @@ class Runtime:
         return torch.cat([torch.arange(segments[i].start, segments[i].start + segments[i].rows) for i in members])
 
     def _advance(self, outputs: list, segments: list[Span], att: torch.Tensor | None) -> list:
+        selections = []
+        for cohort, output, seg in zip(self.cohorts, outputs, segments):
+            logits, chosen = (output, None) if isinstance(output, torch.Tensor) else (None, output)
+            span = slice(seg.start, seg.start + seg.rows)
+            selections.append(cohort.strategy.advance(logits, self.buffers, None if att is None else att[span],
+                                                      chosen=chosen))
+        return self._apply(selections)
+
+    def drop(self, tags: set) -> int:
+        """Take the sentences with these tags out of the batch (their callers gave up), cache rows and memory slots
+        freed; returns how many left."""
+        selections, dropped = [], 0
+        for cohort in self.cohorts:
+            gone = [i for i in cohort.strategy.live if cohort.tags[i] in tags]
+            selections.append(cohort.strategy.drop(gone) if gone else None)
+            dropped += len(gone)
+        if dropped:
+            self._apply(selections)
+        return dropped
+
+    def _apply(self, selections: list) -> list[tuple[Any, list[Hypothesis]]]:
+        """Each cohort's selection (None: all kept in place) to the batch: the rows and sentences kept, in order, by
+        the cache and the memory; finished and dropped sentences' cache rows freed; (tag, n-best) of the finished."""
         rows, sentences, finished, kept = [], [], [], []
         changed_rows = changed_sentences = False
-        sentence_at = 0
-        for cohort, output, seg in zip(self.cohorts, outputs, segments):
-            strategy, n_sentences = cohort.strategy, cohort.sentences
-            span = slice(seg.start, seg.start + seg.rows)
-            logits, chosen = (output, None) if isinstance(output, torch.Tensor) else (None, output)
-            selection = strategy.advance(logits, self.buffers, None if att is None else att[span], chosen=chosen)
+        row_at = sentence_at = 0
+        for cohort, selection in zip(self.cohorts, selections):
+            strategy, n_rows, n_sentences = cohort.strategy, cohort.rows_before, cohort.sentences_before
+            keep_rows = None if selection is None else selection.rows
+            keep_sentences = None if selection is None else selection.sentences
             # a cohort's kept rows and sentences, in batch terms (a range when it kept them all in place)
-            rows.append(range(seg.start, seg.start + seg.rows) if selection.rows is None else selection.rows + seg.start)
-            sentences.append(range(sentence_at, sentence_at + n_sentences) if selection.sentences is None
-                             else selection.sentences + sentence_at)
-            changed_rows |= selection.rows is not None
-            changed_sentences |= selection.sentences is not None
-            for i in selection.finished:
+            rows.append(range(row_at, row_at + n_rows) if keep_rows is None else keep_rows + row_at)
+            sentences.append(range(sentence_at, sentence_at + n_sentences) if keep_sentences is None
+                             else keep_sentences + sentence_at)
+            changed_rows |= keep_rows is not None
+            changed_sentences |= keep_sentences is not None
+            for i in () if selection is None else selection.finished:
                 finished.append((cohort.tags[i], trimmed(strategy.results[i], cohort.lengths[i])))
-            if selection.sentences is not None:  # finished sentences give their cache rows back
-                self.cache.release(cohort.keep(selection.sentences.tolist()))
+            if keep_sentences is not None:  # finished and dropped sentences give their cache rows back
+                self.cache.release(cohort.keep(keep_sentences.tolist()))
                 self._write_rows = None
             if not strategy.done:
                 kept.append(cohort)
+            row_at += n_rows
             sentence_at += n_sentences
         self.cohorts = kept
         if changed_sentences:
             self.memory.select(as_index(sentences, self.device))
         if changed_rows:
             self.cache.select(as_index(rows, self.device))
+        for cohort in kept:
+            cohort.snapshot()
         return finished
 
 

@@ -178,10 +178,22 @@ class Greedy(Strategy):
                 [Hypothesis(out_tokens, float(self.scores[row]) / length,
                             None if self.att is None else self.att[row, : len(out_tokens)].clone())], opts)
         keep = (~done).nonzero()[:, 0]
+        self._keep(keep)
+        return Selection(keep, keep, tuple(finished))
+
+    def drop(self, gone: list[int]) -> Selection:
+        """Take these sentences (the cohort's indices) out: their callers gave up; they get no result."""
+        out = set(gone)
+        keep = torch.tensor([r for r, s in enumerate(self.sentence.tolist()) if s not in out], dtype=torch.long,
+                            device=self.tokens.device)
+        self._keep(keep)
+        return Selection(keep, keep)
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Only these rows (= sentences) go on."""
         self.done = keep.numel() == 0
         for name in ("sentence", "history", "scores", "tokens", "prompt") + (("att",) if self.att is not None else ()):
             setattr(self, name, getattr(self, name)[keep])
-        return Selection(keep, keep, tuple(finished))
 
     @property
     def live(self) -> list[int]:
@@ -268,6 +280,20 @@ class Beam(Strategy):
             self.att = self.att.index_select(0, rows)
         self.tokens = nxt
         return Selection(rows, sentences, tuple(finished))
+
+    def drop(self, gone: list[int]) -> Selection:
+        """Take these sentences (the cohort's indices) out: their callers gave up; they get no result."""
+        out, k = set(gone), self.opts.beam_size
+        keep = torch.tensor([i for i, s in enumerate(self.state.sentence.tolist()) if s not in out], dtype=torch.long,
+                            device=self.tokens.device)
+        rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)
+        self.state.keep(keep)
+        self.prompt = self.prompt[keep]
+        if self.fin_att is not None:
+            self.fin_att, self.att = self.fin_att[keep], self.att[rows]
+        self.tokens = self.tokens[rows]
+        self.done = keep.numel() == 0
+        return Selection(rows, keep)
 
     @property
     def live(self) -> list[int]:

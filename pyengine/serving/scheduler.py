@@ -8,11 +8,18 @@ between decode steps, within the engine's token budget (max_batch_tokens, max_ba
 cap (max_memory_mb), oldest first; it steps every running batch once per round. A step that runs out of
 memory halves the rows the worker admits from then on, evicts the newest cohorts back to the queue until
 the batch is under that, and is retried (split and retry); a sentence that fails alone fails its request.
+
+One request's failure is its own: an error while admitting a cohort is retried request by request, one in a step
+puts the batch's requests back in the queue to run each in a batch of its own (a request that fails alone fails),
+one while delivering fails that request; every failure is logged with its traceback. A request whose caller gives
+up (`cancel`: timeout, disconnect) or that failed leaves the queue and the running batch at the next step, its
+cache rows freed. Every path gives back what it counted (queue_depth, running).
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -28,6 +35,7 @@ from ..decoding.strategies import prompt_options, prompt_prefix
 from ..engine import Engine, Translation
 from ..errors import BatchMemoryError, PyEngineError
 
+log = logging.getLogger("pyengine.serving")
 
 def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
     """Set a future's outcome unless it already has one (a caller may have cancelled it)."""
@@ -47,6 +55,10 @@ class QueueFullError(PyEngineError):
     """The worker's queue holds its maximum of waiting sentences; retry later."""
 
 
+class RequestTooLargeError(PyEngineError):
+    """A request with more sentences than the queue holds: it can never be taken; split it."""
+
+
 @dataclass(eq=False)
 class Request:
     """One caller's texts; `results` fill in as sentences finish, in the caller's order. prefixes: each text's
@@ -59,8 +71,10 @@ class Request:
     sampled: bool = False  # a seeded stream per request: its sentences get a batch of their own options
     generator: torch.Generator | None = None
     results: list[Translation | None] = field(default_factory=list)
-    pending: int = 0
+    pending: int = 0  # sentences not answered yet
+    queued: int = 0  # sentences counted in the scheduler's queue depth (submitted, not admitted)
     cancelled: bool = False
+    isolated: bool = False  # a step of a batch it was in failed: it runs in a batch of its own
     submitted: float = field(default_factory=time.monotonic)
     arrived: int = 0  # the worker's step count when it took the request in
     keys: list[Hashable] = field(default_factory=list)  # per text, the running batch it joins
@@ -70,9 +84,10 @@ class Request:
         options = {n: prompt_options(self.opts, n) for n in {len(p) for p in self.prefixes}}
         self.keys = [(options[len(p)], id(self)) if self.sampled else options[len(p)] for p in self.prefixes]
 
-    def cancel(self) -> None:
-        """The caller gave up (timeout, disconnect): its waiting sentences are not admitted."""
-        self.cancelled = True
+    def isolate(self) -> None:
+        """From now on its sentences join a batch of this request alone."""
+        self.isolated = True
+        self.keys = [(key, "isolated", id(self)) for key in self.keys]
 
     def options(self, i: int) -> DecodeOptions:
         """Text i's decoding options (a target prefix moves a forced first token into the prompt)."""
@@ -89,7 +104,10 @@ class SchedulerStats(RuntimeStats):
     source_tokens: int = 0
     target_tokens: int = 0
     evictions: int = 0
-    rows_per_step: list[int] = field(default_factory=list)  # drained by the metrics reader
+    cancelled: int = 0  # sentences taken out of the queue or the batch because their caller gave up
+    failures: int = 0  # requests failed by an error in the worker
+    # decoder rows of the latest steps (a window: a server runs for months)
+    rows_per_step: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=100_000))
 
 
 @dataclass
@@ -116,6 +134,7 @@ class Scheduler:
         self.on_step = on_step  # called with the number of decoder rows after each step
         self.stats = SchedulerStats()
         self._inbox: collections.deque[Request] = collections.deque()
+        self._cancelled: list[Request] = []  # requests whose callers gave up, for the worker to take out
         # sentences waiting for a batch: a FIFO per batch key (admission costs what it admits, and one option
         # set's backlog never holds another's batch back)
         self._waiting: dict[Hashable, collections.deque[tuple[Request, int]]] = {}
@@ -153,6 +172,9 @@ class Scheduler:
         prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
         future: Future = Future()
         n = sum(x is not None for x in ids)
+        if n > self.max_queue:
+            raise RequestTooLargeError(f"{n} sentences can never fit in the queue of {self.max_queue}; "
+                                       "send them in smaller requests")
         with self._lock:
             if self._stopping:
                 raise QueueFullError("the worker is shutting down")
@@ -162,10 +184,20 @@ class Scheduler:
             if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
                 request.generator = torch.Generator(device=self.engine.engine_config.device)
                 request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+            request.queued = n
             self._queued += n
             self._inbox.append(request)
             self._wake.notify()
         return request, future
+
+    def cancel(self, request: Request) -> None:
+        """The caller gave up (timeout, disconnect): the worker takes the request's sentences out of the queue and
+        the running batch before its next step and cancels its future."""
+        with self._lock:
+            if not request.cancelled:
+                request.cancelled = True
+                self._cancelled.append(request)
+                self._wake.notify()
 
     def start(self) -> "Scheduler":
         """Run the worker in a background thread (in-process use: tests, an app embedding pyengine)."""
@@ -197,33 +229,48 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._inbox or self._waiting or self._batches or self._stopping):
+                    while not (self._inbox or self._cancelled or self._waiting or self._batches or self._stopping):
                         if until is not None and until():
                             return
                         self._wake.wait(None if until is None else 0.2)
                     if self._stopping and not (self._inbox or self._waiting or self._batches):
                         return
                     inbox, self._inbox = self._inbox, collections.deque()
-                try:
-                    for request in inbox:
-                        self._accept(request)
-                    self._admit()
-                    for key, batch in list(self._batches.items()):
-                        self._step(key, batch)
-                except Exception as exc:  # noqa: BLE001 - a bug fails what is in flight, not the worker
-                    self._fail(list(inbox) + [r for q in self._waiting.values() for r, _ in q]
-                               + [r for b in self._batches.values() for c in b.cohorts for r, _ in c.tags], exc)
-                    self._batches.clear()
+                    cancelled, self._cancelled = self._cancelled, []
+                self._round(inbox, cancelled)
+                del inbox, cancelled  # nothing of a finished round stays referenced while the worker waits
+
+    def _round(self, inbox: collections.deque[Request], cancelled: list[Request]) -> None:
+        """Take in new requests, take out cancelled ones, admit waiting sentences, step every batch once."""
+        try:
+            for request in inbox:
+                self._accept(request)
+            if cancelled:
+                self.stats.cancelled += self._remove(cancelled)
+                for request in cancelled:
+                    request.future.cancel()
+            self._admit()
+            for key, batch in list(self._batches.items()):
+                if self._batches.get(key) is batch:  # a failure while delivering may have emptied it
+                    self._step(key, batch)
+        except Exception as exc:  # noqa: BLE001 - a bug fails what is in flight, not the worker
+            log.exception("worker error; failing every request in flight")
+            requests = list(inbox) + [r for q in self._waiting.values() for r, _ in q] \
+                + [r for b in self._batches.values() for c in b.cohorts for r, _ in c.tags]
+            self._batches.clear()  # their state is unknown
+            self._fail(requests, exc)
 
     def _accept(self, request: Request) -> None:
         """Blank texts are answered at once; the others wait for a batch."""
-        request.results = [None] * len(request.ids)
+        try:
+            request.results = [Translation.blank(request.opts) if ids is None else None for ids in request.ids]
+        except Exception as exc:  # noqa: BLE001 - this request's error, no one else's
+            self._fail([request], exc, "accepting")
+            return
         request.arrived = self.stats.steps
         self.stats.requests += 1
         for i, ids in enumerate(request.ids):
-            if ids is None:
-                request.results[i] = Translation.blank(request.opts)
-            else:
+            if ids is not None:
                 request.pending += 1
                 self._waiting.setdefault(request.keys[i], collections.deque()).append((request, i))
         if request.pending == 0:
@@ -237,16 +284,11 @@ class Scheduler:
         # search bookkeeping, so admitting sentences one by one as room frees or requests trickle in costs more
         # than the few steps they wait
         chunk = max(1, ec.max_batch_size // 4)
-        taken = dropped = 0
         for key, queue in list(self._waiting.items()):
             batch = self._batches.get(key)
             plan, group = _Plan.of(batch), []
             while queue:
                 request, i = queue[0]
-                if request.cancelled:
-                    queue.popleft()
-                    dropped += 1
-                    continue
                 if not self._fits(plan, request, i):
                     break
                 group.append(queue.popleft())
@@ -260,10 +302,8 @@ class Scheduler:
             if not queue:
                 del self._waiting[key]
             if group:
-                taken += len(group)
+                self._dequeued(group)
                 self._admit_group(key, group)
-        with self._lock:
-            self._queued -= taken + dropped
 
     def _fits(self, plan: _Plan, request: Request, i: int) -> bool:
         """Whether sentence i of the request fits in the planned batch (then it is planned in); a sentence alone
@@ -284,29 +324,55 @@ class Scheduler:
             return True
         return False
 
+    def _dequeued(self, tags: list[tuple[Request, int]]) -> None:
+        """These sentences left the queue (admitted, dropped)."""
+        for request, _ in tags:
+            request.queued -= 1
+        with self._lock:
+            self._queued -= len(tags)
+
     def _admit_group(self, key: Hashable, group: list[tuple[Request, int]]) -> None:
-        """Encode these sentences into the running batch of `key`: a cohort per target prefix length."""
+        """Encode these sentences into the running batch of `key`: a cohort per target prefix length. A cohort that
+        fails to encode is retried request by request: the failing request alone gets the error."""
         ec, cfg = self.engine.engine_config, self.engine.config
         batch = self._batches.get(key)
         if batch is None:
-            batch = self._batches[key] = Runtime(self.engine.model, self.engine.rules, group[0][0].options(group[0][1]),
-                                                 ec.device, cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist,
-                                                 self.stats, capacity=ec.max_batch_size)
-        for length in sorted({len(r.prefixes[i]) for r, i in group}):
-            cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length]
-            ids = [r.ids[i] for r, i in cohort]
-            prefix = torch.tensor([r.prefixes[i] for r, i in cohort], device=ec.device) if length else None
             try:
-                if len(cohort) == 1 and not batch.cohorts:
-                    self.engine.check_memory(1, len(ids[0]), cohort[0][0].opts, length)
-                batch.admit(ids, cohort, prefix, cohort[0][0].generator)
-            except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
-                self._fail([r for r, _ in cohort], exc)
-                continue
-            self.stats.sentences += len(cohort)
-            self.stats.source_tokens += sum(len(x) for x in ids)
-        if not batch.cohorts:
+                batch = Runtime(self.engine.model, self.engine.rules, group[0][0].options(group[0][1]), ec.device,
+                                cfg.decoder_start_id, cfg.eos_id, self.engine.shortlist, self.stats,
+                                capacity=ec.max_batch_size)
+            except Exception as exc:  # noqa: BLE001 - these requests' options cannot run
+                self._fail([r for r, _ in group], exc, "starting a batch")
+                return
+            self._batches[key] = batch
+        for length in sorted({len(r.prefixes[i]) for r, i in group}):
+            cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length and not r.future.done()]
+            requests = list(dict.fromkeys(r for r, _ in cohort))
+            if cohort and not self._admit_cohort(batch, cohort, length, alone=len(requests) == 1):
+                for request in requests:
+                    self._admit_cohort(batch, [t for t in cohort if t[0] is request], length, alone=True)
+        if not batch.cohorts and self._batches.get(key) is batch:
             del self._batches[key]
+
+    def _admit_cohort(self, batch: Runtime, cohort: list[tuple[Request, int]], length: int, alone: bool) -> bool:
+        """Admit one cohort; False when it failed with more than one request in it (then each is tried alone)."""
+        ids = [r.ids[i] for r, i in cohort]
+        prefix = torch.tensor([r.prefixes[i] for r, i in cohort], device=self.engine.engine_config.device) \
+            if length else None
+        try:
+            if len(cohort) == 1 and not batch.cohorts:
+                self.engine.check_memory(1, len(ids[0]), cohort[0][0].opts, length)
+            batch.admit(ids, cohort, prefix, cohort[0][0].generator)
+        except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
+            if not alone:
+                log.warning("admitting a cohort of several requests failed (%s: %s); admitting each alone",
+                            type(exc).__name__, exc)
+                return False
+            self._fail([cohort[0][0]], exc, "admitting")
+            return True
+        self.stats.sentences += len(cohort)
+        self.stats.source_tokens += sum(len(x) for x in ids)
+        return True
 
     def _step(self, key: Hashable, batch: Runtime) -> None:
         rows = batch.rows
@@ -321,19 +387,37 @@ class Scheduler:
                     del self._batches[key]
                 self.stats.evictions += 1
                 return
-            self._fail([r for c in batch.cohorts for r, _ in c.tags], exc)
-            del self._batches[key]
+            del self._batches[key]  # its state is unknown after a failed step: its sentences start again or fail
+            requests = list(dict.fromkeys(r for c in batch.cohorts for r, _ in c.tags))
+            if len(requests) == 1 or all(r.isolated for r in requests):
+                self._fail(requests, exc, "decoding")
+                return
+            log.warning("a decode step of %d requests failed (%s: %s); each runs again in a batch of its own",
+                        len(requests), type(exc).__name__, exc)
+            tags = [t for c in batch.cohorts for t in (c.tags[i] for i in c.strategy.live)]
+            waiting = self._take_waiting(set(requests))
+            for request in requests:
+                request.isolate()
+            self._requeue(tags)
+            for request, i in waiting:  # still counted as queued
+                self._waiting.setdefault(request.keys[i], collections.deque()).append((request, i))
             return
         self.stats.rows_per_step.append(rows)
         if self.on_step is not None:
             self.on_step(rows)
         for (request, i), hyps in finished:
             self._deliver(request, i, hyps)
-        if not batch.cohorts:
+        if not batch.cohorts and self._batches.get(key) is batch:
             del self._batches[key]
 
     def _deliver(self, request: Request, i: int, hyps: list[Hypothesis]) -> None:
-        request.results[i] = Translation.of(hyps, self.engine.tokenizer.decode)
+        if request.future.done():  # failed or cancelled meanwhile
+            return
+        try:
+            request.results[i] = Translation.of(hyps, self.engine.tokenizer.decode)
+        except Exception as exc:  # noqa: BLE001 - this request's error, no one else's
+            self._fail([request], exc, "delivering")
+            return
         self.stats.target_tokens += len(hyps[0].tokens) + 1  # EOS included
         request.pending -= 1
         if request.pending == 0:
@@ -343,21 +427,49 @@ class Scheduler:
         """Evicted sentences wait again, ahead of the others (they were admitted first)."""
         for request, i in reversed(tags):
             self._waiting.setdefault(request.keys[i], collections.deque()).appendleft((request, i))
+            request.queued += 1
         with self._lock:
             self._queued += len(tags)
 
-    def _fail(self, requests: list[Request], exc: BaseException) -> None:
+    def _fail(self, requests: list[Request], exc: BaseException, during: str | None = None) -> None:
+        """These requests get the error; their other sentences leave the queue and the running batches."""
         if is_out_of_memory(exc) and not isinstance(exc, BatchMemoryError):
             exc = BatchMemoryError(f"the sentence does not fit in memory: {exc}")
-        for request in dict.fromkeys(requests):
+        requests = list(dict.fromkeys(requests))
+        if during is not None and not isinstance(exc, BatchMemoryError):
+            log.error("%s %d request(s) failed", during, len(requests), exc_info=exc)
+        self.stats.failures += len(requests)
+        for request in requests:
             resolve(request.future, error=exc)
-        failed, removed = set(map(id, requests)), 0
-        for key, queue in list(self._waiting.items()):
-            kept = collections.deque((r, i) for r, i in queue if id(r) not in failed)
-            removed += len(queue) - len(kept)
-            if kept:
-                self._waiting[key] = kept
-            else:
-                del self._waiting[key]
+        self._remove(requests)
+
+    def _remove(self, requests: list[Request]) -> int:
+        """Take these requests' sentences out of the queue and the running batches (cache rows freed); returns how
+        many."""
+        gone = set(requests)
+        dropped = len(self._take_waiting(gone))
+        for key, batch in list(self._batches.items()):
+            tags = {t for c in batch.cohorts for t in c.tags if t[0] in gone}
+            if tags:
+                dropped += batch.drop(tags)
+            if not batch.cohorts:
+                del self._batches[key]
+        counted = sum(r.queued for r in gone)
+        for request in gone:
+            request.queued = 0
         with self._lock:
-            self._queued -= removed
+            self._queued -= counted
+        return dropped
+
+    def _take_waiting(self, requests: set[Request]) -> list[tuple[Request, int]]:
+        """Take these requests' waiting sentences out of their queues (the queue depth is the caller's to fix)."""
+        taken = []
+        for key, queue in list(self._waiting.items()):
+            if any(r in requests for r, _ in queue):
+                taken += [t for t in queue if t[0] in requests]
+                kept = collections.deque(t for t in queue if t[0] not in requests)
+                if kept:
+                    self._waiting[key] = kept
+                else:
+                    del self._waiting[key]
+        return taken
