@@ -5,7 +5,6 @@ and the queue and running counts go back to zero on every path."""
 from __future__ import annotations
 
 import gc
-import random
 import threading
 import time
 
@@ -19,7 +18,7 @@ from pyengine.config import ServerConfig
 from pyengine.decoding import Runtime
 from pyengine.engine import Translation
 from pyengine.serving import Scheduler, create_app
-from pyengine.serving.scheduler import Request
+from pyengine.serving.request import Request
 
 OPTS = dict(beam_size=2, max_decoding_length=40)
 
@@ -36,7 +35,7 @@ def default_engine():
 def test_dropped_sentences_free_their_rows_and_the_others_decode_as_alone(marian_dir, options):
     engine = pyengine.Engine.load(marian_dir)
     sources = random_sources(16, engine.config.src_vocab_size, seed=5)
-    opts, cfg, rng = engine.options(**options), engine.config, random.Random(1)
+    opts, cfg = engine.options(**options), engine.config
     batch = Runtime(engine.model, engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
     waiting, results, dropped, step = list(range(len(sources))), {}, set(), 0
     with torch.inference_mode():

@@ -18,96 +18,24 @@ cache rows freed. Every path gives back what it counted (queue_depth, running).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import threading
-import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
 from ..batching import is_out_of_memory
-from ..config import DecodeOptions
-from ..decoding import Hypothesis, Runtime, RuntimeStats
-from ..decoding.strategies import prompt_options, prompt_prefix
+from ..decoding import Hypothesis, Runtime
+from ..decoding.strategies import prompt_prefix
 from ..engine import Engine, Translation
-from ..errors import BatchMemoryError, PyEngineError
+from ..errors import BatchMemoryError
+from .request import QueueFullError, Request, RequestTooLargeError, SchedulerStats, resolve
 
 log = logging.getLogger("pyengine.serving")
 
-def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Set a future's outcome unless it already has one (a caller may have cancelled it)."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        pass
-
-
 ADMIT_WAIT_STEPS = 24  # steps a sentence waits at most for a busy batch to take a cohort worth encoding
-
-
-class QueueFullError(PyEngineError):
-    """The worker's queue holds its maximum of waiting sentences; retry later."""
-
-
-class RequestTooLargeError(PyEngineError):
-    """A request with more sentences than the queue holds: it can never be taken; split it."""
-
-
-@dataclass(eq=False)
-class Request:
-    """One caller's texts; `results` fill in as sentences finish, in the caller's order. prefixes: each text's
-    forced target tokens (empty for none)."""
-
-    ids: list[list[int] | None]
-    opts: DecodeOptions
-    future: Future
-    prefixes: list[list[int]]
-    sampled: bool = False  # a seeded stream per request: its sentences get a batch of their own options
-    generator: torch.Generator | None = None
-    results: list[Translation | None] = field(default_factory=list)
-    pending: int = 0  # sentences not answered yet
-    queued: int = 0  # sentences counted in the scheduler's queue depth (submitted, not admitted)
-    cancelled: bool = False
-    isolated: bool = False  # a step of a batch it was in failed: it runs in a batch of its own
-    submitted: float = field(default_factory=time.monotonic)
-    arrived: int = 0  # the worker's step count when it took the request in
-    keys: list[Hashable] = field(default_factory=list)  # per text, the running batch it joins
-
-    def __post_init__(self) -> None:
-        # one batch per option set (per request when sampling); computed once: hashing options is not free
-        options = {n: prompt_options(self.opts, n) for n in {len(p) for p in self.prefixes}}
-        self.keys = [(options[len(p)], id(self)) if self.sampled else options[len(p)] for p in self.prefixes]
-
-    def isolate(self) -> None:
-        """From now on its sentences join a batch of this request alone."""
-        self.isolated = True
-        self.keys = [(key, "isolated", id(self)) for key in self.keys]
-
-    def options(self, i: int) -> DecodeOptions:
-        """Text i's decoding options (a target prefix moves a forced first token into the prompt)."""
-        return prompt_options(self.opts, len(self.prefixes[i]))
-
-
-@dataclass
-class SchedulerStats(RuntimeStats):
-    """Counters the server exports; written by the worker thread only. The runtime's own (decoder step
-    implementation and output path per step) say that the server runs what translate() runs."""
-
-    requests: int = 0
-    sentences: int = 0
-    source_tokens: int = 0
-    target_tokens: int = 0
-    evictions: int = 0
-    cancelled: int = 0  # sentences taken out of the queue or the batch because their caller gave up
-    failures: int = 0  # requests failed by an error in the worker
-    # decoder rows of the latest steps (a window: a server runs for months)
-    rows_per_step: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=100_000))
 
 
 @dataclass
