@@ -1,5 +1,6 @@
-"""Command line: `pyengine translate [-m MODEL] [options] < input > output`, one sentence a line;
-`pyengine serve` (HTTP server); `pyengine convert` (pyengine's own format)."""
+"""Command line: `pyengine translate [-m MODEL] [options] < input > output`, one sentence a line (or a document:
+--paragraphs, --format html); `pyengine translate-file IN OUT` (.txt, .html, .docx); `pyengine serve` (HTTP server);
+`pyengine convert` (pyengine's own format)."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,38 @@ def _add_translate(sub) -> None:
     p.add_argument("--scores", action="store_true", help="print each hypothesis's score before it")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of refusing them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=("text", "html"), default="text",
+                   help="html: the input is one HTML document, translated with its markup kept")
+    p.add_argument("--paragraphs", action="store_true",
+                   help="the input is running text: sentences are split and re-joined with the original line breaks "
+                        "and spacing (instead of one sentence a line)")
+
+
+def _add_translate_file(sub) -> None:
+    p = sub.add_parser("translate-file", help="translate a .txt, .html or .docx file, keeping its structure",
+                       allow_abbrev=False)
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("-m", "--model", default="default", help="model directory (default: the shipped model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, int8 or auto")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    p.add_argument("--beam-size", type=int)
+    p.add_argument("--source-lang", help="source language of a multilingual model")
+    p.add_argument("--target-lang", help="target language of a multilingual model")
+
+
+def translate_file_main(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    options = {k: v for k, v in {"beam_size": args.beam_size, "source_lang": args.source_lang,
+                                 "target_lang": args.target_lang}.items() if v is not None}
+    engine.translate_file(args.input, args.output, **options)
+    print(f"translated {args.input} -> {args.output}", file=sys.stderr)
+    return 0
 
 
 def _add_serve(sub) -> None:
@@ -52,6 +85,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--read-timeout", type=float, default=defaults.read_timeout,
                    help="seconds to receive a request's headers, and again its body, before 408")
     p.add_argument("--max-beam-size", type=int, default=16, help="largest beam_size a request may ask for (0: none)")
+    p.add_argument("--api-keys", metavar="FILE",
+                   help="require an API key: one key a line, optionally followed by its own requests per minute")
+    p.add_argument("--req-limit", type=int, help="requests per minute per key (per client address without keys)")
+    p.add_argument("--max-file-bytes", type=int, default=defaults.max_file_bytes, help="/translate_file upload limit")
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -65,8 +102,12 @@ def serve_main(args: argparse.Namespace) -> int:
                                         "max_memory_mb": args.max_memory_mb}.items() if v is not None}
     engine_options["max_beam_size"] = args.max_beam_size or None
     engine = Engine.load(args.model, device=args.device, dtype=args.dtype, **engine_options)
+    from .serving.access import read_keys
+
     config = ServerConfig(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
-                          request_timeout=args.timeout, max_queue=args.max_queue, read_timeout=args.read_timeout)
+                          request_timeout=args.timeout, max_queue=args.max_queue, read_timeout=args.read_timeout,
+                          api_keys=read_keys(args.api_keys) if args.api_keys else None, req_limit=args.req_limit,
+                          max_file_bytes=args.max_file_bytes)
     serve(engine, args.host, args.port, config)
     return 0
 
@@ -140,6 +181,8 @@ def translate_main(args: argparse.Namespace) -> int:
         "max_decoding_length": args.max_decoding_length, "min_decoding_length": args.min_decoding_length,
         "num_hypotheses": args.num_hypotheses, "truncate_input": args.truncate or None}.items() if v is not None}
     engine.options(**options)  # reject bad options before reading input
+    if args.format == "html" or args.paragraphs:
+        return _translate_document(engine, args, options)
     lines, errors = _read_lines(sys.stdin)
     bar = tqdm(total=len(lines), unit="sent", file=sys.stderr, disable=args.quiet or len(lines) < 100)
     out = sys.stdout
@@ -162,6 +205,21 @@ def translate_main(args: argparse.Namespace) -> int:
     return 2 if errors else 0
 
 
+def _translate_document(engine, args: argparse.Namespace, options: dict) -> int:
+    """The whole input as one document: HTML, or running text split into sentences and re-joined."""
+    if args.num_hypotheses or args.scores:
+        raise PyEngineError("--num-hypotheses and --scores apply to one sentence a line, not to --paragraphs or "
+                            "--format html")
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the input is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    sys.stdout.write(engine.translate([text], format=args.format, split_sentences=True, **options)[0])
+    sys.stdout.flush()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pyengine", description="Fast Transformer translation inference",
                                      allow_abbrev=False)
@@ -169,6 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_translate(sub)
     _add_serve(sub)
     _add_convert(sub)
+    _add_translate_file(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "translate":
@@ -177,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return convert_main(args)
         if args.command == "serve":
             return serve_main(args)
+        if args.command == "translate-file":
+            return translate_file_main(args)
     except PyEngineError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, resto
 from .config import DecodeOptions, EngineConfig, ModelConfig
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
 from .decoding.strategies import prompt_options, prompt_prefix
+from .documents import Detection, Documents
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer, load_weights, resolve_ops
@@ -97,9 +98,10 @@ class Engine:
         self.splits = 0  # batches halved because they did not fit in memory
         self.stats = RuntimeStats()  # what translate()'s decoder steps ran (the server's scheduler keeps its own)
         # every implementation choice, made once at load
+        self.documents = Documents(self)  # sentence splitting, markup, language detection
         self.backends = {**model.ops.report, "decoder_step": model.step.name,
                          "output_layer": "fused-topk" if model.output.fuses_topk else "logits",
-                         "search_rules": self.rules.name}
+                         "search_rules": self.rules.name, "markup_alignment": self.documents.alignment_method}
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -128,9 +130,32 @@ class Engine:
                    loaded.extra.get("tokenizer_note", ""), loaded.extra.get("shortlist"))
 
     # -- public API ----------------------------------------------------------------------------
-    def translate(self, texts: Sequence[str], **options: Any) -> list[str]:
-        """Best translation of each text."""
-        return [t.hypotheses[0] for t in self.translate_batch(texts, **options)]
+    def translate(self, texts: Sequence[str], format: str = "text", split_sentences: bool = False,
+                  **options: Any) -> list[str]:
+        """Best translation of each text.
+
+        split_sentences: translate each sentence (and line) on its own and re-join them with the original
+        whitespace and line breaks (paragraphs, documents); a sentence over the model's input limit is cut further.
+        format="html": translate the text of HTML, keeping its markup (inline tags carried onto the words they
+        cover); it implies split_sentences.
+        """
+        if format == "text" and not split_sentences:
+            return [t.hypotheses[0] for t in self.translate_batch(texts, **options)]
+        return self.documents.translate(texts, format, True, **options)
+
+    def translate_file(self, source: str | Path, destination: str | Path, **options: Any) -> None:
+        """Translate a .txt, .html or .docx file into `destination`, its structure kept (paragraphs, markup, runs)."""
+        source = Path(source)
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {source}: {exc.strerror}") from None
+        Path(destination).write_bytes(self.documents.translate_file(source.name, data, **options))
+
+    def detect(self, texts: Sequence[str], top: int = 3) -> list[list[Detection]]:
+        """The most likely languages of each text (the model's source languages when it has several)."""
+        self._validate_texts(texts)
+        return [self.documents.detector.rank(t, top) for t in texts]
 
     def translate_iter(self, texts: Sequence[str], **options: Any) -> Iterator[StreamEvent]:
         """Stream each sentence's best hypothesis as it grows (greedy and beam search), then its final one.

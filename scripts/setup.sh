@@ -9,8 +9,18 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade "pip>=23" "setuptools>=69" wheel ninja
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q "sentencepiece>=0.2" "safetensors>=0.4" "tqdm>=4.60" "tokenizers>=0.20" "numpy" \
-    "fastapi>=0.115" "uvicorn>=0.30" "uvloop>=0.19" "httptools>=0.6" "prometheus-client>=0.20" "PyYAML>=6"
+    "fastapi>=0.115" "uvicorn>=0.30" "uvloop>=0.19" "httptools>=0.6" "prometheus-client>=0.20" "PyYAML>=6" \
+    "sentencex>=1.0.32" "py3langid>=0.4" "langcodes>=3.5" "language-data>=1.3" "python-docx>=1.2" \
+    "python-multipart>=0.0.20" "limits>=5.8"
 if [ "${1:-}" = "--test" ]; then
+  # the web page's browser test drives Debian's Chromium through its ChromeDriver
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+      echo "setup.sh: install chromium and chromium-driver for the browser test (tests/test_web_page.py)" >&2
+    fi
+  fi
   .venv/bin/python -m pip install -q -r requirements-test.txt
   # OpenNMT-py 3.5.1's metadata pins torch<2.3 (it runs on 2.13 for what the tests use): no deps from it
   .venv/bin/python -m pip install -q --no-deps "OpenNMT-py==3.5.1"
