@@ -194,6 +194,10 @@ class ServerConfig:
     max_queue: int = 4096  # sentences waiting for a batch; past it 503 with Retry-After
     retry_after: int = 2  # seconds, in the Retry-After header of a 503
     read_timeout: float = 30.0  # seconds for a request's headers, and again for its body; then 408
+    api_keys: dict[str, int | None] | None = None  # key → its own requests per minute (None: req_limit); None: no keys
+    req_limit: int | None = None  # requests per minute per key (per client address without keys); None: no limit
+    max_file_bytes: int = 4 << 20  # /translate_file upload
+    files_kept: int = 64  # translated files kept for download (the oldest is dropped)
 
 
 @dataclass(frozen=True)

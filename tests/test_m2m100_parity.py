@@ -229,3 +229,32 @@ def test_nllb_tokenizer_json_translate_matches_hf(tmp_path):
     legacy.save_pretrained(tmp_path)
     engine = pyengine.Engine.load(tmp_path)
     assert [engine.tokenizer.encode(t) for t in texts] == [legacy(t).input_ids for t in texts]
+
+
+def test_documents_on_a_multilingual_model(text_m2m100):
+    """source "auto" on a multilingual model: each text of a list translated from its detected language (among the
+    model's); HTML keeps its markup with the language token before the source words."""
+    from fastapi.testclient import TestClient
+
+    from pyengine.documents.markup import HtmlDocument
+    from pyengine.serving import create_app
+
+    path, _ = text_m2m100
+    engine = pyengine.Engine.load(path)
+    texts = ["Die Datei konnte nicht geöffnet werden.", "The file could not be opened.",
+             "Le fichier n'a pas pu être ouvert."]
+    assert [r[0].language for r in engine.detect(texts)] == ["de", "en", "fr"]
+    with TestClient(create_app(engine)) as client:
+        body = client.post("/translate", json={"q": texts, "source": "auto", "target": "de"}).json()
+    assert [d["language"] for d in body["detectedLanguage"]] == ["de", "en", "fr"]
+    assert body["translatedText"] == [engine.translate([t], source_lang=lang, target_lang="de", split_sentences=True)[0]
+                                      for t, lang in zip(texts, ["de", "en", "fr"])]
+    source = "<p>The <b>file</b> could not be opened. <a href='x'>Close</a> it.</p>"
+    out = engine.translate([source], format="html", source_lang="en", target_lang="de")[0]
+    HtmlDocument(out)
+    assert out.count("<b>") == 1 and out.count("<a href='x'>") == 1
+    plan = engine.documents.plan(source, "html", source_lang="en")
+    block = plan.doc.blocks[0]
+    from pyengine.documents.segment import join
+    want = join(block.text, block.spans, engine.translate(plan.segments, source_lang="en", target_lang="de"))
+    assert HtmlDocument(out).blocks[0].text == want

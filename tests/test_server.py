@@ -53,16 +53,16 @@ def test_libretranslate_api(client, engine):
     r = client.post("/translate", json={"q": [text, "Open the file"], "source": "auto", "target": "de",
                                          "alternatives": 2}).json()
     assert r["translatedText"] == engine.translate([text, "Open the file"])
-    assert r["detectedLanguage"]["language"] == "en" and all(len(a) == 2 for a in r["alternatives"])
+    assert [d["language"] for d in r["detectedLanguage"]] == ["en", "en"] and all(len(a) == 2 for a in r["alternatives"])
     for body, message in (({"q": text, "source": "fr", "target": "de"}, "source 'fr' is not available"),
                           ({"q": text, "source": "en", "target": "es"}, "target 'es' is not available"),
                           ({"q": text, "source": "en"}, "missing target"),
                           ({"source": "en", "target": "de"}, "missing q"),
-                          ({"q": text, "source": "en", "target": "de", "format": "html"}, "not supported")):
+                          ({"q": text, "source": "en", "target": "de", "format": "rtf"}, "format must be")):
         r = client.post("/translate", json=body)
         assert r.status_code == 400 and message in r.json()["error"], r.text
-    assert client.get("/languages").json() == [{"code": "en", "name": "en", "targets": ["de"]},
-                                               {"code": "de", "name": "de", "targets": []}]
+    assert client.get("/languages").json() == [{"code": "en", "name": "English", "targets": ["de"]},
+                                               {"code": "de", "name": "German", "targets": []}]
 
 
 def test_health_and_metrics(client):
@@ -205,3 +205,24 @@ def wait_for_running(url: str, timeout: float = 30.0) -> None:
             return
         time.sleep(0.005)
     raise AssertionError("the requests never reached the worker")
+
+
+def test_v1_documents(client, engine):
+    texts = ["Open the file. Save the changes!", "<p>The <b>directory</b> could not be created.</p>"]
+    r = client.post("/v1/translate", json={"texts": texts[:1], "split_sentences": True, "options": {"beam_size": 2}})
+    assert r.json()["translations"][0]["translation"] == engine.translate(texts[:1], split_sentences=True,
+                                                                          beam_size=2)[0]
+    r = client.post("/v1/translate", json={"texts": texts[1:], "format": "html"})
+    assert r.json()["translations"][0]["translation"] == engine.translate(texts[1:], format="html")[0]
+    r = client.post("/v1/translate", json={"texts": texts[:1], "split_sentences": True,
+                                           "options": {"beam_size": 2, "num_hypotheses": 2}})
+    hyps = [h["translation"] for h in r.json()["translations"][0]["hypotheses"]]
+    each = engine.translate_batch(["Open the file.", "Save the changes!"], beam_size=2, num_hypotheses=2)
+    assert hyps == [f"{each[0].hypotheses[i]} {each[1].hypotheses[i]}" for i in range(2)]
+    for body, message in (({"texts": texts[:1], "split_sentences": True, "options": {"return_scores": True}},
+                           "'return_scores' applies to sentences"),
+                          ({"texts": texts[:1], "split_sentences": "yes"}, "'split_sentences' must be a boolean"),
+                          ({"texts": texts[:1], "format": "pdf"}, "'format' must be 'text' or 'html'"),
+                          ({"texts": texts[:1], "options": {"format": "html"}}, "are fields of the request")):
+        r = client.post("/v1/translate", json=body)
+        assert r.status_code == 400 and message in r.json()["error"], r.text

@@ -18,10 +18,12 @@ import re
 import time
 import urllib.parse
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -29,27 +31,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ..config import ServerConfig
 from ..engine import Engine, Translation
 from ..errors import BatchMemoryError, InputError, OptionError, PyEngineError
+from ..documents import Documents, Plan, language_name, render_all
+from ..documents.files import FILE_TYPES, plan_file
+from .access import Access, HTTPError
+from .files import FileStore
 from .scheduler import QueueFullError, RequestTooLargeError, Scheduler
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer" (logged, never sent)
-# names of /v1/translate's top level (and of Scheduler.submit's arguments): not decoding options
-TOP_LEVEL = ("texts", "source_lang", "target_lang")
 log = logging.getLogger("pyengine.serving")
 
 
-class HTTPError(Exception):
-    """A refusal: HTTP status and the message of the JSON body."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
-
-
-async def read_json(request: Request, limit: int, timeout: float) -> Any:
-    """The body as JSON (or a form for the LibreTranslate API), refused past `limit` bytes, when it does not arrive
-    within `timeout` seconds, or when it is not UTF-8 / not JSON (NaN and Infinity, numbers of more than 4300
-    digits and nesting deeper than Python's recursion limit included)."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused past `limit` bytes (413) or when it does not arrive within `timeout` seconds (408)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -64,8 +58,16 @@ async def read_json(request: Request, limit: int, timeout: float) -> Any:
         raise HTTPError(408, f"request body not received within {timeout} s ({len(body)} bytes came)") from None
     except ClientDisconnect:
         raise HTTPError(CLIENT_CLOSED, "the client closed the connection while sending the body") from None
+    return bytes(body)
+
+
+async def read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The body as JSON (or a form for the LibreTranslate API), refused past `limit` bytes, when it does not arrive
+    within `timeout` seconds, or when it is not UTF-8 / not JSON (NaN and Infinity, numbers of more than 4300
+    digits and nesting deeper than Python's recursion limit included)."""
+    body = await read_body(request, limit, timeout)
     try:
-        text = bytes(body).decode("utf-8")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise HTTPError(400, f"request body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
@@ -185,21 +187,30 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
     owned = scheduler is None
     scheduler = scheduler or Scheduler(engine, max_queue=config.max_queue)
     metrics = Metrics(scheduler)
+    documents: Documents = engine.documents
+    access = Access(config.api_keys, config.req_limit)
+    files = FileStore(config.files_kept)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if owned:
             scheduler.start()
         yield
+        files.close()
         if owned:
             await asyncio.to_thread(scheduler.stop)
 
     app = FastAPI(title="pyengine", lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
 
-    async def run(http: Request, texts: list[str], **options: Any) -> list[Translation]:
+    async def run(http: Request, texts: list[str], plans: list[Plan] | None = None, **options: Any) -> list[Translation]:
         """Through the worker, with the request timeout; errors become HTTPError. A request whose client goes away
-        or that times out is cancelled: the worker takes its sentences out of the batch."""
+        or that times out is cancelled: the worker takes its sentences out of the batch. `plans`: the documents the
+        texts are the sentences of (an error then names the document)."""
+        def refusal(exc: PyEngineError) -> HTTPError:
+            if plans is not None and isinstance(exc, InputError):
+                exc = Documents.locate(exc, plans)
+            return HTTPError(400, str(exc))
         try:
             request, future = scheduler.submit(texts, **options)
         except RequestTooLargeError as exc:
@@ -207,7 +218,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         except QueueFullError as exc:
             raise HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)}) from None
         except PyEngineError as exc:  # input and option errors, named by the engine
-            raise HTTPError(400, str(exc)) from None
+            raise refusal(exc) from None
         answer, gone = asyncio.wrap_future(future), asyncio.ensure_future(disconnected(http))
         try:
             await asyncio.wait((answer, gone), timeout=config.request_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -219,18 +230,49 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
             except BatchMemoryError as exc:
                 raise HTTPError(507, str(exc)) from None
             except (InputError, OptionError) as exc:  # found when its sentences were admitted
-                raise HTTPError(400, str(exc)) from None
+                raise refusal(exc) from None
         scheduler.cancel(request)
         answer.cancel()
         if gone.done() and not gone.cancelled():
             raise HTTPError(CLIENT_CLOSED, "the client closed the connection; its request was cancelled")
         raise HTTPError(504, f"translation did not finish within {config.request_timeout} s") from None
 
-    async def answer(endpoint: str, request: Request, handler) -> Response:
+    async def run_documents(http: Request, plans: list[Plan], source_lang: str | None = None,
+                            target_lang: str | None = None, hypotheses: int = 1, **options: Any) -> list[list[str]]:
+        """The plans' sentences through the worker as one request; per plan, its `hypotheses` renderings."""
+        segments = [s for p in plans for s in p.segments]
+        options = documents.alignment_options(plans, options)
+        results = await run(http, segments, plans, source_lang=source_lang, target_lang=target_lang, **options)
+        rendered = await asyncio.to_thread(lambda: [render_all(plans, results, h) for h in range(hypotheses)])
+        return [[r[i] for r in rendered] for i in range(len(plans))]
+
+    async def make_plans(texts: list[str], fmt: str, split: bool, source_lang: str | None, field: str,
+                         max_input_length: int | None = None) -> list[Plan]:
+        def build() -> list[Plan]:
+            return [documents.plan(t, fmt, split, source_lang, max_input_length, i) for i, t in enumerate(texts)]
+        try:
+            return await asyncio.to_thread(build)
+        except PyEngineError as exc:
+            if isinstance(exc, InputError) and exc.index is not None:
+                raise HTTPError(400, f"{field}[{exc.index}]: {str(exc).split(': ', 1)[1]}") from None
+            raise HTTPError(400, str(exc)) from None
+
+    def gate(http: Request, body: Any = None) -> None:
+        """API key and request limit (403 / 429)."""
+        key = body.get("api_key") if isinstance(body, dict) else None
+        if key is not None and not isinstance(key, str):
+            raise HTTPError(400, f"api_key must be a string, got {json_type(key)}")
+        header = http.headers.get("authorization", "")
+        key = key or http.headers.get("x-api-key") or (header[7:].strip() if header.lower().startswith("bearer ")
+                                                        else None)
+        access.check(key, http.client.host if http.client else "")
+
+    async def answer(endpoint: str, request: Request, handler, read=read_json) -> Response:
         start = time.monotonic()
         try:
-            body = await read_json(request, config.max_body_bytes, config.read_timeout)
-            response: Response = JSONResponse(await handler(request, body))
+            body = await read(request)
+            result = await handler(request, body)
+            response: Response = result if isinstance(result, Response) else JSONResponse(result)
         except HTTPError as exc:
             response = JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
         except Exception as exc:  # noqa: BLE001 - a bug answers 500 with its message, the server stays up
@@ -240,69 +282,178 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         metrics.latency.labels(endpoint).observe(time.monotonic() - start)
         return response
 
+    def json_body(request: Request):
+        return read_json(request, config.max_body_bytes, config.read_timeout)
+
     async def v1_translate(http: Request, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
-        unknown = sorted(set(body) - {"texts", "options", "source_lang", "target_lang"})
+        gate(http)
+        unknown = sorted(set(body) - set(V1_FIELDS))
         if unknown:
-            raise HTTPError(400, f"unknown field(s) {unknown}; known: ['options', 'source_lang', 'target_lang', 'texts']")
+            raise HTTPError(400, f"unknown field(s) {unknown}; known: {sorted(V1_FIELDS)}")
         if "texts" not in body:
             raise HTTPError(400, "missing field 'texts'")
         texts = check_texts(body["texts"], "texts", config)
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise HTTPError(400, f"'options' must be an object, got {json_type(options)}")
-        misplaced = [name for name in TOP_LEVEL if name in options]
+        misplaced = [name for name in V1_FIELDS if name in options]
         if misplaced:
             raise HTTPError(400, f"{misplaced} are fields of the request, not decoding options: move them out of "
                                  "'options'")
         for name in ("source_lang", "target_lang"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise HTTPError(400, f"'{name}' must be a string, got {json_type(body[name])}")
-        results = await run(http, texts, source_lang=body.get("source_lang"), target_lang=body.get("target_lang"),
-                            **options)
-        scores, n_best = bool(options.get("return_scores")), len(results[0].hypotheses) if results else 1
-        return {"translations": [translation_json(t, scores, n_best) for t in results]}
+        fmt, split = body.get("format", "text"), body.get("split_sentences", False)
+        if fmt not in ("text", "html"):
+            raise HTTPError(400, f"'format' must be 'text' or 'html', got {fmt!r}")
+        if not isinstance(split, bool):
+            raise HTTPError(400, f"'split_sentences' must be a boolean, got {json_type(split)}")
+        langs = {"source_lang": body.get("source_lang"), "target_lang": body.get("target_lang")}
+        if fmt == "text" and not split:  # the sentence API: Engine.translate_batch
+            results = await run(http, texts, **langs, **options)
+            scores, n_best = bool(options.get("return_scores")), len(results[0].hypotheses) if results else 1
+            return {"translations": [translation_json(t, scores, n_best) for t in results]}
+        for name in DOCUMENT_REFUSES:
+            if options.get(name):
+                raise HTTPError(400, f"option {name!r} applies to sentences: it needs format 'text' and "
+                                     "split_sentences false")
+        plans = await make_plans(texts, fmt, True, langs["source_lang"], "texts", options.get("max_input_length"))
+        n = engine.options(**options).num_hypotheses if options else engine.defaults.num_hypotheses
+        rendered = await run_documents(http, plans, **langs, hypotheses=n, **options)
+        return {"translations": [{"translation": r[0], **({"hypotheses": [{"translation": h} for h in r]}
+                                                         if n > 1 else {})} for r in rendered]}
 
     async def libretranslate(http: Request, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
+        gate(http, body)
         if "q" not in body:
             raise HTTPError(400, "Invalid request: missing q parameter")
         q = body["q"]
         texts = check_texts(q if isinstance(q, list) else [q], "q", config)
-        if body.get("format", "text") != "text":
-            raise HTTPError(400, f"format {body.get('format')!r} is not supported; use 'text'")
+        fmt = body.get("format") or "text"
+        if fmt not in ("text", "html"):
+            raise HTTPError(400, f"Invalid request: format must be 'text' or 'html', got {fmt!r}")
         alternatives = libre_alternatives(body.get("alternatives", 0))
-        source, target = body.get("source", "auto"), body.get("target")
+        source, target = body.get("source") or "auto", body.get("target")
         if not isinstance(target, str):
             raise HTTPError(400, "Invalid request: missing target parameter")
         if not isinstance(source, str):
             raise HTTPError(400, f"source must be a string, got {json_type(source)}")
+        detected = await asyncio.to_thread(lambda: [documents.detect_source(t) for t in texts]) \
+            if source == "auto" else None
+        sources = [d.language for d in detected] if detected else [source] * len(texts)
         options: dict[str, Any] = {}
         if alternatives:
             options = {"beam_size": max(alternatives + 1, engine.defaults.beam_size), "num_hypotheses": alternatives + 1}
-        results = await run(http, texts, **language_options(engine, source, target), **options)
-        out: dict[str, Any] = {"translatedText": [t.hypotheses[0] for t in results]}
+        out_texts: list[list[str]] = [[] for _ in texts]
+        groups: dict[str | None, list[int]] = {}
+        for i, lang in enumerate(sources):  # a list q may hold several detected languages: one request each
+            groups.setdefault(lang, []).append(i)
+
+        async def translate_group(lang: str | None, members: list[int]) -> None:
+            langs = language_options(engine, lang or "auto", target)
+            plans = await make_plans([texts[i] for i in members], fmt, True, langs.get("source_lang"), "q")
+            for i, r in zip(members, await run_documents(http, plans, hypotheses=alternatives + 1, **langs,
+                                                         **options)):
+                out_texts[i] = r
+        await asyncio.gather(*(translate_group(lang, m) for lang, m in groups.items()))
+        out: dict[str, Any] = {"translatedText": [r[0] for r in out_texts]}
         if alternatives:
-            out["alternatives"] = [t.hypotheses[1:] for t in results]
+            out["alternatives"] = [r[1:] for r in out_texts]
+        if detected:
+            out["detectedLanguage"] = [{"confidence": d.confidence, "language": d.language} for d in detected]
         if not isinstance(q, list):
             out = {k: v[0] for k, v in out.items()}
-        if source == "auto":
-            out["detectedLanguage"] = {"confidence": 100.0, "language": default_source(engine)}
         return out
+
+    async def detect(http: Request, body: Any) -> Any:
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
+        gate(http, body)
+        if "q" not in body:
+            raise HTTPError(400, "Invalid request: missing q parameter")
+        q = body["q"]
+        texts = check_texts(q if isinstance(q, list) else [q], "q", config)
+        ranked = await asyncio.to_thread(lambda: [documents.detector.rank(t) for t in texts])
+        out = [[{"confidence": d.confidence, "language": d.language} for d in r] for r in ranked]
+        return out if isinstance(q, list) else out[0]
+
+    async def read_form(request: Request) -> Any:
+        body = await read_body(request, config.max_file_bytes + FORM_OVERHEAD, config.read_timeout)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPError(400, "Invalid request: send the file as multipart/form-data (field 'file')")
+
+        async def chunks():
+            yield body
+        try:
+            return await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
+        except Exception as exc:  # noqa: BLE001 - python-multipart's errors: a malformed form
+            raise HTTPError(400, f"Invalid request: not a multipart form ({exc})") from None
+
+    async def translate_file(http: Request, form: Any) -> dict[str, Any]:
+        gate(http, {"api_key": form.get("api_key")} if form.get("api_key") else None)
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise HTTPError(400, "Invalid request: missing file parameter")
+        source, target = form.get("source") or "auto", form.get("target")
+        if not target:
+            raise HTTPError(400, "Invalid request: missing target parameter")
+        data = await upload.read()
+        if len(data) > config.max_file_bytes:
+            raise HTTPError(413, f"file of {len(data)} bytes exceeds the limit of {config.max_file_bytes} bytes")
+        name = upload.filename or "file.txt"
+        langs = language_options(engine, source, target)  # a language the model lacks: 400 before the work
+        try:
+            plan = await asyncio.to_thread(plan_file, documents, name, data, langs.get("source_lang"))
+        except PyEngineError as exc:
+            raise HTTPError(400, f"{name}: {exc}") from None
+        if source == "auto":  # the file's language, from its first sentences
+            detected = documents.detect_source(" ".join(plan.segments[:50])).language
+            langs = language_options(engine, detected or "auto", target)
+        options = documents.alignment_options([plan], {})
+        results = await run(http, plan.segments, **langs, **options)
+        translated = await asyncio.to_thread(plan.render, results)
+        stored = files.put(name, translated)
+        return {"translatedFileUrl": f"{str(http.base_url).rstrip('/')}/download_file/{stored}"}
 
     @app.post("/v1/translate")
     async def translate_v1(request: Request) -> Response:
-        return await answer("/v1/translate", request, v1_translate)
+        return await answer("/v1/translate", request, v1_translate, json_body)
 
     @app.post("/translate")
     async def translate_libre(request: Request) -> Response:
-        return await answer("/translate", request, libretranslate)
+        return await answer("/translate", request, libretranslate, json_body)
+
+    @app.post("/detect")
+    async def detect_libre(request: Request) -> Response:
+        return await answer("/detect", request, detect, json_body)
+
+    @app.post("/translate_file")
+    async def translate_file_libre(request: Request) -> Response:
+        return await answer("/translate_file", request, translate_file, read_form)
+
+    @app.get("/download_file/{name}")
+    async def download_file(name: str) -> Response:
+        path = files.get(name)
+        if path is None:
+            return JSONResponse({"error": f"no translated file {name!r} (files are kept for the last "
+                                          f"{config.files_kept} translations)"}, status_code=404)
+        return FileResponse(path, filename=name.split("-", 1)[1])
 
     @app.get("/languages")
     async def languages() -> list[dict[str, Any]]:
         return language_list(engine)
+
+    @app.get("/frontend/settings")
+    async def frontend_settings() -> dict[str, Any]:
+        return frontend(engine, config, access)
+
+    @app.get("/")
+    async def page() -> Response:
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
     @app.get("/health")
     async def health() -> Response:
@@ -319,6 +470,12 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
 
 
 MAX_ALTERNATIVES = 8
+FORM_OVERHEAD = 64 * 1024  # multipart headers and the other fields, beyond the file itself
+# /v1/translate's top-level fields (and the names Scheduler.submit takes besides decoding options)
+V1_FIELDS = ("texts", "options", "source_lang", "target_lang", "format", "split_sentences")
+# decoding options that describe one sentence's decoding: refused for documents (split or HTML)
+DOCUMENT_REFUSES = ("return_scores", "return_attention", "target_prefix")
+PAGE = Path(__file__).parent / "static" / "index.html"
 
 
 def libre_alternatives(value: Any) -> int:
@@ -330,11 +487,6 @@ def libre_alternatives(value: Any) -> int:
     if value > MAX_ALTERNATIVES:
         raise HTTPError(400, f"Invalid request: alternatives must be <= {MAX_ALTERNATIVES}, got {value}")
     return max(0, value)
-
-
-def default_source(engine: Engine) -> str | None:
-    tok = engine.tokenizer
-    return getattr(tok, "source_lang", None) or getattr(tok, "language_pair", (None, None))[0]
 
 
 def language_options(engine: Engine, source: str, target: str) -> dict[str, Any]:
@@ -356,11 +508,23 @@ def language_list(engine: Engine) -> list[dict[str, Any]]:
     tok = engine.tokenizer
     if hasattr(tok, "lang_ids"):
         codes = sorted(tok.lang_ids)
-        return [{"code": c, "name": c, "targets": [t for t in codes if t != c]} for c in codes]
+        return [{"code": c, "name": language_name(c), "targets": [t for t in codes if t != c]} for c in codes]
     source, target = getattr(tok, "language_pair", (None, None))
     if source is None or target is None:
         return []
-    return [{"code": source, "name": source, "targets": [target]}, {"code": target, "name": target, "targets": []}]
+    return [{"code": source, "name": language_name(source), "targets": [target]},
+            {"code": target, "name": language_name(target), "targets": []}]
+
+
+def frontend(engine: Engine, config: ServerConfig, access: Access) -> dict[str, Any]:
+    """LibreTranslate's GET /frontend/settings (what its web page and clients read to set themselves up)."""
+    langs = language_list(engine)
+    target = next((t for row in langs for t in row["targets"]), None)
+    return {"charLimit": config.max_chars, "frontendTimeout": 500, "apiKeys": access.keys_required,
+            "keyRequired": access.keys_required, "suggestions": False, "filesTranslation": True,
+            "supportedFilesFormat": list(FILE_TYPES),
+            "language": {"source": {"code": "auto", "name": "Auto Detect"},
+                         "target": {"code": target, "name": language_name(target) if target else None}}}
 
 
 def header_timeout_protocol(timeout: float) -> type:
