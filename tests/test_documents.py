@@ -290,3 +290,30 @@ def test_model_codes_map_to_detector_languages():
 
 def test_model_text_is_words_joined_by_single_spaces():
     assert model_text("  a\tb \n c  ") == "a b c"
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+def cli(*args: str, stdin: bytes = b"") -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-m", "pyengine", *args], input=stdin, capture_output=True, timeout=300)
+
+
+def test_cli_paragraphs_html_and_files(engine, tmp_path):
+    text = "Open the file. Save the changes!\n\nClose the window.\n"
+    run = cli("translate", "--paragraphs", stdin=text.encode())
+    assert run.returncode == 0, run.stderr.decode()
+    assert run.stdout.decode() == engine.translate([text], split_sentences=True)[0]
+    page = "<p>Open the <b>file</b>.</p>\n"
+    run = cli("translate", "--format", "html", stdin=page.encode())
+    assert run.returncode == 0 and run.stdout.decode() == engine.translate([page], format="html")[0]
+    run = cli("translate", "--format", "html", stdin=b"<p><b>x</i></p>")
+    assert run.returncode == 2 and "bad HTML: </i> at line 1, column 8" in run.stderr.decode()
+    run = cli("translate", "--paragraphs", "--num-hypotheses", "2", stdin=b"x")
+    assert run.returncode == 2 and "apply to one sentence a line" in run.stderr.decode()
+    (tmp_path / "in.txt").write_text(text, encoding="utf-8")
+    run = cli("translate-file", str(tmp_path / "in.txt"), str(tmp_path / "out.txt"))
+    assert run.returncode == 0, run.stderr.decode()
+    assert (tmp_path / "out.txt").read_text(encoding="utf-8") == engine.translate([text], split_sentences=True)[0]
+    run = cli("translate-file", str(tmp_path / "missing.docx"), str(tmp_path / "out.docx"))
+    assert run.returncode == 2 and "cannot read" in run.stderr.decode()
