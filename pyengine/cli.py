@@ -30,6 +30,15 @@ def _add_translate(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=("text", "html"), default="text",
                    help="html: the input is one HTML document, translated with its markup kept")
+    p.add_argument("--input", help="a corpus file (.txt one sentence a line, .jsonl or .parquet with --column) "
+                                   "translated on Ray into --output, resumably")
+    p.add_argument("--output", help="where --input's translations go (same format; for .jsonl/.parquet the records "
+                                    "gain a 'translation' column)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="run on a Ray cluster: its address, or 'auto' (the default) to start a local one")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, one engine each (with --ray)")
+    p.add_argument("--column", default="text", help="the text column of a .jsonl / .parquet input")
+    p.add_argument("--shard-lines", type=int, default=256, help="lines per shard: the unit a restart skips")
     p.add_argument("--paragraphs", action="store_true",
                    help="the input is running text: sentences are split and re-joined with the original line breaks "
                         "and spacing (instead of one sentence a line)")
@@ -89,6 +98,9 @@ def _add_serve(sub) -> None:
                    help="require an API key: one key a line, optionally followed by its own requests per minute")
     p.add_argument("--req-limit", type=int, help="requests per minute per key (per client address without keys)")
     p.add_argument("--max-file-bytes", type=int, default=defaults.max_file_bytes, help="/translate_file upload limit")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                   help="serve on Ray Serve: a cluster's address, or 'auto' to start a local one")
+    p.add_argument("--replicas", type=int, default=2, help="server replicas on Ray Serve (with --ray)")
 
 
 def serve_main(args: argparse.Namespace) -> int:
@@ -101,13 +113,20 @@ def serve_main(args: argparse.Namespace) -> int:
     engine_options = {k: v for k, v in {"max_batch_tokens": args.max_batch_tokens, "max_batch_size": args.max_batch_size,
                                         "max_memory_mb": args.max_memory_mb}.items() if v is not None}
     engine_options["max_beam_size"] = args.max_beam_size or None
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, **engine_options)
     from .serving.access import read_keys
 
     config = ServerConfig(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
                           request_timeout=args.timeout, max_queue=args.max_queue, read_timeout=args.read_timeout,
                           api_keys=read_keys(args.api_keys) if args.api_keys else None, req_limit=args.req_limit,
                           max_file_bytes=args.max_file_bytes)
+    if args.ray:
+        from .distributed import require_ray
+        require_ray()
+        from .distributed.serve import serve_on_ray
+        serve_on_ray(args.ray, args.host, args.port, args.replicas, args.model, args.dtype, args.threads or 1,
+                     config, engine_options)
+        return 0
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype, **engine_options)
     serve(engine, args.host, args.port, config)
     return 0
 
@@ -152,20 +171,14 @@ def _read_lines(stream) -> tuple[list[str | None], dict[int, str]]:
 def _translate_chunk(engine, chunk: list[str | None], start: int, errors: dict[int, str], options: dict) -> list:
     """Translate the readable lines of a chunk; a line the engine refuses gets its error recorded (by line
     number) and no translation, and the others are translated all the same."""
-    while True:
-        good = [i for i, line in enumerate(chunk) if line is not None and start + i not in errors]
-        try:
-            results = engine.translate_batch([chunk[i] for i in good], **options)
-        except InputError as exc:
-            if exc.index is None:
-                raise
-            line = start + good[exc.index]
-            errors[line] = f"line {line + 1}: {str(exc).split(': ', 1)[1]}"
-            continue
-        out: list = [None] * len(chunk)
-        for i, r in zip(good, results):
+    good = [i for i, line in enumerate(chunk) if line is not None and start + i not in errors]
+    out: list = [None] * len(chunk)
+    for i, r in zip(good, engine.translate_each([chunk[i] for i in good], **options)):
+        if isinstance(r, InputError):
+            errors[start + i] = f"line {start + i + 1}: {r.message}"
+        else:
             out[i] = r
-        return out
+    return out
 
 
 def translate_main(args: argparse.Namespace) -> int:
@@ -173,13 +186,15 @@ def translate_main(args: argparse.Namespace) -> int:
 
     from .engine import Engine
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     options = {k: v for k, v in {
         "beam_size": args.beam_size, "length_penalty": args.length_penalty,
         "max_decoding_length": args.max_decoding_length, "min_decoding_length": args.min_decoding_length,
         "num_hypotheses": args.num_hypotheses, "truncate_input": args.truncate or None}.items() if v is not None}
+    if args.input or args.output or args.ray:
+        return _translate_corpus(args, options)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
     engine.options(**options)  # reject bad options before reading input
     if args.format == "html" or args.paragraphs:
         return _translate_document(engine, args, options)
@@ -203,6 +218,28 @@ def translate_main(args: argparse.Namespace) -> int:
         print(f"pyengine: {len(errors)} of {len(lines)} lines not translated (empty lines in the output)",
               file=sys.stderr)
     return 2 if errors else 0
+
+
+def _translate_corpus(args: argparse.Namespace, options: dict) -> int:
+    """--input FILE --output FILE --ray [ADDRESS]: a corpus on a Ray cluster, resumable by shard."""
+    if not (args.input and args.output and args.ray):
+        raise PyEngineError("--input, --output and --ray go together (without Ray, translate stdin to stdout)")
+    if args.num_hypotheses or args.scores or args.paragraphs or args.format != "text":
+        raise PyEngineError("--input/--output translate one sentence a line: --num-hypotheses, --scores, "
+                            "--paragraphs and --format html do not apply")
+    from .config import DecodeOptions
+    from .distributed import require_ray
+
+    require_ray()
+    DecodeOptions().replace(**options)  # bad options before any work
+    from .distributed.files import translate_corpus
+
+    counts = translate_corpus(args.input, args.output, args.model, args.ray, args.workers, args.threads or 1,
+                              args.dtype, args.column, shard_lines=args.shard_lines, progress=not args.quiet,
+                              **options)
+    print(f"pyengine: {counts['shards']} shards: {counts['skipped']} done before, {counts['translated']} "
+          f"translated now; {counts['errors']} lines refused", file=sys.stderr)
+    return 2 if counts["errors"] else 0
 
 
 def _translate_document(engine, args: argparse.Namespace, options: dict) -> int:

@@ -157,6 +157,25 @@ class Engine:
         self._validate_texts(texts)
         return [self.documents.detector.rank(t, top) for t in texts]
 
+    def translate_each(self, texts: Sequence[str], **options: Any) -> list[Translation | InputError]:
+        """translate_batch for a corpus: a text the engine refuses (not a string, not valid Unicode, over the length
+        limit) gets its InputError in its place, and the others are translated all the same."""
+        out: list[Translation | InputError | None] = [None] * len(texts)
+        good = list(range(len(texts)))
+        while good:
+            try:
+                results = self.translate_batch([texts[i] for i in good], **options)
+            except InputError as exc:
+                if exc.index is None:
+                    raise
+                bad = good.pop(exc.index)
+                out[bad] = InputError(exc.message, bad)
+                continue
+            for i, r in zip(good, results):
+                out[i] = r
+            break
+        return out  # type: ignore[return-value]
+
     def translate_iter(self, texts: Sequence[str], **options: Any) -> Iterator[StreamEvent]:
         """Stream each sentence's best hypothesis as it grows (greedy and beam search), then its final one.
 

@@ -10,7 +10,7 @@ class InputError(PyEngineError, ValueError):
     """A caller's input is unusable; `index` names the offending item of the batch when known."""
 
     def __init__(self, message: str, index: int | None = None):
-        self.index = index
+        self.index, self.message = index, message
         super().__init__(f"input {index}: {message}" if index is not None else message)
 
 

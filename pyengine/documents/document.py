@@ -186,8 +186,7 @@ class Documents:
         pos = exc.index
         for i, plan in enumerate(plans):
             if pos < len(plan.segments):
-                message = str(exc).split(": ", 1)[1]
-                return InputError(f"sentence {pos + 1}: {message}" if len(plan.segments) > 1 else message, i)
+                return InputError(f"sentence {pos + 1}: {exc.message}" if len(plan.segments) > 1 else exc.message, i)
             pos -= len(plan.segments)
         return exc
 

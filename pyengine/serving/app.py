@@ -254,7 +254,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
             return await asyncio.to_thread(build)
         except PyEngineError as exc:
             if isinstance(exc, InputError) and exc.index is not None:
-                raise HTTPError(400, f"{field}[{exc.index}]: {str(exc).split(': ', 1)[1]}") from None
+                raise HTTPError(400, f"{field}[{exc.index}]: {exc.message}") from None
             raise HTTPError(400, str(exc)) from None
 
     def gate(http: Request, body: Any = None) -> None:
