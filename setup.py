@@ -42,8 +42,8 @@ setup(
     version="0.1.0",
     description="Fast inference for encoder-decoder Transformer translation models",
     python_requires=">=3.10",
-    packages=["pyengine", "pyengine.decoding", "pyengine.documents", "pyengine.loaders", "pyengine.model",
-              "pyengine.serving", "pyengine.kernels"],
+    packages=["pyengine", "pyengine.decoding", "pyengine.distributed", "pyengine.documents", "pyengine.loaders",
+              "pyengine.model", "pyengine.serving", "pyengine.kernels"],
     package_dir={"pyengine.kernels": "kernels"},
     package_data={"pyengine": ["models/default/*", "serving/static/*"]},
     include_package_data=True,
@@ -55,6 +55,8 @@ setup(
                       "python-docx>=1.2", "python-multipart>=0.0.20", "limits>=5.8"],
     extras_require={
         "test": ["pytest>=8", "transformers>=5.0", "sacrebleu>=2.4"],
+        # pyengine.distributed: corpus translation on Ray Data, replicated serving on Ray Serve
+        "ray": ["ray[data,serve]>=2.40", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["pyengine=pyengine.cli:main"]},
     ext_modules=[extension()],

@@ -143,7 +143,12 @@ async def _load(url: str, clients: int, requests: int, pool: list[str], options:
                     body = {"q": texts[0], "source": "en", "target": "de"} if libre else \
                         {"texts": texts, "options": options}
                     async with http.post(out.endpoint, json=body) as r:
-                        out.status, data = r.status, await r.json(content_type=None)
+                        out.status = r.status
+                        raw = await r.read()
+                    try:
+                        data = json.loads(raw)
+                    except ValueError:  # a proxy's plain-text answer (Ray Serve's for a replica that died)
+                        data = {"error": raw.decode("utf-8", "replace")[:200]}
                     if out.status == 200:
                         out.translations = [data["translatedText"]] if libre else \
                             [t["translation"] for t in data["translations"]]
