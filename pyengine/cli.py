@@ -44,6 +44,45 @@ def _add_translate(sub) -> None:
                         "and spacing (instead of one sentence a line)")
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="score target sentences against their sources (one pair a line of two files)",
+                       allow_abbrev=False)
+    p.add_argument("--source", required=True, help="source sentences, one a line")
+    p.add_argument("--target", required=True, help="target sentences, one a line, aligned with --source")
+    p.add_argument("-m", "--model", default="default", help="model directory (default: the shipped model)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, int8 or auto")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    p.add_argument("--sum", action="store_true", help="print the summed log-probability (default: the mean per token)")
+    p.add_argument("--word-scores", action="store_true", help="then, after a tab, each token's log-probability")
+    p.add_argument("--source-lang")
+    p.add_argument("--target-lang")
+
+
+def score_main(args: argparse.Namespace) -> int:
+    from .engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        sources = open(args.source, encoding="utf-8").read().splitlines()
+        targets = open(args.target, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read the pairs: {exc}") from None
+    if len(sources) != len(targets):
+        raise InputError(f"{args.source} has {len(sources)} lines but {args.target} has {len(targets)}")
+    engine = Engine.load(args.model, device=args.device, dtype=args.dtype)
+    out = sys.stdout
+    for start in range(0, len(sources), CHUNK):
+        for r in engine.score_batch(sources[start: start + CHUNK], targets[start: start + CHUNK],
+                                    source_lang=args.source_lang, target_lang=args.target_lang):
+            line = f"{r.cumulated_score if args.sum else r.normalized_score:.6f}"
+            if args.word_scores:
+                line += "\t" + " ".join(f"{x:.6f}" for x in r.log_probs)
+            out.write(line + "\n")
+    return 0
+
+
 def _add_translate_file(sub) -> None:
     p = sub.add_parser("translate-file", help="translate a .txt, .html or .docx file, keeping its structure",
                        allow_abbrev=False)
@@ -265,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_serve(sub)
     _add_convert(sub)
     _add_translate_file(sub)
+    _add_score(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "translate":
@@ -275,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve_main(args)
         if args.command == "translate-file":
             return translate_file_main(args)
+        if args.command == "score":
+            return score_main(args)
     except PyEngineError as exc:
         print(f"pyengine: error: {exc}", file=sys.stderr)
         return 2

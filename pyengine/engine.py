@@ -18,6 +18,7 @@ from .documents import Detection, Documents
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer, load_weights, resolve_ops
+from .scoring import ScoringResult, score
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -156,6 +157,37 @@ class Engine:
         """The most likely languages of each text (the model's source languages when it has several)."""
         self._validate_texts(texts)
         return [self.documents.detector.rank(t, top) for t in texts]
+
+    def score_batch(self, sources: Sequence[str], targets: Sequence[str], source_lang: str | None = None,
+                    target_lang: str | None = None, offset: int = 0) -> list[ScoringResult]:
+        """Each target's log-probability given its source, per token (EOS included), as CTranslate2's score_batch.
+
+        target_lang: a multilingual model's target language, whose token then starts the target (scored unless
+        offset skips it). offset: target tokens at the start left unscored."""
+        self._validate_texts(sources)
+        self._validate_texts(targets)
+        if len(sources) != len(targets):
+            raise InputError(f"{len(sources)} sources but {len(targets)} targets: score_batch takes pairs")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise OptionError(f"offset must be an integer >= 0, got {offset!r}")
+        encode = self._language_encoder(source_lang, target_lang, options := {})
+        lead = [options["forced_bos_token"]] if "forced_bos_token" in options else []
+        limit = self.config.max_positions
+        src, tgt = [], []
+        for i, (s, t) in enumerate(zip(sources, targets)):
+            if not s.strip() or not t.strip():
+                raise InputError(f"an empty {'source' if not s.strip() else 'target'} cannot be scored", index=i)
+            ids, out = encode(s), lead + self.tokenizer.encode_target(t) + [self.config.eos_id]
+            for side, seq in (("source", ids), ("target", out)):
+                if len(seq) > limit:
+                    raise InputError(f"{side} of {len(seq)} tokens exceeds the model's {limit} positions", index=i)
+            if offset >= len(out):
+                raise InputError(f"offset {offset} leaves none of the target's {len(out)} tokens to score", index=i)
+            src.append(ids)
+            tgt.append(out)
+        ec = self.engine_config
+        return score(self.model, src, tgt, self.config.decoder_start_id, self.config.pad_id, ec.device,
+                     ec.max_batch_tokens, ec.max_batch_size, offset)
 
     def translate_each(self, texts: Sequence[str], **options: Any) -> list[Translation | InputError]:
         """translate_batch for a corpus: a text the engine refuses (not a string, not valid Unicode, over the length

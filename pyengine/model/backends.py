@@ -67,8 +67,10 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
                                    None if rows is None else rows.contiguous()).to(q.dtype)
     if rows is not None:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
         k, v = gather_rows(k, rows), gather_rows(v, rows)
-        if kv_lengths is not None:  # positions a row never wrote may hold anything; masked weights are 0, 0·NaN not
+        if kv_lengths is not None:  # positions a row never wrote may hold anything (NaN): masked weights are 0
+            # but 0·NaN is not, and SDPA adds its mask to q·k, so NaN + -inf stays NaN: zero both keys and values
             unseen = torch.arange(tk, device=q.device)[None, :] >= kv_lengths[:, None]
+            k = k.masked_fill(unseen[:, None, :, None], 0)
             v = v.masked_fill(unseen[:, None, :, None], 0)
     mask = visible_keys(q.shape[0], tq, tk, kv_lengths, causal, q.device)
     if not step or tq > SMALL_QUERY:

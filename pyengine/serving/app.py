@@ -419,6 +419,38 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         stored = files.put(name, translated)
         return {"translatedFileUrl": f"{str(http.base_url).rstrip('/')}/download_file/{stored}"}
 
+    async def v1_score(http: Request, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
+        gate(http)
+        unknown = sorted(set(body) - set(SCORE_FIELDS))
+        if unknown:
+            raise HTTPError(400, f"unknown field(s) {unknown}; known: {sorted(SCORE_FIELDS)}")
+        for name in ("sources", "targets"):
+            if name not in body:
+                raise HTTPError(400, f"missing field '{name}'")
+        sources, targets = check_texts(body["sources"], "sources", config), check_texts(body["targets"], "targets",
+                                                                                       config)
+        args = {k: body[k] for k in ("source_lang", "target_lang", "offset") if body.get(k) is not None}
+        try:  # in the worker's thread, between two decoder steps
+            future = scheduler.call(lambda: engine.score_batch(sources, targets, **args))
+        except QueueFullError as exc:
+            raise HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)}) from None
+        try:
+            results = await asyncio.wait_for(asyncio.wrap_future(future), config.request_timeout)
+        except TimeoutError:
+            raise HTTPError(504, f"scoring did not finish within {config.request_timeout} s") from None
+        except PyEngineError as exc:
+            raise HTTPError(400, str(exc)) from None
+        pieces = getattr(engine.tokenizer, "decoder", {})
+        return {"scores": [{"score": r.normalized_score, "cumulated_score": r.cumulated_score,
+                            "log_probs": r.log_probs, "tokens": [pieces.get(t, "") for t in r.tokens]}
+                           for r in results]}
+
+    @app.post("/v1/score")
+    async def score_v1(request: Request) -> Response:
+        return await answer("/v1/score", request, v1_score, json_body)
+
     @app.post("/v1/translate")
     async def translate_v1(request: Request) -> Response:
         return await answer("/v1/translate", request, v1_translate, json_body)
@@ -473,6 +505,7 @@ MAX_ALTERNATIVES = 8
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the other fields, beyond the file itself
 # /v1/translate's top-level fields (and the names Scheduler.submit takes besides decoding options)
 V1_FIELDS = ("texts", "options", "source_lang", "target_lang", "format", "split_sentences")
+SCORE_FIELDS = ("sources", "targets", "source_lang", "target_lang", "offset")
 # decoding options that describe one sentence's decoding: refused for documents (split or HTML)
 DOCUMENT_REFUSES = ("return_scores", "return_attention", "target_prefix")
 PAGE = Path(__file__).parent / "static" / "index.html"

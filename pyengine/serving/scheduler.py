@@ -63,6 +63,7 @@ class Scheduler:
         self.stats = SchedulerStats()
         self._inbox: collections.deque[Request] = collections.deque()
         self._cancelled: list[Request] = []  # requests whose callers gave up, for the worker to take out
+        self._calls: list[tuple[Callable[[], Any], Future]] = []  # other model work for the worker's thread
         # sentences waiting for a batch: a FIFO per batch key (admission costs what it admits, and one option
         # set's backlog never holds another's batch back)
         self._waiting: dict[Hashable, collections.deque[tuple[Request, int]]] = {}
@@ -118,6 +119,17 @@ class Scheduler:
             self._wake.notify()
         return request, future
 
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run `fn` (other work on the model, such as scoring) in the worker's thread between two decoder steps:
+        the model's work stays in one thread (see run). Returns a Future of its result or error."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                raise QueueFullError("the worker is shutting down")
+            self._calls.append((fn, future))
+            self._wake.notify()
+        return future
+
     def cancel(self, request: Request) -> None:
         """The caller gave up (timeout, disconnect): the worker takes the request's sentences out of the queue and
         the running batch before its next step and cancels its future."""
@@ -157,7 +169,8 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._inbox or self._cancelled or self._waiting or self._batches or self._stopping):
+                    while not (self._inbox or self._cancelled or self._waiting or self._batches or self._stopping
+                               or self._calls):
                         if until is not None and until():
                             return
                         self._wake.wait(None if until is None else 0.2)
@@ -165,6 +178,13 @@ class Scheduler:
                         return
                     inbox, self._inbox = self._inbox, collections.deque()
                     cancelled, self._cancelled = self._cancelled, []
+                    calls, self._calls = self._calls, []
+                for fn, future in calls:  # other model work (scoring), between two steps of the batch
+                    if future.set_running_or_notify_cancel():
+                        try:
+                            resolve(future, fn())
+                        except Exception as exc:  # noqa: BLE001 - the caller's error, handed to the caller
+                            resolve(future, error=exc)
                 self._round(inbox, cancelled)
                 del inbox, cancelled  # nothing of a finished round stays referenced while the worker waits
 
