@@ -1,5 +1,6 @@
 """Scoring (Engine.score_batch, `pyengine score`, POST /v1/score) against Hugging Face's teacher-forced
-log-softmax, one pair at a time (no padding in the reference), on the shipped model and a random one."""
+log-softmax, one pair at a time (no padding in the reference), on the shipped model and a random one, and against
+CTranslate2's own score_batch on the model converted by its own converter."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,41 @@ def test_log_probs_equal_hugging_face_teacher_forcing(model, request):
         assert g.cumulated_score == pytest.approx(sum(w), abs=1e-3)
         assert g.normalized_score == pytest.approx(sum(w) / len(w), abs=1e-4)
     assert engine.score_batch(sources[:1], targets[:1], offset=2)[0].log_probs == pytest.approx(got[0].log_probs[2:], abs=1e-5)
+
+
+def test_scores_equal_ctranslate2_score_batch(tmp_path):
+    """CTranslate2 converts a Marian model by starting the decoder from a zero embedding and dropping the <pad> row
+    of the vocabulary (right for models Marian trained, whose pad embedding is zero). On a copy of the shipped model
+    made that way (pad embedding 0, pad logit -1e4: the same model for all three), its score_batch gives
+    pyengine's log-probabilities."""
+    import shutil
+
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from safetensors.torch import load_file, save_file
+    from transformers import MarianTokenizer
+
+    source = pyengine.engine.resolve_model_path("default")
+    path = tmp_path / "zero-pad"
+    shutil.copytree(source, path)
+    state = load_file(str(path / "model.safetensors"))
+    pad = json.loads((path / "config.json").read_text())["pad_token_id"]
+    state["model.shared.weight"][pad] = 0
+    state["final_logits_bias"][0, pad] = -1e4
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tok = MarianTokenizer.from_pretrained(path)
+    engine = pyengine.Engine.load(path)
+    sources, targets = [s for s, _ in PAIRS], [t for _, t in PAIRS]
+    ct2_dir = tmp_path / "ct2"
+    TransformersConverter(str(path)).convert(str(ct2_dir), force=True)
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", compute_type="float32")
+    ref = translator.score_batch([tok.convert_ids_to_tokens(tok(s).input_ids) for s in sources],
+                                 [tok.convert_ids_to_tokens(tok(text_target=t).input_ids[:-1]) for t in targets])
+    got = engine.score_batch(sources, targets)
+    for g, r in zip(got, ref):
+        assert tok.convert_ids_to_tokens(g.tokens) == r.tokens
+        assert max(abs(a - b) for a, b in zip(g.log_probs, r.log_probs)) < 1e-3
+        assert g.normalized_score == pytest.approx(sum(r.log_probs) / len(r.log_probs), abs=1e-3)
 
 
 def test_bad_pairs_are_named():
