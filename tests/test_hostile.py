@@ -278,9 +278,11 @@ def test_queue_exhaustion_answers_503_with_retry_after_and_recovers(server, engi
 def test_timeout_cancels_the_request_and_shutdown_answers_what_is_in_flight(engine):
     """A request past --timeout gets 504 and its sentences leave the batch; then SIGTERM with a good request in flight
     and a stalled connection open: the request is answered and the process exits."""
-    with ServerProcess("default", threads=2, extra=LIMITS[:-2] + ["--timeout", "1"]) as server:
+    # the request needs ~1.3 s of decoding here: a timeout of 0.5 s leaves it well inside the batch when it expires
+    # (at 1 s the last steps could finish before the worker saw the cancellation: no sentence to take out)
+    with ServerProcess("default", threads=2, extra=LIMITS[:-2] + ["--timeout", "0.5"]) as server:
         status, answer, _ = request(server, "/v1/translate", v1({"beam_size": 8, "max_decoding_length": 200}, LONG))
-        assert status == 504 and "within 1.0 s" in answer["error"]
+        assert status == 504 and "within 0.5 s" in answer["error"]
         assert_idle(server)
         assert metric(server, "pyengine_cancelled_sentences_total") > 0
         answers = []
