@@ -1,7 +1,9 @@
 """HTTP front end: FastAPI over one continuous-batching worker (pyengine.serving.scheduler) per engine.
 
-Endpoints: POST /v1/translate (texts + decoding options), POST /translate and GET /languages (the
-LibreTranslate API, so its clients work unchanged), GET /health, GET /metrics (Prometheus text).
+Endpoints: POST /v1/translate (texts + decoding options), POST /v1/score; LibreTranslate's API (POST /translate,
+/detect, /translate_file, GET /languages, /frontend/settings: libretranslate.py), so its clients work unchanged;
+the page at /, GET /health, GET /metrics (Prometheus text: metrics.py). Body reading and shape checks: http.py;
+keys and limits: access.py.
 Every refusal is a 4xx/5xx with a JSON body {"error": "..."} that names the problem; a refused request
 never reaches the running batch, so it cannot harm the other requests in it. A request whose client goes away or
 that times out is cancelled: its sentences leave the running batch at the next step. docs/server.md lists the
@@ -12,11 +14,8 @@ limits and what each bad input gets.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 import time
-import urllib.parse
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,151 +23,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.formparsers import MultiPartParser
-from starlette.requests import ClientDisconnect
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..config import ServerConfig
+from ..documents import Documents, Plan, render_all
+from ..documents.files import plan_file
 from ..engine import Engine, Translation
 from ..errors import BatchMemoryError, InputError, OptionError, PyEngineError
-from ..documents import Documents, Plan, language_name, render_all
-from ..documents.files import FILE_TYPES, plan_file
 from .access import Access, HTTPError
 from .files import FileStore
+from .http import CLIENT_CLOSED, check_texts, disconnected, header_timeout_protocol, json_type, read_body, read_json
+from .libretranslate import frontend, language_list, language_options, libre_alternatives
+from .metrics import CONTENT_TYPE_PROMETHEUS, Metrics
 from .scheduler import QueueFullError, RequestTooLargeError, Scheduler
 
-CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
-CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer" (logged, never sent)
 log = logging.getLogger("pyengine.serving")
-
-
-async def read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The request body, refused past `limit` bytes (413) or when it does not arrive within `timeout` seconds (408)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    body = bytearray()
-    try:
-        async with asyncio.timeout(timeout):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise HTTPError(413, f"request body exceeds the limit of {limit} bytes")
-    except TimeoutError:
-        raise HTTPError(408, f"request body not received within {timeout} s ({len(body)} bytes came)") from None
-    except ClientDisconnect:
-        raise HTTPError(CLIENT_CLOSED, "the client closed the connection while sending the body") from None
-    return bytes(body)
-
-
-async def read_json(request: Request, limit: int, timeout: float) -> Any:
-    """The body as JSON (or a form for the LibreTranslate API), refused past `limit` bytes, when it does not arrive
-    within `timeout` seconds, or when it is not UTF-8 / not JSON (NaN and Infinity, numbers of more than 4300
-    digits and nesting deeper than Python's recursion limit included)."""
-    body = await read_body(request, limit, timeout)
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise HTTPError(400, f"request body is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded"):
-        return {k: v[0] if len(v) == 1 else v for k, v in urllib.parse.parse_qs(text, keep_blank_values=True).items()}
-    try:
-        return json.loads(text, parse_constant=refuse_constant)
-    except json.JSONDecodeError as exc:
-        raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise HTTPError(400, "request body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:  # integers past Python's digit limit, NaN / Infinity
-        raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
-
-
-def refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-async def disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body is read: the next ASGI message is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def check_texts(texts: Any, field: str, config: ServerConfig) -> list[str]:
-    """A non-empty list of strings within the limits; the first offending item is named."""
-    if not isinstance(texts, list):
-        raise HTTPError(400, f"'{field}' must be a list of strings, got {json_type(texts)}")
-    if len(texts) > config.max_texts:
-        raise HTTPError(413, f"{len(texts)} texts exceed the limit of {config.max_texts} per request")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise HTTPError(400, f"{field}[{i}] must be a string, got {json_type(text)}")
-        if len(text) > config.max_chars:
-            raise HTTPError(413, f"{field}[{i}] has {len(text)} characters, over the limit of {config.max_chars}")
-    return texts
-
-
-def json_type(value: Any) -> str:
-    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
-            list: "array", dict: "object"}.get(type(value), type(value).__name__)
-
-
-class Metrics:
-    """Prometheus metrics of one app: request counts and latencies here, the worker's counters read at
-    scrape time."""
-
-    def __init__(self, scheduler: Scheduler):
-        self.registry = CollectorRegistry()
-        self.requests = Counter("pyengine_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("pyengine_request_latency_seconds", "Time from arrival to answer",
-                                 ["endpoint"], registry=self.registry,
-                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.batch_rows = Histogram("pyengine_batch_rows", "Decoder rows (sentences x beam) per decode step",
-                                    registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        scheduler.on_step = self.batch_rows.observe
-        self.registry.register(_WorkerCollector(scheduler))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class _WorkerCollector:
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
-
-    def collect(self):
-        s = self.scheduler.stats
-        for name, doc, value in (("sentences", "Sentences admitted to a batch", s.sentences),
-                                 ("source_tokens", "Source tokens admitted (EOS included)", s.source_tokens),
-                                 ("target_tokens", "Target tokens generated (best hypothesis, EOS included)",
-                                  s.target_tokens),
-                                 ("decode_steps", "Decoder steps run", s.steps),
-                                 ("cohorts", "Cohorts admitted (sentences encoded together)", s.cohorts),
-                                 ("evictions", "Cohorts evicted and retried after running out of memory",
-                                  s.evictions),
-                                 ("cancelled_sentences", "Sentences taken out of the queue or the batch because "
-                                  "their client went away or their request timed out", s.cancelled),
-                                 ("failed_requests", "Requests failed by an error in the worker (logged)",
-                                  s.failures)):
-            yield CounterMetricFamily(f"pyengine_{name}", doc, value=value)
-        # what the steps ran (the implementations translate() runs: engine.backends), and where their time went
-        steps = CounterMetricFamily("pyengine_decoder_steps", "Decoder steps by implementation", labels=["implementation"])
-        for name, n in s.decoder_steps.items():
-            steps.add_metric([name], n)
-        yield steps
-        outputs = CounterMetricFamily("pyengine_output_layer", "Cohort steps by output path (fused-topk: output layer "
-                                      "fused with log-softmax + top-k; logits; none: a target prefix token)",
-                                      labels=["path"])
-        for name, n in s.outputs.items():
-            outputs.add_metric([name], n)
-        yield outputs
-        seconds = CounterMetricFamily("pyengine_worker_seconds", "Worker time by part (admit: encoding)",
-                                      labels=["part"])
-        for name, value in s.seconds.items():
-            seconds.add_metric([name], value)
-        yield seconds
-        yield GaugeMetricFamily("pyengine_queue_depth", "Sentences waiting for a batch",
-                                value=self.scheduler.queue_depth)
-        yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=self.scheduler.running)
 
 
 def translation_json(t: Translation, scores: bool, n_best: int) -> dict[str, Any]:
@@ -267,7 +135,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
                                                         else None)
         access.check(key, http.client.host if http.client else "")
 
-    async def answer(endpoint: str, request: Request, handler, read=read_json) -> Response:
+    async def answer(endpoint: str, request: Request, handler, read) -> Response:
         start = time.monotonic()
         try:
             body = await read(request)
@@ -447,25 +315,17 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
                             "log_probs": r.log_probs, "tokens": [pieces.get(t, "") for t in r.tokens]}
                            for r in results]}
 
-    @app.post("/v1/score")
-    async def score_v1(request: Request) -> Response:
-        return await answer("/v1/score", request, v1_score, json_body)
+    def post(path: str, handler, read=json_body) -> None:
+        """POST `path`: the body read by `read`, answered by `handler` through `answer` (errors, metrics)."""
+        async def endpoint(request: Request) -> Response:
+            return await answer(path, request, handler, read)
+        app.add_api_route(path, endpoint, methods=["POST"], name=handler.__name__)
 
-    @app.post("/v1/translate")
-    async def translate_v1(request: Request) -> Response:
-        return await answer("/v1/translate", request, v1_translate, json_body)
-
-    @app.post("/translate")
-    async def translate_libre(request: Request) -> Response:
-        return await answer("/translate", request, libretranslate, json_body)
-
-    @app.post("/detect")
-    async def detect_libre(request: Request) -> Response:
-        return await answer("/detect", request, detect, json_body)
-
-    @app.post("/translate_file")
-    async def translate_file_libre(request: Request) -> Response:
-        return await answer("/translate_file", request, translate_file, read_form)
+    post("/v1/translate", v1_translate)
+    post("/v1/score", v1_score)
+    post("/translate", libretranslate)
+    post("/detect", detect)
+    post("/translate_file", translate_file, read_form)
 
     @app.get("/download_file/{name}")
     async def download_file(name: str) -> Response:
@@ -501,7 +361,6 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
     return app
 
 
-MAX_ALTERNATIVES = 8
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the other fields, beyond the file itself
 # /v1/translate's top-level fields (and the names Scheduler.submit takes besides decoding options)
 V1_FIELDS = ("texts", "options", "source_lang", "target_lang", "format", "split_sentences")
@@ -509,104 +368,6 @@ SCORE_FIELDS = ("sources", "targets", "source_lang", "target_lang", "offset")
 # decoding options that describe one sentence's decoding: refused for documents (split or HTML)
 DOCUMENT_REFUSES = ("return_scores", "return_attention", "target_prefix")
 PAGE = Path(__file__).parent / "static" / "index.html"
-
-
-def libre_alternatives(value: Any) -> int:
-    """LibreTranslate's `alternatives`: an integer, or its digits as a form sends them; below 0 counts as 0."""
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,9}\s*", value):
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise HTTPError(400, f"Invalid request: alternatives must be an integer, got {value!r}")
-    if value > MAX_ALTERNATIVES:
-        raise HTTPError(400, f"Invalid request: alternatives must be <= {MAX_ALTERNATIVES}, got {value}")
-    return max(0, value)
-
-
-def language_options(engine: Engine, source: str, target: str) -> dict[str, Any]:
-    """LibreTranslate's source/target for this model: language codes of a multilingual model, or a check
-    against the pair a bilingual model translates."""
-    tok = engine.tokenizer
-    if hasattr(tok, "lang_id"):  # multilingual: the codes select the languages
-        return {"source_lang": None if source == "auto" else source, "target_lang": target}
-    pair = getattr(tok, "language_pair", (None, None))
-    if pair[0] is not None and source not in ("auto", pair[0]):
-        raise HTTPError(400, f"this model translates {pair[0]} to {pair[1]}; source {source!r} is not available")
-    if pair[1] is not None and target != pair[1]:
-        raise HTTPError(400, f"this model translates {pair[0]} to {pair[1]}; target {target!r} is not available")
-    return {}
-
-
-def language_list(engine: Engine) -> list[dict[str, Any]]:
-    """LibreTranslate's GET /languages."""
-    tok = engine.tokenizer
-    if hasattr(tok, "lang_ids"):
-        codes = sorted(tok.lang_ids)
-        return [{"code": c, "name": language_name(c), "targets": [t for t in codes if t != c]} for c in codes]
-    source, target = getattr(tok, "language_pair", (None, None))
-    if source is None or target is None:
-        return []
-    return [{"code": source, "name": language_name(source), "targets": [target]},
-            {"code": target, "name": language_name(target), "targets": []}]
-
-
-def frontend(engine: Engine, config: ServerConfig, access: Access) -> dict[str, Any]:
-    """LibreTranslate's GET /frontend/settings (what its web page and clients read to set themselves up)."""
-    langs = language_list(engine)
-    target = next((t for row in langs for t in row["targets"]), None)
-    return {"charLimit": config.max_chars, "frontendTimeout": 500, "apiKeys": access.keys_required,
-            "keyRequired": access.keys_required, "suggestions": False, "filesTranslation": True,
-            "supportedFilesFormat": list(FILE_TYPES),
-            "language": {"source": {"code": "auto", "name": "Auto Detect"},
-                         "target": {"code": target, "name": language_name(target) if target else None}}}
-
-
-def header_timeout_protocol(timeout: float) -> type:
-    """uvicorn's httptools protocol with a deadline for a request's headers: a connection that opens and sends
-    nothing, or stalls inside its headers, gets 408 and is closed after `timeout` seconds instead of being held
-    forever (uvicorn's own keep-alive timeout only starts after a first response). The body's deadline is
-    read_json's."""
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    body = json.dumps({"error": f"request headers not received within {timeout} s"}).encode()
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
-              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-
-    class HeaderTimeoutProtocol(HttpToolsProtocol):
-        header_deadline: asyncio.TimerHandle | None = None
-
-        def _arm(self) -> None:
-            if self.header_deadline is None:
-                self.header_deadline = self.loop.call_later(timeout, self._expired)
-
-        def _disarm(self) -> None:
-            if self.header_deadline is not None:
-                self.header_deadline.cancel()
-                self.header_deadline = None
-
-        def _expired(self) -> None:
-            self.header_deadline = None
-            if not self.transport.is_closing():
-                log.info("closing a connection that sent no complete headers within %s s", timeout)
-                self.transport.write(answer)
-                self.transport.close()
-
-        def connection_made(self, transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self._arm()
-
-        def on_headers_complete(self) -> None:
-            self._disarm()
-            super().on_headers_complete()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-    return HeaderTimeoutProtocol
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
