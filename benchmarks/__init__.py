@@ -1,0 +1,17 @@
+"""Side-by-side speed and quality runs; results/ holds every file the docs cite."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(kind: str, report: dict) -> Path:
+    """benchmarks/results/<kind>-<yyyymmdd-hhmmss>.json, printed as written."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    print(f"written {out.relative_to(RESULTS.parents[1])}")
+    return out

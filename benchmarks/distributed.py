@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import ray
 
+    from benchmarks import write_results
     from benchmarks.compare import _cpu_name
     from pyengine.distributed import translate_dataset
 
@@ -77,9 +78,7 @@ def main(argv=None) -> int:
               "ray_1_worker_share_of_single_process": round(throughput["1"] / (len(texts) / min(floor)), 3)}
     print(json.dumps({k: report[k] for k in ("sentences_per_s", "scaling_efficiency_2_workers",
                                              "ray_1_worker_share_of_single_process")}, indent=1))
-    out = ROOT / "benchmarks" / "results" / f"distributed-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"written {out.relative_to(ROOT)}")
+    write_results("distributed", report)
     return 0
 
 

@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
+    from benchmarks import write_results
     import pyengine
     from benchmarks.compare import _cpu_name
 
@@ -248,10 +249,7 @@ def main(argv=None) -> int:
           f"{h['inline_elements_with_words']:.1%}, text = plain translation {h['text_equals_plain_translation']:.1%}")
     for label, rows in report["detection"].items():
         print(f"detection ({label}): " + ", ".join(f"{k} {v['accuracy']:.1%}" for k, v in rows.items()))
-    out = ROOT / "benchmarks" / "results" / f"documents-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(f"written {out.relative_to(ROOT)}")
+    write_results("documents", report)
     return 0
 
 

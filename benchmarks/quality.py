@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(ROOT))
+    from benchmarks import write_results
     from pyengine.engine import resolve_model_path
     model_dir = resolve_model_path(args.model)
     report = {"model": str(model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir),
@@ -176,10 +177,7 @@ def main(argv=None) -> int:
           "(/bf16-weights: the model's weights rounded to bf16 first):")
     for k, v in report["parity_models_bf16_same_as_fp32"].items():
         print(f"  {k:<28} pyengine {v['pyengine']:.1%}   (HF bf16 vs HF fp32: {v['hf']:.1%})")
-    out = ROOT / "benchmarks" / "results" / f"quality-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    print(f"written {out.relative_to(ROOT)}")
+    write_results("quality", report)
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import html
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -293,9 +295,7 @@ def test_model_text_is_words_joined_by_single_spaces():
 
 
 # -- command line ----------------------------------------------------------------------------------------------
-def cli(*args: str, stdin: bytes = b"") -> "subprocess.CompletedProcess":
-    import subprocess
-    import sys
+def cli(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pyengine", *args], input=stdin, capture_output=True, timeout=300)
 
 

@@ -64,12 +64,10 @@ class Detector:
 
     @property
     def identifier(self):
-        known = set(self._identifier().nb_classes)
-        candidates = sorted(set(self.codes) & known)
-        if len(candidates) < 2:
-            return self._identifier()
+        """The model's languages the detector knows when there are two or more (built once), else all 97."""
         if self._restricted is None:
-            self._restricted = self._identifier(candidates)
+            candidates = sorted(set(self.codes) & set(self._identifier().nb_classes))
+            self._restricted = self._identifier(candidates) if len(candidates) >= 2 else self._identifier()
         return self._restricted
 
     def rank(self, text: str, top: int = 3) -> list[Detection]:

@@ -64,11 +64,7 @@ class _Lexer(HTMLParser):
     def handle_data(self, data):
         self.tokens.append(("text", self._at(), "", []))
 
-    def handle_entityref(self, name):
-        self.tokens.append(("text", self._at(), "", []))
-
-    def handle_charref(self, name):
-        self.tokens.append(("text", self._at(), "", []))
+    handle_entityref = handle_charref = handle_data  # an entity is text: its source is copied, its meaning decoded
 
     def handle_comment(self, data):
         self.tokens.append(("comment", self._at(), "", []))
@@ -76,11 +72,7 @@ class _Lexer(HTMLParser):
     def handle_decl(self, decl):
         self.tokens.append(("decl", self._at(), "", []))
 
-    def handle_pi(self, data):
-        self.tokens.append(("decl", self._at(), "", []))
-
-    def unknown_decl(self, data):
-        self.tokens.append(("decl", self._at(), "", []))
+    handle_pi = unknown_decl = handle_decl
 
 
 class _BlockBuilder:
