@@ -7,13 +7,12 @@ torch must be installed first and the build run without isolation (an isolated b
 """
 import glob
 import os
-import shutil
 
 from setuptools import setup
 
 try:
     import torch  # noqa: F401
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 except ImportError as exc:  # fail loudly: there is no pure-Python release install
     raise SystemExit("pyengine's build needs torch installed first: pip install torch==2.13.0, then "
                      "pip install --no-build-isolation -e .") from exc
@@ -22,18 +21,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def extension():
-    """C++ always; the CUDA sources only where nvcc and a CUDA build of torch are both present."""
+    """The C++ CPU kernels. Nothing is compiled for a GPU at install (no CUDA toolkit needed): the GPU runs the
+    Triton kernels of pyengine.kernels, which Triton compiles on first use."""
     cpp = sorted(glob.glob("csrc/*.cpp"))
-    cuda = sorted(glob.glob("csrc/*.cu"))
     # -fopenmp: at::parallel_for is inlined into our sources and is serial without it.
     # -ffp-contract=off: a scalar a*b+c is never fused into an FMA behind our back, so a loop the compiler
     # vectorizes with an alignment peel rounds every element alike (else results depended on addresses)
     args = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]}
     link = ["-fopenmp"]
-    if cuda and CUDA_HOME and torch.version.cuda and shutil.which("nvcc"):
-        args["nvcc"] = ["-O3", "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
-        return CUDAExtension("pyengine._C", cpp + cuda, extra_compile_args=args, extra_link_args=link,
-                             define_macros=[("PYENGINE_WITH_CUDA", None)])
     return CppExtension("pyengine._C", cpp, extra_compile_args=args, extra_link_args=link)
 
 

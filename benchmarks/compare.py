@@ -4,6 +4,7 @@ min = max decoding length, so nobody stops early), each system in its own proces
 
     python -m benchmarks.compare                   # all cases, 2 threads, writes benchmarks/results/*.json
     python -m benchmarks.compare --cases beam4_b32 --rounds 1
+    python -m benchmarks.compare --device cuda --out OUTDIR   # a GPU: fp16/bf16 vs HF (and CTranslate2's CUDA build)
 
 The model is opus-mt-en-de's shape (d_model 512, 6+6 layers, 8 heads, FFN 2048, vocab 58101, swish)
 with random weights, saved by `MarianMTModel.save_pretrained` and converted offline by CTranslate2's
@@ -26,6 +27,8 @@ CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
 SHAPE = dict(d_model=512, layers=6, heads=8, ffn=2048, vocab=58101)
 SYSTEMS = ("pyengine-fp32", "pyengine-bf16", "pyengine-int8", "hf-fp32", "hf-bf16", "ct2-fp32", "ct2-int8")
+CUDA_SYSTEMS = ("pyengine-fp16", "pyengine-bf16", "hf-fp16", "hf-bf16", "ct2-fp16")
+BASELINES = {"cpu": ("ct2-int8", "ct2-fp32", "hf-bf16"), "cuda": ("ct2-fp16", "hf-fp16", "hf-bf16")}
 CASES = {
     # name: (batch, source length, target positions, beam)
     "beam4_b32": (32, 24, 32, 4),
@@ -59,7 +62,11 @@ def prepare_model() -> Path:
     for quant in ("float32", "int8"):
         out = CACHE / f"ct2-{quant}"
         if not (out / "model.bin").exists():
-            from ctranslate2.converters import TransformersConverter
+            try:
+                from ctranslate2.converters import TransformersConverter
+            except ImportError:  # a GPU machine without CTranslate2: its systems fail and are reported so
+                print("ctranslate2 is not installed: no CTranslate2 systems", file=sys.stderr)
+                return model_dir
             TransformersConverter(str(model_dir)).convert(str(out), quantization=quant, force=True)
     return model_dir
 
@@ -89,20 +96,22 @@ def sources(case: str) -> list[list[int]]:
 
 
 # -- workers: one system, one case, in its own process -------------------------------------------
-def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: int, threads: int):
+def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: int, threads: int,
+            device: str = "cpu"):
     import torch
     torch.set_num_threads(threads)
+    precision = system.split("-")[1]
     if system.startswith("pyengine"):
         sys.path.insert(0, str(ROOT))
         import pyengine
         # at most 32 sentences per batch, as HF and CTranslate2 are run here (the token budget still applies)
-        engine = pyengine.Engine.load(model_dir, dtype=system.split("-")[1], max_batch_size=32)
+        engine = pyengine.Engine.load(model_dir, device=device, dtype=precision, max_batch_size=32)
         return lambda: [len(t.tokens[0]) + 1 for t in engine.generate(
             src, beam_size=beam, max_decoding_length=n, min_decoding_length=n)]
     if system.startswith("hf"):
         from transformers import MarianMTModel
-        model = MarianMTModel.from_pretrained(model_dir, dtype=torch.bfloat16 if system.endswith("bf16")
-                                              else torch.float32).eval()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        model = MarianMTModel.from_pretrained(model_dir, dtype=dtype).eval().to(device)
         pad = model.config.pad_token_id
         order = sorted(range(len(src)), key=lambda i: -len(src[i]))  # sorted batches of 32, as a user would
 
@@ -111,7 +120,7 @@ def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: in
             for start in range(0, len(order), 32):
                 chunk = [src[i] for i in order[start:start + 32]]
                 width = max(map(len, chunk))
-                ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk])
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
                 with torch.inference_mode():
                     out = model.generate(input_ids=ids, attention_mask=(ids != pad).long(), num_beams=beam,
                                          max_new_tokens=n, min_new_tokens=n, do_sample=False)
@@ -119,14 +128,18 @@ def _runner(system: str, model_dir: Path, src: list[list[int]], n: int, beam: in
             return lengths
         return run
     import ctranslate2
-    translator = ctranslate2.Translator(str(CACHE / system.replace("fp32", "float32")),
-                                        device="cpu", intra_threads=threads, inter_threads=1)
+    if device == "cuda":  # the float32 conversion, computed in half precision by CTranslate2's CUDA build
+        translator = ctranslate2.Translator(str(CACHE / "ct2-float32"), device="cuda",
+                                            compute_type={"fp16": "float16", "bf16": "bfloat16"}[precision])
+    else:
+        translator = ctranslate2.Translator(str(CACHE / system.replace("fp32", "float32")),
+                                            device="cpu", intra_threads=threads, inter_threads=1)
     tokens = [[f"tok{i}" for i in s[:-1]] + ["</s>"] for s in src]
     return lambda: [len(r.hypotheses[0]) + 1 for r in translator.translate_batch(
         tokens, beam_size=beam, max_decoding_length=n, min_decoding_length=n, max_batch_size=32)]
 
 
-def worker(system: str, case: str, threads: int, repeats: int) -> dict:
+def worker(system: str, case: str, threads: int, repeats: int, device: str = "cpu") -> dict:
     model_dir = CACHE / "opus-mt-en-de-shape"
     batch, _, n, beam = CASES[case]
     src = sources(case)
@@ -134,9 +147,17 @@ def worker(system: str, case: str, threads: int, repeats: int) -> dict:
         src = src[:1]
     corpus = CASES[case][1] is None
     if corpus:  # warm up on a slice; a full corpus run per system and round is long enough to time alone
-        _runner(system, model_dir, src[:32], n, beam, threads)()
+        _runner(system, model_dir, src[:32], n, beam, threads, device)()
         repeats = 1
-    run = _runner(system, model_dir, src, n, beam, threads)
+    run = _runner(system, model_dir, src, n, beam, threads, device)
+    if device == "cuda":  # the clock stops when the GPU is done, not when the launches are queued
+        import torch
+        untimed = run
+
+        def run():
+            out = untimed()
+            torch.cuda.synchronize()
+            return out
     if not corpus:
         run()  # warm-up
     times = []
@@ -149,6 +170,29 @@ def worker(system: str, case: str, threads: int, repeats: int) -> dict:
 
 
 # -- the machine's floor ------------------------------------------------------------------------
+def gpu_floor() -> dict:
+    """The GPU's fp16/bf16 matmul rate and copy bandwidth, measured now."""
+    import torch
+
+    def rate(fn, work, reps=20):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return work * reps / (time.perf_counter() - t0)
+
+    out = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        a, b = (torch.randn(8192, 8192, dtype=dtype, device="cuda") for _ in range(2))
+        out[f"{name}_matmul_tflops"] = rate(lambda: a @ b, 2 * 8192 ** 3) / 1e12
+    x = torch.ones(256 * 2 ** 20, device="cuda")
+    y = torch.empty_like(x)
+    out["copy_gb_s"] = rate(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
+    return out
+
+
 def machine_floor(threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
@@ -197,7 +241,7 @@ def decode_flops(case: str) -> float:
 def weight_bytes(case: str, system: str) -> float:
     """Bytes of weights streamed: every decode step reads the decoder and output layer once per batch."""
     d, ff, layers, v = SHAPE["d_model"], SHAPE["ffn"], SHAPE["layers"], SHAPE["vocab"]
-    per_param = 1 if system.endswith("int8") else (2 if system.endswith("bf16") else 4)
+    per_param = 1 if system.endswith("int8") else (2 if system.endswith(("bf16", "fp16")) else 4)
     batch, _, n, _ = CASES[case]
     batches = 1 if case == "greedy_b1" else max(1, round(len(sources(case)) / 32))
     decoder = layers * (6 * d * d + 2 * d * ff) + v * d
@@ -210,26 +254,32 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each system once per round)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per worker after its warm-up")
-    ap.add_argument("--cases", nargs="*", default=list(CASES))
-    ap.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    ap.add_argument("--cases", nargs="*", default=None, help="default: all (on a GPU: all but the corpus)")
+    ap.add_argument("--systems", nargs="*", default=None, help="default: the device's systems")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON is written")
     ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.threads, args.repeats)))
+        print(json.dumps(worker(*args.worker, args.threads, args.repeats, args.device)))
         return 0
+    cuda = args.device == "cuda"
+    args.systems = args.systems or list(CUDA_SYSTEMS if cuda else SYSTEMS)
+    args.cases = args.cases or [c for c in CASES if not (cuda and c == "corpus_beam4")]
 
     prepare_model()
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     env.pop("TRITON_INTERPRET", None)
     runs: dict[tuple[str, str], list[float]] = {}
     checks: dict[tuple[str, str], dict] = {}
-    floor = machine_floor(args.threads)
+    floor = gpu_floor() if cuda else machine_floor(args.threads)
     for rnd in range(args.rounds):
         for case in args.cases:
             systems = args.systems if rnd % 2 == 0 else list(reversed(args.systems))  # alternate the order
             for system in systems:
                 proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--worker", system, case,
-                                       "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                                       "--threads", str(args.threads), "--repeats", str(args.repeats),
+                                       "--device", args.device],
                                       cwd=ROOT, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     print(f"{system} {case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -240,10 +290,10 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1} {case:<13} {system:<14} {min(res['seconds']):8.3f} s", file=sys.stderr)
     report = summarize(runs, checks, floor, args)
     print_table(report)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"compare-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"compare-{'cuda-' if cuda else ''}{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=1))
-    print(f"\nwritten {path.relative_to(ROOT)}")
+    print(f"\nwritten {path}")
     return 0
 
 
@@ -264,7 +314,7 @@ def summarize(runs, checks, floor, args) -> dict:
                      "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
                      "runs": secs})
     return {"machine": {"cpu": _cpu_name(), "threads": args.threads, "python": platform.python_version(),
-                        **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
+                        "device": args.device, **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
 
 
 def _cpu_name() -> str:
@@ -279,15 +329,21 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     m = report["machine"]
-    int8 = f", int8 GEMM {m['int8_matmul_tflops']:.2f} TFLOP/s" if "int8_matmul_tflops" in m else ""
-    print(f"\nCPU: {m['cpu']}, {m['threads']} threads. Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
-          f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s{int8}, copy {m['copy_gb_s']:.0f} GB/s")
+    device = m.get("device", "cpu")
+    if device == "cuda":
+        print(f"\nGPU: {m['gpu']} (torch {m['torch']}, CUDA {m['cuda']}). Floor: fp16 matmul "
+              f"{m['fp16_matmul_tflops']:.0f} TFLOP/s, bf16 {m['bf16_matmul_tflops']:.0f}, copy {m['copy_gb_s']:.0f} GB/s")
+    else:
+        int8 = f", int8 GEMM {m['int8_matmul_tflops']:.2f} TFLOP/s" if "int8_matmul_tflops" in m else ""
+        print(f"\nCPU: {m['cpu']}, {m['threads']} threads. Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
+              f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s{int8}, copy {m['copy_gb_s']:.0f} GB/s")
+    baselines = BASELINES[device]
     by = {(r["system"], r["case"]): r for r in report["results"]}
     for case in report["cases"]:
         print(f"\n{case}: batch/beam/target positions = {CASES[case][0]}/{CASES[case][3]}/{CASES[case][2]}")
-        print(f"  {'system':<14} {'tokens/s':>9} {'latency':>9} {'vs ct2-int8':>11} {'vs ct2-fp32':>11} "
-              f"{'vs hf-bf16':>10} {'floor':>6}")
-        for system in SYSTEMS:
+        print(f"  {'system':<14} {'tokens/s':>9} {'latency':>9} " + " ".join(f"{'vs ' + b:>11}" for b in baselines)
+              + f" {'floor':>6}")
+        for system in CUDA_SYSTEMS if device == "cuda" else SYSTEMS:
             r = by.get((system, case))
             if not r:
                 continue
@@ -295,8 +351,8 @@ def print_table(report: dict) -> None:
                                    if (other, case) in by else "-")
             lat = f"{r['latency_ms']:.0f} ms" if r["latency_ms"] else ""
             fl = f"{r['floor_fraction']:.0%}" if r["floor_fraction"] else "n/a"
-            print(f"  {system:<14} {r['tokens_per_s']:>9.0f} {lat:>9} {ratio('ct2-int8'):>11} "
-                  f"{ratio('ct2-fp32'):>11} {ratio('hf-bf16'):>10} {fl:>6}")
+            print(f"  {system:<14} {r['tokens_per_s']:>9.0f} {lat:>9} " + " ".join(f"{ratio(b):>11}" for b in baselines)
+                  + f" {fl:>6}")
 
 
 if __name__ == "__main__":

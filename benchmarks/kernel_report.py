@@ -3,6 +3,8 @@
 
     python -m benchmarks.kernel_report            # table
     python -m benchmarks.kernel_report --json     # machine-readable (used by tests/test_kernel_compile.py)
+    python -m benchmarks.kernel_report --source-tree   # kernels/ imported from the checkout, not through pyengine:
+                                                       # an environment with only torch and another Triton
 
 Must run without TRITON_INTERPRET (interpreted kernels cannot be compiled). Each kernel is specialized
 as Triton's JIT specializes a launch at the opus-mt-en-de shape: 16-byte-aligned pointers, and strides
@@ -26,6 +28,15 @@ HEAD_DIMS = (32, 64, 80, 128)
 MODEL_DIMS = (256, 512, 1024)
 TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 ALIGNED_INTS = {"D", "N", "K"}  # model dimensions; every stride_* is aligned too
+SOURCE_TREE_ENV = "PYENGINE_KERNELS_FROM_SOURCE"  # set by --source-tree (read by the compile workers too)
+
+
+def _kernels(name: str):
+    """A kernel module: pyengine.kernels.<name>, or kernels.<name> of the checkout with --source-tree (pyengine's
+    runtime dependencies need not be installed to compile its kernels with another Triton)."""
+    import importlib
+    package = "kernels" if os.environ.get(SOURCE_TREE_ENV) == "1" else "pyengine.kernels"
+    return importlib.import_module(f"{package}.{name}")
 
 
 def _divisibility(fn, sig: dict) -> dict:
@@ -52,7 +63,7 @@ class Compiled:
 def _attention_configs():
     import torch
 
-    from pyengine.kernels import attention as mod
+    mod = _kernels("attention")
     # (lengths, causal, rows): the encoder; a causal block; decode steps over the indirect cache and the memory slots
     forms = {"encoder": (True, False, False), "causal block": (False, True, False),
              "decode over cache": (True, True, True), "cross over memory": (True, False, True)}
@@ -74,7 +85,7 @@ def _attention_configs():
 
 
 def _layernorm_configs():
-    from pyengine.kernels import layernorm as mod
+    mod = _kernels("layernorm")
     forms = {"post-norm": (True, False), "pre-norm": (True, True), "plain": (False, False)}
     for dtype, d, (form, (has_res, store_sum)) in itertools.product(
             ("float32", "float16", "bfloat16"), MODEL_DIMS, forms.items()):
@@ -91,7 +102,7 @@ def _layernorm_configs():
 def _ffn_configs():
     import torch
 
-    from pyengine.kernels import ffn as mod
+    mod = _kernels("ffn")
     epilogues = {"relu": (1, False), "gelu": (2, False), "swish": (3, False), "residual": (0, True)}
     for dtype, m, (epi, (act, has_res)) in itertools.product(
             ("float32", "float16", "bfloat16"), (16, 32, 64), epilogues.items()):
@@ -106,10 +117,23 @@ def _ffn_configs():
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+def _topk_configs():
+    mod = _kernels("topk")
+    # vocabularies: small test models, the default model, opus-mt-en-de, M2M100/NLLB
+    for vocab in (40, 1000, 8001, 58101, 256206):
+        cfg = mod.launch_config(vocab)
+        sig = {"x_ptr": "*fp32", "banned_ptr": "*i64", "val_ptr": "*fp32", "id_ptr": "*i64",
+               "stride_x": "i32", "V": "i32", "M": "i32", "K": "i32"}
+        const = {"BLOCK_V": cfg["BLOCK_V"], "BLOCK_M": cfg["BLOCK_M"]}
+        yield "log_softmax_topk", f"float32 V={vocab}", mod._log_softmax_topk_kernel, sig, const, {
+            "num_warps": cfg["num_warps"]}
+
+
 def configurations():
     yield from _attention_configs()
     yield from _layernorm_configs()
     yield from _ffn_configs()
+    yield from _topk_configs()
 
 
 def _resources(cubin: bytes, name: str) -> dict:
@@ -156,7 +180,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--source-tree", action="store_true", help="import kernels/ from the checkout")
     args = ap.parse_args(argv)
+    if args.source_tree:
+        os.environ[SOURCE_TREE_ENV] = "1"
+    import triton
+    print(f"Triton {triton.__version__}", file=sys.stderr)
     rows = compile_all(args.jobs)
     if args.json:
         json.dump(rows, sys.stdout)

@@ -205,6 +205,6 @@ def test_beam_step_bookkeeping(benchmark):
     from pyengine.config import DecodeOptions
     from pyengine.decoding.rules import HFBeamState
     opts = DecodeOptions(beam_size=4, max_decoding_length=64)
-    state = HFBeamState(32, 4, 64, torch.device("cpu"))
+    state = HFBeamState(32, 4, 64, torch.device("cpu"), "loop")
     cand_logp, cand_ids = torch.topk(torch.log_softmax(torch.randn(ROWS, V), -1), 8, dim=-1)
     benchmark(state.step, cand_logp, cand_ids, 5, opts, 0)

@@ -14,11 +14,6 @@ namespace pyengine {
 // Which optional parts were compiled in, so Python can report backends without guessing.
 pybind11::dict build_info() {
   pybind11::dict info;
-#ifdef PYENGINE_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
   info["torch_version"] = TORCH_VERSION;
   info["avx512_vnni"] = vnni_available();
   info["amx_int8"] = amx_available();

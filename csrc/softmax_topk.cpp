@@ -1,6 +1,7 @@
-// Fused log-softmax + top-k over the vocabulary for beam search, CPU implementation (the CUDA twin is
-// softmax_topk_cuda.cu). Per row, while it sits in L2: max, sum of exp, maxima of 128-wide chunks; the
-// k best values lie in the k chunks with the highest maxima, so only k·128 values are ranked.
+// Fused log-softmax + top-k over the vocabulary for beam search, CPU implementation (a GPU runs the Triton
+// twin, kernels/topk.py: no CUDA toolkit needed at install). Per row, while it sits in L2: max, sum of exp,
+// maxima of 128-wide chunks; the k best values lie in the k chunks with the highest maxima, so only k·128
+// values are ranked.
 #include "softmax_topk.h"
 #include "vec_math.h"
 
@@ -11,11 +12,6 @@
 #include <cstring>
 #include <limits>
 #include <vector>
-
-#ifdef PYENGINE_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include "softmax_topk_cuda.h"
-#endif
 
 namespace pyengine {
 
@@ -138,16 +134,7 @@ std::tuple<at::Tensor, at::Tensor> log_softmax_topk(at::Tensor logits, int64_t k
     TORCH_CHECK(banned_dev.min().item<int64_t>() >= 0 && banned_dev.max().item<int64_t>() < vocab,
                 "log_softmax_topk: banned token id outside the vocabulary");
   }
-#ifdef PYENGINE_WITH_CUDA
-  if (logits.is_cuda()) {
-    auto err = launch_log_softmax_topk(logits.data_ptr<float>(), rows, vocab, k, banned_dev.data_ptr<int64_t>(),
-                                       banned_dev.numel(), values.data_ptr<float>(), ids.data_ptr<int64_t>(),
-                                       c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == 0, "log_softmax_topk: CUDA launch failed with error ", err);
-    return {values, ids};
-  }
-#endif
-  TORCH_CHECK(logits.device().is_cpu(), "log_softmax_topk: this build has no CUDA implementation");
+  TORCH_CHECK(logits.device().is_cpu(), "log_softmax_topk: CPU tensors only (a GPU runs kernels/topk.py)");
   float* x = logits.data_ptr<float>();
   const int64_t* ban = banned_dev.data_ptr<int64_t>();
   const int64_t num_banned = banned_dev.numel();

@@ -16,6 +16,11 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU and compiled Triton kernels (scripts/gpu_check.sh runs "
+                                       "them: pytest -m cuda with TRITON_INTERPRET=0)")
 SAMPLE_TEXT = DATA / "sample.en.txt"
 
 

@@ -74,7 +74,7 @@ def beam_search(model, src: list[int], opts: DecodeOptions, start: int, eos: int
     """One sentence's n-best (tokens without EOS, score) by HF's rules: each step the decoder runs over every
     beam's whole prefix from scratch; log-softmax, suppressed tokens, forced EOS and top-k in plain PyTorch."""
     k, max_len = opts.beam_size, opts.max_decoding_length
-    state = HFBeamState(1, k, max_len, torch.device("cpu"))
+    state = HFBeamState(1, k, max_len, torch.device("cpu"), "loop")
     x = torch.tensor([src])
     for step in range(max_len):
         prefix = torch.cat([torch.full((k, 1), start), state.run_hist[0, :, :step]], dim=1)

@@ -29,8 +29,8 @@ def test_cpp_step_equals_reference(early_stopping, length_penalty, ties, impl):
     b, k, vocab, max_len, eos = 5, 4, 50, 12, 0
     opts = DecodeOptions(beam_size=k, length_penalty=length_penalty, early_stopping=early_stopping,
                          max_decoding_length=max_len)
-    cpp = HFBeamState(b, k, max_len, torch.device("cpu"))
-    ref = HFBeamState(b, k, max_len, torch.device("cpu"))
+    cpp = HFBeamState(b, k, max_len, torch.device("cpu"), impl)
+    ref = HFBeamState(b, k, max_len, torch.device("cpu"), impl)
     gen = torch.Generator().manual_seed(int(length_penalty * 10) + ties)
     for step in range(max_len):
         logp = torch.log_softmax(3 * torch.randn(b * k, vocab, generator=gen), -1)
@@ -52,7 +52,7 @@ def test_cpp_step_equals_reference(early_stopping, length_penalty, ties, impl):
 
 
 def test_beam_step_refuses_bad_arguments():
-    state = HFBeamState(2, 3, 8, torch.device("cpu"))
+    state = HFBeamState(2, 3, 8, torch.device("cpu"), "loop")
     logp, ids = torch.zeros(6, 6), torch.zeros(6, 6, dtype=torch.long)
     with pytest.raises(RuntimeError, match="impl is auto, loop or aten"):
         _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,

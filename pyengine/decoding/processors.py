@@ -2,9 +2,14 @@
 logits, and which of the processors an output layer fused with log-softmax + top-k can take as bans."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..config import DecodeOptions
+
+if TYPE_CHECKING:
+    from ..model.backends import LogSoftmaxTopk
 
 NEG = -1.0e9  # HF's "excluded" score
 
@@ -91,16 +96,15 @@ def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
 
 
 def candidates(logits: torch.Tensor, k: int, step: int, opts: DecodeOptions, eos: int, buffers: "StepBuffers",
-               seqs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+               seqs: torch.Tensor | None, topk: LogSoftmaxTopk) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's k best (log-prob after HF's processors, token) from (N, V) logits, best first.
 
-    Fused in C++ (one pass over each row, no (N, V) log-prob tensor written) unless a processor needs the
-    full matrix. Consumes `logits`."""
+    Fused (`topk`, the engine's log-softmax + top-k: C++ on the CPU, Triton on a GPU; one pass over each row, no
+    (N, V) log-prob tensor written) unless a processor needs the full matrix. Consumes `logits`."""
     bans = fused_bans(step, opts, eos)
     if bans is None:
         return topk_rows(log_probs(logits, step, opts, eos, out=buffers.logp(logits.shape[0]), seqs=seqs), k)
-    from .. import _C
-    return _C.log_softmax_topk(logits.contiguous(), k, torch.tensor(bans, dtype=torch.long))
+    return topk(logits.contiguous(), k, bans)
 
 
 def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,

@@ -21,11 +21,12 @@ class HFBeamState:
     B shrinks as sentences finish. Each step scores 2×beam candidates over beam × vocab; candidates ending in EOS
     (or at the length limit) among the first `beam` enter the finished set with score / length ** length_penalty;
     the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its worst finished
-    one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step, ATen: CPU or CUDA tensors); its Python
-    specification, which the C++ is tested against, is tests/reference_search.py."""
+    one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step: `impl` "loop", a loop per sentence over CPU
+    tensors, or "aten", an ATen composition for any device — Ops.beam_step); its Python specification, which the
+    C++ is tested against, is tests/reference_search.py."""
 
-    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
-        self.beam, self.max_len = beam, max_len
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
+        self.beam, self.max_len, self.impl = beam, max_len, impl
         self.sentence = torch.arange(batch, device=device)  # caller's index of each live sentence
         self.run_scores = torch.full((batch, beam), NEG, device=device)
         self.run_scores[:, 0] = 0.0  # only the first beam is live at the start
@@ -42,7 +43,8 @@ class HFBeamState:
         from .. import _C
         rows, nxt, self.last_parent, self.last_pick = _C.beam_step(
             cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist, self.fin_len,
-            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping], eos)
+            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping], eos,
+            impl=self.impl)
         return rows, nxt
 
     def done(self, opts: DecodeOptions) -> torch.Tensor:
@@ -51,16 +53,19 @@ class HFBeamState:
         return ~self.open | full
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        """(caller's sentence, n-best) of these batch rows: four reads from the device, however many finished."""
+        n = opts.num_hypotheses
+        lengths, scores = self.fin_len[rows, :n].tolist(), self.fin_scores[rows, :n].tolist()
+        hists, sentences = self.fin_hist[rows, :n].tolist(), self.sentence[rows].tolist()
         out = []
-        for r in rows.tolist():
+        for sentence, row_lengths, row_scores, row_hists in zip(sentences, lengths, scores, hists):
             hyps = []
-            for j in range(opts.num_hypotheses):
-                n = int(self.fin_len[r, j])
-                toks = self.fin_hist[r, j, :n].tolist()
+            for length, score, hist in zip(row_lengths, row_scores, row_hists):
+                toks = hist[:length]
                 if toks and toks[-1] == eos:
                     toks = toks[:-1]
-                hyps.append(Hypothesis(toks, float(self.fin_scores[r, j])))
-            out.append((int(self.sentence[r]), hyps))
+                hyps.append(Hypothesis(toks, score))
+            out.append((sentence, hyps))
         return out
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -71,9 +76,9 @@ class HFBeamState:
 class RecordedBeamState:
     """Shared part of the beam states whose finished hypotheses are recorded in a list per sentence
     (OpenNMT-py's and fairseq's rules), same interface as BeamState. Only the first beam is live at the
-    start; `step` is the library's rule."""
+    start; `step` is the library's rule, in PyTorch (any device; `impl` is not used)."""
 
-    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device):
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
         self.beam, self.max_len = beam, max_len
         self.sentence = torch.arange(batch, device=device)
         self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
@@ -106,8 +111,7 @@ class RecordedBeamState:
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
         out = []
-        for r in rows.tolist():
-            sentence = int(self.sentence[r])
+        for sentence in self.sentence[rows].tolist():
             best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
             out.append((sentence, [Hypothesis(toks, score) for score, toks in best]))
         return out
@@ -189,8 +193,9 @@ class BeamRules:
     supports_attention = True  # return_attention / coverage_penalty are implemented for these rules
     state_class: type = HFBeamState
 
-    def beam_state(self, batch: int, beam: int, max_len: int, device: torch.device):
-        return self.state_class(batch, beam, max_len, device)
+    def beam_state(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
+        """impl: the C++ beam step's implementation, "loop" (CPU tensors) or "aten" (Ops.beam_step)."""
+        return self.state_class(batch, beam, max_len, device, impl)
 
 
 class OnmtRules(BeamRules):

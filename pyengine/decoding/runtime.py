@@ -48,7 +48,7 @@ class Cohort:
 
     @property
     def sentences(self) -> int:
-        return len(self.strategy.live)
+        return self.strategy.sentences
 
     def keep(self, sentences: list[int]) -> list[int]:
         """Keep these sentences' cache rows (in this order); returns the rows of the others, now free."""
@@ -106,7 +106,7 @@ class Runtime:
         start = time.perf_counter()
         lengths = [len(x) for x in ids]
         strategy = new_strategy(len(ids), self.opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
-                                self.device, max(lengths), on_step, generator, prefix)
+                                self.device, max(lengths), self.model.ops, on_step, generator, prefix)
         if strategy.cache_len > self.model.cfg.max_positions:
             raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "
                              f"{strategy.cache_len - strategy.forced} exceed the model's {self.model.cfg.max_positions} "

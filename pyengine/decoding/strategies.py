@@ -9,7 +9,7 @@ the output, not of the score.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -19,6 +19,9 @@ from .hypothesis import Hypothesis, StepCallback, finalize
 from .processors import (StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
                          needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules
+
+if TYPE_CHECKING:
+    from ..model.backends import Ops
 
 
 class Selection(NamedTuple):
@@ -66,11 +69,13 @@ class Strategy:
     """Shared bookkeeping: the prompt, the position, the tokens fed next and the attention rows."""
 
     def __init__(self, batch: int, beam: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
-                 device: torch.device, src_width: int, on_step: StepCallback | None, prefix: torch.Tensor | None):
+                 device: torch.device, src_width: int, on_step: StepCallback | None, prefix: torch.Tensor | None,
+                 ops: "Ops"):
         if opts.needs_attention and not rules.supports_attention:
             raise OptionError(f"return_attention and coverage_penalty are not supported with {rules.name}'s beam "
                               "rules yet")
         self.opts, self.rules, self.eos, self.on_step = opts, rules, eos_id, on_step
+        self.topk = ops.log_softmax_topk  # ranks candidates from logits: C++ on the CPU, Triton on a GPU
         self.prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
         self.forced = self.prompt.shape[1] - 1  # prefix tokens fed before the first one is generated
         self.cache_len = self.forced + opts.max_decoding_length  # positions the cohort's rows use
@@ -113,11 +118,11 @@ class Greedy(Strategy):
     not of the score; max/min_decoding_length count the tokens generated after it."""
 
     def __init__(self, batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
-                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 device: torch.device, src_width: int, ops: "Ops", on_step: StepCallback | None = None,
                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None):
         if opts.sampling and generator is None:
             raise ValueError("sampling needs a torch.Generator")
-        super().__init__(batch, 1, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)
+        super().__init__(batch, 1, opts, rules, start_id, eos_id, device, src_width, on_step, prefix, ops)
         self.generator = generator
         self.sentence = torch.arange(batch, device=device)  # cohort index of each row
         self.history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
@@ -153,7 +158,7 @@ class Greedy(Strategy):
             nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
             self.scores += logp.gather(1, nxt[:, None])[:, 0]
         else:  # the best logit among the allowed tokens is the argmax of the processed scores
-            best_logp, best = candidates(logits, 1, step, opts, eos, buffers, seqs)
+            best_logp, best = candidates(logits, 1, step, opts, eos, buffers, seqs, self.topk)
             nxt = best[:, 0]
             self.scores += best_logp[:, 0]
         self.history[:, step] = nxt
@@ -167,15 +172,17 @@ class Greedy(Strategy):
         if not bool(done.any()):
             return Selection(None, None)
         finished = []
-        for row in done.nonzero()[:, 0].tolist():
-            toks = self.history[row, : step + 1].tolist()
-            if toks and toks[-1] == eos:
-                toks = toks[:-1]
-            out_tokens = self.prompt[row, 1:].tolist() + toks
-            finished.append(int(self.sentence[row]))
-            length = (step + 1 + self.rules.length_offset) ** opts.length_penalty
-            self.results[finished[-1]] = finalize(
-                [Hypothesis(out_tokens, float(self.scores[row]) / length,
+        done_rows = done.nonzero()[:, 0]
+        # the finished rows' tokens, prompts, sentences and scores in four reads from the device, however many
+        length = (step + 1 + self.rules.length_offset) ** opts.length_penalty
+        for row, hist, prompt, sentence, score in zip(
+                done_rows.tolist(), self.history[done_rows, : step + 1].tolist(), self.prompt[done_rows, 1:].tolist(),
+                self.sentence[done_rows].tolist(), self.scores[done_rows].tolist()):
+            toks = hist[:-1] if hist and hist[-1] == eos else hist
+            out_tokens = prompt + toks
+            finished.append(sentence)
+            self.results[sentence] = finalize(
+                [Hypothesis(out_tokens, score / length,
                             None if self.att is None else self.att[row, : len(out_tokens)].clone())], opts)
         keep = (~done).nonzero()[:, 0]
         self._keep(keep)
@@ -200,6 +207,11 @@ class Greedy(Strategy):
         """The cohort's indices of the sentences still decoding, in row order."""
         return self.sentence.tolist()
 
+    @property
+    def sentences(self) -> int:
+        """How many sentences are still decoding (a shape: no read from the device)."""
+        return self.sentence.shape[0]
+
 
 class Beam(Strategy):
     """Beam search of one cohort with its family's rules (BeamRules); done sentences leave the batch.
@@ -208,10 +220,11 @@ class Beam(Strategy):
     a later step can prefer another beam), and each sentence's final best when it finishes."""
 
     def __init__(self, batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
-                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 device: torch.device, src_width: int, ops: "Ops", on_step: StepCallback | None = None,
                  prefix: torch.Tensor | None = None):
-        super().__init__(batch, opts.beam_size, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)
-        self.state = rules.beam_state(batch, opts.beam_size, opts.max_decoding_length, device)
+        super().__init__(batch, opts.beam_size, opts, rules, start_id, eos_id, device, src_width, on_step, prefix,
+                         ops)
+        self.state = rules.beam_state(batch, opts.beam_size, opts.max_decoding_length, device, ops.beam_step)
         self.prompts = self.prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the cohort's order
         # per finished hypothesis, by decoder position
         self.fin_att = None if self.att is None else \
@@ -240,7 +253,7 @@ class Beam(Strategy):
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
         else:
-            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs)
+            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
         if self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
             b, position = state.run_scores.shape[0], self.position
@@ -300,11 +313,17 @@ class Beam(Strategy):
         """The cohort's indices of the sentences still decoding, in row order."""
         return self.state.sentence.tolist()
 
+    @property
+    def sentences(self) -> int:
+        """How many sentences are still decoding (a shape: no read from the device)."""
+        return self.state.sentence.shape[0]
+
 
 def new_strategy(batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
-                 device: torch.device, src_width: int, on_step: StepCallback | None = None,
+                 device: torch.device, src_width: int, ops: "Ops", on_step: StepCallback | None = None,
                  generator: torch.Generator | None = None, prefix: torch.Tensor | None = None) -> Greedy | Beam:
-    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise."""
+    """Greedy (or sampling, with `generator`) for beam 1, beam search otherwise, with the engine's search ops
+    (its log-softmax + top-k and beam-step implementation)."""
     if opts.beam_size == 1:
-        return Greedy(batch, opts, rules, start_id, eos_id, device, src_width, on_step, generator, prefix)
-    return Beam(batch, opts, rules, start_id, eos_id, device, src_width, on_step, prefix)
+        return Greedy(batch, opts, rules, start_id, eos_id, device, src_width, ops, on_step, generator, prefix)
+    return Beam(batch, opts, rules, start_id, eos_id, device, src_width, ops, on_step, prefix)

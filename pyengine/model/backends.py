@@ -1,13 +1,15 @@
 """Which implementation runs each operation, decided once per engine (`resolve_ops`) and reported.
 
-`Ops` bundles the choices a model runs with: the linear method (pyengine.model.linear), the attention and the
+`Ops` bundles the choices a model runs with: the linear method (pyengine.model.linear), the attention, the
 residual + layer norm (PyTorch with pyengine's C++ kernels on the CPU, or the Triton kernels of pyengine.kernels),
-and the dtype the attention K/V are stored in. A backend that is asked for and not available is an error, never
+the log-softmax + top-k that ranks a search's candidates from logits (C++ on the CPU, Triton on a GPU: no CUDA
+toolkit is needed at install), and the dtype the attention K/V are stored in. A backend that is asked for and not available is an error, never
 a silent fallback.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -21,6 +23,10 @@ CPP_KV_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes the fused C++ step
 # keys up to which the C++ attention beats the CPU flash kernel (SDPA) outside decoder steps (encoder):
 # measured 3.2x at 32 × 24 tokens, 1.3x at 64, 1.0x at 128, 0.9x at 256 (8 heads of 64, 2 threads)
 CPP_ATTENTION_KEYS = 128
+
+
+# (logits (N, V) float32, k, banned ids) -> the k best (log-prob, id) per row (the contract of csrc/softmax_topk.h)
+LogSoftmaxTopk = Callable[[torch.Tensor, int, Sequence[int]], tuple[torch.Tensor, torch.Tensor]]
 
 
 def gather_rows(kv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -103,12 +109,19 @@ def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
                              weight.float().contiguous(), bias.float().contiguous(), eps)
 
 
+def cpp_log_softmax_topk(logits: torch.Tensor, k: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """pyengine's C++ log-softmax + top-k (csrc/softmax_topk.cpp): CPU tensors."""
+    from .. import _C
+    return _C.log_softmax_topk(logits, k, torch.tensor(banned, dtype=torch.long))
+
+
 class TritonKernels:
     """The fused Triton kernels of pyengine.kernels (CUDA; CPU only under the Triton interpreter)."""
 
     def __init__(self) -> None:
-        from ..kernels import attention, layernorm  # imported here: no compilation at import time
+        from ..kernels import attention, layernorm, topk  # imported here: no compilation at import time
         self._attention, self._layernorm = attention, layernorm
+        self.log_softmax_topk = topk.log_softmax_topk
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lengths: torch.Tensor | None = None,
                   causal: bool = False, step: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,6 +139,8 @@ class Ops:
     linear: LinearMethod
     attention: Callable
     add_layer_norm: Callable
+    log_softmax_topk: LogSoftmaxTopk  # a search's candidates from (N, V) float32 logits (csrc/softmax_topk.h)
+    beam_step: str  # HF beam step in C++: "loop" over CPU tensors, or "aten" (any device: what a GPU runs)
     cache_dtype: torch.dtype  # attention K/V storage (self-attention cache and encoder memory)
     report: dict[str, str] = field(default_factory=dict)
 
@@ -144,6 +159,7 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
                 weights: str = "float") -> Ops:
     """The implementations for `backend` on `device`. weights="int8": int8 linear layers; weights="bf16": bfloat16
     linear weights with float32 activations (both CPU, PyTorch backend)."""
+    check_device(device)
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if weights not in ("float", "int8", "bf16"):
@@ -154,26 +170,42 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     if weights == "bf16":
         if dtype != torch.float32 or backend != "torch" or device.type != "cpu":
             raise OptionError("bf16 weights run on the CPU with float32 activations (dtype='bfloat16' sets them)")
-        return _torch_ops(Bf16Linear(), cpp_add_layer_norm, cache)
+        return _torch_ops(Bf16Linear(), cpp_add_layer_norm, cache, device)
     if weights == "int8":
         if dtype != torch.float32:
             raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
         if backend != "torch" or device.type != "cpu":
             raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
-        return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache)
+        return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache, device)
     if backend == "torch":
-        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache)
+        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache, device)
     kernels = _triton_kernels(device)
     linear = TritonLinear()
-    return Ops(linear, kernels.attention, kernels.add_layer_norm, cache,
+    return Ops(linear, kernels.attention, kernels.add_layer_norm, kernels.log_softmax_topk, "aten", cache,
                {"attention": "triton", "add_layer_norm": "triton", "linear": linear.name,
-                "linear_act": linear.activation_name})
+                "linear_act": linear.activation_name, "log_softmax_topk": "triton", "beam_step": "aten"})
 
 
-def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype) -> Ops:
-    return Ops(linear, torch_attention, norm, cache,
+def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device: torch.device) -> Ops:
+    """PyTorch (and pyengine's C++ on the CPU); on a GPU the candidates' top-k is the Triton kernel."""
+    cpu = device.type == "cpu"
+    topk, topk_name = (cpp_log_softmax_topk, "cpp") if cpu else (_triton_kernels(device).log_softmax_topk, "triton")
+    beam_step = "loop" if cpu else "aten"
+    return Ops(linear, torch_attention, norm, topk, beam_step, cache,
                {"attention": "torch", "add_layer_norm": "torch", "linear": linear.name,
-                "linear_act": linear.activation_name})
+                "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step})
+
+
+def check_device(device: torch.device) -> None:
+    """A named error for a device this process cannot use (not the assertion deep inside torch)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = (f"this torch ({torch.__version__}) was built without CUDA" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise BackendError(f"device={str(device)!r} asked for, but {why}; use device='cpu'")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BackendError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise BackendError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
 
 
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
