@@ -107,6 +107,48 @@ def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
     assert want[1] in stats.outputs  # ("logits" too at a forced-EOS last step: the model's generation config)
 
 
+MIXED = [dict(beam_size=4, max_decoding_length=48), dict(beam_size=2, max_decoding_length=40, length_penalty=0.6),
+         dict(beam_size=1, max_decoding_length=48), dict(beam_size=3, num_hypotheses=2, max_decoding_length=48)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_option_sets_of_different_beams_share_one_batch_as_alone(dtype):
+    """Cohorts of four option sets (beams 4, 2, 1, 3; lengths and penalties differ) admitted at staggered steps into
+    one running batch, as the server's shared batch runs them: the cross-attention reads a row per decoder row
+    (Memory.spread) and each sentence gets the tokens and scores of translating it alone with its options."""
+    engine = pyengine.Engine.load("default", dtype=dtype)
+    texts = sample_lines()[60:76]
+    cfg = engine.config
+    prepared = [engine.prepare(texts[i::4], **MIXED[i]) for i in range(4)]
+    batch = Runtime(engine.model, engine.rules, prepared[0][1], torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
+    results, spread = {}, False
+    with torch.inference_mode():
+        for step in range(400):
+            if step % 2 == 0 and step // 2 < 4:
+                ids, opts = prepared[step // 2]
+                batch.admit(ids, [(step // 2, j) for j in range(len(ids))], opts=opts)
+            if not batch.cohorts:
+                break
+            spread |= len({c.rows // c.sentences for c in batch.cohorts}) > 1
+            results.update(batch.step())
+    assert spread, "cohorts of different beams must have shared steps"
+    for i, options in enumerate(MIXED):
+        for j, text in enumerate(texts[i::4]):
+            alone = engine.translate_batch([text], **options)[0]
+            assert [h.tokens for h in results[(i, j)]] == alone.tokens
+            torch.testing.assert_close(torch.tensor([h.score for h in results[(i, j)]]), torch.tensor(alone.scores),
+                                       rtol=0, atol=1e-5)
+
+
+def test_batch_refuses_options_it_cannot_share(default_engine):
+    ids, opts = default_engine.prepare(["Open the file."], beam_size=2)
+    batch = Runtime(default_engine.model, default_engine.rules, opts, torch.device("cpu"),
+                    default_engine.config.decoder_start_id, default_engine.config.eos_id)
+    _, with_attention = default_engine.prepare(["Open the file."], beam_size=2, return_attention=True)
+    with pytest.raises(ValueError, match="batch of their own"):
+        batch.admit(ids, [0], opts=with_attention)
+
+
 def submit_all(scheduler, groups, texts, **options):
     futures = [scheduler.submit([texts[i] for i in g], **options)[1] for g in groups]
     return [f.result(timeout=300) for f in futures]
@@ -127,6 +169,28 @@ def test_scheduler_returns_each_caller_its_own_results(default_engine):
         assert [r.tokens for r in res] == [alone[i] for i in g]
     assert max(scheduler.stats.rows_per_step) > 2 * 6, "requests must have shared a batch"
     assert not scheduler.alive
+
+
+def test_scheduler_steps_option_sets_together(default_engine):
+    """Requests with beam 2 and beam 4 (the server's two APIs' defaults differ so) decode in one shared batch: one
+    decoder step serves both, so the worker steps as often as the longer set alone needs, not as often as both
+    in turn; each caller still gets its own options' translations."""
+    texts = sample_lines()[80:92]
+    options = [dict(beam_size=2, max_decoding_length=48), dict(beam_size=4, max_decoding_length=48)]
+    alone_steps = []
+    for opts in options:
+        scheduler = Scheduler(default_engine)
+        futures = [scheduler.submit(texts[i:i + 3], **opts)[1] for i in range(0, len(texts), 3)]
+        scheduler.run(until=lambda: all(f.done() for f in futures))
+        alone_steps.append(scheduler.stats.steps)
+    scheduler = Scheduler(default_engine)
+    futures = [(opts, i, scheduler.submit(texts[i:i + 3], **opts)[1]) for opts in options
+               for i in range(0, len(texts), 3)]
+    scheduler.run(until=lambda: all(f.done() for _, _, f in futures))
+    assert scheduler.stats.steps <= max(alone_steps) + 2 < sum(alone_steps), (scheduler.stats.steps, alone_steps)
+    for opts, i, future in futures:
+        want = [t.tokens for t in default_engine.translate_batch(texts[i:i + 3], **opts)]
+        assert [r.tokens for r in future.result()] == want
 
 
 def test_memory_cap_splits_batches_with_identical_results(text_model_dir):

@@ -90,6 +90,13 @@ class Runtime:
             self.cache.fit(capacity * opts.beam_size, opts.max_decoding_length + 1)
             self.memory.fit(capacity, 128)  # sources grow it past 128 tokens
 
+    def shares(self, opts: DecodeOptions) -> bool:
+        """Whether cohorts with these options can run in this batch: any beam width, length limits, penalties and
+        processors can (each cohort has its own strategy); attention weights and shortlists are per batch."""
+        return opts == self.opts or (not opts.needs_attention and not self.opts.needs_attention
+                                     and opts.use_shortlist == self.opts.use_shortlist
+                                     and (self.shortlist is None or not opts.use_shortlist))
+
     @property
     def rows(self) -> int:
         """Decoder rows in the batch (sentences × beam while they run)."""
@@ -100,12 +107,17 @@ class Runtime:
         return sum(c.sentences for c in self.cohorts)
 
     def admit(self, ids: list[list[int]], tags: list[Any], prefix: torch.Tensor | None = None,
-              generator: torch.Generator | None = None, on_step: StepCallback | None = None) -> None:
+              generator: torch.Generator | None = None, on_step: StepCallback | None = None,
+              opts: DecodeOptions | None = None) -> None:
         """Encode `ids` (source token ids, EOS included) and add them as a cohort before the next step.
-        prefix (B, P): forced target tokens, one length for the cohort. on_step gets the cohort's indices."""
+        prefix (B, P): forced target tokens, one length for the cohort. on_step gets the cohort's indices.
+        opts: the cohort's decoding options, when not the batch's (see `shares`)."""
         start = time.perf_counter()
+        opts = self.opts if opts is None else opts
+        if not self.shares(opts):
+            raise ValueError("these options need a batch of their own (return_attention, or a shortlist)")
         lengths = [len(x) for x in ids]
-        strategy = new_strategy(len(ids), self.opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
+        strategy = new_strategy(len(ids), opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
                                 self.device, max(lengths), self.model.ops, on_step, generator, prefix)
         if strategy.cache_len > self.model.cfg.max_positions:
             raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "
@@ -173,6 +185,10 @@ class Runtime:
             rows = [slot for c in self.cohorts for beams in c.slots for slot in beams]
             run = spans == 1 and all(b - a == 1 for a, b in zip(rows, rows[1:]))
             self._write_rows = (torch.tensor(rows, device=self.device), rows[0] if run else None)
+            # cohorts of different beam widths: the cross-attention reads a row per decoder row (Memory.spread)
+            beams = [c.rows // c.sentences for c in self.cohorts]
+            self.memory.spread(None if len(set(beams)) == 1 else
+                               [b for c, b in zip(self.cohorts, beams) for _ in range(c.sentences)])
         return self._write_rows
 
     def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Span]) -> list:

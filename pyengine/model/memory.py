@@ -5,6 +5,10 @@ Sentences of a running batch come and go: a cohort's K/V are written into free s
 reads each sentence's slot through a (B, S) row table, as the self-attention reads the KV cache.
 With a lexical shortlist (Marian students) the memory also holds the words each sentence may produce and the
 output layer restricted to their union.
+
+A decoder step's cross-attention folds a sentence's beams into its query rows (one K/V read serves them) when every
+sentence has the same number of rows; cohorts of different beam widths in one step (the server's batch of
+several option sets) read through a table of one row per decoder row instead (`spread`, `step_view`).
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ class Memory:
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)
         self._length_list: list[int] = []
         self._rows: torch.Tensor | None = None  # the row table, until the sentences change
+        self._beams: list[int] | None = None  # decoder rows per sentence when they differ (spread)
+        self._step_view: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.allowed = self.vocab = self.vocab_mask = self.output = None
 
     @property
@@ -58,7 +64,7 @@ class Memory:
         self.lengths = torch.cat([self.lengths, torch.tensor(lengths, device=self.lengths.device)])
         if allowed is not None:
             self.allowed = allowed if self.allowed is None else torch.cat([self.allowed, allowed])
-        self._rows = None
+        self._rows = self._step_view = self._beams = None  # the runtime spreads the new sentences again
 
     def select(self, sentences: torch.Tensor) -> None:
         """Keep these batch sentences, in this order; the others' slots are freed."""
@@ -70,7 +76,7 @@ class Memory:
         if self.allowed is not None:
             self.allowed = self.allowed.index_select(0, sentences)
             self.vocab_mask = self.vocab_mask.index_select(0, sentences)
-        self._rows = None
+        self._rows = self._step_view = self._beams = None  # the runtime spreads the new sentences again
 
     def rows(self) -> torch.Tensor:
         """(B, width) int64: key j of sentence b is read from slot rows[b, j]."""
@@ -78,6 +84,24 @@ class Memory:
             slots = torch.tensor(self.slots, dtype=torch.long, device=self.kv.device)
             self._rows = slots[:, None].expand(len(self.slots), self.width).contiguous()
         return self._rows
+
+    def spread(self, beams: list[int] | None) -> None:
+        """The decoder rows of each batch sentence, in batch order, when they differ between sentences (cohorts of
+        different beam widths); None when every sentence has the same number."""
+        if beams != self._beams:
+            self._beams, self._step_view = beams, None
+
+    def step_view(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(query groups G, row table (G, width), lengths (G,)) for a decoder step's cross-attention: the
+        sentences, whose beams are query rows of their group; or, spread, one group per decoder row."""
+        if self._step_view is None:
+            if self._beams is None:
+                self._step_view = (self.sentences, self.rows(), self.lengths)
+            else:
+                counts = torch.tensor(self._beams, device=self.lengths.device)
+                self._step_view = (sum(self._beams), self.rows().repeat_interleave(counts, dim=0),
+                                   self.lengths.repeat_interleave(counts))
+        return self._step_view
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoder layer i's (P, H, width, Dh) keys and values, read through rows()."""

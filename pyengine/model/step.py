@@ -62,9 +62,9 @@ class Int8CppStep:
             return self.layer_step(model, x, cache, memory, attention_out)
         from .. import _C
         w = memory.width
+        _, rows, lengths = memory.step_view()  # a row per sentence (its beams fold into it), or per decoder row
         out = _C.int8_decoder_step(self.layers, x.view(n, d), cache.physical, cache.positions, cache.write_rows,
-                                   cache.rows_index, memory.kv[:, :, :, :, :w], memory.rows(), memory.lengths,
-                                   kernel=self.kernel)
+                                   cache.rows_index, memory.kv[:, :, :, :, :w], rows, lengths, kernel=self.kernel)
         return out.view(n, 1, d)
 
 

@@ -117,15 +117,16 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: Memory, layer: int, ops: Ops,
                 probs_out: list | None = None) -> torch.Tensor:
-        """x (N, T, D) with N = B × beam; beams become extra query rows of their sentence (one K/V read serves them).
+        """x (N, T, D) with N = B × beam; beams become extra query rows of their sentence (one K/V read serves them)
+        — or, spread (Memory.step_view), each row its own group.
         probs_out: if a list, receives the attention weights averaged over heads, (N, T, S) float32."""
         n, t, d = x.shape
-        b = memory.sentences
+        b, rows, lengths = memory.step_view()  # b: sentences, or decoder rows when beams differ (Memory.spread)
         q = self.q(x).view(b, n // b * t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, beam·T, Dh)
         k, v = memory.layer(layer)
         if probs_out is not None:
             probs_out.append(self.mean_probs(q, memory.dense_keys(layer), memory.lengths).view(n, t, -1))
-        ctx = ops.attention(q, k, v, memory.lengths, step=True, rows=memory.rows())
+        ctx = ops.attention(q, k, v, lengths, step=True, rows=rows)
         return self.out(ctx.transpose(1, 2).reshape(n, t, d))
 
     def mean_probs(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ class RequestTooLargeError(PyEngineError):
     """A request with more sentences than the queue holds: it can never be taken; split it."""
 
 
+SHARED_BATCH = "shared"  # the batch key of every request whose options can share one running batch
+
+
 @dataclass(eq=False)
 class Request:
     """One caller's texts; `results` fill in as sentences finish, in the caller's order. prefixes: each text's
@@ -47,6 +50,7 @@ class Request:
     future: Future
     prefixes: list[list[int]]
     sampled: bool = False  # a seeded stream per request: its sentences get a batch of their own options
+    shared: bool = False  # its options can share the batch of other option sets (Runtime.shares)
     generator: torch.Generator | None = None
     results: list[Translation | None] = field(default_factory=list)
     pending: int = 0  # sentences not answered yet
@@ -58,7 +62,11 @@ class Request:
     keys: list[Hashable] = field(default_factory=list)  # per text, the running batch it joins
 
     def __post_init__(self) -> None:
-        # one batch per option set (per request when sampling); computed once: hashing options is not free
+        # the running batch each text joins: the one all shareable option sets decode in (each cohort with its own
+        # options), else one per option set (per request when sampling); computed once: hashing options is not free
+        if self.shared:
+            self.keys = [SHARED_BATCH] * len(self.prefixes)
+            return
         options = {n: prompt_options(self.opts, n) for n in {len(p) for p in self.prefixes}}
         self.keys = [(options[len(p)], id(self)) if self.sampled else options[len(p)] for p in self.prefixes]
 

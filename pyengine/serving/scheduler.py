@@ -2,9 +2,11 @@
 
 Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations.
 Input errors are raised by `submit` itself, before anything is queued, so a bad request never reaches
-the batch. The worker admits waiting sentences into the running batch of their decoding options
-(a pyengine.decoding.Runtime: the loop `translate()` runs, so the same decoder step and output layer)
-between decode steps, within the engine's token budget (max_batch_tokens, max_batch_size) and memory
+the batch. The worker admits waiting sentences into a running batch (a pyengine.decoding.Runtime: the loop
+`translate()` runs, so the same decoder step and output layer) between decode steps: one batch shared by every
+option set that can share it (each cohort decodes with its own beam width, lengths, penalties and processors,
+and one decoder step serves them all), one per option set for attention weights or a shortlist, one per
+request for sampling; within the engine's token budget (max_batch_tokens, max_batch_size) and memory
 cap (max_memory_mb), oldest first; it steps every running batch once per round. A step that runs out of
 memory halves the rows the worker admits from then on, evicts the newest cohorts back to the queue until
 the batch is under that, and is retried (split and retry); a sentence that fails alone fails its request.
@@ -27,6 +29,7 @@ from typing import Any, Callable, Hashable, Sequence
 import torch
 
 from ..batching import is_out_of_memory
+from ..config import DecodeOptions
 from ..decoding import Hypothesis, Runtime
 from ..decoding.strategies import prompt_prefix
 from ..engine import Engine, Translation
@@ -109,7 +112,7 @@ class Scheduler:
                 raise QueueFullError("the worker is shutting down")
             if self._queued + n > self.max_queue:
                 raise QueueFullError(f"{self._queued} sentences are waiting (limit {self.max_queue})")
-            request = Request(ids, opts, future, prefixes, sampled=opts.sampling)
+            request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=self._shareable(opts))
             if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
                 request.generator = torch.Generator(device=self.engine.engine_config.device)
                 request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
@@ -118,6 +121,13 @@ class Scheduler:
             self._inbox.append(request)
             self._wake.notify()
         return request, future
+
+    def _shareable(self, opts: DecodeOptions) -> bool:
+        """Whether a request with these options decodes in the one batch all option sets share (different beam
+        widths, lengths and penalties step together: one decoder step for all, not one per option set in turn);
+        sampling keeps a batch per request (its seeded stream), attention weights and shortlists one per set."""
+        return not opts.sampling and not opts.needs_attention and \
+            (self.engine.shortlist is None or not opts.use_shortlist)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` (other work on the model, such as scoring) in the worker's thread between two decoder steps:
@@ -293,8 +303,11 @@ class Scheduler:
                 self._fail([r for r, _ in group], exc, "starting a batch")
                 return
             self._batches[key] = batch
-        for length in sorted({len(r.prefixes[i]) for r, i in group}):
-            cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length and not r.future.done()]
+        # a cohort per (target prefix length, options): a cohort decodes in lockstep under one strategy
+        kinds = dict.fromkeys((len(r.prefixes[i]), r.options(i)) for r, i in group)
+        for length, opts in sorted(kinds, key=lambda kind: kind[0]):
+            cohort = [(r, i) for r, i in group if len(r.prefixes[i]) == length and r.options(i) == opts
+                      and not r.future.done()]
             requests = list(dict.fromkeys(r for r, _ in cohort))
             if cohort and not self._admit_cohort(batch, cohort, length, alone=len(requests) == 1):
                 for request in requests:
@@ -310,7 +323,7 @@ class Scheduler:
         try:
             if len(cohort) == 1 and not batch.cohorts:
                 self.engine.check_memory(1, len(ids[0]), cohort[0][0].opts, length)
-            batch.admit(ids, cohort, prefix, cohort[0][0].generator)
+            batch.admit(ids, cohort, prefix, cohort[0][0].generator, opts=cohort[0][0].options(cohort[0][1]))
         except Exception as exc:  # noqa: BLE001 - the requests of this cohort get the error
             if not alone:
                 log.warning("admitting a cohort of several requests failed (%s: %s); admitting each alone",
