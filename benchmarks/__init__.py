@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -15,3 +17,15 @@ def write_results(kind: str, report: dict) -> Path:
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
     print(f"written {out.relative_to(RESULTS.parents[1])}")
     return out
+
+
+def cpu_name() -> str:
+    """The CPU model and how many CPUs this process sees (every results file names its machine)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs)"
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

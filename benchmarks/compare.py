@@ -313,18 +313,9 @@ def summarize(runs, checks, floor, args) -> dict:
                      "floor_fraction": None if peak is None else ideal / median,
                      "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
                      "runs": secs})
-    return {"machine": {"cpu": _cpu_name(), "threads": args.threads, "python": platform.python_version(),
+    from benchmarks import cpu_name
+    return {"machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version(),
                         "device": args.device, **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_table(report: dict) -> None:

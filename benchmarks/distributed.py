@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     import ray
 
     from benchmarks import write_results
-    from benchmarks.compare import _cpu_name
+    from benchmarks import cpu_name
     from pyengine.distributed import translate_dataset
 
     texts = corpus(args.sentences)
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ray.shutdown()
     best = {k: min(v) for k, v in runs.items()}
     throughput = {k: len(texts) / s for k, s in best.items()}
-    report = {"machine": {"cpu": _cpu_name(), "cpus_for_ray": 2, "threads_per_worker": 1},
+    report = {"machine": {"cpu": cpu_name(), "cpus_for_ray": 2, "threads_per_worker": 1},
               "model": args.model, "sentences": len(texts), "batch_size": args.batch_size, "rounds": args.rounds,
               "seconds": runs, "single_process_1_thread_seconds": floor,
               "sentences_per_s": {"ray_1_worker": round(throughput["1"], 2), "ray_2_workers": round(throughput["2"], 2),

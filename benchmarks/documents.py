@@ -232,10 +232,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     from benchmarks import write_results
     import pyengine
-    from benchmarks.compare import _cpu_name
+    from benchmarks import cpu_name
 
     engine = pyengine.Engine.load(args.model)
-    report = {"model": args.model, "machine": {"cpu": _cpu_name(), "threads": args.threads},
+    report = {"model": args.model, "machine": {"cpu": cpu_name(), "threads": args.threads},
               "paragraphs": evaluate_paragraphs(engine, args.limit), "html": evaluate_html(engine, args.limit),
               "detection": evaluate_detection(args.detect)}
     for name, row in report["paragraphs"].items():

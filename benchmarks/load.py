@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import socket
@@ -212,6 +211,7 @@ def main() -> None:
             summary["mismatches"] = count_mismatches(outcomes, args.model, options, dtype)
         print(json.dumps(summary, indent=2))
         runs.append({"summary": summary, "outcomes": [asdict(o) for o in outcomes]})
+    from benchmarks import cpu_name
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"load-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"cpu": cpu_name(), "runs": runs}))
@@ -255,17 +255,6 @@ def count_mismatches(outcomes: list[Outcome], model: str, options: dict, dtype: 
     v1, libre = offline_translations(model, texts, options, dtype)
     return sum(o.translations != [(libre if o.endpoint == "/translate" else v1)[t] for t in o.texts]
                for o in outcomes if o.status == 200)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} CPUs)"
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main(argv=None) -> int:
               f"sent/s  = {r['worker_over_offline']:.2f}x  ({r['worker_stats']['decoder_steps']}, "
               f"{r['worker_stats']['outputs']}, {r['worker_stats']['mean_rows_per_step']:.0f} rows/step)",
               file=sys.stderr)
-    from benchmarks.load import cpu_name
+    from benchmarks import cpu_name
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"scheduler-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"cpu": cpu_name(), "threads": args.threads, "options": options, "results": results},

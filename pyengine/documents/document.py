@@ -146,12 +146,16 @@ class Documents:
         except ValueError as exc:  # a single character over the limit
             raise InputError(str(exc), index) from None
 
+    def plans(self, texts: Sequence[str], format: str = "text", split: bool = True, source_lang: str | None = None,
+              max_input_length: int | None = None) -> list[Plan]:
+        """One plan per input; an error names the input's index."""
+        return [self.plan(t, format, split, source_lang, max_input_length, i) for i, t in enumerate(texts)]
+
     def translate(self, texts: Sequence[str], format: str = "text", split: bool = True,
                   source_lang: str | None = None, target_lang: str | None = None, **options: Any) -> list[str]:
         """translate() for documents: every input's sentences decoded together, then put back."""
         self.engine._validate_texts(texts)
-        plans = [self.plan(t, format, split, source_lang, options.get("max_input_length"), i)
-                 for i, t in enumerate(texts)]
+        plans = self.plans(texts, format, split, source_lang, options.get("max_input_length"))
         segments = [s for p in plans for s in p.segments]
         options = self.alignment_options(plans, options)
         try:

@@ -116,10 +116,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
 
     async def make_plans(texts: list[str], fmt: str, split: bool, source_lang: str | None, field: str,
                          max_input_length: int | None = None) -> list[Plan]:
-        def build() -> list[Plan]:
-            return [documents.plan(t, fmt, split, source_lang, max_input_length, i) for i, t in enumerate(texts)]
         try:
-            return await asyncio.to_thread(build)
+            return await asyncio.to_thread(documents.plans, texts, fmt, split, source_lang, max_input_length)
         except PyEngineError as exc:
             if isinstance(exc, InputError) and exc.index is not None:
                 raise HTTPError(400, f"{field}[{exc.index}]: {exc.message}") from None
