@@ -109,6 +109,8 @@ class DecodeOptions:
     return_scores: bool = False
     early_stopping: bool | str = False  # HF's beam stopping rule: False, True or "never"
     suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
+    suppress_sequences: tuple[tuple[int, ...], ...] = ()  # never generated as a whole (CTranslate2's; HF bad_words_ids)
+    disable_unk: bool = False  # the unknown token is never generated (CTranslate2's)
     forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
     forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
     repetition_penalty: float = 1.0  # scores of tokens already in the target: × penalty if < 0, ÷ penalty if > 0
@@ -118,7 +120,7 @@ class DecodeOptions:
     sampling_temperature: float = 1.0
     seed: int | None = None  # sampling seed: the same seed gives the same translations
     return_attention: bool = False  # each hypothesis's attention over the source tokens, one row per output token
-    coverage_penalty: float = 0.0  # CTranslate2's: + β·Σ_source log(min(attention received, 1)) when ranking
+    coverage_penalty: float = 0.0  # GNMT rescoring of the n-best: + β·Σ_source log(min(attention received, 1))
     truncate_input: bool = False  # cut over-long inputs instead of refusing them
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
     max_length_factor: float | None = None  # Marian: at most factor × the batch's source length generated
@@ -138,13 +140,18 @@ class DecodeOptions:
         real(self, "sampling_topp", 0, 1, above=True)
         real(self, "sampling_temperature", 1e-4, 1e4)  # float32 logits divided outside it overflow to inf
         real(self, "coverage_penalty", -100, 100)
-        for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist"):
+        for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist",
+                     "disable_unk"):
             flag(self, name)
         if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
                 not isinstance(self.early_stopping, bool):
             raise OptionError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not isinstance(self.suppress_tokens, tuple) or not all(is_int(t) and t >= 0 for t in self.suppress_tokens):
             raise OptionError(f"suppress_tokens must be a list of token ids (integers >= 0), got {self.suppress_tokens!r}")
+        if not isinstance(self.suppress_sequences, tuple) or not all(
+                isinstance(q, tuple) and q and all(is_int(t) and t >= 0 for t in q) for q in self.suppress_sequences):
+            raise OptionError("suppress_sequences must be a list of non-empty lists of token ids (integers >= 0), "
+                              f"got {self.suppress_sequences!r}")
         if self.forced_bos_token is not None:
             integer(self, "forced_bos_token", 0)
         if self.seed is not None:
@@ -180,6 +187,9 @@ class DecodeOptions:
             raise OptionError(f"unknown decoding option(s) {unknown}; known options: {sorted(known)}")
         if isinstance(changes.get("suppress_tokens"), list):
             changes["suppress_tokens"] = tuple(changes["suppress_tokens"])
+        if isinstance(changes.get("suppress_sequences"), list):  # lists of ids (JSON) as tuples: options are hashed
+            changes["suppress_sequences"] = tuple(tuple(q) if isinstance(q, list) else q
+                                                  for q in changes["suppress_sequences"])
         return dataclasses.replace(self, **changes)
 
 

@@ -354,11 +354,20 @@ class Engine:
         if "beam_size" in options and "num_hypotheses" not in options:
             opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
         vocab = self.config.tgt_vocab_size
+        if opts.disable_unk:  # CTranslate2's option, as one more suppressed token
+            unk = getattr(self.tokenizer, "target_unk_id", None)  # every tokenizer class names it; None: ids only
+            if unk is None:
+                raise OptionError("disable_unk needs the model's tokenizer to know its unknown token; this model has "
+                                  "none (suppress_tokens=[the unknown token's id] does the same)")
+            opts = opts.replace(suppress_tokens=tuple(dict.fromkeys(opts.suppress_tokens + (unk,))), disable_unk=False)
         if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < vocab:
             raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary of {vocab}")
         outside = [t for t in opts.suppress_tokens if t >= vocab]
         if outside:
             raise OptionError(f"suppress_tokens {outside} are outside the target vocabulary of {vocab}")
+        outside = [list(q) for q in opts.suppress_sequences if max(q) >= vocab]
+        if outside:
+            raise OptionError(f"suppress_sequences {outside} hold ids outside the target vocabulary of {vocab}")
         limit = self.engine_config.max_beam_size
         if limit is not None and opts.beam_size > limit:
             raise OptionError(f"beam_size {opts.beam_size} is over this engine's limit of {limit} (max_beam_size)")

@@ -70,6 +70,7 @@ class MarianTokenizer:
             if name not in vocab:
                 raise CheckpointError(f"vocab.json has no {name!r} entry")
         self.unk_id, self.eos_id, self.pad_id = vocab[unk], vocab[eos], vocab[pad]
+        self.target_unk_id = self.target_encoder.get(unk)  # the id disable_unk suppresses
         self.specials = {unk, eos, pad}
         # HF skips the *source* vocabulary's special ids when decoding, even with separate vocabularies
         self.special_ids = {self.unk_id, self.eos_id, self.pad_id}
@@ -168,6 +169,7 @@ class M2M100Tokenizer:
         for name in self.SPECIALS:
             if name not in vocab:
                 raise CheckpointError(f"vocab.json has no {name!r} entry")
+        self.target_unk_id = vocab["<unk>"]
         self.lang_ids = {code: len(vocab) + i for i, code in enumerate(M2M100_LANGUAGE_CODES[language_codes])}
         self.lang_tokens = {f"__{code}__": i for code, i in self.lang_ids.items()}
         self.decoder.update({i: t for t, i in self.lang_tokens.items()})
@@ -238,6 +240,8 @@ class TokenizerJson:
         cfg_file = path / "tokenizer_config.json"
         tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
         self.clean_up = bool(tok_cfg.get("clean_up_tokenization_spaces", False))
+        unk = tok_cfg.get("unk_token") or "<unk>"
+        self.target_unk_id = self.tk.token_to_id(unk["content"] if isinstance(unk, dict) else unk)
 
     @classmethod
     def from_dir(cls, path: Path, cfg: ModelConfig) -> "TokenizerJson":
@@ -306,6 +310,7 @@ class FairseqSpmTokenizer:
         self.source_ids = {sym: i for i, sym in reversed(list(enumerate(source)))}  # first occurrence wins
         self.target = target
         self.unk, self.eos, self.bos = unk, eos, bos
+        self.target_unk_id = unk
 
     def encode(self, text: str) -> list[int]:
         return [self.source_ids.get(p, self.unk) for p in self.sp.encode(text, out_type=str)] + [self.eos]
@@ -331,6 +336,7 @@ class MarianSpmTokenizer:
             if proc.get_piece_size() > vocab:
                 raise CheckpointError(f"{path}: {proc.get_piece_size()} pieces do not fit the model's {vocab}")
         self.eos_id = eos_id
+        self.target_unk_id = self.spm_target.unk_id()
 
     def encode(self, text: str) -> list[int]:
         return self.spm_source.encode(text) + [self.eos_id]

@@ -206,3 +206,22 @@ def save_rounded_to_bf16(src: Path, dst: Path) -> Path:
             p.copy_(p.bfloat16().float())
     model.save_pretrained(dst)
     return dst
+
+
+def zero_pad_copy(source: Path, path: Path, logit_bias: dict[int, float] | None = None) -> Path:
+    """A copy of a Marian model as CTranslate2 sees it: CTranslate2's converter starts the decoder from a zero
+    embedding and drops the <pad> row (right for models Marian trained, whose pad embedding is zero), so the copy
+    has a zero pad embedding and a pad logit of -1e4 — the same model for HF, pyengine and CTranslate2.
+    logit_bias: added to final_logits_bias (e.g. to make a token likely)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(source, path)
+    state = load_file(str(path / "model.safetensors"))
+    pad = json.loads((path / "config.json").read_text())["pad_token_id"]
+    state["model.shared.weight"][pad] = 0
+    state["final_logits_bias"][0, pad] = -1e4
+    for token, bias in (logit_bias or {}).items():
+        state["final_logits_bias"][0, token] += bias
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pyengine
-from conftest import hf_model, sample_lines
+from conftest import hf_model, sample_lines, zero_pad_copy
 
 PAIRS = [("Open the file.", "Öffne die Datei."), ("The directory could not be created.",
                                                   "Das Verzeichnis konnte nicht erstellt werden."),
@@ -58,21 +58,11 @@ def test_scores_equal_ctranslate2_score_batch(tmp_path):
     of the vocabulary (right for models Marian trained, whose pad embedding is zero). On a copy of the shipped model
     made that way (pad embedding 0, pad logit -1e4: the same model for all three), its score_batch gives
     pyengine's log-probabilities."""
-    import shutil
-
     import ctranslate2
     from ctranslate2.converters import TransformersConverter
-    from safetensors.torch import load_file, save_file
     from transformers import MarianTokenizer
 
-    source = pyengine.engine.resolve_model_path("default")
-    path = tmp_path / "zero-pad"
-    shutil.copytree(source, path)
-    state = load_file(str(path / "model.safetensors"))
-    pad = json.loads((path / "config.json").read_text())["pad_token_id"]
-    state["model.shared.weight"][pad] = 0
-    state["final_logits_bias"][0, pad] = -1e4
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    path = zero_pad_copy(pyengine.engine.resolve_model_path("default"), tmp_path / "zero-pad")
     tok = MarianTokenizer.from_pretrained(path)
     engine = pyengine.Engine.load(path)
     sources, targets = [s for s, _ in PAIRS], [t for _, t in PAIRS]

@@ -16,7 +16,7 @@ NEG = -1.0e9  # HF's "excluded" score
 
 def needs_history(opts: DecodeOptions) -> bool:
     """Whether the processors look at the tokens generated so far."""
-    return opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0
+    return opts.repetition_penalty != 1.0 or opts.no_repeat_ngram_size > 0 or bool(opts.suppress_sequences)
 
 
 def penalize_repetitions(scores: torch.Tensor, seqs: torch.Tensor, penalty: float) -> None:
@@ -38,6 +38,18 @@ def ban_repeated_ngrams(scores: torch.Tensor, seqs: torch.Tensor, n: int) -> Non
     scores.masked_fill_(banned[:, :vocab], float("-inf"))
 
 
+def ban_sequences(scores: torch.Tensor, seqs: torch.Tensor, sequences: tuple[tuple[int, ...], ...]) -> None:
+    """CTranslate2's suppress_sequences: the last token of each sequence is banned where a row's tokens end with
+    the rest of it (a one-token sequence is always banned)."""
+    for seq in sequences:
+        *head, last = seq
+        if not head:
+            scores[:, last] = float("-inf")
+        elif seqs.shape[1] >= len(head):
+            ends = (seqs[:, seqs.shape[1] - len(head):] == torch.tensor(head, device=seqs.device)).all(dim=1)
+            scores[ends, last] = float("-inf")
+
+
 def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
                      seqs: torch.Tensor | None = None) -> torch.Tensor:
     """HF's logits processors for these options, in HF's order, in place on (N, V) logits or log-probs at
@@ -46,6 +58,8 @@ def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: 
         penalize_repetitions(scores, seqs, opts.repetition_penalty)
     if opts.no_repeat_ngram_size > 0:
         ban_repeated_ngrams(scores, seqs, opts.no_repeat_ngram_size)
+    if opts.suppress_sequences:
+        ban_sequences(scores, seqs, opts.suppress_sequences)
     if opts.suppress_tokens:
         scores[:, list(opts.suppress_tokens)] = float("-inf")
     if step < opts.min_decoding_length:

@@ -1,0 +1,86 @@
+"""CTranslate2's decoding options, against CTranslate2 4.8.5 itself on the same model converted by its own converter
+(a copy of the shipped model with a zero pad embedding: what CTranslate2's Marian converter assumes, see
+conftest.zero_pad_copy): float32 tokens identical, greedy and beam 4. Each test also checks that the option changed
+something, so that equality means the option was applied alike."""
+from __future__ import annotations
+
+import pytest
+
+import pyengine
+from conftest import zero_pad_copy
+
+ctranslate2 = pytest.importorskip("ctranslate2", reason="ctranslate2 (test requirement) is the reference")
+TEXTS = ["Open the file in a new window.", "Delete all selected items?", "The printer is out of paper.",
+         "Save the document before closing it.", "And God said, Let there be light: and there was light.",
+         "Could not connect to the server.", "Show hidden files", "The file already exists. Replace it?"]
+UNK = 1  # the default model's <unk>
+
+
+def converted(tmp_path_factory, name: str, logit_bias: dict | None = None):
+    from ctranslate2.converters import TransformersConverter
+    from transformers import MarianTokenizer
+    root = tmp_path_factory.mktemp(name)
+    path = zero_pad_copy(pyengine.engine.resolve_model_path("default"), root / "model", logit_bias)
+    TransformersConverter(str(path)).convert(str(root / "ct2"), force=True)
+    translator = ctranslate2.Translator(str(root / "ct2"), device="cpu", compute_type="float32", intra_threads=2)
+    return pyengine.Engine.load(path), translator, MarianTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return converted(tmp_path_factory, "ct2-options")
+
+
+@pytest.fixture(scope="module")
+def unk_model(tmp_path_factory):
+    """The same model with its <unk> logit raised: it then writes <unk> for words it is unsure of."""
+    return converted(tmp_path_factory, "ct2-unk", {UNK: 10.0})
+
+
+def both(model, texts: list[str], ct2_options: dict, options: dict, beam: int) -> tuple[list, list]:
+    engine, translator, tok = model
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in texts]
+    ref = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=beam, **ct2_options)]
+    got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(texts, beam_size=beam, **options)]
+    return got, ref
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_disable_unk(unk_model, beam):
+    got, ref = both(unk_model, TEXTS, {}, {}, beam)
+    assert got == ref and any("<unk>" in r for r in ref), ref  # the model does write <unk> without the option
+    got, ref = both(unk_model, TEXTS, {"disable_unk": True}, {"disable_unk": True}, beam)
+    assert got == ref and not any("<unk>" in r for r in ref)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_suppress_sequences(model, beam):
+    engine, _, tok = model
+    plain, _ = both(model, TEXTS, {}, {}, beam)
+    # a two-token sequence from one translation, a three-token one from another, and a single token
+    sequences = [plain[0][1:3], plain[3][:3], [plain[5][0]]]
+    ids = [tok.convert_tokens_to_ids(q) for q in sequences]
+    got, ref = both(model, TEXTS, {"suppress_sequences": sequences}, {"suppress_sequences": ids}, beam)
+    assert got == ref
+    assert got[0] != plain[0] and got[3] != plain[3] and got[5] != plain[5]  # each ban took effect
+    for q in sequences:
+        assert not any(q == out[i:i + len(q)] for out in got for i in range(len(out)))
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_max_input_length_truncates_as_ctranslate2(model, beam):
+    plain, _ = both(model, TEXTS, {}, {}, beam)
+    got, ref = both(model, TEXTS, {"max_input_length": 5}, {"max_input_length": 5, "truncate_input": True}, beam)
+    assert got == ref and got != plain
+
+
+def test_option_errors(model):
+    engine = model[0]
+    with pytest.raises(pyengine.OptionError, match="suppress_sequences"):
+        engine.translate(["x"], suppress_sequences=[[]])
+    with pytest.raises(pyengine.OptionError, match="outside the target vocabulary"):
+        engine.translate(["x"], suppress_sequences=[[1, 10 ** 6]])
+    with pytest.raises(pyengine.OptionError, match="disable_unk must be true or false"):
+        engine.translate(["x"], disable_unk="yes")
+    with pytest.raises(pyengine.InputError, match="truncate_input"):
+        engine.translate(["a long sentence of more than five tokens"], max_input_length=5)
