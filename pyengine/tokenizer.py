@@ -265,26 +265,34 @@ class TokenizerJson:
 
 
 NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # FLORES-200 codes: eng_Latn, deu_Latn, ...
+MBART_CODE = re.compile(r"^[a-z]{2}_[A-Z]{2}$")  # mBART's: en_XX, de_DE, ...
+# tokenizer_class -> (its language codes, the source language where the config names none, codes after the text)
+LANGUAGE_CODE_TOKENIZERS = {"NllbTokenizer": (NLLB_CODE, "eng_Latn", None),
+                            "MBart50Tokenizer": (MBART_CODE, "en_XX", False),
+                            "MBartTokenizer": (MBART_CODE, "en_XX", True)}
 
 
 class NllbTokenizerJson(TokenizerJson):
-    """NLLB-200's tokenizer.json as transformers' NllbTokenizer uses it: source = [source language] + pieces
-    + [</s>] (or pieces + [</s>, source language] with `legacy_behaviour`); the target language is the
-    forced first generated token; its language codes are the tokenizer's added special tokens."""
+    """A multilingual tokenizer.json whose language codes are added special tokens, as transformers' NllbTokenizer,
+    MBart50Tokenizer and MBartTokenizer use it: source = [source language] + pieces + [</s>] (NLLB, mBART-50), or
+    pieces + [</s>, source language] (mBART, and NLLB with `legacy_behaviour`); the target language is the forced
+    first generated token."""
 
     def __init__(self, path: Path):
         super().__init__(path)
         cfg_file = path / "tokenizer_config.json"
         tok_cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
-        self.lang_ids = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items()
-                         if NLLB_CODE.match(t.content)}
+        tokenizer_class = str(tok_cfg.get("tokenizer_class", "NllbTokenizer")).removesuffix("Fast")
+        codes, default_source, suffix = LANGUAGE_CODE_TOKENIZERS.get(tokenizer_class,
+                                                                     LANGUAGE_CODE_TOKENIZERS["NllbTokenizer"])
+        self.lang_ids = {t.content: i for i, t in self.tk.get_added_tokens_decoder().items() if codes.match(t.content)}
         if not self.lang_ids:
-            raise CheckpointError(f"{path / 'tokenizer.json'}: no language code tokens (like eng_Latn) in it")
+            raise CheckpointError(f"{path / 'tokenizer.json'}: no language code tokens (like {default_source}) in it")
         self.eos_id = self.tk.token_to_id("</s>")
         if self.eos_id is None:
             raise CheckpointError(f"{path / 'tokenizer.json'}: no '</s>' token")
-        self.legacy = bool(tok_cfg.get("legacy_behaviour", False))
-        self.source_lang = tok_cfg.get("src_lang") or "eng_Latn"
+        self.legacy = bool(tok_cfg.get("legacy_behaviour", False)) if suffix is None else suffix
+        self.source_lang = tok_cfg.get("src_lang") or default_source
 
     @classmethod
     def from_dir(cls, path: Path, cfg: ModelConfig) -> "NllbTokenizerJson":

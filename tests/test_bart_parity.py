@@ -120,3 +120,54 @@ def test_bart_tokenizer_json_translate_matches_hf(tmp_path):
         expected = tok.batch_decode(hf.generate(**batch, num_beams=3, max_new_tokens=12), skip_special_tokens=True)
     assert engine.translate(texts, beam_size=3, max_decoding_length=12) == expected
     assert any(e.strip() for e in expected)  # the comparison has text to compare
+
+
+def test_mbart50_text_translation_matches_hf(tmp_path):
+    """A random mBART-50-shaped model with MBart50Tokenizer's files as `save_pretrained` writes them
+    (tokenizer.json with the language codes as added tokens): translate(source_lang=, target_lang=) equals the
+    tokenizer + generate(forced_bos_token_id=the target language) — ids and text, greedy and beam 4."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, GenerationConfig, MBartConfig, MBartForConditionalGeneration
+
+    from conftest import SAMPLE_TEXT
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(raw / "sp"), vocab_size=300,
+                                   model_type="unigram", minloglevel=2)
+    (raw / "sp.model").rename(raw / "sentencepiece.bpe.model")
+    (raw / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MBart50Tokenizer",
+                                                           "src_lang": "en_XX", "tgt_lang": "de_DE"}))
+    model_dir = tmp_path / "mbart50"
+    tok = AutoTokenizer.from_pretrained(raw)  # transformers converts the sentencepiece model, as for mbart-50
+    tok.save_pretrained(model_dir)
+    cfg = MBartConfig(vocab_size=len(tok), d_model=36, encoder_layers=2, decoder_layers=2, encoder_attention_heads=3,
+                      decoder_attention_heads=3, encoder_ffn_dim=52, decoder_ffn_dim=44, max_position_embeddings=64,
+                      pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+                      scale_embedding=True)
+    torch.manual_seed(3)
+    model = MBartForConditionalGeneration(cfg)
+    randomize_(model, 3)
+    model.generation_config = GenerationConfig(num_beams=4, max_length=30, forced_eos_token_id=2, pad_token_id=1,
+                                               eos_token_id=2, decoder_start_token_id=2)
+    model.save_pretrained(model_dir)
+    hf = MBartForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir, src_lang="fr_XX")
+    engine = pyengine.Engine.load(model_dir)
+    texts = ["Open the file in a new window.", "The printer is out of paper", "Save your changes?"]
+    for text in texts:
+        assert engine.tokenizer.encode(text, source_lang="fr_XX") == tok(text).input_ids
+    batch = tok(texts, return_tensors="pt", padding=True)
+    for beam in (1, 4):
+        with torch.no_grad():
+            out = hf.generate(**batch, num_beams=beam, max_new_tokens=12,
+                              forced_bos_token_id=tok.convert_tokens_to_ids("de_DE"))
+        got = engine.translate_batch(texts, source_lang="fr_XX", target_lang="de_DE", beam_size=beam,
+                                     max_decoding_length=12)
+        assert [t.tokens[0] for t in got] == [[i for i in row.tolist()[1:] if i not in (1, 2)] for row in out]
+        assert [t.hypotheses[0] for t in got] == tok.batch_decode(out, skip_special_tokens=True)
+        assert all(t.tokens[0][0] == tok.convert_tokens_to_ids("de_DE") for t in got)
+        assert any(t.hypotheses[0].strip() for t in got)  # there is text to compare
+    with pytest.raises(pyengine.OptionError, match="unknown language 'xx_YY'"):
+        engine.translate(["x"], target_lang="xx_YY")

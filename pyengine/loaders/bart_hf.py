@@ -8,6 +8,7 @@ decoder_start_token_id, with forced_bos/forced_eos as generation_config says.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -16,6 +17,14 @@ from .marian_hf import decode_defaults
 
 MODEL_TYPES = ("bart", "mbart")
 POSITION_OFFSET = 2  # BartLearnedPositionalEmbedding.offset
+
+
+def tokenizer_class(path: Path) -> str:
+    """tokenizer_config.json's tokenizer_class without "Fast" ("" when there is none)."""
+    cfg = path / "tokenizer_config.json"
+    if not cfg.is_file():
+        return ""
+    return str(json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class", "")).removesuffix("Fast")
 
 
 def detect(path: Path) -> bool:
@@ -40,8 +49,11 @@ def load(path: Path) -> LoadedModel:
     if (path / "tokenizer.json").is_file() and hf_model_type(path) == "bart":
         from ..tokenizer import TokenizerJson
         tokenizer = TokenizerJson.from_dir(path, cfg)
-    else:  # mBART's language codes and sentencepiece-only directories are not handled yet
-        note = ("this BART/mBART directory has no tokenizer pyengine reads (BART's tokenizer.json is supported; "
-                "mBART's language-code tokenizer is not yet); translate from token ids with generate()")
+    elif (path / "tokenizer.json").is_file() and tokenizer_class(path) in ("MBart50Tokenizer", "MBartTokenizer"):
+        from ..tokenizer import NllbTokenizerJson  # language codes as added tokens: source_lang / target_lang
+        tokenizer = NllbTokenizerJson.from_dir(path, cfg)
+    else:  # sentencepiece-only directories (transformers < 5 without tokenizer.json) are not handled
+        note = ("this BART/mBART directory has no tokenizer pyengine reads (a tokenizer.json of BART, mBART or "
+                "mBART-50 is); translate from token ids with generate()")
     return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"hf-bart:{path}",
                        extra={"tokenizer_note": note} if note else {})
