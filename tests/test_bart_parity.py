@@ -171,3 +171,25 @@ def test_mbart50_text_translation_matches_hf(tmp_path):
         assert any(t.hypotheses[0].strip() for t in got)  # there is text to compare
     with pytest.raises(pyengine.OptionError, match="unknown language 'xx_YY'"):
         engine.translate(["x"], target_lang="xx_YY")
+
+
+def test_mbart_tokenizer_json_puts_the_language_after_the_text(tmp_path):
+    """mBART (cc25)'s MBartTokenizer: pieces + </s> + source language, read from its saved tokenizer.json."""
+    import json
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from conftest import SAMPLE_TEXT
+    from pyengine.tokenizer import NllbTokenizerJson
+    spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(tmp_path / "sp"), vocab_size=300,
+                                   model_type="unigram", minloglevel=2)
+    (tmp_path / "sp.model").rename(tmp_path / "sentencepiece.bpe.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "MBartTokenizer",
+                                                                "src_lang": "en_XX", "tgt_lang": "ro_RO"}))
+    AutoTokenizer.from_pretrained(tmp_path).save_pretrained(tmp_path / "saved")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "saved", src_lang="ro_RO")
+    ours = NllbTokenizerJson(tmp_path / "saved")
+    for text in ("Open the file.", "The printer is out of paper"):
+        assert ours.encode(text, source_lang="ro_RO") == tok(text).input_ids
+        assert ours.encode(text, source_lang="ro_RO")[-2:] == [tok.eos_token_id, tok.convert_tokens_to_ids("ro_RO")]
