@@ -224,3 +224,48 @@ def test_missing_truncated_and_misshaped_items(tmp_path):
     (tmp_path / "d" / "model.bin").write_bytes(b"\x07" * 64)
     with pytest.raises(UnknownFormatError, match="marian"):
         pyengine.Engine.load(tmp_path / "d")
+
+
+def write_float32_npz(student: Path, out_dir: Path) -> Path:
+    """The student as Marian's float32 training checkpoint: model.npz (float32 items, the int8 ones dequantized,
+    the YAML last — where Marian writes it) and model.npz.decoder.yml, the decoder config Marian's training writes
+    beside it."""
+    import numpy as np
+    import yaml
+    config = yaml.safe_load(next(student.glob("config*.yml")).read_text())
+    model = student / config["models"][0]
+    arrays = {}
+    items = marian_bin.read_bin(model)
+    for name, item in items.items():
+        if name.endswith("_QuantMultA") or name.startswith("special:"):
+            continue
+        if item.type == marian_bin.INT8_MATRIX:
+            values = marian_bin.dequantized(item, model).numpy()
+            rows, cols = item.shape
+            arrays[name] = values.reshape(rows, cols) if name == "Wemb" else values.reshape(cols, rows).T.copy()
+        else:
+            count = int(np.prod(item.shape))
+            arrays[name] = np.frombuffer(item.data, dtype=np.float32, count=count).reshape(item.shape)
+    arrays["special:model.yml"] = np.frombuffer(items["special:model.yml"].data, dtype=np.int8)
+    out_dir.mkdir()
+    np.savez(out_dir / "model.npz", **arrays)
+    for path in student.iterdir():
+        if path.name.startswith(("vocab", "lex")):  # the vocabulary and the shortlist
+            shutil.copy(path, out_dir / path.name)
+    config["models"] = ["model.npz"]
+    (out_dir / "model.npz.decoder.yml").write_text(yaml.safe_dump(config))
+    return out_dir
+
+
+def test_float32_npz_with_the_yaml_last_loads_like_the_bin(tmp_path):
+    """Marian's .npz checkpoints are zip files whose special:model.yml comes last (past any fixed header window);
+    detection reads the zip's directory, and the decoder config Marian writes beside them is read."""
+    student = Path(model_dir("en-pt"))
+    npz_dir = write_float32_npz(student, tmp_path / "npz")
+    assert b"special:model.yml" not in (npz_dir / "model.npz").read_bytes()[:4096]
+    text = ["In the beginning God created the heavens and the earth.", "And God said, Let there be light."]
+    from_npz = pyengine.Engine.load(npz_dir)
+    from_bin = pyengine.Engine.load(student)
+    assert from_npz.source.startswith("marian") and from_npz.shortlist is not None
+    assert from_npz.translate(text) == from_bin.translate(text)
+    assert pyengine.Engine.load(npz_dir / "model.npz").translate(text[:1]) == from_bin.translate(text[:1])

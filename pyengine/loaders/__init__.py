@@ -21,7 +21,7 @@ FORMATS: tuple[FormatLoader, ...] = (
                  "a .pt file with 'model', 'vocab' and 'opt' (OpenNMT-py v3 checkpoint)"),
     FormatLoader("marian", marian_bin.detect, marian_bin.load,
                  "a Marian model.bin / model.npz with special:model.yml (Marian, Bergamot students), "
-                 "config*.yml beside it"),
+                 "config*.yml or model.npz.decoder.yml beside it"),
 )
 
 

@@ -18,6 +18,7 @@ relu/swish FFNs of depth 2; any other option that changes the math is refused by
 from __future__ import annotations
 
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,11 +101,14 @@ def model_file(path: Path) -> Path | None:
 
 
 def decoder_config(path: Path) -> dict | None:
-    """The decoder YAML beside the model (Marian's `config*.yml`, or `decoder.yml`)."""
+    """The decoder YAML beside the model: Marian's `config*.yml`, `decoder.yml`, or the `<model>.decoder.yml` Marian's
+    training writes beside each checkpoint (model.npz.decoder.yml)."""
     import yaml
 
     directory = path if path.is_dir() else path.parent
-    for candidate in sorted(directory.glob("config*.yml")) + sorted(directory.glob("decoder.yml")):
+    candidates = sorted(directory.glob("config*.yml")) + sorted(directory.glob("decoder.yml")) + \
+        sorted(directory.glob("*.decoder.yml"))
+    for candidate in candidates:
         try:
             data = yaml.safe_load(candidate.read_text(encoding="utf-8"))
         except yaml.YAMLError:
@@ -118,10 +122,14 @@ def detect(path: Path) -> bool:
     found = model_file(path)
     if found is None or not found.is_file():
         return False
+    if found.suffix == ".npz":  # a zip; Marian writes special:model.yml last: read the zip's directory
+        try:
+            with zipfile.ZipFile(found) as z:
+                return "special:model.yml.npy" in z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return False
     with open(found, "rb") as fh:
         head = fh.read(4096)
-    if found.suffix == ".npz":
-        return head[:2] == b"PK" and b"special:model.yml" in head
     return len(head) >= 16 and struct.unpack_from("<Q", head, 0)[0] == 1 and b"special:model.yml" in \
         found.read_bytes()[: 1 << 20]
 
