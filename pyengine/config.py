@@ -111,6 +111,8 @@ class DecodeOptions:
     suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
     suppress_sequences: tuple[tuple[int, ...], ...] = ()  # never generated as a whole (CTranslate2's; HF bad_words_ids)
     disable_unk: bool = False  # the unknown token is never generated (CTranslate2's)
+    end_token: int | None = None  # the token id that ends a hypothesis instead of the model's EOS (CTranslate2's)
+    return_end_token: bool = False  # keep the end token at the end of the output (CTranslate2's)
     forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
     forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
     repetition_penalty: float = 1.0  # scores of tokens already in the target: × penalty if < 0, ÷ penalty if > 0
@@ -141,7 +143,7 @@ class DecodeOptions:
         real(self, "sampling_temperature", 1e-4, 1e4)  # float32 logits divided outside it overflow to inf
         real(self, "coverage_penalty", -100, 100)
         for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist",
-                     "disable_unk"):
+                     "disable_unk", "return_end_token"):
             flag(self, name)
         if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
                 not isinstance(self.early_stopping, bool):
@@ -154,6 +156,8 @@ class DecodeOptions:
                               f"got {self.suppress_sequences!r}")
         if self.forced_bos_token is not None:
             integer(self, "forced_bos_token", 0)
+        if self.end_token is not None:
+            integer(self, "end_token", 0)
         if self.seed is not None:
             integer(self, "seed", 0, 2 ** 63 - 1)
         if self.max_input_length is not None:

@@ -360,6 +360,11 @@ class Engine:
                 raise OptionError("disable_unk needs the model's tokenizer to know its unknown token; this model has "
                                   "none (suppress_tokens=[the unknown token's id] does the same)")
             opts = opts.replace(suppress_tokens=tuple(dict.fromkeys(opts.suppress_tokens + (unk,))), disable_unk=False)
+        if opts.end_token is not None and opts.end_token >= vocab:
+            raise OptionError(f"end_token {opts.end_token} is outside the target vocabulary of {vocab}")
+        if (opts.end_token is not None or opts.return_end_token) and self.rules.name != "hf":
+            raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's search rules, not "
+                              f"{self.rules.name}'s")
         if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < vocab:
             raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary of {vocab}")
         outside = [t for t in opts.suppress_tokens if t >= vocab]

@@ -84,3 +84,39 @@ def test_option_errors(model):
         engine.translate(["x"], disable_unk="yes")
     with pytest.raises(pyengine.InputError, match="truncate_input"):
         engine.translate(["a long sentence of more than five tokens"], max_input_length=5)
+
+
+END_TEXTS = ["Open the file, then save it.", "If the printer is out of paper, add paper and try again.",
+             "Yes, delete it", "Save your changes?"]
+
+
+@pytest.mark.parametrize("return_end_token", [False, True])
+def test_end_token_greedy_equals_ctranslate2(model, return_end_token):
+    """A comma ends the hypotheses instead of </s> (CTranslate2 takes the token, pyengine its id)."""
+    engine, _, tok = model
+    # the same length limit in both, and no forced end at it (CTranslate2 has none; HF's forced_eos would force it)
+    limits, ours = {"max_decoding_length": 24}, {"max_decoding_length": 24, "forced_eos": False}
+    plain, _ = both(model, END_TEXTS, limits, ours, 1)
+    got, ref = both(model, END_TEXTS, {**limits, "end_token": ",", "return_end_token": return_end_token},
+                    {**ours, "end_token": tok.convert_tokens_to_ids(","), "return_end_token": return_end_token}, 1)
+    assert got == ref and got != plain
+    ended = [out for out, p in zip(got, plain) if "," in p]  # these stop at their first comma
+    assert ended and all(out[-1] == "," if return_end_token else "," not in out for out in ended)
+
+
+def test_end_token_beam_equals_hf_generate(model):
+    """Under beam search CTranslate2's stopping rule is its own (its beam search is not HF's); the HF rules pyengine
+    runs are checked against HF `generate` with the comma as its eos_token_id."""
+    import torch
+    from transformers import MarianMTModel
+    engine, _, tok = model
+    comma = tok.convert_tokens_to_ids(",")
+    hf = MarianMTModel.from_pretrained(tok.name_or_path, dtype=torch.float32).eval()  # the same zero-pad copy
+    batch = tok(END_TEXTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = hf.generate(**batch, num_beams=4, max_new_tokens=24, eos_token_id=comma, forced_eos_token_id=None)
+    want = [[t for t in row.tolist()[1:] if t != hf.config.pad_token_id] for row in out]
+    got = engine.translate_batch(END_TEXTS, beam_size=4, max_decoding_length=24, forced_eos=False, end_token=comma,
+                                 return_end_token=True)
+    assert [t.tokens[0] for t in got] == want
+    assert any(w[-1:] == [comma] for w in want)

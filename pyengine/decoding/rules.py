@@ -62,7 +62,7 @@ class HFBeamState:
             hyps = []
             for length, score, hist in zip(row_lengths, row_scores, row_hists):
                 toks = hist[:length]
-                if toks and toks[-1] == eos:
+                if toks and toks[-1] == eos and not opts.return_end_token:
                     toks = toks[:-1]
                 hyps.append(Hypothesis(toks, score))
             out.append((sentence, hyps))

@@ -117,7 +117,8 @@ class Runtime:
         if not self.shares(opts):
             raise ValueError("these options need a batch of their own (return_attention, or a shortlist)")
         lengths = [len(x) for x in ids]
-        strategy = new_strategy(len(ids), opts.for_source(max(lengths)), self.rules, self.start_id, self.eos_id,
+        end = self.eos_id if opts.end_token is None else opts.end_token  # what ends a hypothesis
+        strategy = new_strategy(len(ids), opts.for_source(max(lengths)), self.rules, self.start_id, end,
                                 self.device, max(lengths), self.model.ops, on_step, generator, prefix)
         if strategy.cache_len > self.model.cfg.max_positions:
             raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "

@@ -178,7 +178,7 @@ class Greedy(Strategy):
         for row, hist, prompt, sentence, score in zip(
                 done_rows.tolist(), self.history[done_rows, : step + 1].tolist(), self.prompt[done_rows, 1:].tolist(),
                 self.sentence[done_rows].tolist(), self.scores[done_rows].tolist()):
-            toks = hist[:-1] if hist and hist[-1] == eos else hist
+            toks = hist[:-1] if hist and hist[-1] == eos and not opts.return_end_token else hist
             out_tokens = prompt + toks
             finished.append(sentence)
             self.results[sentence] = finalize(
