@@ -1,6 +1,6 @@
 """Translation quality and fast-path guards on held-out data.
 
-    python -m benchmarks.quality                   # the shipped default model, both held-out sets
+    python -m benchmarks.quality                   # the shipped default model, every held-out set
     python -m benchmarks.quality --limit 200       # quicker
 
 For each held-out set (data/heldout/): sacreBLEU BLEU and chrF of Hugging Face `generate` and of
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-HELDOUT = {"ui": ROOT / "data" / "heldout" / "test.ui.jsonl", "bible": ROOT / "data" / "heldout" / "test.bible.jsonl"}
+# UI strings of command-line tools, Bible verses, and graphical interfaces (menus, buttons, dialogs: 1-8 words)
+HELDOUT = {name: ROOT / "data" / "heldout" / f"test.{name}.jsonl" for name in ("ui", "bible", "gui")}
 CONFIGS = [("greedy", 1), ("beam4", 4)]
 
 

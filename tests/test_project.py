@@ -3,6 +3,7 @@ kernels/ folder when Python starts in the repository root (transformers imports 
 README and docs/ cite exists in benchmarks/results/."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -49,3 +50,23 @@ def test_hugging_face_kernels_is_not_shadowed_from_the_repository_root():
     assert Path(hf_file).resolve().parent != (ROOT / "kernels").resolve(), hf_file
     assert "site-packages" in hf_file and name == "pyengine.kernels.attention"
     assert not (ROOT / "kernels" / "__init__.py").exists()
+
+
+def test_data_card_lists_every_source_package_and_the_held_out_sets_are_disjoint():
+    """Every Debian package the corpus script read (data/heldout/stats.json) is in the data card with its version
+    and licence; the three held-out sets share no source string (the script also keeps them out of training)."""
+    data = ROOT / "data"
+    card = (data / "DATA_CARD.md").read_text(encoding="utf-8")
+    stats = json.loads((data / "heldout" / "stats.json").read_text(encoding="utf-8"))
+    assert stats["gui_packages"]
+    for package, info in stats["gui_packages"].items():
+        row = f"| {package} | {info['version']} | {info['licence']} |"
+        assert row in card, row
+    sources = {}
+    for name in ("ui", "bible", "gui"):
+        rows = [json.loads(line) for line in (data / "heldout" / f"test.{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 1000 and all(r["en"] and r["de"] for r in rows)
+        sources[name] = {r["en"] for r in rows}
+        assert len(sources[name]) == 1000  # distinct sources
+    assert not (sources["ui"] & sources["bible"] or sources["ui"] & sources["gui"] or sources["bible"] & sources["gui"])
+    assert all(len(s.split()) <= 8 for s in sources["gui"])
