@@ -70,8 +70,7 @@ def save(loaded: LoadedModel, dst: Path, src_dir: Path, dtype: str) -> None:
     for name in TOKENIZER_FILES:
         if (src_dir / name).is_file():
             shutil.copyfile(src_dir / name, dst / name)
-    defaults = dataclasses.asdict(loaded.defaults)
-    defaults["suppress_tokens"] = list(defaults["suppress_tokens"])
+    defaults = dataclasses.asdict(loaded.defaults)  # tuples of ids are written as JSON lists
     (dst / CONFIG_FILE).write_text(json.dumps({
         "format_version": FORMAT_VERSION, "converted_from": loaded.source, "dtype": dtype,
         "model": dataclasses.asdict(loaded.config), "defaults": defaults, "tokenizer": tokenizer,
@@ -85,7 +84,7 @@ def load(path: Path) -> LoadedModel:
                               f"{FORMAT_VERSION}; convert the source checkpoint again")
     try:
         cfg = ModelConfig(**meta["model"])
-        defaults = DecodeOptions(**{**meta["defaults"], "suppress_tokens": tuple(meta["defaults"]["suppress_tokens"])})
+        defaults = DecodeOptions().replace(**meta["defaults"])  # replace() reads JSON lists of ids back as tuples
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / CONFIG_FILE}: unreadable configuration ({exc})") from None
     weights = path / "model.safetensors"
