@@ -354,3 +354,28 @@ class MarianSpmTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.spm_target.decode([i for i in ids if i != self.eos_id])
+
+
+class OnmtSpmTokenizer:
+    """OpenNMT-py's `sentencepiece` transform: pieces of the source sentencepiece model looked up in the checkpoint's
+    source vocabulary (unknown → <unk>), no special tokens added (OpenNMT-py's seq2seq source has none); output
+    ids → target vocabulary tokens, specials dropped, joined by the target sentencepiece model."""
+
+    def __init__(self, source_spm: Path, target_spm: Path, source: list[str], target: list[str], specials: set[str]):
+        self.spm_source = spm.SentencePieceProcessor(model_file=str(source_spm))
+        self.spm_target = spm.SentencePieceProcessor(model_file=str(target_spm))
+        self.source_ids = {tok: i for i, tok in reversed(list(enumerate(source)))}
+        self.target = target
+        self.target_ids = {tok: i for i, tok in reversed(list(enumerate(target)))}
+        self.unk = self.source_ids["<unk>"]
+        self.target_unk_id = self.target_ids["<unk>"]
+        self.special_ids = {self.target_ids[t] for t in specials if t in self.target_ids}
+
+    def encode(self, text: str) -> list[int]:
+        return [self.source_ids.get(p, self.unk) for p in self.spm_source.encode(text, out_type=str)]
+
+    def encode_target(self, text: str) -> list[int]:
+        return [self.target_ids.get(p, self.target_unk_id) for p in self.spm_target.encode(text, out_type=str)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.spm_target.decode_pieces([self.target[i] for i in ids if i not in self.special_ids])

@@ -44,7 +44,7 @@ class _Optim:  # ModelSaver stores the optimizer's state; there is none to store
         return {}
 
 
-def write_checkpoint(tmp_path, extra: list[str], seed: int) -> str:
+def write_checkpoint(tmp_path, extra: list[str], seed: int, tokens: list[str] = VOCAB) -> str:
     parser = ArgumentParser()
     onmt.opts.train_opts(parser)
     opt = parser.parse_args(["-data", "{}", "-src_vocab", "unused", "-save_model", str(tmp_path / "model"),
@@ -52,7 +52,7 @@ def write_checkpoint(tmp_path, extra: list[str], seed: int) -> str:
                              "-dec_layers", "2", "-position_encoding", "-model_dtype", "fp32"] + extra)
     ArgumentParser.update_model_opts(opt)
     ArgumentParser.validate_model_opts(opt)
-    vocab = pyonmttok.build_vocab_from_tokens(VOCAB)
+    vocab = pyonmttok.build_vocab_from_tokens(tokens)
     vocabs = {"src": vocab, "tgt": vocab, "data_task": "seq2seq", "decoder_start_token": "<s>"}
     model = build_base_model(opt, vocabs)
     gen = torch.Generator().manual_seed(seed)
@@ -64,7 +64,7 @@ def write_checkpoint(tmp_path, extra: list[str], seed: int) -> str:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.6 / p.shape[-1] ** 0.5))
         # a long EOS output vector: its logit swings widely, so hypotheses end at many different steps
-        model.generator.weight[VOCAB.index("</s>")] *= EOS_GAIN
+        model.generator.weight[tokens.index("</s>")] *= EOS_GAIN
     saver = build_model_saver(opt, opt, model, vocabs, _Optim(), 0)
     path, _ = saver._save(1, model)
     return path
@@ -163,3 +163,43 @@ def test_converted_directory_decodes_the_same(checkpoint, tmp_path):
     a = pyengine.Engine.load(checkpoint).generate(src, beam_size=4, num_hypotheses=2)
     b = pyengine.Engine.load(tmp_path / "native").generate(src, beam_size=4, num_hypotheses=2)
     assert [x.tokens for x in a] == [x.tokens for x in b] and [x.scores for x in a] == [x.scores for x in b]
+
+
+def test_text_through_the_sentencepiece_transform_matches_opennmt_translate(tmp_path):
+    """A checkpoint trained with OpenNMT-py's `sentencepiece` transform translates text: pyengine reads the subword
+    model its options name and gives what OpenNMT-py's own `onmt_translate` (transforms, Translator, detokenization)
+    writes for the same text file, greedy and beam 3."""
+    import subprocess
+
+    import sentencepiece as spm
+
+    from conftest import SAMPLE_TEXT, sample_lines
+    spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+                                   model_type="unigram", minloglevel=2)
+    proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    pieces = [proc.id_to_piece(i) for i in range(proc.get_piece_size())]
+    tokens = ["<unk>", "<blank>", "<s>", "</s>"] + [p for p in pieces if p not in ("<unk>", "<s>", "</s>")]
+    model = str(tmp_path / "sp.model")
+    subword = ["-transforms", "sentencepiece", "-src_subword_model", model, "-tgt_subword_model", model]
+    checkpoint = write_checkpoint(tmp_path, CONFIGS["gelu-biases-shared"] + subword, seed=3, tokens=tokens)
+    texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
+    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
+    engine = pyengine.Engine.load(checkpoint)
+    stub = ("import sys, types, importlib.machinery\n"
+            "for n in ('spacy', 'fasttext'):\n"
+            "    m = types.ModuleType(n); m.__spec__ = importlib.machinery.ModuleSpec(n, None); sys.modules[n] = m\n"
+            "import argparse, torch\n"
+            "torch.serialization.add_safe_globals([argparse.Namespace])\n"
+            "from onmt.bin.translate import main\n"
+            "sys.argv = ['onmt_translate'] + sys.argv[1:]\n"
+            "main()\n")
+    for beam in (1, 3):
+        out = tmp_path / f"out{beam}.txt"
+        run = subprocess.run([sys.executable, "-c", stub, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
+                              "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
+                              "-max_length_ratio", "0", "-gpu", "-1", *subword], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        want = out.read_text().splitlines()
+        assert engine.translate(texts, beam_size=beam, max_decoding_length=16) == want
+        assert sum(bool(w.strip()) for w in want) >= len(texts) - 1, want  # text to compare, not blanks

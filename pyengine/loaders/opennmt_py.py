@@ -168,6 +168,28 @@ def load(path: Path) -> LoadedModel:
     # OpenNMT-py's translate defaults: beam 5, max_length 250 (its max_length_ratio is not applied), avg length
     # penalty with alpha 1 (see OnmtBeamState)
     defaults = DecodeOptions(beam_size=5, num_hypotheses=1, max_decoding_length=250)
-    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=None, source=f"opennmt-py:{path}",
-                       extra={"tokenizer_note": "OpenNMT-py tokenization is the training config's transforms; "
-                                                "translate from token ids with generate()", **vocab})
+    tokenizer, note = sentencepiece_tokenizer(ckpt["opt"], path, vocab)
+    return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"opennmt-py:{path}",
+                       extra={"tokenizer_note": note, **vocab} if note else vocab)
+
+
+def sentencepiece_tokenizer(opt, path: Path, vocab: dict):
+    """The text tokenizer of a checkpoint trained with OpenNMT-py's `sentencepiece` transform: its subword models
+    where the options name them, or by the same file name beside the checkpoint. (tokenizer, note)"""
+    from ..tokenizer import OnmtSpmTokenizer
+    transforms = list(getattr(opt, "transforms", None) or [])
+    if "sentencepiece" not in transforms:
+        return None, ("OpenNMT-py tokenization is the training config's transforms (text is read with the "
+                      f"sentencepiece transform; this checkpoint has {transforms or 'none'}); translate from token ids "
+                      "with generate()")
+    models = []
+    for side in ("src", "tgt"):
+        named = getattr(opt, f"{side}_subword_model", None)
+        candidates = [Path(named), path.parent / Path(named).name] if named else []
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            return None, (f"the checkpoint's {side}_subword_model {named!r} is neither where its options say nor "
+                          f"beside {path.name}; translate from token ids with generate()")
+        models.append(found)
+    specials = set(SPECIALS.values())
+    return OnmtSpmTokenizer(models[0], models[1], vocab["src_tokens"], vocab["tgt_tokens"], specials), ""
