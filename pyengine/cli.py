@@ -26,6 +26,8 @@ def _add_translate(sub) -> None:
     p.add_argument("--min-decoding-length", type=int)
     p.add_argument("--num-hypotheses", type=int, help="print the n best, tab-separated")
     p.add_argument("--scores", action="store_true", help="print each hypothesis's score before it")
+    p.add_argument("--alignment", action="store_true",
+                   help="append ' ||| ' and the hard alignment of each hypothesis, Marian's 's-t' token pairs")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of refusing them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=("text", "html"), default="text",
@@ -223,12 +225,14 @@ def _translate_chunk(engine, chunk: list[str | None], start: int, errors: dict[i
 def translate_main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .documents.align import alignment_text
     from .engine import Engine
 
     options = {k: v for k, v in {
         "beam_size": args.beam_size, "length_penalty": args.length_penalty,
         "max_decoding_length": args.max_decoding_length, "min_decoding_length": args.min_decoding_length,
-        "num_hypotheses": args.num_hypotheses, "truncate_input": args.truncate or None}.items() if v is not None}
+        "num_hypotheses": args.num_hypotheses, "truncate_input": args.truncate or None,
+        "return_attention": args.alignment or None}.items() if v is not None}
     if args.input or args.output or args.ray:
         return _translate_corpus(args, options)
     if args.threads:
@@ -247,6 +251,8 @@ def translate_main(args: argparse.Namespace) -> int:
                 out.write("\n")
                 continue
             fields = [f"{s:.4f}\t{h}" if args.scores else h for h, s in zip(r.hypotheses, r.scores)]
+            if args.alignment:
+                fields = [f"{f} ||| {alignment_text(r.hard_alignment(k))}" for k, f in enumerate(fields)]
             out.write("\t".join(fields) + "\n")
         out.flush()
         bar.update(len(chunk))
@@ -263,9 +269,9 @@ def _translate_corpus(args: argparse.Namespace, options: dict) -> int:
     """--input FILE --output FILE --ray [ADDRESS]: a corpus on a Ray cluster, resumable by shard."""
     if not (args.input and args.output and args.ray):
         raise PyEngineError("--input, --output and --ray go together (without Ray, translate stdin to stdout)")
-    if args.num_hypotheses or args.scores or args.paragraphs or args.format != "text":
+    if args.num_hypotheses or args.scores or args.alignment or args.paragraphs or args.format != "text":
         raise PyEngineError("--input/--output translate one sentence a line: --num-hypotheses, --scores, "
-                            "--paragraphs and --format html do not apply")
+                            "--alignment, --paragraphs and --format html do not apply")
     from .config import DecodeOptions
     from .distributed import require_ray
 
@@ -283,9 +289,9 @@ def _translate_corpus(args: argparse.Namespace, options: dict) -> int:
 
 def _translate_document(engine, args: argparse.Namespace, options: dict) -> int:
     """The whole input as one document: HTML, or running text split into sentences and re-joined."""
-    if args.num_hypotheses or args.scores:
-        raise PyEngineError("--num-hypotheses and --scores apply to one sentence a line, not to --paragraphs or "
-                            "--format html")
+    if args.num_hypotheses or args.scores or args.alignment:
+        raise PyEngineError("--num-hypotheses, --scores and --alignment apply to one sentence a line, not to "
+                            "--paragraphs or --format html")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     try:
         text = data.decode("utf-8")

@@ -15,6 +15,7 @@ from .config import DecodeOptions, EngineConfig, ModelConfig
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
 from .decoding.strategies import prompt_options, prompt_prefix
 from .documents import Detection, Documents
+from .documents.align import hard_alignment
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer, load_weights, resolve_ops
@@ -51,6 +52,13 @@ class Translation:
         """From a sentence's n-best hypotheses, detokenized with `decode`."""
         return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
                    attention_lists(hyps))
+
+    def hard_alignment(self, k: int = 0) -> list[tuple[int, int]]:
+        """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment);
+        needs return_attention=True."""
+        if self.attention is None:
+            raise OptionError("hard_alignment needs the attention: translate with return_attention=True")
+        return hard_alignment(self.attention[k])
 
     @classmethod
     def blank(cls, opts: DecodeOptions) -> "Translation":

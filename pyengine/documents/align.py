@@ -74,3 +74,15 @@ def word_alignment(encode: Callable[[str], list[int]], decode: Callable[[list[in
         if src is not None:
             return attention_alignment(attention, src, target_token_words(decode, tokens), n_target_words), "attention"
     return proportional_alignment(len(source_words), n_target_words), "proportional"
+
+
+def hard_alignment(attention: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
+    """Marian's `--alignment hard` over tokens: each target token's most attended source token (ties to the lower
+    index), as (source, target) pairs sorted by source, then target. attention: one row per target token over the
+    source tokens (Translation.attention: last decoder layer, mean of heads, source EOS included)."""
+    return sorted((max(range(len(row)), key=lambda s: (row[s], -s)), t) for t, row in enumerate(attention))
+
+
+def alignment_text(pairs: Sequence[tuple[int, int]]) -> str:
+    """Marian's textual alignment: "s-t s-t ..."."""
+    return " ".join(f"{s}-{t}" for s, t in pairs)
