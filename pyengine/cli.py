@@ -28,6 +28,8 @@ def _add_translate(sub) -> None:
     p.add_argument("--scores", action="store_true", help="print each hypothesis's score before it")
     p.add_argument("--alignment", action="store_true",
                    help="append ' ||| ' and the hard alignment of each hypothesis, Marian's 's-t' token pairs")
+    p.add_argument("--word-scores", action="store_true",
+                   help="append ' ||| WordScores=' and each output token's log-probability (EOS included), as Marian")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of refusing them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--format", choices=("text", "html"), default="text",
@@ -246,13 +248,15 @@ def translate_main(args: argparse.Namespace) -> int:
     out = sys.stdout
     for start in range(0, len(lines), CHUNK):
         chunk = lines[start: start + CHUNK]
-        for r in _translate_chunk(engine, chunk, start, errors, options):
+        for i, r in enumerate(_translate_chunk(engine, chunk, start, errors, options)):
             if r is None:  # a refused line keeps its place as an empty line; its error goes to stderr
                 out.write("\n")
                 continue
             fields = [f"{s:.4f}\t{h}" if args.scores else h for h, s in zip(r.hypotheses, r.scores)]
             if args.alignment:
                 fields = [f"{f} ||| {alignment_text(r.hard_alignment(k))}" for k, f in enumerate(fields)]
+            if args.word_scores:
+                fields = [f"{f} ||| WordScores={_word_scores(engine, chunk[i], r, k)}" for k, f in enumerate(fields)]
             out.write("\t".join(fields) + "\n")
         out.flush()
         bar.update(len(chunk))
@@ -265,13 +269,19 @@ def translate_main(args: argparse.Namespace) -> int:
     return 2 if errors else 0
 
 
+def _word_scores(engine, source: str, translation, k: int) -> str:
+    """Marian's word scores: each output token's log-probability (EOS included), " %.5f" each."""
+    return "".join(f" {v:.5f}" for v in engine.token_scores([source], [translation], k)[0])
+
+
 def _translate_corpus(args: argparse.Namespace, options: dict) -> int:
     """--input FILE --output FILE --ray [ADDRESS]: a corpus on a Ray cluster, resumable by shard."""
     if not (args.input and args.output and args.ray):
         raise PyEngineError("--input, --output and --ray go together (without Ray, translate stdin to stdout)")
-    if args.num_hypotheses or args.scores or args.alignment or args.paragraphs or args.format != "text":
+    if args.num_hypotheses or args.scores or args.alignment or args.word_scores or args.paragraphs or \
+            args.format != "text":
         raise PyEngineError("--input/--output translate one sentence a line: --num-hypotheses, --scores, "
-                            "--alignment, --paragraphs and --format html do not apply")
+                            "--alignment, --word-scores, --paragraphs and --format html do not apply")
     from .config import DecodeOptions
     from .distributed import require_ray
 
@@ -289,9 +299,9 @@ def _translate_corpus(args: argparse.Namespace, options: dict) -> int:
 
 def _translate_document(engine, args: argparse.Namespace, options: dict) -> int:
     """The whole input as one document: HTML, or running text split into sentences and re-joined."""
-    if args.num_hypotheses or args.scores or args.alignment:
-        raise PyEngineError("--num-hypotheses, --scores and --alignment apply to one sentence a line, not to "
-                            "--paragraphs or --format html")
+    if args.num_hypotheses or args.scores or args.alignment or args.word_scores:
+        raise PyEngineError("--num-hypotheses, --scores, --alignment and --word-scores apply to one sentence a line, "
+                            "not to --paragraphs or --format html")
     data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
     try:
         text = data.decode("utf-8")

@@ -238,3 +238,19 @@ class EngineConfig:
             integer(self, "max_beam_size", 1)
         if self.max_memory_mb is not None:
             real(self, "max_memory_mb", 0, above=True)
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":  # bfloat16 where the CPU has AMX-BF16: pyengine's bf16 GEMM runs 2-3x float32's there (with
+        # AVX-512 alone it does two FMAs per weight: on a decoder's large batches no faster than float32)
+        from .model.linear import bf16_kernels
+        return torch.bfloat16 if "amx" in bf16_kernels() else torch.float32
+    if dtype not in DTYPES:
+        raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}, 'int8' or 'auto'")
+    return DTYPES[dtype]

@@ -4,75 +4,23 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
 from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, restore_order
-from .config import DecodeOptions, EngineConfig, ModelConfig
+from .config import DTYPES, DecodeOptions, EngineConfig, ModelConfig, resolve_dtype  # noqa: F401 (re-exported)
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
 from .decoding.strategies import prompt_options, prompt_prefix
 from .documents import Detection, Documents
-from .documents.align import hard_alignment
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer, load_weights, resolve_ops
-from .scoring import ScoringResult, score
+from .results import StreamEvent, Translation
+from .scoring import ScoringResult, pair_ids, score
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class StreamEvent:
-    """A sentence's best hypothesis so far (`done`: final). For beam search a later event may revise it."""
-
-    index: int
-    tokens: list[int]
-    text: str
-    done: bool
-
-
-@dataclass
-class Translation:
-    """n-best result for one input: target ids (no start token, no EOS), scores, and detokenized text."""
-
-    tokens: list[list[int]]
-    scores: list[float]
-    hypotheses: list[str]
-    # with return_attention: per hypothesis, one row per token of `tokens`: its attention over the source
-    # tokens (EOS included), last decoder layer, mean of heads
-    attention: list[list[list[float]]] | None = None
-
-    @classmethod
-    def of(cls, hyps: list[Hypothesis], decode) -> "Translation":
-        """From a sentence's n-best hypotheses, detokenized with `decode`."""
-        return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
-                   attention_lists(hyps))
-
-    def hard_alignment(self, k: int = 0) -> list[tuple[int, int]]:
-        """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment);
-        needs return_attention=True."""
-        if self.attention is None:
-            raise OptionError("hard_alignment needs the attention: translate with return_attention=True")
-        return hard_alignment(self.attention[k])
-
-    @classmethod
-    def blank(cls, opts: DecodeOptions) -> "Translation":
-        """The answer to an empty or blank text: n empty hypotheses."""
-        n = opts.num_hypotheses
-        return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None)
-
-
-def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
-    if not hyps or hyps[0].attention is None:
-        return None
-    return [h.attention.tolist() for h in hyps]
-
-
 def resolve_model_path(path: str | Path) -> Path:
     """'default' names the model shipped with the package; anything else is a path."""
     if str(path) == "default":
@@ -80,18 +28,6 @@ def resolve_model_path(path: str | Path) -> Path:
             raise PyEngineError(f"the default model is not installed (expected it in {DEFAULT_MODEL_DIR})")
         return DEFAULT_MODEL_DIR
     return Path(path).expanduser()
-
-
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":  # bfloat16 where the CPU has AMX-BF16: pyengine's bf16 GEMM runs 2-3x float32's there (with
-        # AVX-512 alone it does two FMAs per weight: on a decoder's large batches no faster than float32)
-        from .model.linear import bf16_kernels
-        return torch.bfloat16 if "amx" in bf16_kernels() else torch.float32
-    if dtype not in DTYPES:
-        raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}, 'int8' or 'auto'")
-    return DTYPES[dtype]
 
 
 class Engine:
@@ -172,29 +108,22 @@ class Engine:
 
         target_lang: a multilingual model's target language, whose token then starts the target (scored unless
         offset skips it). offset: target tokens at the start left unscored."""
+        src, tgt = pair_ids(self, sources, targets, source_lang, target_lang, offset)
+        return self._score(src, tgt, offset)
+
+    def token_scores(self, sources: Sequence[str], translations: Sequence[Translation], k: int = 0,
+                     source_lang: str | None = None) -> list[list[float]]:
+        """Each translation's hypothesis k, token by token (EOS included): its log-probability given the source and
+        the tokens before it, by teacher forcing on the decoded ids (no re-tokenization of the text); Marian's
+        word scores."""
         self._validate_texts(sources)
-        self._validate_texts(targets)
-        if len(sources) != len(targets):
-            raise InputError(f"{len(sources)} sources but {len(targets)} targets: score_batch takes pairs")
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
-            raise OptionError(f"offset must be an integer >= 0, got {offset!r}")
-        encode = self._language_encoder(source_lang, target_lang, options := {})
-        lead = [options["forced_bos_token"]] if "forced_bos_token" in options else []
-        limit = self.config.max_positions
-        src, tgt = [], []
-        for i, (s, t) in enumerate(zip(sources, targets)):
-            if not s.strip() or not t.strip():
-                raise InputError(f"an empty {'source' if not s.strip() else 'target'} cannot be scored", index=i)
-            ids, out = encode(s), lead + self.tokenizer.encode_target(t) + [self.config.eos_id]
-            for side, seq in (("source", ids), ("target", out)):
-                if len(seq) > limit:
-                    raise InputError(f"{side} of {len(seq)} tokens exceeds the model's {limit} positions", index=i)
-            if offset >= len(out):
-                raise InputError(f"offset {offset} leaves none of the target's {len(out)} tokens to score", index=i)
-            src.append(ids)
-            tgt.append(out)
+        encode = self._language_encoder(source_lang, None, {})
+        targets = [t.tokens[k] + [self.config.eos_id] for t in translations]
+        return [r.log_probs for r in self._score([encode(s) for s in sources], targets)]
+
+    def _score(self, sources: list[list[int]], targets: list[list[int]], offset: int = 0) -> list[ScoringResult]:
         ec = self.engine_config
-        return score(self.model, src, tgt, self.config.decoder_start_id, self.config.pad_id, ec.device,
+        return score(self.model, sources, targets, self.config.decoder_start_id, self.config.pad_id, ec.device,
                      ec.max_batch_tokens, ec.max_batch_size, offset)
 
     def translate_each(self, texts: Sequence[str], **options: Any) -> list[Translation | InputError]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .batching import plan_batches, restore_order
+from .errors import InputError, OptionError
 from .model import ForcedDecoder
 
 
@@ -59,3 +60,31 @@ def _score_batch(model, sources: list[list[int]], targets: list[list[int]], star
         picked = log_probs[i, torch.arange(len(t), device=device), torch.tensor(t, device=device)]
         out.append(ScoringResult(t[offset:], picked[offset:].tolist()))
     return out
+
+
+def pair_ids(engine, sources, targets, source_lang: str | None, target_lang: str | None,
+             offset: int) -> tuple[list[list[int]], list[list[int]]]:
+    """score_batch's pairs as ids (the target ends with EOS; a multilingual target language's token starts it),
+    each bad pair an error naming it: empty, over the model's positions, nothing left to score after `offset`."""
+    engine._validate_texts(sources)
+    engine._validate_texts(targets)
+    if len(sources) != len(targets):
+        raise InputError(f"{len(sources)} sources but {len(targets)} targets: score_batch takes pairs")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise OptionError(f"offset must be an integer >= 0, got {offset!r}")
+    encode = engine._language_encoder(source_lang, target_lang, options := {})
+    lead = [options["forced_bos_token"]] if "forced_bos_token" in options else []
+    limit = engine.config.max_positions
+    src, tgt = [], []
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        if not s.strip() or not t.strip():
+            raise InputError(f"an empty {'source' if not s.strip() else 'target'} cannot be scored", index=i)
+        ids, out = encode(s), lead + engine.tokenizer.encode_target(t) + [engine.config.eos_id]
+        for side, seq in (("source", ids), ("target", out)):
+            if len(seq) > limit:
+                raise InputError(f"{side} of {len(seq)} tokens exceeds the model's {limit} positions", index=i)
+        if offset >= len(out):
+            raise InputError(f"offset {offset} leaves none of the target's {len(out)} tokens to score", index=i)
+        src.append(ids)
+        tgt.append(out)
+    return src, tgt

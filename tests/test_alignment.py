@@ -104,3 +104,18 @@ def test_cli_alignment_is_the_apis():
         assert text == t.hypotheses[0] and pairs == alignment_text(t.hard_alignment())
         targets = sorted(int(p.split("-")[1]) for p in pairs.split())
         assert targets == list(range(len(t.tokens[0])))  # one source token per target token
+
+
+def test_cli_word_scores_sum_to_the_search_score():
+    """--word-scores (teacher forcing on the decoded ids) against the search's own score: with length_penalty 0 a
+    hypothesis's score is the sum of its tokens' log-probabilities, EOS included."""
+    texts = ["Open the file.", "Save your changes?", "The printer is out of paper."]
+    for beam in ("1", "4"):
+        run = subprocess.run([sys.executable, "-m", "pyengine", "translate", "--word-scores", "--scores",
+                              "--length-penalty", "0", "--beam-size", beam, "--quiet"],
+                             input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        for line in run.stdout.splitlines():
+            head, scores = line.split(" ||| WordScores= ")
+            total = float(head.split("\t")[0])
+            assert sum(map(float, scores.split())) == pytest.approx(total, abs=2e-4)

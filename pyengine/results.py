@@ -1,0 +1,56 @@
+"""What translation returns: a sentence's n-best (`Translation`) and streaming events (`StreamEvent`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import DecodeOptions
+from .decoding import Hypothesis
+from .documents.align import hard_alignment
+from .errors import OptionError
+
+
+@dataclass
+class StreamEvent:
+    """A sentence's best hypothesis so far (`done`: final). For beam search a later event may revise it."""
+
+    index: int
+    tokens: list[int]
+    text: str
+    done: bool
+
+
+@dataclass
+class Translation:
+    """n-best result for one input: target ids (no start token, no EOS), scores, and detokenized text."""
+
+    tokens: list[list[int]]
+    scores: list[float]
+    hypotheses: list[str]
+    # with return_attention: per hypothesis, one row per token of `tokens`: its attention over the source
+    # tokens (EOS included), last decoder layer, mean of heads
+    attention: list[list[list[float]]] | None = None
+
+    @classmethod
+    def of(cls, hyps: list[Hypothesis], decode) -> "Translation":
+        """From a sentence's n-best hypotheses, detokenized with `decode`."""
+        return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
+                   attention_lists(hyps))
+
+    def hard_alignment(self, k: int = 0) -> list[tuple[int, int]]:
+        """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment);
+        needs return_attention=True."""
+        if self.attention is None:
+            raise OptionError("hard_alignment needs the attention: translate with return_attention=True")
+        return hard_alignment(self.attention[k])
+
+    @classmethod
+    def blank(cls, opts: DecodeOptions) -> "Translation":
+        """The answer to an empty or blank text: n empty hypotheses."""
+        n = opts.num_hypotheses
+        return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None)
+
+
+def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
+    if not hyps or hyps[0].attention is None:
+        return None
+    return [h.attention.tolist() for h in hyps]
