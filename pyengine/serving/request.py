@@ -7,7 +7,7 @@ import concurrent.futures
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
 
@@ -16,6 +16,9 @@ from ..decoding import RuntimeStats
 from ..decoding.strategies import prompt_options
 from ..engine import Translation
 from ..errors import PyEngineError
+
+if TYPE_CHECKING:
+    from ..decoding import Runtime
 
 
 def resolve(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -94,3 +97,25 @@ class SchedulerStats(RuntimeStats):
     failures: int = 0  # requests failed by an error in the worker
     # decoder rows of the latest steps (a window: a server runs for months)
     rows_per_step: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=100_000))
+
+
+@dataclass
+class Plan:
+    """Admission of one step into one batch: its size with the sentences planned so far."""
+
+    sentences: int
+    tokens: int  # source tokens held (the encoder memory is not padded: each sentence has its own slot)
+    width: int  # the widest source (the memory cap's estimate)
+
+    @classmethod
+    def of(cls, batch: Runtime | None) -> "Plan":
+        if batch is None or not batch.cohorts:
+            return cls(0, 0, 0)
+        return cls(batch.sentences, int(batch.memory.lengths.sum()), batch.memory.width)
+
+
+def shareable(opts: DecodeOptions, shortlist) -> bool:
+    """Whether a request with these options decodes in the one batch all option sets share (different beam widths,
+    lengths and penalties step together: one decoder step for all, not one per option set in turn); sampling keeps
+    a batch per request (its seeded stream), attention weights and a model's shortlist one per option set."""
+    return not opts.sampling and not opts.needs_attention and (shortlist is None or not opts.use_shortlist)

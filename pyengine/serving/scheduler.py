@@ -23,37 +23,20 @@ import collections
 import logging
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
 from ..batching import is_out_of_memory
-from ..config import DecodeOptions
 from ..decoding import Hypothesis, Runtime
 from ..decoding.strategies import prompt_prefix
 from ..engine import Engine, Translation
 from ..errors import BatchMemoryError
-from .request import QueueFullError, Request, RequestTooLargeError, SchedulerStats, resolve
+from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, resolve, shareable
 
 log = logging.getLogger("pyengine.serving")
 
 ADMIT_WAIT_STEPS = 24  # steps a sentence waits at most for a busy batch to take a cohort worth encoding
-
-
-@dataclass
-class _Plan:
-    """Admission of one step into one batch: its size with the sentences planned so far."""
-
-    sentences: int
-    tokens: int  # source tokens held (the encoder memory is not padded: each sentence has its own slot)
-    width: int  # the widest source (the memory cap's estimate)
-
-    @classmethod
-    def of(cls, batch: Runtime | None) -> "_Plan":
-        if batch is None or not batch.cohorts:
-            return cls(0, 0, 0)
-        return cls(batch.sentences, int(batch.memory.lengths.sum()), batch.memory.width)
 
 
 class Scheduler:
@@ -112,7 +95,7 @@ class Scheduler:
                 raise QueueFullError("the worker is shutting down")
             if self._queued + n > self.max_queue:
                 raise QueueFullError(f"{self._queued} sentences are waiting (limit {self.max_queue})")
-            request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=self._shareable(opts))
+            request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=shareable(opts, self.engine.shortlist))
             if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
                 request.generator = torch.Generator(device=self.engine.engine_config.device)
                 request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
@@ -121,13 +104,6 @@ class Scheduler:
             self._inbox.append(request)
             self._wake.notify()
         return request, future
-
-    def _shareable(self, opts: DecodeOptions) -> bool:
-        """Whether a request with these options decodes in the one batch all option sets share (different beam
-        widths, lengths and penalties step together: one decoder step for all, not one per option set in turn);
-        sampling keeps a batch per request (its seeded stream), attention weights and shortlists one per set."""
-        return not opts.sampling and not opts.needs_attention and \
-            (self.engine.shortlist is None or not opts.use_shortlist)
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` (other work on the model, such as scoring) in the worker's thread between two decoder steps:
@@ -244,7 +220,7 @@ class Scheduler:
         chunk = max(1, ec.max_batch_size // 4)
         for key, queue in list(self._waiting.items()):
             batch = self._batches.get(key)
-            plan, group = _Plan.of(batch), []
+            plan, group = Plan.of(batch), []
             while queue:
                 request, i = queue[0]
                 if not self._fits(plan, request, i):
@@ -263,7 +239,7 @@ class Scheduler:
                 self._dequeued(group)
                 self._admit_group(key, group)
 
-    def _fits(self, plan: _Plan, request: Request, i: int) -> bool:
+    def _fits(self, plan: Plan, request: Request, i: int) -> bool:
         """Whether sentence i of the request fits in the planned batch (then it is planned in); a sentence alone
         always gets a batch (the budget bounds batches, not input)."""
         ec = self.engine.engine_config
