@@ -28,6 +28,9 @@ def _add_translate(sub) -> None:
     p.add_argument("--scores", action="store_true", help="print each hypothesis's score before it")
     p.add_argument("--alignment", action="store_true",
                    help="append ' ||| ' and the hard alignment of each hypothesis, Marian's 's-t' token pairs")
+    p.add_argument("--n-best", action="store_true",
+                   help="Marian's n-best list: every hypothesis on its own line, 'N ||| text ||| F0= path score ||| "
+                        "score' (N: the input line, from 0; the path score sums the tokens' log-probabilities)")
     p.add_argument("--word-scores", action="store_true",
                    help="append ' ||| WordScores=' and each output token's log-probability (EOS included), as Marian")
     p.add_argument("--truncate", action="store_true", help="cut over-long inputs instead of refusing them")
@@ -252,11 +255,16 @@ def translate_main(args: argparse.Namespace) -> int:
             if r is None:  # a refused line keeps its place as an empty line; its error goes to stderr
                 out.write("\n")
                 continue
+            if args.n_best:
+                out.write("".join(_n_best_line(engine, start + i, chunk[i], r, k, args) + "\n"
+                                  for k in range(len(r.hypotheses))))
+                continue
             fields = [f"{s:.4f}\t{h}" if args.scores else h for h, s in zip(r.hypotheses, r.scores)]
             if args.alignment:
                 fields = [f"{f} ||| {alignment_text(r.hard_alignment(k))}" for k, f in enumerate(fields)]
             if args.word_scores:
-                fields = [f"{f} ||| WordScores={_word_scores(engine, chunk[i], r, k)}" for k, f in enumerate(fields)]
+                fields = [f"{f} ||| WordScores={_word_text(engine.token_scores([chunk[i]], [r], k)[0])}"
+                          for k, f in enumerate(fields)]
             out.write("\t".join(fields) + "\n")
         out.flush()
         bar.update(len(chunk))
@@ -269,9 +277,21 @@ def translate_main(args: argparse.Namespace) -> int:
     return 2 if errors else 0
 
 
-def _word_scores(engine, source: str, translation, k: int) -> str:
+def _word_text(scores: list[float]) -> str:
     """Marian's word scores: each output token's log-probability (EOS included), " %.5f" each."""
-    return "".join(f" {v:.5f}" for v in engine.token_scores([source], [translation], k)[0])
+    return "".join(f" {v:.5f}" for v in scores)
+
+
+def _n_best_line(engine, line: int, source: str, r, k: int, args: argparse.Namespace) -> str:
+    """Hypothesis k as a line of Marian's n-best list (its output printer's layout)."""
+    from .documents.align import alignment_text
+    words = engine.token_scores([source], [r], k)[0]
+    fields = [str(line), r.hypotheses[k]]
+    if args.alignment:
+        fields.append(alignment_text(r.hard_alignment(k)))
+    if args.word_scores:
+        fields.append(f"WordScores={_word_text(words)}")
+    return " ||| ".join(fields) + f" ||| F0= {sum(words):.6g} ||| {r.scores[k]:.6g}"
 
 
 def _translate_corpus(args: argparse.Namespace, options: dict) -> int:

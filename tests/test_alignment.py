@@ -119,3 +119,27 @@ def test_cli_word_scores_sum_to_the_search_score():
             head, scores = line.split(" ||| WordScores= ")
             total = float(head.split("\t")[0])
             assert sum(map(float, scores.split())) == pytest.approx(total, abs=2e-4)
+
+
+def test_cli_n_best_is_marians_layout():
+    """--n-best: every hypothesis on its own line as Marian's output printer writes it, 'N ||| text[ ||| alignment]
+    [ ||| WordScores= ...] ||| F0= path ||| score'; the path score (teacher forcing on the decoded ids) over the
+    length (EOS included) is the beam search's own score at length_penalty 1."""
+    texts = ["Open the file.", "Save your changes?"]
+    run = subprocess.run([sys.executable, "-m", "pyengine", "translate", "--n-best", "--num-hypotheses", "3",
+                          "--beam-size", "4", "--length-penalty", "1", "--alignment", "--word-scores", "--quiet"],
+                         input="\n".join(texts) + "\n", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    want = pyengine.Engine.load("default").translate_batch(texts, beam_size=4, num_hypotheses=3, length_penalty=1.0,
+                                                            return_attention=True)
+    lines = run.stdout.splitlines()
+    assert len(lines) == 6
+    for n, line in enumerate(lines):
+        index, text, pairs, words, f0, score = line.split(" ||| ")
+        t, k = want[n // 3], n % 3
+        assert (int(index), text, pairs) == (n // 3, t.hypotheses[k], alignment_text(t.hard_alignment(k)))
+        words = [float(w) for w in words.removeprefix("WordScores= ").split()]
+        assert len(words) == len(t.tokens[k]) + 1 and f0.startswith("F0= ")
+        assert float(f0[4:]) == pytest.approx(sum(words), abs=1e-4)
+        assert float(score) == pytest.approx(t.scores[k], abs=1e-5)
+        assert float(f0[4:]) / len(words) == pytest.approx(t.scores[k], abs=1e-4)
