@@ -151,13 +151,17 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
     def json_body(request: Request):
         return read_json(request, config.max_body_bytes, config.read_timeout)
 
-    async def v1_translate(http: Request, body: Any) -> dict[str, Any]:
+    def checked_object(http: Request, body: Any, fields) -> None:
+        """A /v1 body: a JSON object of known fields, past the key and rate gate (400 / 403 / 429)."""
         if not isinstance(body, dict):
             raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
         gate(http)
-        unknown = sorted(set(body) - set(V1_FIELDS))
+        unknown = sorted(set(body) - set(fields))
         if unknown:
-            raise HTTPError(400, f"unknown field(s) {unknown}; known: {sorted(V1_FIELDS)}")
+            raise HTTPError(400, f"unknown field(s) {unknown}; known: {sorted(fields)}")
+
+    async def v1_translate(http: Request, body: Any) -> dict[str, Any]:
+        checked_object(http, body, V1_FIELDS)
         if "texts" not in body:
             raise HTTPError(400, "missing field 'texts'")
         texts = check_texts(body["texts"], "texts", config)
@@ -286,12 +290,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         return {"translatedFileUrl": f"{str(http.base_url).rstrip('/')}/download_file/{stored}"}
 
     async def v1_score(http: Request, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise HTTPError(400, f"request body must be a JSON object, got {json_type(body)}")
-        gate(http)
-        unknown = sorted(set(body) - set(SCORE_FIELDS))
-        if unknown:
-            raise HTTPError(400, f"unknown field(s) {unknown}; known: {sorted(SCORE_FIELDS)}")
+        checked_object(http, body, SCORE_FIELDS)
         for name in ("sources", "targets"):
             if name not in body:
                 raise HTTPError(400, f"missing field '{name}'")
