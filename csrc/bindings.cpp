@@ -25,32 +25,36 @@ pybind11::dict build_info() {
 }  // namespace pyengine
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The compute functions run without the GIL (their arguments are converted before, their results after): a
+  // server's HTTP thread parses and answers requests while the decoder step runs, instead of contending for the
+  // GIL with the worker's Python between steps. They touch no Python object.
+  const pybind11::call_guard<pybind11::gil_scoped_release> nogil;
   m.doc() = "pyengine C++ extension";
   m.def("build_info", &pyengine::build_info, "What this build of pyengine._C contains.");
-  m.def("beam_step", &pyengine::beam_step, "One HF-rule beam-search step; updates the state in place.",
+  m.def("beam_step", &pyengine::beam_step, nogil, "One HF-rule beam-search step; updates the state in place.",
         pybind11::arg("cand_logp"), pybind11::arg("cand_ids"), pybind11::arg("run_scores"), pybind11::arg("run_hist"),
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
         pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
         pybind11::arg("early_stopping"), pybind11::arg("eos"), pybind11::arg("impl") = "auto");
-  m.def("decode_attention", &pyengine::decode_attention,
+  m.def("decode_attention", &pyengine::decode_attention, nogil,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),
         pybind11::arg("rows") = pybind11::none());
-  m.def("add_layer_norm", &pyengine::add_layer_norm,
+  m.def("add_layer_norm", &pyengine::add_layer_norm, nogil,
         "LN(x + residual) (LN(x) when residual is None) over the last dim of contiguous float32 CPU tensors.",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("eps"), pybind11::arg("portable") = false);
   m.def("int8_kernel_name", &pyengine::int8_kernel_name,
         "The tile int8_linear runs for `kernel` on rows × k activations: amx, vnni or portable.",
         pybind11::arg("kernel"), pybind11::arg("rows"), pybind11::arg("k"));
-  m.def("int8_pack", &pyengine::int8_pack,
+  m.def("int8_pack", &pyengine::int8_pack, nogil,
         "Pack int8 (N, K) weights for int8_linear: (packed tiles, int32 column sums).", pybind11::arg("q"));
-  m.def("int8_linear", &pyengine::int8_linear,
+  m.def("int8_linear", &pyengine::int8_linear, nogil,
         "act(x·(q·scale)ᵀ + bias) with x quantized per row to uint8, int32 accumulation (AMX-INT8 or AVX512-VNNI; CPU).",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
         pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("out") = pybind11::none(),
         pybind11::arg("kernel") = "auto", pybind11::arg("activation") = "none");
-  m.def("int8_linear_log_softmax_topk", &pyengine::int8_linear_log_softmax_topk,
+  m.def("int8_linear_log_softmax_topk", &pyengine::int8_linear_log_softmax_topk, nogil,
         "Each row's k best (log-prob, column) of x·(q·scale)ᵀ + bias, the logits never written (int8, CPU); "
         "banned columns count in the normalizer but are never candidates.",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("colsum"), pybind11::arg("scale"),
@@ -81,26 +85,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("qkv"), pybind11::arg("self_out"), pybind11::arg("cross_q"), pybind11::arg("cross_out"),
            pybind11::arg("fc1"), pybind11::arg("fc2"), pybind11::arg("norms"), pybind11::arg("eps"),
            pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"));
-  m.def("int8_decoder_step", &pyengine::int8_decoder_step,
+  m.def("int8_decoder_step", &pyengine::int8_decoder_step, nogil,
         "One decoder step of every layer with int8 linears (an indirect KV cache, a position per row), in C++.",
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),
         pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
         pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
   m.def("bf16_kernel_name", &pyengine::bf16_kernel_name,
         "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512 or portable.", pybind11::arg("kernel"));
-  m.def("bf16_pack", &pyengine::bf16_pack, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",
+  m.def("bf16_pack", &pyengine::bf16_pack, nogil, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",
         pybind11::arg("w"));
-  m.def("bf16_linear", &pyengine::bf16_linear,
+  m.def("bf16_linear", &pyengine::bf16_linear, nogil,
         "act(x·Wᵀ + bias) with bfloat16 W and float32 x carried as two bf16 terms (AMX-BF16 or AVX-512; CPU).",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"),
         pybind11::arg("out") = pybind11::none(), pybind11::arg("kernel") = "auto",
         pybind11::arg("activation") = "none");
-  m.def("bf16_linear_log_softmax_topk", &pyengine::bf16_linear_log_softmax_topk,
+  m.def("bf16_linear_log_softmax_topk", &pyengine::bf16_linear_log_softmax_topk, nogil,
         "Each row's k best (log-prob, column) of x·Wᵀ + bias with bfloat16 W (as bf16_linear), the logits never "
         "written; banned columns count in the normalizer but are never candidates.",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"),
         pybind11::arg("banned"), pybind11::arg("kernel") = "auto");
-  m.def("log_softmax_topk", &pyengine::log_softmax_topk,
+  m.def("log_softmax_topk", &pyengine::log_softmax_topk, nogil,
         "The k best (log-prob, token) of each row of (N, V) float32 logits, fused; banned ids are never "
         "candidates (and are set to -inf in the logits).",
         pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("banned"));

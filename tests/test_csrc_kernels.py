@@ -192,3 +192,55 @@ def test_decode_attention_refuses_bad_inputs():
         _C.decode_attention(q, k.transpose(2, 3), k.transpose(2, 3), None, 1.0)
     with pytest.raises(RuntimeError, match="one entry per sentence"):
         _C.decode_attention(q, k, k, torch.tensor([5]), 1.0)
+
+
+
+def _longest_hold(call) -> tuple[float, float]:
+    """(seconds `call()` took, the longest time within it that another Python thread could not run): a C++ function
+    that holds the GIL stops the other thread for most of the call."""
+    import threading
+    import time
+
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def other() -> None:
+        while not stop.is_set():
+            stamps.append(time.perf_counter())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    time.sleep(0.02)
+    t0 = time.perf_counter()
+    call()
+    t1 = time.perf_counter()
+    stop.set()
+    thread.join()
+    points = [t0] + [s for s in stamps if t0 < s < t1] + [t1]
+    return t1 - t0, max(b - a for a, b in zip(points, points[1:]))
+
+
+@pytest.mark.parametrize("op", ["log_softmax_topk", "int8_linear", "bf16_linear", "add_layer_norm"])
+def test_compute_functions_release_the_gil(op):
+    """A server's HTTP thread answers requests while the worker's decoder step runs in C++: every compute function
+    runs without the GIL. One long call each (a GIL held through it stopped the other thread for 75-90% of it
+    here; released, the longest stop is a scheduler slice)."""
+    g = torch.Generator().manual_seed(0)
+    if op == "log_softmax_topk":
+        logits, banned = torch.randn(8000, 32000, generator=g), torch.zeros(0, dtype=torch.long)
+        call = lambda: _C.log_softmax_topk(logits, 8, banned)  # noqa: E731
+    elif op == "add_layer_norm":
+        x = torch.randn(65536, 1024, generator=g)
+        w, b = torch.ones(1024), torch.zeros(1024)
+        call = lambda: _C.add_layer_norm(x, x, w, b, 1e-5)  # noqa: E731
+    elif op == "int8_linear":
+        q = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8, generator=g)
+        packed, colsum = _C.int8_pack(q)
+        x, scale = torch.randn(16384, 1024, generator=g), torch.full((1024,), 0.01)
+        call = lambda: _C.int8_linear(x, packed, colsum, scale, None, 1024)  # noqa: E731
+    else:
+        w = torch.randn(1024, 1024, generator=g)
+        packed, x = _C.bf16_pack(w), torch.randn(4096, 1024, generator=g)
+        call = lambda: _C.bf16_linear(x, packed, None, 1024)  # noqa: E731
+    seconds, hold = _longest_hold(call)
+    assert hold < 0.4 * seconds, f"{op} kept another thread from running {hold:.3f} s of its {seconds:.3f} s"
