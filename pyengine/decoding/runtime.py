@@ -194,11 +194,14 @@ class Runtime:
 
     def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Span]) -> list:
         """Per cohort: its rows' candidates (from the fused output layer), logits, or None (nothing needed).
-        Cohorts asking the same of the output layer share one call over their rows."""
+        Cohorts asking the same of the output layer share one call over their rows: candidates with the same banned
+        ids come from one call at the largest k (each cohort takes its first k: best first, ties to the lower id,
+        so the k best of a larger k are the k best) — one read of the output weights per step, not one per beam
+        width."""
         fused = self.model.output.fuses_topk and self.memory.vocab is None
         groups: dict[Any, list[int]] = {}
         for i, need in enumerate(needs):
-            key = None if need.kind == "nothing" else (need.k, need.banned) if need.kind == "topk" and fused else "logits"
+            key = None if need.kind == "nothing" else ("topk", need.banned) if need.kind == "topk" and fused else "logits"
             groups.setdefault(key, []).append(i)
         out: list = [None] * len(needs)
         for key, members in groups.items():
@@ -214,12 +217,14 @@ class Runtime:
                 result = self.model.logits(xs[:, None], self.memory, out=self.buffers.logits(xs.shape[0]))[:, -1]
             else:
                 self.stats.outputs["fused-topk"] += len(members)
-                result = self.model.output.topk(xs, key[0], list(key[1]))
+                result = self.model.output.topk(xs, max(needs[i].k for i in members), list(key[1]))
             at = 0
             for i in members:
                 seg = segments[i]
                 span = slice(seg.start, seg.start + seg.rows) if rows is None else slice(at, at + seg.rows)
-                out[i] = result[span] if key == "logits" else (result[0][span], result[1][span])
+                k = needs[i].k
+                out[i] = result[span] if key == "logits" else \
+                    (result[0][span, :k].contiguous(), result[1][span, :k].contiguous())
                 at += seg.rows
         return out
 

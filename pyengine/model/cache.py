@@ -101,7 +101,7 @@ class KVCache:
         self.origin = torch.zeros(0, 0, dtype=torch.long, device=device)
         self.slots = SlotAllocator()
         self.rows = 0  # batch rows
-        self.length = 0  # positions filled (the widest row)
+        self.length = 0  # positions the live rows have filled (the widest, as of the last step)
         self.rows_index = self.lengths = self.write_rows = self.positions = None
         self.end = 0
         self._block: tuple[int, int] | None = None  # (first physical row, position) when one slice takes the write
@@ -143,7 +143,7 @@ class KVCache:
                 write_rows[s.start: s.start + s.rows, None]
         self.rows_index = self.origin[: write_rows.numel(), : self.end].contiguous()
         self.write_rows, self.lengths = write_rows, self.positions + tokens
-        self.length = max(self.length, self.end)
+        self.length = self.end  # no live row has written past this step's widest (a finished long one may have)
         self._block = None if first_row is None or len(spans) != 1 else (first_row, spans[0].position)
         if self._block is None and tokens > 1:
             raise ValueError("a block of several tokens per row is written by rows in one run at one position")
@@ -165,7 +165,7 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep batch rows in the given order (beam reorder and finished-row dropping in one gather)."""
         n = rows.numel()
-        self.origin[:n, : self.length] = self.origin[rows, : self.length]  # a copy is gathered first
+        self.origin[:n, : self.length] = self.origin[:, : self.length].index_select(0, rows)  # gathered first
         self.rows = n
 
 
