@@ -5,9 +5,10 @@ For each dtype: starts the server in its own process on 127.0.0.1; one client pr
 (mixed lengths; /v1/translate and LibreTranslate's /translate alternated), so the load generator does not eat the
 server's cores; checks every answer against the offline translation of its input (zero lost, failed or swapped
 responses); prints p50/p99 latency and the server's throughput against offline `translate()` of the same
-sentences (after the server stopped, same threads). JSON goes to benchmarks/results/.
+sentences in this process after each round, while the server idles (same threads; with --rounds, the median of the
+rounds' ratios: this VM's speed drifts between runs). JSON goes to benchmarks/results/.
 
-    python -m benchmarks.load --clients 64 --requests 4 --dtypes int8 bfloat16 --check
+    python -m benchmarks.load --clients 64 --requests 12 --rounds 3 --dtypes int8 bfloat16 --check
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import asyncio
 import json
 import random
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -193,20 +195,29 @@ def main() -> None:
     ap.add_argument("--beam-size", type=int, default=2)
     ap.add_argument("--max-decoding-length", type=int, default=64)
     ap.add_argument("--pool", type=int, default=96, help="distinct texts the clients draw from")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="load rounds, each followed by offline translate() of its sentences (this VM's speed "
+                         "drifts: the ratio is the median of the rounds' pairs)")
     ap.add_argument("--check", action="store_true", help="compare every answer with the offline translation")
     args = ap.parse_args()
     options = {"beam_size": args.beam_size, "max_decoding_length": args.max_decoding_length}
     pool = pool_of_texts(args.pool)
     runs = []
     for dtype in args.dtypes:
+        offline = OfflineEngine(args.model, dtype, args.threads)
+        rounds, outcomes = [], []
         with ServerProcess(args.model, args.threads, extra=["--dtype", dtype]) as server:
-            t0 = time.monotonic()
-            outcomes = run_load(server.url, args.clients, args.requests, pool, options)
-            wall = time.monotonic() - t0
+            for r in range(args.rounds):  # the server idles while this process decodes offline, and back
+                t0 = time.monotonic()
+                got = run_load(server.url, args.clients, args.requests, pool, options, seed=r)
+                wall = time.monotonic() - t0
+                rounds.append({**summarize(got, wall), **offline.throughput(got, options, wall)})
+                outcomes += got
             exit_code = server.stop()
         summary = {"dtype": dtype, "clients": args.clients, "requests_per_client": args.requests, "options": options,
-                   "server_threads": args.threads, "server_exit_code": exit_code, **summarize(outcomes, wall)}
-        summary.update(offline_throughput(outcomes, args.model, options, args.threads, wall, dtype))
+                   "server_threads": args.threads, "server_exit_code": exit_code, "rounds": rounds,
+                   **summarize(outcomes, sum(r["wall_s"] for r in rounds)),
+                   "server_over_offline": statistics.median(r["server_over_offline"] for r in rounds)}
         if args.check:
             summary["mismatches"] = count_mismatches(outcomes, args.model, options, dtype)
         print(json.dumps(summary, indent=2))
@@ -229,25 +240,30 @@ def offline_translations(model: str, texts: list[str], options: dict, dtype: str
     return v1, libre
 
 
-def offline_throughput(outcomes: list[Outcome], model: str, options: dict, threads: int, wall: float,
-                       dtype: str = "float32") -> dict:
-    """The same sentences translated offline in one call per endpoint's options (length-sorted token-budget
-    batches, no HTTP): the throughput the server is compared with."""
-    import torch
+class OfflineEngine:
+    """The engine of the offline side, loaded once in this process with the server's threads."""
 
-    import pyengine
+    def __init__(self, model: str, dtype: str, threads: int):
+        import torch
 
-    torch.set_num_threads(threads)
-    engine = pyengine.Engine.load(model, dtype=dtype)
-    v1 = [t for o in outcomes if o.status == 200 and o.endpoint == "/v1/translate" for t in o.texts]
-    libre = [t for o in outcomes if o.status == 200 and o.endpoint == "/translate" for t in o.texts]
-    engine.translate(v1[:8], **options)  # warm-up
-    t0 = time.monotonic()
-    engine.translate(v1, **options)
-    engine.translate(libre, split_sentences=True)
-    seconds = time.monotonic() - t0
-    return {"offline_s": seconds, "offline_sentences_per_s": (len(v1) + len(libre)) / seconds,
-            "server_over_offline": (len(v1) + len(libre)) / wall / ((len(v1) + len(libre)) / seconds)}
+        import pyengine
+
+        torch.set_num_threads(threads)
+        self.engine = pyengine.Engine.load(model, dtype=dtype)
+
+    def throughput(self, outcomes: list[Outcome], options: dict, wall: float) -> dict:
+        """The same sentences translated offline in one call per endpoint's options (length-sorted token-budget
+        batches, no HTTP): the throughput the server is compared with."""
+        v1 = [t for o in outcomes if o.status == 200 and o.endpoint == "/v1/translate" for t in o.texts]
+        libre = [t for o in outcomes if o.status == 200 and o.endpoint == "/translate" for t in o.texts]
+        self.engine.translate(v1[:8], **options)  # warm-up
+        t0 = time.monotonic()
+        self.engine.translate(v1, **options)
+        self.engine.translate(libre, split_sentences=True)
+        seconds = time.monotonic() - t0
+        n = len(v1) + len(libre)
+        return {"offline_s": seconds, "offline_sentences_per_s": n / seconds,
+                "server_over_offline": n / wall / (n / seconds)}
 
 
 def count_mismatches(outcomes: list[Outcome], model: str, options: dict, dtype: str = "float32") -> int:
