@@ -26,6 +26,9 @@ if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q --no-deps "OpenNMT-py==3.5.1"
   # fairseq 0.12 (the maintained fork for Python 3.11+): built here against this torch, without its audio deps
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation "fairseq-fixed==0.12.3.1"
+  # eole 0.6 (OpenNMT-py's successor): its metadata asks for spaCy, datasets, tensorboard, torchcodec and more that
+  # training and predicting a text transformer never import (requirements-test.txt has what they do)
+  .venv/bin/python -m pip install -q --no-deps "eole==0.6.4"
 fi
 .venv/bin/python -m pip install -q --no-build-isolation -e .
 .venv/bin/python -c "import pyengine, pyengine._C; print('pyengine', pyengine.__version__, 'installed; _C:', pyengine._C.build_info())"

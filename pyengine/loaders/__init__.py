@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UnknownFormatError
-from . import bart_hf, fairseq_pt, m2m100_hf, marian_bin, marian_hf, native, opennmt_py
+from . import bart_hf, eole, fairseq_pt, m2m100_hf, marian_bin, marian_hf, native, opennmt_py
 from .common import FormatLoader, LoadedModel
 
 FORMATS: tuple[FormatLoader, ...] = (
@@ -19,6 +19,8 @@ FORMATS: tuple[FormatLoader, ...] = (
                  "a .pt file with 'model' and 'cfg' or 'args' (fairseq checkpoint), dict.<lang>.txt beside it"),
     FormatLoader("opennmt-py", opennmt_py.detect, opennmt_py.load,
                  "a .pt file with 'model', 'vocab' and 'opt' (OpenNMT-py v3 checkpoint)"),
+    FormatLoader("eole", eole.detect, eole.load,
+                 "config.json, vocab.json and model.00.safetensors (an eole model directory)"),
     FormatLoader("marian", marian_bin.detect, marian_bin.load,
                  "a Marian model.bin / model.npz with special:model.yml (Marian, Bergamot students), "
                  "config*.yml or model.npz.decoder.yml beside it"),

@@ -15,6 +15,7 @@ in it runs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -92,29 +93,77 @@ def model_config(ckpt: dict, origin: str) -> tuple[ModelConfig, dict]:
     return cfg, {"src_tokens": src_tokens, "tgt_tokens": tgt_tokens}
 
 
-def onmt_tensors(src: TensorSource, cfg: ModelConfig, opt) -> dict:
-    """OpenNMT-py names → pyengine names; absent biases (add_qkvbias / add_ffnbias off) become zeros."""
-    d, ff = cfg.d_model, cfg.encoder_ffn_dim
-    qkv_bias, ffn_bias = bool(getattr(opt, "add_qkvbias", False)), bool(getattr(opt, "add_ffnbias", False))
-    out = {}
+@dataclass(frozen=True)
+class LayerNames:
+    """Where an OpenNMT-style checkpoint (OpenNMT-py, eole) keeps each part of its layers ("{i}": the index)."""
 
-    def linear(prefix: str, shape: tuple[int, int], has_bias: bool):
+    encoder: str
+    decoder: str
+    encoder_self_norm: str
+    decoder_self_norm: str
+    context_norm: str
+    ffn_norm: str
+    fc1: str
+    fc2: str
+
+
+ONMT_NAMES = LayerNames("encoder.transformer.{i}", "decoder.transformer_layers.{i}", "layer_norm", "layer_norm_1",
+                        "layer_norm_2", "feed_forward.layer_norm", "feed_forward.w_1", "feed_forward.w_2")
+
+
+def layer_tensors(src: TensorSource, cfg: ModelConfig, names: LayerNames, out: dict) -> None:
+    """The layers and final norms of an OpenNMT-style checkpoint, in pyengine's names, into `out`. A linear's bias is
+    read where the checkpoint holds one (OpenNMT-py and eole write exactly the biases their options create:
+    add_qkvbias, add_final_linear_bias, add_ffnbias) and is zero elsewhere."""
+    d, ff = cfg.d_model, cfg.encoder_ffn_dim
+
+    def linear(prefix: str, shape: tuple[int, int]):
         weight = src.get(f"{prefix}.weight", shape)
-        bias = src.get(f"{prefix}.bias", shape[:1]) if has_bias else torch.zeros(shape[0], dtype=weight.dtype)
-        return weight, bias
+        bias = src.get(f"{prefix}.bias", shape[:1]) if src.has(f"{prefix}.bias") else torch.zeros(shape[0])
+        return weight, bias.to(weight.dtype)
 
     def norm(ours: str, theirs: str):
         out[f"{ours}.weight"] = src.get(f"{theirs}.weight", (d,))
         out[f"{ours}.bias"] = src.get(f"{theirs}.bias", (d,))
 
     def attention(theirs: str):
-        return [linear(f"{theirs}.linear_{p}", (d, d), qkv_bias) for p in ("query", "keys", "values")] + \
-            [linear(f"{theirs}.final_linear", (d, d), qkv_bias)]
+        return [linear(f"{theirs}.linear_{p}", (d, d)) for p in ("query", "keys", "values")] + \
+            [linear(f"{theirs}.final_linear", (d, d))]
+
+    def self_attention(ours: str, theirs: str):
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(theirs)
+        out[f"{ours}.qkv.weight"], out[f"{ours}.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
+        out[f"{ours}.out.weight"], out[f"{ours}.out.bias"] = ow, ob
 
     def ffn(ours: str, theirs: str):
-        out[f"{ours}.fc1.weight"], out[f"{ours}.fc1.bias"] = linear(f"{theirs}.w_1", (ff, d), ffn_bias)
-        out[f"{ours}.fc2.weight"], out[f"{ours}.fc2.bias"] = linear(f"{theirs}.w_2", (d, ff), ffn_bias)
+        out[f"{ours}.ffn.fc1.weight"], out[f"{ours}.ffn.fc1.bias"] = linear(f"{theirs}.{names.fc1}", (ff, d))
+        out[f"{ours}.ffn.fc2.weight"], out[f"{ours}.ffn.fc2.bias"] = linear(f"{theirs}.{names.fc2}", (d, ff))
+        norm(f"{ours}.ffn_norm", f"{theirs}.{names.ffn_norm}")
 
+    for i in range(cfg.encoder_layers):
+        ours, theirs = f"encoder_layers.{i}", names.encoder.format(i=i)
+        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
+        norm(f"{ours}.self_attn_norm", f"{theirs}.{names.encoder_self_norm}")
+        ffn(ours, theirs)
+    for i in range(cfg.decoder_layers):
+        ours, theirs = f"decoder_layers.{i}", names.decoder.format(i=i)
+        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
+        norm(f"{ours}.self_attn_norm", f"{theirs}.{names.decoder_self_norm}")
+        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.context_attn")
+        out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
+        out[f"{ours}.cross_attn.kv.weight"], out[f"{ours}.cross_attn.kv.bias"] = fuse(kw, vw), fuse(kb, vb)
+        out[f"{ours}.cross_attn.out.weight"], out[f"{ours}.cross_attn.out.bias"] = ow, ob
+        norm(f"{ours}.cross_attn_norm", f"{theirs}.{names.context_norm}")
+        ffn(ours, theirs)
+    if cfg.encoder_final_norm:
+        norm("encoder_norm", "encoder.layer_norm")
+    norm("decoder_norm", "decoder.layer_norm")
+
+
+def onmt_tensors(src: TensorSource, cfg: ModelConfig) -> dict:
+    """OpenNMT-py names → pyengine names."""
+    d = cfg.d_model
+    out = {}
     enc_emb = "encoder.embeddings.make_embedding.emb_luts.0.weight"
     dec_emb = "decoder.embeddings.make_embedding.emb_luts.0.weight"
     out["src_embed.weight"] = src.get(enc_emb, (cfg.src_vocab_size, d))
@@ -125,31 +174,7 @@ def onmt_tensors(src: TensorSource, cfg: ModelConfig, opt) -> dict:
     src.ignore(["encoder.embeddings.make_embedding.pe.pe", "decoder.embeddings.make_embedding.pe.pe"])
     out["lm_head.weight"] = src.get("generator.weight", (cfg.tgt_vocab_size, d))
     out["final_logits_bias"] = src.get("generator.bias", (cfg.tgt_vocab_size,))
-
-    def self_attention(ours: str, theirs: str):
-        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(theirs)
-        out[f"{ours}.qkv.weight"], out[f"{ours}.qkv.bias"] = fuse(qw, kw, vw), fuse(qb, kb, vb)
-        out[f"{ours}.out.weight"], out[f"{ours}.out.bias"] = ow, ob
-
-    for i in range(cfg.encoder_layers):
-        ours, theirs = f"encoder_layers.{i}", f"encoder.transformer.{i}"
-        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
-        norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm")
-        ffn(f"{ours}.ffn", f"{theirs}.feed_forward")
-        norm(f"{ours}.ffn_norm", f"{theirs}.feed_forward.layer_norm")
-    for i in range(cfg.decoder_layers):
-        ours, theirs = f"decoder_layers.{i}", f"decoder.transformer_layers.{i}"
-        self_attention(f"{ours}.self_attn", f"{theirs}.self_attn")
-        norm(f"{ours}.self_attn_norm", f"{theirs}.layer_norm_1")
-        (qw, qb), (kw, kb), (vw, vb), (ow, ob) = attention(f"{theirs}.context_attn")
-        out[f"{ours}.cross_attn.q.weight"], out[f"{ours}.cross_attn.q.bias"] = qw, qb
-        out[f"{ours}.cross_attn.kv.weight"], out[f"{ours}.cross_attn.kv.bias"] = fuse(kw, vw), fuse(kb, vb)
-        out[f"{ours}.cross_attn.out.weight"], out[f"{ours}.cross_attn.out.bias"] = ow, ob
-        norm(f"{ours}.cross_attn_norm", f"{theirs}.layer_norm_2")
-        ffn(f"{ours}.ffn", f"{theirs}.feed_forward")
-        norm(f"{ours}.ffn_norm", f"{theirs}.feed_forward.layer_norm")
-    norm("encoder_norm", "encoder.layer_norm")
-    norm("decoder_norm", "decoder.layer_norm")
+    layer_tensors(src, cfg, ONMT_NAMES, out)
     return out
 
 
@@ -163,7 +188,7 @@ def load(path: Path) -> LoadedModel:
     for key, value in (ckpt.get("generator") or {}).items():
         tensors[f"generator.{key}"] = value
     src = TensorSource(tensors, origin)
-    state = onmt_tensors(src, cfg, ckpt["opt"])
+    state = onmt_tensors(src, cfg)
     src.check_all_consumed()
     # OpenNMT-py's translate defaults: beam 5, max_length 250 (its max_length_ratio is not applied), avg length
     # penalty with alpha 1 (see OnmtBeamState)
