@@ -127,6 +127,7 @@ class DecodeOptions:
     max_input_length: int | None = None  # source tokens, EOS included; None = model positions
     max_length_factor: float | None = None  # Marian: at most factor × the batch's source length generated
     use_shortlist: bool = True  # restrict the output layer to the model's lexical shortlist, where it has one
+    prefix_bias_beta: float = 0.0  # > 0: target_prefix biases the first steps instead of being forced (CTranslate2's)
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
@@ -142,6 +143,9 @@ class DecodeOptions:
         real(self, "sampling_topp", 0, 1, above=True)
         real(self, "sampling_temperature", 1e-4, 1e4)  # float32 logits divided outside it overflow to inf
         real(self, "coverage_penalty", -100, 100)
+        real(self, "prefix_bias_beta", 0, 1)
+        if self.prefix_bias_beta == 1:
+            raise OptionError("prefix_bias_beta must be below 1 (at 1 the prefix is forced: give target_prefix alone)")
         for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist",
                      "disable_unk", "return_end_token"):
             flag(self, name)

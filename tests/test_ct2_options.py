@@ -158,3 +158,64 @@ def test_end_token_beam_equals_hf_generate(model):
                                  return_end_token=True)
     assert [t.tokens[0] for t in got] == want
     assert any(w[-1:] == [comma] for w in want)
+
+
+BIAS_TEXTS = ["Open the file in a new window.", "Delete all selected items?", "The printer is out of paper.",
+              "Save the document before closing it.", "Could not connect to the server.", "Show hidden files"]
+BIAS_PREFIXES = ["Öffne die", "Lösche", "Der", "Sichere das", "Konnte", "Zeige die"]
+
+
+def prefix_tokens(tok, prefixes: list[str]) -> list[list[str]]:
+    """The target-side tokens of each prefix, as pyengine's target tokenizer gives them (no </s>)."""
+    return [tok.convert_ids_to_tokens(tok(text_target=p).input_ids[:-1]) for p in prefixes]
+
+
+@pytest.mark.parametrize("beta", [0.3, 0.7])
+def test_prefix_bias_beta_greedy_equals_ctranslate2(model, beta):
+    """prefix_bias_beta: the prefix biases the first steps (the translation may leave it) instead of being forced."""
+    engine, translator, tok = model
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in BIAS_TEXTS]
+    ref = [r.hypotheses[0] for r in translator.translate_batch(
+        sources, beam_size=1, max_decoding_length=64, target_prefix=prefix_tokens(tok, BIAS_PREFIXES),
+        prefix_bias_beta=beta)]
+    options = {"beam_size": 1, "max_decoding_length": 64, "forced_eos": False}
+    got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(
+        BIAS_TEXTS, target_prefix=BIAS_PREFIXES, prefix_bias_beta=beta, **options)]
+    assert got == ref
+    forced = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(
+        BIAS_TEXTS, target_prefix=BIAS_PREFIXES, **options)]
+    free = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(BIAS_TEXTS, **options)]
+    assert got != free  # the bias took effect
+    assert (got != forced) == (beta < 0.5)  # weakly biased, some translations leave the prefix; strongly, none here
+
+
+def test_prefix_bias_beta_beam_equals_hf_generate_with_the_bias(model):
+    """Beam 4 against HF `generate` with CTranslate2's bias written as an HF logits processor (a beam follows the
+    prefix while its own tokens so far are the prefix's)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    engine, _, tok = model
+    beta, beam = 0.5, 4
+    prefixes = [tok(text_target=p).input_ids[:-1] for p in BIAS_PREFIXES]
+
+    class Bias(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            out = scores.clone()
+            for row in range(scores.shape[0]):
+                prefix, made = prefixes[row // beam], input_ids[row, 1:].tolist()
+                if len(made) < len(prefix) and made == prefix[: len(made)]:
+                    p = torch.softmax(scores[row], dim=-1) * (1 - beta)
+                    p[prefix[len(made)]] += beta
+                    out[row] = p.log()
+            return out
+
+    want = hf_generate(model, BIAS_TEXTS, beam, {"logits_processor": LogitsProcessorList([Bias()])}, None)
+    got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(
+        BIAS_TEXTS, beam_size=beam, target_prefix=BIAS_PREFIXES, prefix_bias_beta=beta, max_decoding_length=64,
+        forced_eos=False)]
+    assert got == want
+    free = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(
+        BIAS_TEXTS, beam_size=beam, max_decoding_length=64, forced_eos=False)]
+    assert got != free
+    with pytest.raises(pyengine.OptionError, match="prefix_bias_beta must be below 1"):
+        engine.translate(["x"], target_prefix=["Der"], prefix_bias_beta=1.0)

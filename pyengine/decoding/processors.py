@@ -129,6 +129,38 @@ def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
     return apply_processors(logp, step, opts, eos, seqs)
 
 
+class PrefixBias:
+    """CTranslate2's prefix_bias_beta (Arivazhagan et al. 2020, "Re-translation versus streaming"): the target prefix
+    is not forced; while a row has followed it, its next-token distribution is (1 - β)·p + β on the prefix's next
+    token, p the softmax of the processed logits. A row leaves the prefix for good when it takes another token (the
+    scores add the biased log-probs, as CTranslate2's). Beam rows inherit their parent's state."""
+
+    def __init__(self, prefix: torch.Tensor, beta: float, beam: int):
+        self.prefix = prefix.repeat_interleave(beam, dim=0)  # (rows, P)
+        self.beta, self.length = beta, prefix.shape[1]
+        self.on = torch.ones(self.prefix.shape[0], dtype=torch.bool, device=prefix.device)
+
+    def active(self, step: int) -> bool:
+        """Whether this step may bias a row (no read from the device: rows that left still take the full path)."""
+        return step < self.length
+
+    def apply(self, logp: torch.Tensor, step: int) -> None:
+        """(rows, V) processed log-probs → the biased ones, in place, for the rows still on their prefix."""
+        biased = torch.softmax(logp, dim=-1).mul_(1 - self.beta)
+        biased.scatter_add_(1, self.prefix[:, step:step + 1],
+                            torch.full((logp.shape[0], 1), self.beta, device=logp.device))
+        torch.where(self.on[:, None], biased.log_(), logp, out=logp)
+
+    def follow(self, parents: torch.Tensor | None, tokens: torch.Tensor, step: int) -> None:
+        """The rows after this step: each from its parent row (None: the same rows), having taken `tokens`."""
+        on, prefix = (self.on, self.prefix) if parents is None else (self.on[parents], self.prefix[parents])
+        self.prefix = prefix
+        self.on = on & (tokens == prefix[:, step]) if step < self.length else torch.zeros_like(on)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.on, self.prefix = self.on[rows], self.prefix[rows]
+
+
 class StepBuffers:
     """The per-step (rows, V) float32 tensors, allocated once per search: fresh 30 MB tensors every step
     cost more in page faults than the log-softmax that fills them."""

@@ -16,7 +16,7 @@ import torch
 from ..config import DecodeOptions
 from ..errors import OptionError
 from .hypothesis import Hypothesis, StepCallback, finalize
-from .processors import (StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
+from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
                          needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules
 
@@ -76,6 +76,10 @@ class Strategy:
                               "rules yet")
         self.opts, self.rules, self.eos, self.on_step = opts, rules, eos_id, on_step
         self.topk = ops.log_softmax_topk  # ranks candidates from logits: C++ on the CPU, Triton on a GPU
+        # with prefix_bias_beta the prefix biases the first steps instead of being forced
+        self.bias = PrefixBias(prefix, opts.prefix_bias_beta, beam) \
+            if prefix is not None and prefix.shape[1] and opts.prefix_bias_beta > 0 else None
+        prefix = None if self.bias is not None else prefix
         self.prompt = decoder_prompt(start_id, prefix, batch, device)  # (B, P + 1), one per sentence
         self.forced = self.prompt.shape[1] - 1  # prefix tokens fed before the first one is generated
         self.cache_len = self.forced + opts.max_decoding_length  # positions the cohort's rows use
@@ -102,10 +106,14 @@ class Strategy:
             return True
         return False
 
+    def biasing(self, step: int) -> bool:
+        return self.bias is not None and self.bias.active(step)
+
     def bans(self) -> list[int] | None:
         """The ids this step's choice excludes, when excluding is all the processors do (fused_bans)."""
         opts = self.opts
-        if self.att is not None or (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length):
+        if self.att is not None or (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or \
+                self.biasing(self.step):
             return None
         return fused_bans(self.step, opts, self.eos)
 
@@ -150,11 +158,14 @@ class Greedy(Strategy):
             final_logp, final = forced_final_eos(logits, eos)
             nxt = final[:, 0]
             self.scores += final_logp[:, 0]
-        elif opts.sampling or fused_bans(step, opts, eos) is None:
+        elif opts.sampling or fused_bans(step, opts, eos) is None or self.biasing(step):
             logp = log_probs(logits, step, opts, eos, out=buffers.logp(self.rows), seqs=seqs)
-            # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
-            # near-equal logits to one value)
-            processed = apply_processors(logits, step, opts, eos, seqs)
+            if self.biasing(step):  # CTranslate2 chooses from the biased log-probs
+                self.bias.apply(logp, step)
+                processed = logp
+            else:  # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
+                # near-equal logits to one value)
+                processed = apply_processors(logits, step, opts, eos, seqs)
             nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
             self.scores += logp.gather(1, nxt[:, None])[:, 0]
         else:  # the best logit among the allowed tokens is the argmax of the processed scores
@@ -162,6 +173,8 @@ class Greedy(Strategy):
             nxt = best[:, 0]
             self.scores += best_logp[:, 0]
         self.history[:, step] = nxt
+        if self.bias is not None:
+            self.bias.follow(None, nxt, step)
         done = (nxt == eos) | (step + 1 >= opts.max_decoding_length)
         if self.on_step is not None:
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
@@ -201,6 +214,8 @@ class Greedy(Strategy):
         self.done = keep.numel() == 0
         for name in ("sentence", "history", "scores", "tokens", "prompt") + (("att",) if self.att is not None else ()):
             setattr(self, name, getattr(self, name)[keep])
+        if self.bias is not None:
+            self.bias.keep(keep)
 
     @property
     def live(self) -> list[int]:
@@ -252,6 +267,10 @@ class Beam(Strategy):
             cand_logp, cand_ids = chosen
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
+        elif self.biasing(step):
+            logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs)
+            self.bias.apply(logp, step)
+            cand_logp, cand_ids = topk_rows(logp, 2 * k)
         else:
             cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
@@ -291,6 +310,8 @@ class Beam(Strategy):
             rows, nxt = rows.view(-1, k)[sentences].view(-1), nxt.view(-1, k)[sentences].view(-1)
         if self.att is not None:
             self.att = self.att.index_select(0, rows)
+        if self.bias is not None:
+            self.bias.follow(rows, nxt, step)
         self.tokens = nxt
         return Selection(rows, sentences, tuple(finished))
 
@@ -305,6 +326,8 @@ class Beam(Strategy):
         if self.fin_att is not None:
             self.fin_att, self.att = self.fin_att[keep], self.att[rows]
         self.tokens = self.tokens[rows]
+        if self.bias is not None:
+            self.bias.keep(rows)
         self.done = keep.numel() == 0
         return Selection(rows, keep)
 
