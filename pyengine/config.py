@@ -128,12 +128,17 @@ class DecodeOptions:
     max_length_factor: float | None = None  # Marian: at most factor × the batch's source length generated
     use_shortlist: bool = True  # restrict the output layer to the model's lexical shortlist, where it has one
     prefix_bias_beta: float = 0.0  # > 0: target_prefix biases the first steps instead of being forced (CTranslate2's)
+    return_alternatives: bool = False  # num_hypotheses translations parting after the target prefix (CTranslate2's)
+    min_alternative_expansion_prob: float = 0.0  # alternatives less likely than this are not expanded
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
         passed on); what depends on the model (vocabulary ids, positions) is checked by Engine.options."""
         integer(self, "beam_size", 1)
-        integer(self, "num_hypotheses", 1, self.beam_size, "beam_size")
+        if self.return_alternatives is True:  # any number of alternatives, each continued with num_hypotheses 1
+            integer(self, "num_hypotheses", 1)
+        else:
+            integer(self, "num_hypotheses", 1, self.beam_size, "beam_size")
         integer(self, "max_decoding_length", 1)
         integer(self, "min_decoding_length", 0, self.max_decoding_length, "max_decoding_length")
         integer(self, "no_repeat_ngram_size", 0)
@@ -144,10 +149,11 @@ class DecodeOptions:
         real(self, "sampling_temperature", 1e-4, 1e4)  # float32 logits divided outside it overflow to inf
         real(self, "coverage_penalty", -100, 100)
         real(self, "prefix_bias_beta", 0, 1)
+        real(self, "min_alternative_expansion_prob", 0, 1)
         if self.prefix_bias_beta == 1:
             raise OptionError("prefix_bias_beta must be below 1 (at 1 the prefix is forced: give target_prefix alone)")
         for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist",
-                     "disable_unk", "return_end_token"):
+                     "disable_unk", "return_end_token", "return_alternatives"):
             flag(self, name)
         if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
                 not isinstance(self.early_stopping, bool):
@@ -168,6 +174,8 @@ class DecodeOptions:
             integer(self, "max_input_length", 1)
         if self.max_length_factor is not None:
             real(self, "max_length_factor", 0, 1000, above=True)
+        if self.return_alternatives and (self.prefix_bias_beta > 0 or self.needs_attention):
+            raise OptionError("return_alternatives works with neither prefix_bias_beta nor attention weights")
         if self.sampling and self.beam_size > 1:
             raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
 

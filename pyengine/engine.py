@@ -12,6 +12,7 @@ import torch
 from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, restore_order
 from .config import DTYPES, DecodeOptions, EngineConfig, ModelConfig, resolve_dtype  # noqa: F401 (re-exported)
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
+from .decoding.alternatives import alternatives
 from .decoding.strategies import prompt_options, prompt_prefix
 from .documents import Detection, Documents
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
@@ -337,6 +338,8 @@ class Engine:
         if not ids:
             return []
         ids = self._check_lengths(ids, opts)
+        if opts.return_alternatives:
+            return alternatives(self, ids, opts, prefixes)
         if prefixes is None or not any(prefixes):
             return self._generate_group(ids, opts, on_step, None)
         # one decoder prompt length per batch: group the sentences by prefix length

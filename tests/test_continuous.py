@@ -193,6 +193,24 @@ def test_scheduler_steps_option_sets_together(default_engine):
         assert [r.tokens for r in future.result()] == want
 
 
+
+def test_scheduler_serves_every_translate_option(default_engine):
+    """Options that are not one search per sentence (return_alternatives) and biased prefixes reach the worker like
+    the others and give translate_batch's results, beside ordinary requests in the running batch."""
+    texts = sample_lines()[100:106]
+    special = [dict(return_alternatives=True, num_hypotheses=3, max_decoding_length=32),
+               dict(target_prefix=["Die"] * len(texts), prefix_bias_beta=0.4, max_decoding_length=32)]
+    scheduler = Scheduler(default_engine)
+    plain = scheduler.submit(texts, beam_size=2, max_decoding_length=32)[1]
+    futures = [(opts, scheduler.submit(texts, **opts)[1]) for opts in special]
+    scheduler.run(until=lambda: plain.done() and all(f.done() for _, f in futures))
+    for opts, future in futures:
+        want = default_engine.translate_batch(texts, **opts)
+        assert [(r.tokens, r.scores) for r in future.result()] == [(t.tokens, t.scores) for t in want]
+    assert any(len(r.tokens) == 3 for r in futures[0][1].result())
+    assert [r.tokens for r in plain.result()] == [t.tokens for t in default_engine.translate_batch(
+        texts, beam_size=2, max_decoding_length=32)]
+
 def test_memory_cap_splits_batches_with_identical_results(text_model_dir):
     """An engine whose memory cap fits a few sentences per batch translates as an uncapped one."""
     texts = sample_lines()[:48]

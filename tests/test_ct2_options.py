@@ -219,3 +219,57 @@ def test_prefix_bias_beta_beam_equals_hf_generate_with_the_bias(model):
     assert got != free
     with pytest.raises(pyengine.OptionError, match="prefix_bias_beta must be below 1"):
         engine.translate(["x"], target_prefix=["Der"], prefix_bias_beta=1.0)
+
+
+
+ALT_TEXTS = ["Open the file in a new window.", "Delete all selected items?", "The printer is out of paper.",
+             "Could not connect to the server."]
+
+
+@pytest.mark.parametrize("num, min_prob", [(3, 0.0), (4, 0.05)])
+def test_return_alternatives_greedy_equals_ctranslate2(model, num, min_prob):
+    """The num_hypotheses most likely first tokens, each continued greedily: as CTranslate2 4.8.5."""
+    engine, translator, tok = model
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in ALT_TEXTS]
+    ref = [r.hypotheses for r in translator.translate_batch(
+        sources, beam_size=1, max_decoding_length=32, return_alternatives=True, num_hypotheses=num,
+        min_alternative_expansion_prob=min_prob)]
+    got = engine.translate_batch(ALT_TEXTS, beam_size=1, max_decoding_length=32, return_alternatives=True,
+                                 num_hypotheses=num, min_alternative_expansion_prob=min_prob)
+    assert [[tok.convert_ids_to_tokens(h) for h in t.tokens] for t in got] == ref
+    assert all(ref) and any(len(r) > 1 for r in ref)  # alternatives, not one translation
+    assert (min_prob > 0) == any(len(r) < num for r in ref)  # the threshold dropped some
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_return_alternatives_after_a_prefix_as_hf(model, beam):
+    """After a target prefix the alternatives are the most likely tokens of HF's teacher-forced distribution there
+    (the pad and the end token excluded) and each continues as HF `generate` does from the prefix and the token as
+    its decoder prompt. (CTranslate2 4.8.5 expands these Marian models from the distribution at the first position
+    instead, ignoring the prefix: after "Öffne" it offers "Datei", "in", "Dateisystem" where its own forced-prefix
+    decoding, HF and pyengine continue with "die".)"""
+    import torch
+    from transformers import MarianMTModel
+    engine, _, tok = model
+    prefixes = ["Öffne", "Lösche", "Der", "Konnte"]
+    got = engine.translate_batch(ALT_TEXTS, target_prefix=prefixes, beam_size=beam, max_decoding_length=32,
+                                 return_alternatives=True, num_hypotheses=3, forced_eos=False)
+    hf = MarianMTModel.from_pretrained(tok.name_or_path, dtype=torch.float32).eval()
+    start, pad, eos = hf.config.decoder_start_token_id, hf.config.pad_token_id, hf.config.eos_token_id
+    for text, prefix, translation in zip(ALT_TEXTS, prefixes, got):
+        source = tok([text], return_tensors="pt")
+        head = tok(text_target=prefix).input_ids[:-1]
+        with torch.inference_mode():
+            logp = hf(**source, decoder_input_ids=torch.tensor([[start] + head])).logits[0, -1].log_softmax(-1)
+            logp[[pad, eos]] = float("-inf")
+        firsts = logp.topk(3).indices.tolist()
+        assert [h[: len(head) + 1] for h in translation.tokens] == [head + [t] for t in firsts]
+        for first, hyp, score in zip(firsts, translation.tokens, translation.scores):
+            with torch.inference_mode():
+                out = hf.generate(**source, decoder_input_ids=torch.tensor([[start] + head + [first]]),
+                                  num_beams=beam, do_sample=False, max_new_tokens=32 - len(head) - 1,
+                                  forced_eos_token_id=None, bad_words_ids=[[pad]])
+            assert hyp == [t for t in out[0].tolist()[1:] if t not in (pad, eos)]
+            assert score < float(logp[first]) + 1e-4  # the token's log-prob plus the continuation's (negative)
+    with pytest.raises(pyengine.OptionError, match="return_alternatives works with neither"):
+        engine.translate(["x"], return_alternatives=True, prefix_bias_beta=0.5)

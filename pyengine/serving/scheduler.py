@@ -83,6 +83,10 @@ class Scheduler:
         raised here. Returns the request (to cancel it) and a Future of one Translation per text."""
         ids, opts = self.engine.prepare(texts, source_lang, target_lang, **options)
         encoded = self.engine.encode_prefixes(target_prefix, ids)
+        if opts.return_alternatives:  # a few short searches per sentence: translate_batch's, in the worker's thread
+            future = self.call(lambda: self.engine.translate_batch(texts, source_lang, target_lang, target_prefix,
+                                                                   **options))
+            return Request(ids, opts, future, []), future
         it = iter(encoded or [])
         prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
         future: Future = Future()
