@@ -4,6 +4,7 @@ eole's own predictor: encoder output and teacher-forced log-probs within 1e-4 on
 `eole predict` writes (greedy; beam 4 with its 2-best) equal to pyengine's `translate`, scores within 1e-4."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -96,7 +97,27 @@ def test_loads_as_eole_with_openmt_rules(model_dir):
     assert engine.defaults.beam_size == 5 and engine.defaults.max_decoding_length == 250
 
 
+@contextlib.contextmanager
+def sdpa_flags_kept():
+    """eole's inference engine switches PyTorch's math attention kernel off for the whole process (meant for CUDA,
+    the flag governs the CPU too); the other test modules' references need it back afterwards."""
+    b = torch.backends.cuda
+    saved = (b.math_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled())
+    try:
+        yield
+    finally:
+        for enable, on in zip((b.enable_math_sdp, b.enable_flash_sdp, b.enable_mem_efficient_sdp,
+                               b.enable_cudnn_sdp), saved):
+            enable(on)
+
+
 def test_encoder_output_and_log_probs_match_eole(model_dir):
+    with sdpa_flags_kept():
+        encoder_and_log_probs_match(model_dir)
+    assert torch.backends.cuda.math_sdp_enabled()
+
+
+def encoder_and_log_probs_match(model_dir):
     from eole.config.run import PredictConfig
     from eole.inference_engine import InferenceEnginePY
 

@@ -79,7 +79,8 @@ class Runtime:
                  capacity: int = 0):
         self.model, self.rules, self.opts, self.device = model, rules, opts, device
         self.start_id, self.eos_id = start_id, eos_id
-        self.shortlist = shortlist if opts.use_shortlist else None  # the model's lexical shortlist, if it has one
+        self.model_shortlist = shortlist  # the model's lexical shortlist, if it has one
+        self.shortlist = shortlist if opts.use_shortlist else None  # the one this batch's output layer applies
         self.stats = stats if stats is not None else RuntimeStats()
         self.cohorts: list[Cohort] = []
         self.cache = model.new_cache(device)
@@ -91,11 +92,9 @@ class Runtime:
             self.memory.fit(capacity, 128)  # sources grow it past 128 tokens
 
     def shares(self, opts: DecodeOptions) -> bool:
-        """Whether cohorts with these options can run in this batch: any beam width, length limits, penalties and
-        processors can (each cohort has its own strategy); attention weights and shortlists are per batch."""
-        return opts == self.opts or (not opts.needs_attention and not self.opts.needs_attention
-                                     and opts.use_shortlist == self.opts.use_shortlist
-                                     and (self.shortlist is None or not opts.use_shortlist))
+        """Whether cohorts with these options can run in this batch (see `shares_batch`)."""
+        return opts == self.opts or (shares_batch(opts, self.model_shortlist)
+                                     and shares_batch(self.opts, self.model_shortlist))
 
     @property
     def rows(self) -> int:
@@ -289,6 +288,13 @@ class Runtime:
         for cohort in kept:
             cohort.snapshot()
         return finished
+
+
+def shares_batch(opts: DecodeOptions, shortlist) -> bool:
+    """Whether cohorts with these options can decode in a batch with other option sets: any beam width, length limits,
+    penalties and processors can (each cohort has its own strategy); attention weights and a model's lexical
+    shortlist (`shortlist`, None without one) are per batch."""
+    return not opts.needs_attention and (shortlist is None or not opts.use_shortlist)
 
 
 def as_index(parts: list, device: torch.device) -> torch.Tensor:

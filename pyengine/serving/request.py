@@ -13,6 +13,7 @@ import torch
 
 from ..config import DecodeOptions
 from ..decoding import RuntimeStats
+from ..decoding.runtime import shares_batch
 from ..decoding.strategies import prompt_options
 from ..engine import Translation
 from ..errors import PyEngineError
@@ -116,6 +117,6 @@ class Plan:
 
 def shareable(opts: DecodeOptions, shortlist) -> bool:
     """Whether a request with these options decodes in the one batch all option sets share (different beam widths,
-    lengths and penalties step together: one decoder step for all, not one per option set in turn); sampling keeps
-    a batch per request (its seeded stream), attention weights and a model's shortlist one per option set."""
-    return not opts.sampling and not opts.needs_attention and (shortlist is None or not opts.use_shortlist)
+    lengths and penalties step together: one decoder step for all, not one per option set in turn): what the runtime
+    shares (decoding.runtime.shares_batch), except sampling, which keeps a batch per request (its seeded stream)."""
+    return not opts.sampling and shares_batch(opts, shortlist)
