@@ -7,14 +7,14 @@ import concurrent.futures
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 
 from ..config import DecodeOptions
 from ..decoding import RuntimeStats
 from ..decoding.runtime import shares_batch
-from ..decoding.strategies import prompt_options
+from ..decoding.strategies import prompt_options, prompt_prefix
 from ..engine import Translation
 from ..errors import PyEngineError
 
@@ -120,3 +120,19 @@ def shareable(opts: DecodeOptions, shortlist) -> bool:
     lengths and penalties step together: one decoder step for all, not one per option set in turn): what the runtime
     shares (decoding.runtime.shares_batch), except sampling, which keeps a batch per request (its seeded stream)."""
     return not opts.sampling and shares_batch(opts, shortlist)
+
+
+def new_request(engine, texts: Sequence[str], source_lang: str | None, target_lang: str | None,
+                target_prefix: Sequence[str | None] | None, options: dict, future: Future) -> Request:
+    """A caller's texts as the worker queues them (Engine.translate_batch's arguments): tokenized, the options resolved
+    and the prefixes encoded (input and option errors are raised here), the batch each sentence joins, and a seeded
+    stream of its own when it samples (its draws do not depend on its batch mates)."""
+    ids, opts = engine.prepare(texts, source_lang, target_lang, **options)
+    encoded = engine.encode_prefixes(target_prefix, ids)
+    it = iter(encoded or [])
+    prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
+    request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=shareable(opts, engine.shortlist))
+    if opts.sampling:
+        request.generator = torch.Generator(device=engine.engine_config.device)
+        request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
+    return request

@@ -1,21 +1,21 @@
 """The model worker: one thread owns the engine and feeds its running batches (continuous batching).
 
-Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations.
-Input errors are raised by `submit` itself, before anything is queued, so a bad request never reaches
-the batch. The worker admits waiting sentences into a running batch (a pyengine.decoding.Runtime: the loop
-`translate()` runs, so the same decoder step and output layer) between decode steps: one batch shared by every
-option set that can share it (each cohort decodes with its own beam width, lengths, penalties and processors,
-and one decoder step serves them all), one per option set for attention weights or a shortlist, one per
-request for sampling; within the engine's token budget (max_batch_tokens, max_batch_size) and memory
-cap (max_memory_mb), oldest first; it steps every running batch once per round. A step that runs out of
-memory halves the rows the worker admits from then on, evicts the newest cohorts back to the queue until
-the batch is under that, and is retried (split and retry); a sentence that fails alone fails its request.
+Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations. Input errors are
+raised by `submit` itself, before anything is queued, so a bad request never reaches the batch. The worker admits
+waiting sentences into a running batch (a pyengine.decoding.Runtime: the loop `translate()` runs, so the same decoder
+step and output layer) between decode steps: one batch shared by every option set that can share it (each cohort
+decodes with its own beam width, lengths, penalties and processors, and one decoder step serves them all), one per
+option set for attention weights or a shortlist, one per request for sampling; within the engine's token budget
+(max_batch_tokens, max_batch_size) and memory cap (max_memory_mb), oldest first; it steps every running batch once
+per round. A step that runs out of memory halves the rows the worker admits from then on, evicts the newest cohorts
+back to the queue until the batch is under that, and is retried (split and retry); a sentence that fails alone fails
+its request.
 
-One request's failure is its own: an error while admitting a cohort is retried request by request, one in a step
-puts the batch's requests back in the queue to run each in a batch of its own (a request that fails alone fails),
-one while delivering fails that request; every failure is logged with its traceback. A request whose caller gives
-up (`cancel`: timeout, disconnect) or that failed leaves the queue and the running batch at the next step, its
-cache rows freed. Every path gives back what it counted (queue_depth, running).
+One request's failure is its own: an error while admitting a cohort is retried request by request, one in a step puts
+the batch's requests back in the queue to run each in a batch of its own (a request that fails alone fails), one
+while delivering fails that request; every failure is logged with its traceback. A request whose caller gives up
+(`cancel`: timeout, disconnect) or that failed leaves the queue and the running batch at the next step, its cache
+rows freed. Every path gives back what it counted (queue_depth, running).
 """
 from __future__ import annotations
 
@@ -29,10 +29,9 @@ import torch
 
 from ..batching import is_out_of_memory
 from ..decoding import Hypothesis, Runtime
-from ..decoding.strategies import prompt_prefix
 from ..engine import Engine, Translation
 from ..errors import BatchMemoryError
-from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, resolve, shareable
+from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, new_request, resolve
 
 log = logging.getLogger("pyengine.serving")
 
@@ -81,16 +80,13 @@ class Scheduler:
                target_prefix: Sequence[str | None] | None = None, **options: Any) -> tuple[Request, Future]:
         """Queue `texts` for translation (the arguments of Engine.translate_batch); input and option errors are
         raised here. Returns the request (to cancel it) and a Future of one Translation per text."""
-        ids, opts = self.engine.prepare(texts, source_lang, target_lang, **options)
-        encoded = self.engine.encode_prefixes(target_prefix, ids)
-        if opts.return_alternatives:  # a few short searches per sentence: translate_batch's, in the worker's thread
-            future = self.call(lambda: self.engine.translate_batch(texts, source_lang, target_lang, target_prefix,
-                                                                   **options))
-            return Request(ids, opts, future, []), future
-        it = iter(encoded or [])
-        prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
         future: Future = Future()
-        n = sum(x is not None for x in ids)
+        request = new_request(self.engine, texts, source_lang, target_lang, target_prefix, options, future)
+        if request.opts.return_alternatives:  # a few short searches per sentence: translate_batch's, between steps
+            request.future = self.call(lambda: self.engine.translate_batch(texts, source_lang, target_lang,
+                                                                           target_prefix, **options))
+            return request, request.future
+        n = sum(x is not None for x in request.ids)
         if n > self.max_queue:
             raise RequestTooLargeError(f"{n} sentences can never fit in the queue of {self.max_queue}; "
                                        "send them in smaller requests")
@@ -99,10 +95,6 @@ class Scheduler:
                 raise QueueFullError("the worker is shutting down")
             if self._queued + n > self.max_queue:
                 raise QueueFullError(f"{self._queued} sentences are waiting (limit {self.max_queue})")
-            request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=shareable(opts, self.engine.shortlist))
-            if opts.sampling:  # a seeded stream per request: its draws do not depend on its batch mates
-                request.generator = torch.Generator(device=self.engine.engine_config.device)
-                request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())
             request.queued = n
             self._queued += n
             self._inbox.append(request)
