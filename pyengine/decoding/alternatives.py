@@ -9,6 +9,7 @@ as CTranslate2's do in this mode.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +28,7 @@ def next_tokens(engine: "Engine", ids: list[list[int]], prefixes: list[list[int]
     """Per sentence, the (token, log-prob) alternatives at the position after its prefix, best first."""
     cfg, device = engine.config, engine.engine_config.device
     end = cfg.eos_id if opts.end_token is None else opts.end_token
+    floor = math.log(opts.min_alternative_expansion_prob) if opts.min_alternative_expansion_prob > 0 else float("-inf")
     out = []
     for src_ids, prefix in zip(ids, prefixes):  # one teacher-forced pass each: alternatives are few and short
         src = torch.tensor([src_ids], device=device)
@@ -38,12 +40,8 @@ def next_tokens(engine: "Engine", ids: list[list[int]], prefixes: list[list[int]
                                                          forced_bos_token=None), end, prompt)
         values, tokens = torch.topk(logp[0], opts.num_hypotheses)
         out.append([(t, v) for t, v in zip(tokens.tolist(), values.tolist())
-                    if v > float("-inf") and v >= _log(opts.min_alternative_expansion_prob)])
+                    if v > float("-inf") and v >= floor])
     return out
-
-
-def _log(p: float) -> float:
-    return float("-inf") if p <= 0 else float(torch.tensor(p, dtype=torch.float64).log())
 
 
 def alternatives(engine: "Engine", ids: list[list[int]], opts: DecodeOptions,

@@ -27,10 +27,10 @@ from .opennmt_py import LayerNames, layer_tensors
 FILES = ("config.json", "vocab.json", "model.00.safetensors")
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}
 # options whose value the engine follows: read below
-READ = {"architecture", "hidden_size", "layers", "heads", "transformer_ff", "mlp_activation_fn", "norm_eps",
-        "layer_norm", "add_qkvbias", "add_key_bias", "add_final_linear_bias", "add_ffnbias", "share_embeddings",
-        "share_decoder_embeddings", "generator_bias", "final_encoder_layer_norm", "encoder", "decoder", "embeddings",
-        "word_vec_size", "src_word_vec_size", "tgt_word_vec_size", "encoder_type", "decoder_type"}
+READ = {"hidden_size", "layers", "heads", "transformer_ff", "mlp_activation_fn", "norm_eps", "add_qkvbias",
+        "add_key_bias", "add_final_linear_bias", "add_ffnbias", "share_embeddings", "share_decoder_embeddings",
+        "generator_bias", "final_encoder_layer_norm", "encoder", "decoder", "embeddings", "word_vec_size",
+        "src_word_vec_size", "tgt_word_vec_size"}
 # options that must keep one value (eole 0.6's default, or the only one this engine computes)
 FIXED = {"layer_norm": ("standard", "standardFP32"), "position_encoding_type": ("SinusoidalInterleaved",),
          "position_encoding": (True,), "encoder_layer_style": ("standard",), "with_cross_attn": (True,),
