@@ -4,7 +4,7 @@
 #include "beam_search.h"
 #include "bf16_gemm.h"
 #include "decode_attention.h"
-#include "int8_decoder.h"
+#include "decoder_step.h"
 #include "int8_gemm.h"
 #include "layer_norm.h"
 #include "softmax_topk.h"
@@ -70,23 +70,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("scale", &pyengine::Int8Weight::scale)
       .def_readonly("bias", &pyengine::Int8Weight::bias)
       .def_readonly("n", &pyengine::Int8Weight::n);
-  pybind11::class_<pyengine::Int8DecoderLayer>(m, "Int8DecoderLayer", "A decoder layer's weights for int8_decoder_step.")
-      .def(pybind11::init([](pyengine::Int8Weight qkv, pyengine::Int8Weight self_out, pyengine::Int8Weight cross_q,
-                             pyengine::Int8Weight cross_out, pyengine::Int8Weight fc1, pyengine::Int8Weight fc2,
+  pybind11::class_<pyengine::Bf16Weight>(m, "Bf16Weight", "A bf16 linear layer's weight as bf16_linear reads it.")
+      .def(pybind11::init([](at::Tensor packed, c10::optional<at::Tensor> bias, int64_t n) {
+             return pyengine::Bf16Weight{packed, bias, n};
+           }),
+           pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n"))
+      .def_readonly("packed", &pyengine::Bf16Weight::packed)
+      .def_readonly("bias", &pyengine::Bf16Weight::bias)
+      .def_readonly("n", &pyengine::Bf16Weight::n);
+  pybind11::class_<pyengine::DecoderLayer>(m, "DecoderLayer",
+                                           "A decoder layer's weights (Int8Weight or Bf16Weight linears) for decoder_step.")
+      .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight self_out, pyengine::StepWeight cross_q,
+                             pyengine::StepWeight cross_out, pyengine::StepWeight fc1, pyengine::StepWeight fc2,
                              std::vector<at::Tensor> norms, double eps, bool pre_norm, std::string activation,
                              int64_t heads) {
-             TORCH_CHECK(norms.size() == 6, "Int8DecoderLayer: six layer-norm tensors (w, b of self, cross, ffn)");
+             TORCH_CHECK(norms.size() == 6, "DecoderLayer: six layer-norm tensors (w, b of self, cross, ffn)");
              TORCH_CHECK(activation == "relu" || activation == "swish" || activation == "gelu",
-                         "Int8DecoderLayer: activation must be relu, swish or gelu, not ", activation);
-             return pyengine::Int8DecoderLayer{qkv, self_out, cross_q, cross_out, fc1, fc2, norms[0], norms[1],
-                                               norms[2], norms[3], norms[4], norms[5], eps, pre_norm, activation,
-                                               heads};
+                         "DecoderLayer: activation must be relu, swish or gelu, not ", activation);
+             for (const auto* w : {&self_out, &cross_q, &cross_out, &fc1, &fc2})
+               TORCH_CHECK(w->index() == qkv.index(), "DecoderLayer: every linear must have one weight type");
+             return pyengine::DecoderLayer{qkv, self_out, cross_q, cross_out, fc1, fc2, norms[0], norms[1],
+                                           norms[2], norms[3], norms[4], norms[5], eps, pre_norm, activation, heads};
            }),
            pybind11::arg("qkv"), pybind11::arg("self_out"), pybind11::arg("cross_q"), pybind11::arg("cross_out"),
            pybind11::arg("fc1"), pybind11::arg("fc2"), pybind11::arg("norms"), pybind11::arg("eps"),
            pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"));
-  m.def("int8_decoder_step", &pyengine::int8_decoder_step, nogil,
-        "One decoder step of every layer with int8 linears (an indirect KV cache, a position per row), in C++.",
+  m.def("decoder_step", &pyengine::decoder_step, nogil,
+        "One decoder step of every layer with int8 or bf16 linears (an indirect KV cache, a position per row), in C++.",
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),
         pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
         pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");

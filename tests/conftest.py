@@ -102,6 +102,7 @@ ARCHS = {
     "gelu-untied": dict(activation="gelu", d_model=30, heads=2, ffn=46, shared=False, tie=False, layers=(3, 1),
                         scale_embedding=False, seed=3),
 }
+AMX_ARCH = dict(activation="swish", d_model=64, heads=4, ffn=124, seed=6)  # rows of 64: the AMX tiles' shapes
 
 
 @pytest.fixture(scope="session", params=sorted(ARCHS))

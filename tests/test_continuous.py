@@ -99,7 +99,7 @@ def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
         torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(a.scores), rtol=0, atol=1e-5)
     assert set(stats.decoder_steps) == set(engine.stats.decoder_steps) == {engine.backends["decoder_step"]}
     assert set(stats.outputs) - {"none"} == set(engine.stats.outputs) - {"none"}
-    want = {"int8": ("cpp-int8", "fused-topk"), "bfloat16": ("python-layers", "fused-topk"),
+    want = {"int8": ("cpp-int8", "fused-topk"), "bfloat16": ("cpp-bf16", "fused-topk"),
             "float32": ("python-layers", "logits")}[dtype]
     if dtype != "float32" and not engine.model.output.fuses_topk:  # CPUs without pyengine's own kernels
         pytest.skip(f"this CPU runs the library {dtype} GEMMs (no fused output layer): {engine.backends}")

@@ -1,8 +1,8 @@
 """Decoder steps: how one step runs the decoder layers, one implementation chosen per engine at load.
 
 `LayerStep` runs the layers in Python, each operation through the model's Ops (any backend, dtype and decoder
-kind: the reference the native steps are tested against). `Int8CppStep` runs every layer in one C++ call on
-pyengine's own int8 GEMM (csrc/int8_decoder.cpp): the same operations in the same order, equal to the bit.
+kind: the reference the native steps are tested against). `CppStep` runs every layer in one C++ call on
+pyengine's own int8 or bf16 GEMM (csrc/decoder_step.cpp): the same operations in the same order, equal to the bit.
 Both take rows at different positions (cohorts of a continuous batch) through the KV cache's row index.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 
 from .cache import KVCache, RecurrentCache
-from .linear import Int8Linear
+from .linear import Bf16Linear, Int8Linear
 from .memory import Memory
 
 
@@ -37,20 +37,19 @@ class LayerStep:
         return x
 
 
-class Int8CppStep:
-    """Every decoder layer of one step in one C++ call (`_C.int8_decoder_step`): no Python call per operation
-    (batch 1 decode 100 -> ~50-75 ms, batch 32 greedy 258 -> 230 ms when it was introduced). Blocks of several
-    tokens per row and steps that must return the cross-attention weights run the Python layers, which compute
-    the same operations (tested equal to the bit)."""
+class CppStep:
+    """Every decoder layer of one step in one C++ call (`_C.decoder_step`), on the int8 or bf16 weights of
+    pyengine's own GEMMs: no Python call per operation (int8, batch 1 decode 100 -> ~50-75 ms, batch 32 greedy 258
+    -> 230 ms when it was introduced). Blocks of several tokens per row and steps that must return the
+    cross-attention weights run the Python layers, which compute the same operations (tested equal to the bit)."""
 
-    name = "cpp-int8"
-
-    def __init__(self, model, kernel: str) -> None:
+    def __init__(self, model, kind: str, kernel: str) -> None:
         from .. import _C
-        self.kernel = kernel
-        self.layers = [_C.Int8DecoderLayer(
-            l.self_attn.qkv.packed, l.self_attn.out.packed, l.cross_attn.q.packed, l.cross_attn.out.packed,
-            l.ffn.fc1.packed, l.ffn.fc2.packed,
+        self.name, self.kernel = f"cpp-{kind}", kernel
+        weight = (lambda w: w) if kind == "int8" else (lambda w: _C.Bf16Weight(w.packed, w.bias, w.n))
+        self.layers = [_C.DecoderLayer(
+            *(weight(linear.packed) for linear in (l.self_attn.qkv, l.self_attn.out, l.cross_attn.q,
+                                                   l.cross_attn.out, l.ffn.fc1, l.ffn.fc2)),
             [t.float().contiguous() for n in (l.self_attn_norm, l.cross_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
             l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.decoder_layers]
         self.layer_step = LayerStep()
@@ -63,15 +62,18 @@ class Int8CppStep:
         from .. import _C
         w = memory.width
         _, rows, lengths = memory.step_view()  # a row per sentence (its beams fold into it), or per decoder row
-        out = _C.int8_decoder_step(self.layers, x.view(n, d), cache.physical, cache.positions, cache.write_rows,
-                                   cache.rows_index, memory.kv[:, :, :, :, :w], rows, lengths, kernel=self.kernel)
+        out = _C.decoder_step(self.layers, x.view(n, d), cache.physical, cache.positions, cache.write_rows,
+                              cache.rows_index, memory.kv[:, :, :, :, :w], rows, lengths, kernel=self.kernel)
         return out.view(n, 1, d)
 
 
 def choose_step(model) -> DecoderStep:
-    """The C++ int8 step where the model's linears are pyengine's own int8 GEMM and its decoder layers
+    """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM and its decoder layers
     self-attention; the Python layers otherwise."""
     linear = model.ops.linear
-    if isinstance(linear, Int8Linear) and linear.own_kernel and model.cfg.decoder_self == "attention":
-        return Int8CppStep(model, linear.kernel)
+    if model.cfg.decoder_self == "attention":
+        if isinstance(linear, Int8Linear) and linear.own_kernel:
+            return CppStep(model, "int8", linear.kernel)
+        if isinstance(linear, Bf16Linear) and linear.kernel != "library":
+            return CppStep(model, "bf16", linear.kernel)
     return LayerStep()

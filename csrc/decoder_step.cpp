@@ -1,14 +1,15 @@
-// A decoder step with int8 linears, all layers in one call. In Python each layer is some sixty small calls
-// (views, the int8 GEMMs, cache writes, attention, residual + layer norm), whose dispatch costs about as much
+// A decoder step with int8 or bf16 linears, all layers in one call. In Python each layer is some sixty small calls
+// (views, the GEMMs, cache writes, attention, residual + layer norm), whose dispatch costs about as much
 // as the arithmetic at batch 1 and a sizeable share at batch 32. Here the step runs on a few buffers
-// allocated once per call: the int8 GEMMs write into them, the step attention writes its output laid out as
+// allocated once per call: the GEMMs write into them, the step attention writes its output laid out as
 // the next GEMM reads it, and the cache writes, residual adds and layer norms are plain loops (ATen's add,
 // copy and layer_norm cost 10-20 µs each at these sizes, mostly dispatch; A/B, a step at 32 rows with hot
-// weights: 3.9 -> 3.6 ms). Every operation is the one Int8Ops runs in Python, in the same order (tested equal
-// to the Python layers, to the bit).
-#include "int8_decoder.h"
+// weights: 3.9 -> 3.6 ms). Every operation is the one the Python layers run with the same linear method, in the
+// same order (tested equal to them, to the bit).
+#include "decoder_step.h"
 
 #include "decode_attention.h"
+#include "bf16_gemm.h"
 #include "int8_gemm.h"
 #include "layer_norm.h"
 
@@ -26,9 +27,18 @@ namespace pyengine {
 
 namespace {
 
-void linear_into(const at::Tensor& x, const Int8Weight& w, const at::Tensor& out, const std::string& kernel,
+void linear_into(const at::Tensor& x, const StepWeight& weight, const at::Tensor& out, const std::string& kernel,
                  const std::string& activation = "none") {
-  int8_linear(x, w.packed, w.colsum, w.scale, w.bias, w.n, out, kernel, activation);
+  if (const auto* w = std::get_if<Int8Weight>(&weight)) {
+    int8_linear(x, w->packed, w->colsum, w->scale, w->bias, w->n, out, kernel, activation);
+  } else {
+    const auto& b = std::get<Bf16Weight>(weight);
+    bf16_linear(x, b.packed, b.bias, b.n, out, kernel, activation);
+  }
+}
+
+int64_t out_features(const StepWeight& weight) {
+  return std::visit([](const auto& w) { return w.n; }, weight);
 }
 
 // float32 → bfloat16 as PyTorch converts (c10's rounding to nearest even).
@@ -83,10 +93,10 @@ void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tens
   });
 }
 
-// The residual stream after a sub-layer whose output is y: LN(y + x) into x (post-norm, Int8Ops.add_layer_norm's
+// The residual stream after a sub-layer whose output is y: LN(y + x) into x (post-norm, cpp_add_layer_norm's
 // operands in its order), or x + y (pre-norm: the next sub-layer normalizes at its start).
 void residual(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
-              const Int8DecoderLayer& layer) {
+              const DecoderLayer& layer) {
   float* xp = x.data_ptr<float>();
   const float* yp = y.data_ptr<float>();
   if (layer.pre_norm) {
@@ -99,7 +109,7 @@ void residual(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w, con
 
 // The sub-layer's input: LN(x) into h (pre-norm), x itself (post-norm).
 const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
-                                 const Int8DecoderLayer& layer) {
+                                 const DecoderLayer& layer) {
   if (!layer.pre_norm) return x;
   add_layer_norm_rows(x.data_ptr<float>(), nullptr, w.data_ptr<float>(), b.data_ptr<float>(),
                       static_cast<float>(layer.eps), x.size(0), x.size(1), nullptr, h.data_ptr<float>());
@@ -108,37 +118,37 @@ const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h, const
 
 }  // namespace
 
-at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const at::Tensor& x_in, const at::Tensor& cache,
-                             const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
-                             const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
-                             const std::string& kernel) {
-  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "int8_decoder_step: x must be float32 (N, D)");
+at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tensor& x_in, const at::Tensor& cache,
+                        const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
+                        const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
+                        const std::string& kernel) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decoder_step: x must be float32 (N, D)");
   TORCH_CHECK(!layers.empty() && cache.dim() == 6 && memory.dim() == 6 &&
                   cache.size(0) == static_cast<int64_t>(layers.size()) && memory.size(0) == cache.size(0),
-              "int8_decoder_step: cache and memory must be (L, 2, ...) for the ", layers.size(), " layers");
+              "decoder_step: cache and memory must be (L, 2, ...) for the ", layers.size(), " layers");
   TORCH_CHECK(cache.scalar_type() == memory.scalar_type() &&
                   (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16) &&
                   cache.stride(5) == 1 && memory.stride(5) == 1,
-              "int8_decoder_step: cache and memory both float32 or both bfloat16, unit stride on Dh");
+              "decoder_step: cache and memory both float32 or both bfloat16, unit stride on Dh");
   const int64_t N = x_in.size(0), D = x_in.size(1), B = memory_rows.size(0);
-  TORCH_CHECK(B > 0 && N % B == 0, "int8_decoder_step: ", N, " rows are not a whole number of beams of ", B,
+  TORCH_CHECK(B > 0 && N % B == 0, "decoder_step: ", N, " rows are not a whole number of beams of ", B,
               " sentences");
-  TORCH_CHECK(src_lengths.numel() == B, "int8_decoder_step: src_lengths must have one entry per sentence");
+  TORCH_CHECK(src_lengths.numel() == B, "decoder_step: src_lengths must have one entry per sentence");
   const at::Tensor pos = positions.to(at::kLong).contiguous(), dst = write_rows.to(at::kLong).contiguous();
-  TORCH_CHECK(pos.numel() == N && dst.numel() == N, "int8_decoder_step: one position and one write row per row");
+  TORCH_CHECK(pos.numel() == N && dst.numel() == N, "decoder_step: one position and one write row per row");
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* dst_ptr = dst.data_ptr<int64_t>();
   int64_t T = 0;
   for (int64_t r = 0; r < N; ++r) {
-    TORCH_CHECK(pos_ptr[r] >= 0 && pos_ptr[r] < cache.size(4), "int8_decoder_step: position ", pos_ptr[r],
+    TORCH_CHECK(pos_ptr[r] >= 0 && pos_ptr[r] < cache.size(4), "decoder_step: position ", pos_ptr[r],
                 " outside the cache");
-    TORCH_CHECK(dst_ptr[r] >= 0 && dst_ptr[r] < cache.size(2), "int8_decoder_step: write row ", dst_ptr[r],
+    TORCH_CHECK(dst_ptr[r] >= 0 && dst_ptr[r] < cache.size(2), "decoder_step: write row ", dst_ptr[r],
                 " outside the cache");
     T = std::max(T, pos_ptr[r] + 1);
   }
   const int64_t H = layers[0].heads, Dh = D / H, S = memory.size(4), beam = N / B;
   TORCH_CHECK(H * Dh == D && cache.size(3) == H && cache.size(5) == Dh && memory.size(3) == H && memory.size(5) == Dh,
-              "int8_decoder_step: cache and memory must have ", H, " heads of ", Dh);
+              "decoder_step: cache and memory must have ", H, " heads of ", Dh);
   const at::Tensor row_index = rows.to(at::kLong).contiguous();  // (a copy of the cache's origin table)
   check_rows(row_index, N, T, cache.size(2));  // once per step, not per layer
   const at::Tensor memory_index = memory_rows.to(at::kLong).contiguous();
@@ -160,8 +170,11 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
   const at::Tensor cross_ctx = ctx.view({B, beam, H, Dh}).transpose(1, 2);
   at::Tensor f;
   for (size_t l = 0; l < layers.size(); ++l) {
-    const Int8DecoderLayer& layer = layers[l];
-    TORCH_CHECK(layer.heads == H, "int8_decoder_step: every layer must have ", H, " heads");
+    const DecoderLayer& layer = layers[l];
+    TORCH_CHECK(layer.heads == H, "decoder_step: every layer must have ", H, " heads");
+    for (const StepWeight* w : {&layer.qkv, &layer.self_out, &layer.cross_q, &layer.cross_out, &layer.fc1, &layer.fc2})
+      TORCH_CHECK(w->index() == layers[0].qkv.index(), "decoder_step: every linear must have one weight type (",
+                  "int8 or bf16: the kernel names one of them)");
     const at::Tensor kv_cache = cache.select(0, l);  // (2, P, H, T_max, Dh)
 
     // self-attention: this step's K/V into the cache, then the query against every position so far
@@ -180,7 +193,7 @@ at::Tensor int8_decoder_step(const std::vector<Int8DecoderLayer>& layers, const 
     residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer);
 
     // feed-forward, relu/swish applied in the first GEMM's registers
-    const int64_t ffn = layer.fc1.n;
+    const int64_t ffn = out_features(layer.fc1);
     if (!f.defined() || f.size(1) != ffn) f = at::empty({N, ffn}, f32);
     const bool fused = layer.activation == "relu" || layer.activation == "swish";
     linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer), layer.fc1, f, kernel,

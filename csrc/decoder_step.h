@@ -1,0 +1,52 @@
+#pragma once
+#include <torch/extension.h>
+
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace pyengine {
+
+// One linear layer's int8 weight as int8_linear reads it (Int8Linear.pack builds it).
+struct Int8Weight {
+  at::Tensor packed, colsum, scale;
+  c10::optional<at::Tensor> bias;
+  int64_t n;
+};
+
+// One linear layer's bfloat16 weight as bf16_linear reads it (Bf16Linear.pack's record, packed by bf16_pack).
+struct Bf16Weight {
+  at::Tensor packed;
+  c10::optional<at::Tensor> bias;
+  int64_t n;
+};
+
+// A decoder linear in one of the weight types the native step runs (every linear of a model has the same type).
+using StepWeight = std::variant<Int8Weight, Bf16Weight>;
+
+// One Transformer decoder layer (self-attention, encoder-decoder attention, FFN; post- or pre-norm): what a decoder
+// step needs, collected once at load.
+struct DecoderLayer {
+  StepWeight qkv, self_out, cross_q, cross_out, fc1, fc2;
+  at::Tensor self_norm_w, self_norm_b, cross_norm_w, cross_norm_b, ffn_norm_w, ffn_norm_b;
+  double eps;
+  bool pre_norm;
+  std::string activation;  // relu, swish (fused into fc1) or gelu
+  int64_t heads;
+};
+
+// One decoder step of every layer for N rows (one new token each, row r at positions[r]), in C++: the same
+// operations, in the same order, as pyengine.model.transformer.DecoderLayer with int8 or bf16 linears (the
+// linear methods' own kernels), without a Python call per op. x (N, D) float32; cache (L, 2, P, H, T_max, Dh) the
+// indirect KV cache: row r writes this step's K/V into physical row write_rows[r] at positions[r] and reads key
+// j < positions[r] + 1 from physical row rows[r, j] (rows (N, T), T = max position + 1); memory
+// (L, 2, P', H, S, Dh) the encoder K/V in slots, key j of sentence b read from slot memory_rows[b, j]
+// (memory_rows (B, S)), src_lengths (B,), the N rows being B sentences × N/B beams. kernel: the linears' kernel
+// (int8_linear's or bf16_linear's, the one the Python layers use, so that both agree). Returns the last layer's
+// output (N, D).
+at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tensor& x, const at::Tensor& cache,
+                        const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
+                        const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
+                        const std::string& kernel);
+
+}  // namespace pyengine

@@ -1,0 +1,114 @@
+"""The C++ decoder step (csrc/decoder_step.cpp: every layer of a step in one call) against the Python layers over
+the same Ops, for each weight type it runs (int8, bf16) and each of pyengine's own kernels of that type on this CPU:
+the decoder's output at every step of a running batch is equal to the bit. The Python layers are the reference
+because every operation in them is tested against float64 math elsewhere (tests/test_int8.py, test_bf16_gemm.py,
+test_csrc_kernels.py); the engine's tokens against the training libraries' decoders: the parity tests."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pyengine
+from conftest import AMX_ARCH, ARCHS, build_marian
+from pyengine import _C
+from pyengine.config import DecodeOptions, ModelConfig
+from pyengine.decoding import Runtime, rules_for
+from pyengine.model import Transformer, load_weights, resolve_ops
+from pyengine.model.linear import amx_available, bf16_kernels, vnni_available
+from pyengine.model.step import CppStep, LayerStep
+
+KERNELS = {"int8": (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else []),
+           "bf16": list(bf16_kernels())}
+CASES = [(kind, kernel) for kind, kernels in KERNELS.items() for kernel in kernels]
+DTYPE = {"int8": "int8", "bf16": "bfloat16"}
+
+
+def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, beam: int = 2) -> list[torch.Tensor]:
+    """The decoder's output at every step of a running batch whose cohorts (source id lists) are admitted at steps
+    0, 2, 4, ...: rows at different positions, beams reordered by the search, through the indirect cache."""
+    cfg = model.cfg
+    opts = DecodeOptions(beam_size=beam, max_decoding_length=steps, min_decoding_length=steps)
+    runtime = Runtime(model, rules_for("hf"), opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
+    inner, outputs = model.decoder_hidden, []
+    model.decoder_hidden = lambda *a, **kw: (outputs.append(inner(*a, **kw).clone()), outputs[-1])[1]
+    try:
+        with torch.inference_mode():
+            step = 0
+            while step == 0 or runtime.cohorts:
+                if step % 2 == 0 and step // 2 < len(cohorts):
+                    runtime.admit(cohorts[step // 2], list(range(len(cohorts[step // 2]))))
+                runtime.step()
+                step += 1
+    finally:
+        del model.decoder_hidden
+    return outputs
+
+
+def _use_kernel(model, kind: str, kernel: str) -> None:
+    """The same packed weights run by another of pyengine's kernels of their type (they share one layout)."""
+    model.ops.linear.kernel = kernel
+    model.step = CppStep(model, kind, kernel)
+
+
+def _prenorm_model(kind: str, kernel: str):
+    cfg = ModelConfig(d_model=24, encoder_layers=2, decoder_layers=2, encoder_heads=3, decoder_heads=3,
+                      encoder_ffn_dim=40, decoder_ffn_dim=36, src_vocab_size=50, tgt_vocab_size=50, activation="relu",
+                      pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
+                      normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
+                      shared_embeddings=True, tie_output=True, final_logits_bias=False)
+    model = Transformer(cfg, resolve_ops("torch", torch.device("cpu"), weights=kind))
+    gen = torch.Generator().manual_seed(4)
+    state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
+             for name, p in model.named_parameters()}
+    load_weights(model, state, torch.float32, torch.device("cpu"))
+    _use_kernel(model, kind, kernel)
+    return model
+
+
+@pytest.mark.skipif(not CASES, reason="no C++ decoder step here: neither AVX512-VNNI nor AVX-512")
+@pytest.mark.parametrize("kind,kernel", CASES)
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
+def test_cpp_decoder_step_equals_the_python_layers(arch, kind, kernel, tmp_path, monkeypatch):
+    """The C++ step (all layers in one call) runs the Python layers' operations in their order: the decoder's
+    output at every step of a running batch is equal to the bit, post-norm (swish, relu, gelu) and pre-norm,
+    with cohorts at different positions and beams reordered; with each of pyengine's kernels for the weight type
+    (the AMX-shaped model's rows run AMX tiles where the kernel is amx)."""
+    if arch == "pre-norm":
+        model = _prenorm_model(kind, kernel)
+    else:
+        path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
+        model = pyengine.Engine.load(path, dtype=DTYPE[kind]).model
+        _use_kernel(model, kind, kernel)
+    assert isinstance(model.step, CppStep) and model.step.name == f"cpp-{kind}"
+    gen = torch.Generator().manual_seed(1)
+    cohorts = [[torch.randint(3, 40, (n,), generator=gen).tolist() + [model.cfg.eos_id] for n in lengths]
+               for lengths in ([7, 4], [6, 5], [3])]
+    if arch == "amx-shaped" and kind == "int8":
+        assert _C.int8_kernel_name(kernel, 8, model.cfg.d_model) == kernel
+    calls = []
+    step = _C.decoder_step
+    monkeypatch.setattr(_C, "decoder_step", lambda *a, **kw: (calls.append(kw["kernel"]), step(*a, **kw))[1])
+    fast = _running_batch_outputs(model, cohorts, steps=6)
+    assert len(calls) == len(fast) and set(calls) == {kernel}  # every step ran in C++, with the kernel asked for
+    cpp, model.step = model.step, LayerStep()
+    try:
+        python = _running_batch_outputs(model, cohorts, steps=6)
+    finally:
+        model.step = cpp
+    assert len(calls) == len(fast) == len(python) == 10  # 6 steps from step 0, the last cohort's end at step 9
+    for i, (a, b) in enumerate(zip(fast, python)):
+        assert torch.equal(a, b), f"step {i}: max |Δ| {(a - b).abs().max():.3g}"
+    assert not torch.equal(fast[0], fast[1])  # the steps differ: the cache and positions were used
+
+
+def test_a_layer_of_mixed_weight_types_is_refused():
+    """Every linear of a layer has one weight type (the step's kernel names one of them): a mix is a named error."""
+    w = torch.randn(64, 32)
+    bf16 = _C.Bf16Weight(_C.bf16_pack(w), None, 64)
+    norms = [torch.ones(32), torch.zeros(32)] * 3
+    with pytest.raises(RuntimeError, match="one weight type"):
+        _C.DecoderLayer(bf16, bf16, bf16, bf16, bf16, _C.Int8Weight(*_C.int8_pack(w.to(torch.int8)), torch.ones(64),
+                                                                     None, 64),
+                        norms, 1e-5, False, "relu", 4)
