@@ -14,12 +14,15 @@ bool amx_bf16_available();
 // True when this CPU has AVX-512 (F, BW), which the bf16 GEMM's register tile needs.
 bool avx512_available();
 
+// True when it also has AVX512-BF16 (VDPBF16PS), which the faster register tile runs.
+bool avx512_bf16_available();
+
 // Pack weights w (N, K) (float32 or bfloat16; float32 is rounded to bfloat16, to nearest even) for bf16_linear:
 // (ceil(N/64), ceil(K/32)·32·64) bfloat16, in 64-column tiles of k pairs (K is known to its padding only:
 // the callers check an x against the layer's own width).
 at::Tensor bf16_pack(const at::Tensor& w);
 
-// The tile bf16_linear runs for `kernel` here: "amx", "avx512" or "portable".
+// The tile bf16_linear runs for `kernel` here: "amx", "avx512bf16", "avx512" or "portable".
 std::string bf16_kernel_name(const std::string& kernel);
 
 // y = act(x·Wᵀ + bias) for x (M, K) float32 and W the packed bfloat16 weight, in float32 to within float32's
@@ -27,9 +30,10 @@ std::string bf16_kernel_name(const std::string& kernel);
 // (16 significant bits, where one bf16 keeps 8), every product of a bf16 weight and a term is exact in float32,
 // and the sums are float32 — so a model whose weights are bfloat16 computes what float32 computes on them,
 // to ~2^-17 relative. Returns (M, n_out) float32, written into `out` when given.
-// kernel: "auto" (AMX-BF16 where the CPU has it, else the AVX-512 register tile where the CPU has it, else the
-// portable loop), "amx", "avx512" or "portable". AVX-512 and portable add the same products in the same order
-// (equal to the bit but for swish's exp); AMX sums them more precisely (equal within float32 rounding).
+// kernel: "auto" (AMX-BF16 where the CPU has it, else the AVX512-BF16 register tile, else the AVX-512 FMA tile,
+// else the portable loop), "amx", "avx512bf16", "avx512" or "portable". The last three add the same products in
+// the same order (equal to the bit but for swish's exp); AMX sums them more precisely (equal within float32
+// rounding).
 // activation: "none", "relu" or "swish".
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                        int64_t n_out, const c10::optional<at::Tensor>& out, const std::string& kernel,

@@ -19,6 +19,7 @@ pybind11::dict build_info() {
   info["amx_int8"] = amx_available();
   info["amx_bf16"] = amx_bf16_available();
   info["avx512"] = avx512_available();
+  info["avx512_bf16"] = avx512_bf16_available();
   return info;
 }
 
@@ -101,7 +102,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
         pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
   m.def("bf16_kernel_name", &pyengine::bf16_kernel_name,
-        "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512 or portable.", pybind11::arg("kernel"));
+        "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512bf16, avx512 or portable.", pybind11::arg("kernel"));
   m.def("bf16_pack", &pyengine::bf16_pack, nogil, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",
         pybind11::arg("w"));
   m.def("bf16_linear", &pyengine::bf16_linear, nogil,

@@ -1,8 +1,8 @@
 """pyengine's bf16-weight GEMM (csrc/bf16_gemm.cpp, dtype=bfloat16 on the CPU) against references built apart.
 
-The AVX-512 and portable kernels promise one summation order (per 32-wide chunk of k, the hi term's products in
-k order, then the lo term's, each added in float32), so they are held to the bit to that order written out in
-PyTorch float32 operations; the AMX unit sums more precisely, so it is held to float64 math of the same terms
+The AVX512-BF16, AVX-512 and portable kernels promise one summation order (per 32-wide chunk of k, the hi term's
+products, then the lo term's, a k pair at a time with the odd k first, as VDPBF16PS adds a pair; each added in
+float32), so they are held to the bit to that order written out in PyTorch float32 operations; the AMX unit sums more precisely, so it is held to float64 math of the same terms
 within float32's summation bound (Higham's γ_K), a bound the tests show a one-term (plain bf16) GEMM breaks.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pyengine import _C
 from pyengine.errors import OptionError
 from pyengine.model.linear import Bf16Linear, Bf16Weight, Linear, bf16_kernels
 
-OWN = list(bf16_kernels())  # "amx" (AMX-BF16), "avx512": each tested where this CPU has it
-ORDERED = ["portable"] + [k for k in OWN if k == "avx512"]  # the kernels with the written-out order
+OWN = list(bf16_kernels())  # "amx" (AMX-BF16), "avx512bf16", "avx512": each tested where this CPU has it
+ORDERED = ["portable"] + [k for k in OWN if k != "amx"]  # the kernels with the written-out order
 U = 2.0 ** -24  # float32 unit roundoff
 
 
@@ -33,8 +33,10 @@ def _ordered_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros(x.shape[0], w.shape[0])
     for c in range(0, x.shape[1], 32):
         for term in (hi, lo):
-            for k in range(c, min(c + 32, x.shape[1])):
-                acc = acc + term[:, k:k + 1] * wb[:, k][None, :]
+            for pair in range(c, min(c + 32, x.shape[1]), 2):
+                for k in (pair + 1, pair):  # the odd k first (VDPBF16PS's order); past K: zero padding
+                    if k < x.shape[1]:
+                        acc = acc + term[:, k:k + 1] * wb[:, k][None, :]
     return acc
 
 

@@ -240,7 +240,8 @@ def bf16_kernels() -> tuple[str, ...]:
     """pyengine's own bf16 GEMM kernels this CPU runs (csrc/bf16_gemm.cpp), fastest first."""
     from .. import _C
     info = _C.build_info()
-    return tuple(k for k, key in (("amx", "amx_bf16"), ("avx512", "avx512")) if info[key])
+    return tuple(k for k, key in (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512"))
+                 if info[key])
 
 
 class Bf16Linear(LinearMethod):
@@ -249,18 +250,20 @@ class Bf16Linear(LinearMethod):
     A plain bf16 GEMM rounds the activations to bf16 too (8 significant bits), which changed 4-5% of the default
     model's UI strings and ~22% of its verses against float32. Here every activation stays float32; a GEMM takes
     it as two bf16 terms (hi = bf16(x), lo = bf16(x − hi)) whose products with the bf16 weight are exact, summed
-    in float32 (csrc/bf16_gemm.cpp). kernel: "amx" (AMX-BF16), "avx512" (an FMA register tile, any AVX-512 CPU),
+    in float32 (csrc/bf16_gemm.cpp). kernel: "amx" (AMX-BF16), "avx512bf16" (a VDPBF16PS register tile),
+    "avx512" (an FMA register tile, any AVX-512 CPU; equal to avx512bf16 to the bit),
     or "library" (CPUs without AVX-512: the same terms through PyTorch's float32 GEMM on the bf16-rounded weight).
     """
 
     def __init__(self, kernel: str | None = None) -> None:
         own = bf16_kernels()
         self.kernel = kernel or (own[0] if own else "library")
-        if self.kernel not in ("amx", "avx512", "library"):
-            raise OptionError(f"unknown bf16 kernel {self.kernel!r}; expected 'amx', 'avx512' or 'library'")
+        needs = {"amx": "AMX-BF16", "avx512bf16": "AVX512-BF16", "avx512": "AVX-512"}
+        if self.kernel not in (*needs, "library"):
+            raise OptionError(f"unknown bf16 kernel {self.kernel!r}; expected 'amx', 'avx512bf16', 'avx512' or "
+                              "'library'")
         if self.kernel != "library" and self.kernel not in own:
-            raise OptionError(f"the bf16 {self.kernel!r} kernel needs a CPU with "
-                              f"{'AMX-BF16' if self.kernel == 'amx' else 'AVX-512'}")
+            raise OptionError(f"the bf16 {self.kernel!r} kernel needs a CPU with {needs[self.kernel]}")
         self.fuses_topk = self.kernel != "library"
         self.name = f"torch-bf16-{self.kernel}"
 
