@@ -18,6 +18,7 @@ ACTIVATIONS = ("relu", "gelu", "swish")
 # sinusoidal_interleaved: Vaswani et al. as OpenNMT-py writes it (sin on even, cos on odd dimensions)
 POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "sinusoidal_interleaved", "learned")
 FAMILIES = ("hf", "onmt", "fairseq")  # decoding rules: HF generate, OpenNMT-py Translator, fairseq SequenceGenerator
+SEARCH_RULES = FAMILIES + ("ctranslate2",)  # the rules a caller may ask for by name (search_rules)
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class DecodeOptions:
     prefix_bias_beta: float = 0.0  # > 0: target_prefix biases the first steps instead of being forced (CTranslate2's)
     return_alternatives: bool = False  # num_hypotheses translations parting after the target prefix (CTranslate2's)
     min_alternative_expansion_prob: float = 0.0  # alternatives less likely than this are not expanded
+    search_rules: str | None = None  # None: the checkpoint family's beam rules; or one of SEARCH_RULES by name
+    patience: float = 1.0  # CTranslate2's: its beam search stops after round(beam × patience) finished hypotheses
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
@@ -176,6 +179,12 @@ class DecodeOptions:
             real(self, "max_length_factor", 0, 1000, above=True)
         if self.return_alternatives and (self.prefix_bias_beta > 0 or self.needs_attention):
             raise OptionError("return_alternatives works with neither prefix_bias_beta nor attention weights")
+        real(self, "patience", 0, 1000, above=True)
+        if self.search_rules is not None and self.search_rules not in SEARCH_RULES:
+            raise OptionError(f"search_rules must be one of {', '.join(SEARCH_RULES)} (or None: the model's), got "
+                              f"{self.search_rules!r}")
+        if self.patience != 1 and self.search_rules != "ctranslate2":
+            raise OptionError("patience is a rule of CTranslate2's beam search: give search_rules='ctranslate2' with it")
         if self.sampling and self.beam_size > 1:
             raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
 

@@ -300,9 +300,10 @@ class Engine:
             opts = opts.replace(suppress_tokens=tuple(dict.fromkeys(opts.suppress_tokens + (unk,))), disable_unk=False)
         if opts.end_token is not None and opts.end_token >= vocab:
             raise OptionError(f"end_token {opts.end_token} is outside the target vocabulary of {vocab}")
-        if (opts.end_token is not None or opts.return_end_token) and self.rules.name != "hf":
-            raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's search rules, not "
-                              f"{self.rules.name}'s")
+        rules = opts.search_rules or self.rules.name
+        if (opts.end_token is not None or opts.return_end_token) and rules not in ("hf", "ctranslate2"):
+            raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
+                              f"search rules, not {rules}'s")
         if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < vocab:
             raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary of {vocab}")
         outside = [t for t in opts.suppress_tokens if t >= vocab]

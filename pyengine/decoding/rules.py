@@ -1,11 +1,14 @@
 """Beam-search rules of each checkpoint family, behind one interface chosen at load: Hugging Face `generate`
-(Marian/OPUS-MT, M2M100/NLLB, BART), OpenNMT-py's Translator and fairseq's SequenceGenerator.
+(Marian/OPUS-MT, M2M100/NLLB, BART), OpenNMT-py's Translator and fairseq's SequenceGenerator; and CTranslate2's
+BeamSearch, which a caller may ask for by name (`search_rules="ctranslate2"`, with its `patience`).
 
 A rules object makes the per-batch beam state (`beam_state`) and says the two things greedy decoding also takes
 from the family (`length_offset`, `forces_final_eos`). A beam state's interface: `step` (each row's candidates →
 parent rows and next tokens), `done`, `results`, `keep` (sentences that stay), `sentence`, `run_hist`.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -184,6 +187,68 @@ class FairseqBeamState(RecordedBeamState):
         return self.advance(parent.gather(1, active), token.gather(1, active), step)
 
 
+class Ct2BeamState(RecordedBeamState):
+    """CTranslate2's BeamSearch rules (src/decoding.cc, 4.x). Each step takes the 2 × beam best candidates over
+    beam × vocab; each of the first `beam` that is the end token (or any, at the length limit) is recorded with its
+    running score, and its place goes to the next candidate that is not the end token. A sentence is done at the
+    length limit; without penalties (length_penalty and coverage_penalty 0) once the best candidate of some step has
+    finished and num_hypotheses are recorded; otherwise once round(beam × patience) are recorded. Its n-best are the
+    recorded ones, score / length ** length_penalty with length the generated tokens (the end token among them,
+    returned or not), best first."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
+        super().__init__(batch, beam, max_len, device, impl)
+        self.top_finished = torch.zeros(batch, dtype=torch.bool, device=device)  # beam 0 has finished once
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
+        width, last = top_scores.shape[1], step + 1 >= self.max_len
+        is_end = token == eos
+        ends, scores, parents, tokens = is_end.tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
+        picks = []
+        max_candidates = math.floor(k * opts.patience + 0.5)  # C++'s std::round
+        early_exit = opts.length_penalty == 0 and opts.coverage_penalty == 0
+        for i in range(b):
+            record, secondary, row = self.finished[int(self.sentence[i])], k, []
+            for j in range(k):
+                pick = j
+                if ends[i][j] or last:
+                    if j == 0:
+                        self.top_finished[i] = True
+                    record.append((scores[i][j], self.run_hist[i, parents[i][j], :step].tolist() + [tokens[i][j]]))
+                    for jj in range(secondary, width):  # the next candidate that is not the end token takes its place
+                        if not ends[i][jj]:
+                            pick, secondary = jj, jj + 1
+                            break
+                row.append(pick)
+            picks.append(row)
+            self._done[i] = last or (bool(self.top_finished[i]) and len(record) >= opts.num_hypotheses if early_exit
+                                     else len(record) >= max_candidates)
+        active = torch.tensor(picks, dtype=torch.long, device=token.device)
+        self.run_scores = top_scores.gather(1, active)
+        return self.advance(parent.gather(1, active), token.gather(1, active), step)
+
+    def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        out = []
+        for sentence in self.sentence[rows].tolist():
+            scored = [(normalized(score, len(toks), opts.length_penalty), toks) for score, toks in self.finished[sentence]]
+            best = sorted(scored, key=lambda st: -st[0])[: opts.num_hypotheses]
+            out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] == eos and not opts.return_end_token else toks, score)
+                                   for score, toks in best]))
+        return out
+
+    def keep(self, rows: torch.Tensor) -> None:
+        super().keep(rows)
+        self.top_finished = self.top_finished.index_select(0, rows)
+
+
+def normalized(score: float, length: int, length_penalty: float) -> float:
+    """score / length ** length_penalty in float32, as CTranslate2 computes it."""
+    return float(torch.tensor(score, dtype=torch.float32) / torch.tensor(float(length)) ** length_penalty)
+
+
 class BeamRules:
     """A family's rules: its beam state, and what greedy decoding takes from it."""
 
@@ -206,9 +271,13 @@ class FairseqRules(BeamRules):
     name, forces_final_eos, supports_attention, state_class = "fairseq", True, False, FairseqBeamState
 
 
-RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules()}
+class Ct2Rules(BeamRules):
+    name, supports_attention, state_class = "ctranslate2", False, Ct2BeamState
+
+
+RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "ctranslate2": Ct2Rules()}
 
 
 def rules_for(family: str) -> BeamRules:
-    """The rules of a checkpoint family (ModelConfig.family)."""
+    """The rules of a checkpoint family (ModelConfig.family), or CTranslate2's ("ctranslate2")."""
     return RULES[family]

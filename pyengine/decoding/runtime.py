@@ -23,7 +23,7 @@ from ..model.cache import Span
 from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
 from .processors import StepBuffers
-from .rules import BeamRules
+from .rules import BeamRules, rules_for
 from .strategies import Beam, Greedy, Need, new_strategy
 
 
@@ -117,7 +117,8 @@ class Runtime:
             raise ValueError("these options need a batch of their own (return_attention, or a shortlist)")
         lengths = [len(x) for x in ids]
         end = self.eos_id if opts.end_token is None else opts.end_token  # what ends a hypothesis
-        strategy = new_strategy(len(ids), opts.for_source(max(lengths)), self.rules, self.start_id, end,
+        rules = self.rules if opts.search_rules is None else rules_for(opts.search_rules)  # the caller's, by name
+        strategy = new_strategy(len(ids), opts.for_source(max(lengths)), rules, self.start_id, end,
                                 self.device, max(lengths), self.model.ops, on_step, generator, prefix)
         if strategy.cache_len > self.model.cfg.max_positions:
             raise InputError(f"target prefix of {strategy.forced} tokens + max_decoding_length "
