@@ -17,7 +17,7 @@ ACTIVATIONS = ("relu", "gelu", "swish")
 # learned: a trained table per side (BART/mBART), read from the checkpoint
 # sinusoidal_interleaved: Vaswani et al. as OpenNMT-py writes it (sin on even, cos on odd dimensions)
 POSITION_KINDS = ("sinusoidal_half", "sinusoidal_fairseq", "sinusoidal_interleaved", "learned")
-FAMILIES = ("hf", "onmt", "fairseq")  # decoding rules: HF generate, OpenNMT-py Translator, fairseq SequenceGenerator
+FAMILIES = ("hf", "onmt", "fairseq", "marian")  # decoding rules: HF generate, OpenNMT-py, fairseq, Marian
 SEARCH_RULES = FAMILIES + ("ctranslate2",)  # the rules a caller may ask for by name (search_rules)
 
 
@@ -133,6 +133,7 @@ class DecodeOptions:
     min_alternative_expansion_prob: float = 0.0  # alternatives less likely than this are not expanded
     search_rules: str | None = None  # None: the checkpoint family's beam rules; or one of SEARCH_RULES by name
     patience: float = 1.0  # CTranslate2's: its beam search stops after round(beam × patience) finished hypotheses
+    word_penalty: float = 0.0  # Marian's --word-penalty: word_penalty × length subtracted from a finished score
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
@@ -180,6 +181,7 @@ class DecodeOptions:
         if self.return_alternatives and (self.prefix_bias_beta > 0 or self.needs_attention):
             raise OptionError("return_alternatives works with neither prefix_bias_beta nor attention weights")
         real(self, "patience", 0, 1000, above=True)
+        real(self, "word_penalty", -1000, 1000)
         if self.search_rules is not None and self.search_rules not in SEARCH_RULES:
             raise OptionError(f"search_rules must be one of {', '.join(SEARCH_RULES)} (or None: the model's), got "
                               f"{self.search_rules!r}")
@@ -192,7 +194,9 @@ class DecodeOptions:
         """These options for a batch whose longest source has `width` tokens (max_length_factor applied)."""
         if self.max_length_factor is None:
             return self
-        limit = max(1, min(self.max_decoding_length, int(self.max_length_factor * width)))
+        # Marian stops once the generated length reaches factor × width (a float32 product): at its ceiling
+        bound = float(torch.tensor(self.max_length_factor, dtype=torch.float32) * width)
+        limit = max(1, min(self.max_decoding_length, math.ceil(bound)))
         return dataclasses.replace(self, max_decoding_length=limit,
                                    min_decoding_length=min(self.min_decoding_length, limit))
 

@@ -301,6 +301,9 @@ class Engine:
         if opts.end_token is not None and opts.end_token >= vocab:
             raise OptionError(f"end_token {opts.end_token} is outside the target vocabulary of {vocab}")
         rules = opts.search_rules or self.rules.name
+        if opts.word_penalty != 0 and rules != "marian":
+            raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
+                              f"search_rules='marian'), not of {rules}'s")
         if (opts.end_token is not None or opts.return_end_token) and rules not in ("hf", "ctranslate2"):
             raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
                               f"search rules, not {rules}'s")

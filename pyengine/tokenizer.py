@@ -333,29 +333,6 @@ class FairseqSpmTokenizer:
         return symbols.replace(" ", "").replace(SPIECE_UNDERLINE, " ").strip()
 
 
-class MarianSpmTokenizer:
-    """Marian's own sentencepiece vocabularies (`vocab.*.spm`): ids are the sentencepiece ids, the source
-    gets EOS appended, decoding drops EOS (as Marian's SentencePieceVocab)."""
-
-    def __init__(self, source_spm: Path, target_spm: Path, eos_id: int, vocab: int):
-        self.spm_source = spm.SentencePieceProcessor(model_file=str(source_spm))
-        self.spm_target = spm.SentencePieceProcessor(model_file=str(target_spm))
-        for proc, path in ((self.spm_source, source_spm), (self.spm_target, target_spm)):
-            if proc.get_piece_size() > vocab:
-                raise CheckpointError(f"{path}: {proc.get_piece_size()} pieces do not fit the model's {vocab}")
-        self.eos_id = eos_id
-        self.target_unk_id = self.spm_target.unk_id()
-
-    def encode(self, text: str) -> list[int]:
-        return self.spm_source.encode(text) + [self.eos_id]
-
-    def encode_target(self, text: str) -> list[int]:
-        return self.spm_target.encode(text)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.spm_target.decode([i for i in ids if i != self.eos_id])
-
-
 class OnmtSpmTokenizer:
     """OpenNMT-py's `sentencepiece` transform: pieces of the source sentencepiece model looked up in the checkpoint's
     source vocabulary (unknown → <unk>), no special tokens added (OpenNMT-py's seq2seq source has none); output

@@ -1,5 +1,6 @@
 """Beam-search rules of each checkpoint family, behind one interface chosen at load: Hugging Face `generate`
-(Marian/OPUS-MT, M2M100/NLLB, BART), OpenNMT-py's Translator and fairseq's SequenceGenerator; and CTranslate2's
+(Marian/OPUS-MT, M2M100/NLLB, BART), OpenNMT-py's Translator, fairseq's SequenceGenerator and Marian's own
+BeamSearch (models trained by Marian: .npz/.bin); and CTranslate2's
 BeamSearch, which a caller may ask for by name (`search_rules="ctranslate2"`, with its `patience`).
 
 A rules object makes the per-batch beam state (`beam_state`) and says the two things greedy decoding also takes
@@ -244,6 +245,53 @@ class Ct2BeamState(RecordedBeamState):
         self.top_finished = self.top_finished.index_select(0, rows)
 
 
+class MarianBeamState(RecordedBeamState):
+    """Marian's BeamSearch (src/translator/beam_search.cpp, history.h). Each sentence keeps n live hypotheses (n = beam
+    at the start): each step takes its n best candidates over those n × vocab; the ones ending in the end token (all
+    of them at the length limit) finish with (score − word_penalty · length) / length ** length_penalty (Marian's
+    --word-penalty and --normalize; length counts the end token), and the others are the next step's live ones, so
+    the beam narrows as hypotheses finish. A sentence is done when none is live; its n-best are the finished ones,
+    best first."""
+
+    def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
+        super().__init__(batch, beam, max_len, device, impl)
+        self.live = [beam] * batch  # live hypotheses of each (batch row) sentence
+
+    def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
+             eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        b, k = self.run_scores.shape
+        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, k)  # dead rows score -inf: never taken
+        last = step + 1 >= self.max_len
+        ends, scores, parents, tokens = (token == eos).tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
+        picks, dead = [], torch.zeros(b, k, dtype=torch.bool)
+        for i in range(b):
+            record, survivors = self.finished[int(self.sentence[i])], []
+            for j in range(self.live[i]):
+                if ends[i][j] or last:
+                    toks = self.run_hist[i, parents[i][j], :step].tolist() + ([] if ends[i][j] else [tokens[i][j]])
+                    record.append((marian_score(scores[i][j], step + 1, opts), toks))
+                else:
+                    survivors.append(j)
+            self.live[i] = len(survivors)
+            self._done[i] = not survivors
+            picks.append(survivors + [0] * (k - len(survivors)))  # padding slots, dead from now on
+            dead[i, len(survivors):] = True
+        active = torch.tensor(picks, dtype=torch.long, device=token.device)
+        self.run_scores = top_scores.gather(1, active).masked_fill(dead.to(token.device), float("-inf"))
+        return self.advance(parent.gather(1, active), token.gather(1, active), step)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        super().keep(rows)
+        self.live = [self.live[i] for i in rows.tolist()]
+
+
+def marian_score(score: float, length: int, opts: DecodeOptions) -> float:
+    """Marian's finished score: (score − word_penalty · length) / length ** length_penalty, in float32 (history.h)."""
+    f32 = torch.float32
+    penalized = torch.tensor(score, dtype=f32) - torch.tensor(opts.word_penalty, dtype=f32) * float(length)
+    return float(penalized / torch.tensor(float(length), dtype=f32) ** opts.length_penalty)
+
+
 def normalized(score: float, length: int, length_penalty: float) -> float:
     """score / length ** length_penalty in float32, as CTranslate2 computes it."""
     return float(torch.tensor(score, dtype=torch.float32) / torch.tensor(float(length)) ** length_penalty)
@@ -262,6 +310,10 @@ class BeamRules:
         """impl: the C++ beam step's implementation, "loop" (CPU tensors) or "aten" (Ops.beam_step)."""
         return self.state_class(batch, beam, max_len, device, impl)
 
+    def greedy_score(self, score: float, generated: int, opts: DecodeOptions) -> float:
+        """A greedy hypothesis's score from its log-probability and its generated tokens (the end token among them)."""
+        return score / (generated + self.length_offset) ** opts.length_penalty
+
 
 class OnmtRules(BeamRules):
     name, length_offset, supports_attention, state_class = "onmt", 1, False, OnmtBeamState  # counts the start token
@@ -271,11 +323,19 @@ class FairseqRules(BeamRules):
     name, forces_final_eos, supports_attention, state_class = "fairseq", True, False, FairseqBeamState
 
 
+class MarianRules(BeamRules):
+    name, supports_attention, state_class = "marian", False, MarianBeamState
+
+    def greedy_score(self, score: float, generated: int, opts: DecodeOptions) -> float:
+        return marian_score(score, generated, opts)
+
+
 class Ct2Rules(BeamRules):
     name, supports_attention, state_class = "ctranslate2", False, Ct2BeamState
 
 
-RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "ctranslate2": Ct2Rules()}
+RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "marian": MarianRules(),
+         "ctranslate2": Ct2Rules()}
 
 
 def rules_for(family: str) -> BeamRules:

@@ -187,7 +187,6 @@ class Greedy(Strategy):
         finished = []
         done_rows = done.nonzero()[:, 0]
         # the finished rows' tokens, prompts, sentences and scores in four reads from the device, however many
-        length = (step + 1 + self.rules.length_offset) ** opts.length_penalty
         for row, hist, prompt, sentence, score in zip(
                 done_rows.tolist(), self.history[done_rows, : step + 1].tolist(), self.prompt[done_rows, 1:].tolist(),
                 self.sentence[done_rows].tolist(), self.scores[done_rows].tolist()):
@@ -195,7 +194,7 @@ class Greedy(Strategy):
             out_tokens = prompt + toks
             finished.append(sentence)
             self.results[sentence] = finalize(
-                [Hypothesis(out_tokens, score / length,
+                [Hypothesis(out_tokens, self.rules.greedy_score(score, step + 1, opts),
                             None if self.att is None else self.att[row, : len(out_tokens)].clone())], opts)
         keep = (~done).nonzero()[:, 0]
         self._keep(keep)

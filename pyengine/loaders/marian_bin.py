@@ -9,8 +9,9 @@ reference engine these tests compare with does (its outputs equal pyengine's flo
 Marian's int8 activation rounding is emulated). The activation multipliers of "alphas" models
 (`<W>_QuantMultA`) serve only that int8 arithmetic and are read past.
 
-The decoder configuration beside it (`config*.yml`: models, vocabs, shortlist, beam-size, normalize,
-max-length-factor) gives the decoding defaults, the sentencepiece vocabulary and the lexical shortlist.
+The decoder configuration beside it (`config*.yml`: models, vocabs, shortlist, beam-size, normalize, word-penalty,
+max-length-factor, allow-unk) gives the decoding defaults, the vocabularies (sentencepiece or YAML word lists) and the
+lexical shortlist. Such models decode with Marian's own beam rules (pyengine.decoding.rules.MarianBeamState).
 Supported: post-norm transformers ("transformer-postprocess: dan"), decoder self-attention or Marian's
 SSRU cell ("transformer-decoder-autoreg: rnn", "dec-cell: ssru"), tied embeddings ("tied-embeddings-all"),
 relu/swish FFNs of depth 2; any other option that changes the math is refused by name.
@@ -233,7 +234,7 @@ def load(path: Path) -> LoadedModel:
     import yaml
 
     from ..shortlist import Shortlist
-    from ..tokenizer import MarianSpmTokenizer
+    from .marian_vocab import marian_tokenizer
 
     found = model_file(path)
     items = Items(read_npz(found) if found.suffix == ".npz" else read_bin(found), found)
@@ -251,7 +252,7 @@ def load(path: Path) -> LoadedModel:
         pad_id=0, eos_id=0, decoder_start_id=0, max_positions=1024, embed_scale=d ** 0.5,
         positions="sinusoidal_fairseq", layer_norm_eps=1e-6, shared_embeddings=True, tie_output=True,
         final_logits_bias=not opts.get("output-omit-bias", False),
-        decoder_self="ssru" if ssru else "attention", zero_start_embedding=True)
+        decoder_self="ssru" if ssru else "attention", zero_start_embedding=True, family="marian")
     directory = found.parent
     dcfg = decoder_config(path) or {}
     lex = (dcfg.get("shortlist") or [None])[0]
@@ -262,12 +263,16 @@ def load(path: Path) -> LoadedModel:
     tokenizer, shortlist = None, None
     vocabs = dcfg.get("vocabs") or [p.name for p in sorted(directory.glob("vocab*.spm"))][:1] * 2
     if vocabs and (directory / vocabs[0]).is_file():
-        tokenizer = MarianSpmTokenizer(directory / vocabs[0], directory / vocabs[-1], eos_id=cfg.eos_id, vocab=vocab)
+        tokenizer = marian_tokenizer(directory / vocabs[0], directory / vocabs[-1], eos_id=cfg.eos_id, vocab=vocab)
     if lex:
         shortlist = Shortlist.read(directory / lex, vocab, shared=bool((dcfg.get("shortlist") + [False, False])[1]))
-    defaults = DecodeOptions(beam_size=int(dcfg.get("beam-size", 1)), length_penalty=float(dcfg.get("normalize", 1.0)),
-                             max_decoding_length=cfg.max_positions,
-                             max_length_factor=float(dcfg.get("max-length-factor", 3.0)))
+    # marian-decoder's defaults where the decoder configuration is silent (beam-size 12, normalize 0, word-penalty 0,
+    # max-length-factor 3); <unk> is never generated unless allow-unk (Marian suppresses it in the path scores)
+    allow_unk = str(dcfg.get("allow-unk", False)).lower() == "true"
+    defaults = DecodeOptions(beam_size=int(dcfg.get("beam-size", 12)), length_penalty=float(dcfg.get("normalize", 0.0)),
+                             word_penalty=float(dcfg.get("word-penalty", 0.0)), max_decoding_length=cfg.max_positions,
+                             max_length_factor=float(dcfg.get("max-length-factor", 3.0)),
+                             suppress_tokens=() if allow_unk or tokenizer is None else (tokenizer.target_unk_id,))
     return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"marian:{found}",
                        extra={"shortlist": shortlist})
 
