@@ -134,6 +134,7 @@ class DecodeOptions:
     search_rules: str | None = None  # None: the checkpoint family's beam rules; or one of SEARCH_RULES by name
     patience: float = 1.0  # CTranslate2's: its beam search stops after round(beam × patience) finished hypotheses
     word_penalty: float = 0.0  # Marian's --word-penalty: word_penalty × length subtracted from a finished score
+    alignment_heads: int = 0  # returned attention: mean of the last layer's first n heads (0: all; 1: CT2's, Marian's)
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
@@ -182,6 +183,7 @@ class DecodeOptions:
             raise OptionError("return_alternatives works with neither prefix_bias_beta nor attention weights")
         real(self, "patience", 0, 1000, above=True)
         real(self, "word_penalty", -1000, 1000)
+        integer(self, "alignment_heads", 0)
         if self.search_rules is not None and self.search_rules not in SEARCH_RULES:
             raise OptionError(f"search_rules must be one of {', '.join(SEARCH_RULES)} (or None: the model's), got "
                               f"{self.search_rules!r}")

@@ -301,6 +301,9 @@ class Engine:
         if opts.end_token is not None and opts.end_token >= vocab:
             raise OptionError(f"end_token {opts.end_token} is outside the target vocabulary of {vocab}")
         rules = opts.search_rules or self.rules.name
+        if opts.alignment_heads > self.config.decoder_heads:
+            raise OptionError(f"alignment_heads {opts.alignment_heads}: the model's decoder has {self.config.decoder_heads} "
+                              "heads")
         if opts.word_penalty != 0 and rules != "marian":
             raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
                               f"search_rules='marian'), not of {rules}'s")

@@ -27,27 +27,35 @@ class Translation:
     scores: list[float]
     hypotheses: list[str]
     # with return_attention: per hypothesis, one row per token of `tokens`: its attention over the source
-    # tokens (EOS included), last decoder layer, mean of heads
+    # tokens (EOS included), last decoder layer, mean of its first `alignment_heads` heads (default all)
     attention: list[list[list[float]]] | None = None
+    # and the end token's row, where the hypothesis ended with it (None: it reached the length limit, or the end
+    # token is among `tokens`)
+    end_attention: list[list[float] | None] | None = None
 
     @classmethod
     def of(cls, hyps: list[Hypothesis], decode) -> "Translation":
         """From a sentence's n-best hypotheses, detokenized with `decode`."""
+        ends = None if not hyps or hyps[0].attention is None else \
+            [None if h.end_attention is None else h.end_attention.tolist() for h in hyps]
         return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
-                   attention_lists(hyps))
+                   attention_lists(hyps), ends)
 
     def hard_alignment(self, k: int = 0) -> list[tuple[int, int]]:
-        """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment);
+        """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment),
+        the end token included as Marian prints it (target index len(tokens)) where the hypothesis ended with it;
         needs return_attention=True."""
         if self.attention is None:
             raise OptionError("hard_alignment needs the attention: translate with return_attention=True")
-        return hard_alignment(self.attention[k])
+        end = None if self.end_attention is None else self.end_attention[k]
+        return hard_alignment(self.attention[k] + ([] if end is None else [end]))
 
     @classmethod
     def blank(cls, opts: DecodeOptions) -> "Translation":
         """The answer to an empty or blank text: n empty hypotheses."""
         n = opts.num_hypotheses
-        return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None)
+        return cls([[]] * n, [0.0] * n, [""] * n, [[] for _ in range(n)] if opts.return_attention else None,
+                   [None] * n if opts.return_attention else None)
 
 
 def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:

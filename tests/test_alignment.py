@@ -103,7 +103,7 @@ def test_cli_alignment_is_the_apis():
         text, pairs = line.split(" ||| ")
         assert text == t.hypotheses[0] and pairs == alignment_text(t.hard_alignment())
         targets = sorted(int(p.split("-")[1]) for p in pairs.split())
-        assert targets == list(range(len(t.tokens[0])))  # one source token per target token
+        assert targets == list(range(len(t.tokens[0]) + 1))  # one source token per target token, the end included
 
 
 def test_cli_word_scores_sum_to_the_search_score():

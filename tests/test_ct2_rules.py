@@ -85,6 +85,29 @@ def test_rule_option_errors(model):
     with pytest.raises(pyengine.OptionError, match="search_rules='ctranslate2'"):
         engine.translate(["x"], beam_size=4, patience=2.0)
     with pytest.raises(pyengine.OptionError, match="search_rules must be one of"):
-        engine.translate(["x"], search_rules="marian")
+        engine.translate(["x"], search_rules="moses")
     with pytest.raises(pyengine.OptionError, match="patience"):
         engine.translate(["x"], search_rules="ctranslate2", patience=0)
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_attention_of_the_first_head_equals_ctranslate2(model, beam):
+    """CTranslate2's return_attention on a converted Marian model is the last layer's first head (its converter's
+    alignment_heads=1): pyengine's with alignment_heads=1, a row per output token (within 1e-3: its float32 logits
+    differ from PyTorch's by ~1e-4). Under its beam search the first row is not the first step's attention of the
+    returned hypothesis (measured: 0.3-0.6 apart on 7 of 8 sentences, every later row within 1e-3; its first step runs
+    the batch before the beams are expanded), so beam 4 compares the rows after it."""
+    import torch
+    engine, translator, tok = model
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in TEXTS]
+    ref = translator.translate_batch(sources, beam_size=beam, max_decoding_length=64, return_attention=True)
+    got = engine.translate_batch(TEXTS, beam_size=beam, max_decoding_length=64, forced_eos=False, return_attention=True,
+                                 alignment_heads=1, search_rules="ctranslate2")
+    for r, g in zip(ref, got):
+        assert tok.convert_ids_to_tokens(g.tokens[0]) == r.hypotheses[0]
+        first = 0 if beam == 1 else 1
+        torch.testing.assert_close(torch.tensor(g.attention[0][first:]), torch.tensor(r.attention[0][first:]), rtol=0,
+                                   atol=1e-3)
+    mean = engine.translate_batch(TEXTS[:1], beam_size=beam, max_decoding_length=64, forced_eos=False,
+                                  return_attention=True, search_rules="ctranslate2")[0]
+    assert (torch.tensor(mean.attention[0]) - torch.tensor(got[0].attention[0])).abs().max() > 1e-2  # heads differ

@@ -106,3 +106,23 @@ def test_yaml_vocabulary_reads_every_word_as_a_string(tmp_path):
     path.write_text("<unk>: 0\n</s>: 1\n", encoding="utf-8")
     with pytest.raises(CheckpointError, match="id 0 must be </s>"):
         read_word_list(path, 10)
+
+
+def test_hard_alignments_equal_marians(model):
+    """`--alignment hard`: Marian's pairs (its first attention head of the last layer, the end token included) equal
+    pyengine's hard_alignment with Marian's default alignment_heads=1; averaging every head (alignment_heads=0) gives
+    other pairs on some sentences."""
+    from pyengine.documents.align import alignment_text
+    vocab = str(model.parent / "vocab.yml")
+    translator = pymarian.Translator(models=str(model), vocabs=[vocab, vocab], beam_size=4, normalize=1.0,
+                                     alignment="hard", cpu_threads=1, mini_batch=1, maxi_batch=1, quiet=True)
+    ref = [translator.translate(s) for s in SOURCES]
+    engine = pyengine.Engine.load(model)
+
+    def ours(heads: int) -> list[str]:
+        out = [engine.translate_batch([s], beam_size=4, length_penalty=1.0, return_attention=True,
+                                      alignment_heads=heads)[0] for s in SOURCES]
+        return [f"{t.hypotheses[0]} ||| {alignment_text(t.hard_alignment())}" for t in out]
+
+    assert ours(1) == ref
+    assert ours(0) != ref

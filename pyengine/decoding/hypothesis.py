@@ -15,7 +15,8 @@ StepCallback = Callable[[int, list[int], bool], None]  # (sentence, best tokens 
 class Hypothesis:
     tokens: list[int]  # generated ids without the start token and without EOS
     score: float
-    attention: torch.Tensor | None = None  # (len(tokens), S): last layer's cross-attention, mean of heads
+    attention: torch.Tensor | None = None  # (len(tokens), S): last layer's cross-attention (DecodeOptions.alignment_heads)
+    end_attention: torch.Tensor | None = None  # (S,): the same when the end token (not returned) was predicted
 
 
 def finalize(hyps: list[Hypothesis], opts: DecodeOptions) -> list[Hypothesis]:

@@ -88,8 +88,26 @@ class RecordedBeamState:
         self.run_scores = torch.full((batch, beam), float("-inf"), device=device)
         self.run_scores[:, 0] = 0.0
         self.run_hist = torch.zeros(batch, beam, max_len, dtype=torch.long, device=device)
-        self.finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # per caller sentence
+        # per caller sentence: (score, tokens, attention or None)
+        self.finished: list[list[tuple[float, list[int], torch.Tensor | None]]] = [[] for _ in range(batch)]
+        self.recorded: list[tuple[int, int, int]] = []  # this step's records: (sentence, index, parent batch row)
         self._done = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    def record(self, i: int, score: float, tokens: list[int], parent_row: int) -> list:
+        """Record a finished hypothesis of batch row-sentence i, continued from batch row `parent_row` (whose
+        attention `attach` gives it); returns the sentence's records."""
+        sentence = int(self.sentence[i])
+        self.finished[sentence].append((score, tokens, None))
+        self.recorded.append((sentence, len(self.finished[sentence]) - 1, parent_row))
+        return self.finished[sentence]
+
+    def attach(self, attention: torch.Tensor | None) -> None:
+        """The hypotheses recorded this step get their parent row's attention (rows, positions, source) if given."""
+        if attention is not None:
+            for sentence, index, row in self.recorded:
+                score, tokens, _ = self.finished[sentence][index]
+                self.finished[sentence][index] = (score, tokens, attention[row].clone())
+        self.recorded = []
 
     def top_candidates(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor,
                        n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +135,7 @@ class RecordedBeamState:
         out = []
         for sentence in self.sentence[rows].tolist():
             best = sorted(self.finished[sentence], key=lambda st: -st[0])[: opts.num_hypotheses]
-            out.append((sentence, [Hypothesis(toks, score) for score, toks in best]))
+            out.append((sentence, [Hypothesis(toks, score, att) for score, toks, att in best]))
         return out
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -150,7 +168,8 @@ class OnmtBeamState(RecordedBeamState):
                 for j in range(k):
                     if hits_list[i][j]:
                         toks = self.run_hist[i, j, : step + 1].tolist()
-                        record.append((scores_list[i][j], toks[:-1] if toks[-1] == eos else toks))
+                        record = self.record(i, scores_list[i][j], toks[:-1] if toks[-1] == eos else toks,
+                                             i * k + int(parent[i, j]))
                 self._done[i] = hits_list[i][0] and len(record) >= opts.num_hypotheses
         self.run_scores = top_scores.masked_fill(hits, -65504.0)
         return rows, nxt
@@ -177,7 +196,8 @@ class FairseqBeamState(RecordedBeamState):
                 record = self.finished[int(self.sentence[i])]
                 for j in range(k):
                     if eos_list[i][j] and len(record) < k:
-                        record.append((scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist()))
+                        record = self.record(i, scores_list[i][j] / norm, self.run_hist[i, parents[i][j], :step].tolist(),
+                                             i * k + parents[i][j])
                 self._done[i] = len(record) >= k
         # the first `beam` candidates that are not EOS continue (positions of EOS ones pushed past the end)
         width = top_scores.shape[1]
@@ -218,7 +238,8 @@ class Ct2BeamState(RecordedBeamState):
                 if ends[i][j] or last:
                     if j == 0:
                         self.top_finished[i] = True
-                    record.append((scores[i][j], self.run_hist[i, parents[i][j], :step].tolist() + [tokens[i][j]]))
+                    record = self.record(i, scores[i][j], self.run_hist[i, parents[i][j], :step].tolist() + [tokens[i][j]],
+                                         i * k + parents[i][j])
                     for jj in range(secondary, width):  # the next candidate that is not the end token takes its place
                         if not ends[i][jj]:
                             pick, secondary = jj, jj + 1
@@ -234,10 +255,11 @@ class Ct2BeamState(RecordedBeamState):
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
         out = []
         for sentence in self.sentence[rows].tolist():
-            scored = [(normalized(score, len(toks), opts.length_penalty), toks) for score, toks in self.finished[sentence]]
+            scored = [(normalized(score, len(toks), opts.length_penalty), toks, att)
+                      for score, toks, att in self.finished[sentence]]
             best = sorted(scored, key=lambda st: -st[0])[: opts.num_hypotheses]
-            out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] == eos and not opts.return_end_token else toks, score)
-                                   for score, toks in best]))
+            out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] == eos and not opts.return_end_token else toks,
+                                              score, att) for score, toks, att in best]))
         return out
 
     def keep(self, rows: torch.Tensor) -> None:
@@ -265,11 +287,11 @@ class MarianBeamState(RecordedBeamState):
         ends, scores, parents, tokens = (token == eos).tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
         picks, dead = [], torch.zeros(b, k, dtype=torch.bool)
         for i in range(b):
-            record, survivors = self.finished[int(self.sentence[i])], []
+            survivors = []
             for j in range(self.live[i]):
                 if ends[i][j] or last:
                     toks = self.run_hist[i, parents[i][j], :step].tolist() + ([] if ends[i][j] else [tokens[i][j]])
-                    record.append((marian_score(scores[i][j], step + 1, opts), toks))
+                    self.record(i, marian_score(scores[i][j], step + 1, opts), toks, i * k + parents[i][j])
                 else:
                     survivors.append(j)
             self.live[i] = len(survivors)
@@ -303,7 +325,6 @@ class BeamRules:
     name = "hf"
     length_offset = 0  # added to greedy's generated length in the length penalty
     forces_final_eos = False  # at the last allowed step EOS is the only candidate, with its real log-prob
-    supports_attention = True  # return_attention / coverage_penalty are implemented for these rules
     state_class: type = HFBeamState
 
     def beam_state(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
@@ -316,22 +337,22 @@ class BeamRules:
 
 
 class OnmtRules(BeamRules):
-    name, length_offset, supports_attention, state_class = "onmt", 1, False, OnmtBeamState  # counts the start token
+    name, length_offset, state_class = "onmt", 1, OnmtBeamState  # counts the start token
 
 
 class FairseqRules(BeamRules):
-    name, forces_final_eos, supports_attention, state_class = "fairseq", True, False, FairseqBeamState
+    name, forces_final_eos, state_class = "fairseq", True, FairseqBeamState
 
 
 class MarianRules(BeamRules):
-    name, supports_attention, state_class = "marian", False, MarianBeamState
+    name, state_class = "marian", MarianBeamState
 
     def greedy_score(self, score: float, generated: int, opts: DecodeOptions) -> float:
         return marian_score(score, generated, opts)
 
 
 class Ct2Rules(BeamRules):
-    name, supports_attention, state_class = "ctranslate2", False, Ct2BeamState
+    name, state_class = "ctranslate2", Ct2BeamState
 
 
 RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "marian": MarianRules(),

@@ -170,7 +170,7 @@ class Runtime:
         t1 = time.perf_counter()
         outputs = self._outputs(x, needs, spans)
         t2 = time.perf_counter()
-        finished = self._advance(outputs, spans, None if att_out is None else att_out[0])
+        finished = self._advance(outputs, spans, None if att_out is None else alignment(att_out[0], self.opts))
         seconds, stats = self.stats.seconds, self.stats
         seconds["decoder"] += t1 - t0
         seconds["output"] += t2 - t1
@@ -303,11 +303,20 @@ def as_index(parts: list, device: torch.device) -> torch.Tensor:
     return torch.cat([torch.arange(p.start, p.stop, device=device) if isinstance(p, range) else p for p in parts])
 
 
+def alignment(probs: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """The attention a hypothesis keeps from a step's per-head weights (N, H, T, S): the mean of the first
+    `alignment_heads` heads (0: all, as HF's averaged cross-attention; 1: the first head, the alignment of CTranslate2's
+    converted models and of Marian)."""
+    return probs[:, : opts.alignment_heads or None].mean(dim=1)
+
+
 def trimmed(hyps: list[Hypothesis], length: int) -> list[Hypothesis]:
     """Attention over the sentence's own source tokens, not its cohort's padding."""
     for h in hyps:
         if h.attention is not None:
             h.attention = h.attention[:, :length]
+        if h.end_attention is not None:
+            h.end_attention = h.end_attention[:length]
     return hyps
 
 

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..config import DecodeOptions
-from ..errors import OptionError
 from .hypothesis import Hypothesis, StepCallback, finalize
 from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
                          needs_history, sample_tokens, topk_rows)
-from .rules import BeamRules
+from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
     from ..model.backends import Ops
@@ -71,9 +70,6 @@ class Strategy:
     def __init__(self, batch: int, beam: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
                  device: torch.device, src_width: int, on_step: StepCallback | None, prefix: torch.Tensor | None,
                  ops: "Ops"):
-        if opts.needs_attention and not rules.supports_attention:
-            raise OptionError(f"return_attention and coverage_penalty are not supported with {rules.name}'s beam "
-                              "rules yet")
         self.opts, self.rules, self.eos, self.on_step = opts, rules, eos_id, on_step
         self.topk = ops.log_softmax_topk  # ranks candidates from logits: C++ on the CPU, Triton on a GPU
         # with prefix_bias_beta the prefix biases the first steps instead of being forced
@@ -190,12 +186,14 @@ class Greedy(Strategy):
         for row, hist, prompt, sentence, score in zip(
                 done_rows.tolist(), self.history[done_rows, : step + 1].tolist(), self.prompt[done_rows, 1:].tolist(),
                 self.sentence[done_rows].tolist(), self.scores[done_rows].tolist()):
-            toks = hist[:-1] if hist and hist[-1] == eos and not opts.return_end_token else hist
+            ended = bool(hist) and hist[-1] == eos and not opts.return_end_token
+            toks = hist[:-1] if ended else hist
             out_tokens = prompt + toks
             finished.append(sentence)
+            att = None if self.att is None else self.att[row, : len(out_tokens) + ended].clone()
             self.results[sentence] = finalize(
-                [Hypothesis(out_tokens, self.rules.greedy_score(score, step + 1, opts),
-                            None if self.att is None else self.att[row, : len(out_tokens)].clone())], opts)
+                [Hypothesis(out_tokens, self.rules.greedy_score(score, step + 1, opts), *split_end(att, len(out_tokens)))],
+                opts)
         keep = (~done).nonzero()[:, 0]
         self._keep(keep)
         return Selection(keep, keep, tuple(finished))
@@ -273,7 +271,9 @@ class Beam(Strategy):
         else:
             cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
-        if self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
+        if isinstance(state, RecordedBeamState):  # the hypotheses it recorded keep their parent row's attention
+            state.attach(None if self.att is None else self.att[:, :self.position])
+        elif self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
             b, position = state.run_scores.shape[0], self.position
             beams = torch.arange(b, device=self.att.device)[:, None]
             cand = self.att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
@@ -292,8 +292,7 @@ class Beam(Strategy):
                 finished.append(sentence)
                 prompt = self.prompts[sentence]
                 self.results[sentence] = finalize([
-                    Hypothesis(prompt + h.tokens, h.score,
-                               None if self.fin_att is None else self.fin_att[r, j, : len(prompt) + len(h.tokens)].clone())
+                    Hypothesis(prompt + h.tokens, h.score, *self.attention_of(h, r, j, len(prompt) + len(h.tokens)))
                     for j, h in enumerate(hyps)], opts)
                 if self.on_step is not None:
                     self.on_step(sentence, self.results[sentence][0].tokens, True)
@@ -313,6 +312,14 @@ class Beam(Strategy):
             self.bias.follow(rows, nxt, step)
         self.tokens = nxt
         return Selection(rows, sentences, tuple(finished))
+
+    def attention_of(self, h: Hypothesis, row: int, j: int, length: int) -> tuple[torch.Tensor | None, ...]:
+        """Finished hypothesis j of batch row `row`: its attention, a row per output token, and the end token's row
+        when it was predicted and not returned (the recorded states keep the rows with the hypothesis, HF's in
+        fin_att; a row past a hypothesis's last prediction is never written: zero)."""
+        rows = h.attention if h.attention is not None else \
+            None if self.fin_att is None else self.fin_att[row, j, :length + 1].clone()
+        return split_end(rows, length)
 
     def drop(self, gone: list[int]) -> Selection:
         """Take these sentences (the cohort's indices) out: their callers gave up; they get no result."""
@@ -339,6 +346,14 @@ class Beam(Strategy):
     def sentences(self) -> int:
         """How many sentences are still decoding (a shape: no read from the device)."""
         return self.state.sentence.shape[0]
+
+
+def split_end(rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(a hypothesis's `length` token rows, the end token's row or None): the row after them, where one was written."""
+    if rows is None:
+        return None, None
+    end = rows[length] if rows.shape[0] > length and bool(rows[length].sum() > 0) else None
+    return rows[:length], end
 
 
 def new_strategy(batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,

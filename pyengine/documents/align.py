@@ -79,7 +79,7 @@ def word_alignment(encode: Callable[[str], list[int]], decode: Callable[[list[in
 def hard_alignment(attention: Sequence[Sequence[float]]) -> list[tuple[int, int]]:
     """Marian's `--alignment hard` over tokens: each target token's most attended source token (ties to the lower
     index), as (source, target) pairs sorted by source, then target. attention: one row per target token over the
-    source tokens (Translation.attention: last decoder layer, mean of heads, source EOS included)."""
+    source tokens (Translation.attention, and the end token's row: last decoder layer, source EOS included)."""
     return sorted((max(range(len(row)), key=lambda s: (row[s], -s)), t) for t, row in enumerate(attention))
 
 

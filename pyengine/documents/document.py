@@ -177,8 +177,8 @@ class Documents:
         return plan.render(results)
 
     def alignment_options(self, plans: Sequence[Plan], options: dict[str, Any]) -> dict[str, Any]:
-        """`options` with the decoder's attention asked for when markup is to be carried and the search can give it."""
-        if any(p.needs_alignment for p in plans) and self.engine.rules.supports_attention:
+        """`options` with the decoder's attention asked for when markup is to be carried."""
+        if any(p.needs_alignment for p in plans):
             return {**options, "return_attention": True}
         return options
 
@@ -196,8 +196,10 @@ class Documents:
 
     @property
     def alignment_method(self) -> str:
-        """How inline markup is carried for this engine (reported in engine.backends)."""
-        return "attention" if self.engine.rules.supports_attention else "proportional"
+        """How inline markup is carried for this engine (reported in engine.backends): by the attention, which every
+        family's beam rules return (a sentence whose source words the tokenizer cannot map falls back to proportional
+        placement, which the rendered document reports)."""
+        return "attention"
 
 
 def render_all(plans: Sequence[Plan], results: Sequence[Any], hypothesis: int = 0) -> list[str]:

@@ -272,7 +272,8 @@ def load(path: Path) -> LoadedModel:
     defaults = DecodeOptions(beam_size=int(dcfg.get("beam-size", 12)), length_penalty=float(dcfg.get("normalize", 0.0)),
                              word_penalty=float(dcfg.get("word-penalty", 0.0)), max_decoding_length=cfg.max_positions,
                              max_length_factor=float(dcfg.get("max-length-factor", 3.0)),
-                             suppress_tokens=() if allow_unk or tokenizer is None else (tokenizer.target_unk_id,))
+                             suppress_tokens=() if allow_unk or tokenizer is None else (tokenizer.target_unk_id,),
+                             alignment_heads=1)  # Marian's alignments read the first head
     return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"marian:{found}",
                        extra={"shortlist": shortlist})
 

@@ -119,23 +119,24 @@ class CrossAttention(nn.Module):
                 probs_out: list | None = None) -> torch.Tensor:
         """x (N, T, D) with N = B × beam; beams become extra query rows of their sentence (one K/V read serves them)
         — or, spread (Memory.step_view), each row its own group.
-        probs_out: if a list, receives the attention weights averaged over heads, (N, T, S) float32."""
+        probs_out: if a list, receives the attention weights of each head, (N, H, T, S) float32."""
         n, t, d = x.shape
         b, rows, lengths = memory.step_view()  # b: sentences, or decoder rows when beams differ (Memory.spread)
         q = self.q(x).view(b, n // b * t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, beam·T, Dh)
         k, v = memory.layer(layer)
         if probs_out is not None:
-            probs_out.append(self.mean_probs(q, memory.dense_keys(layer), memory.lengths).view(n, t, -1))
+            probs = self.head_probs(q, memory.dense_keys(layer), memory.lengths)  # (B, H, beam·T, S)
+            probs_out.append(probs.view(b, self.heads, n // b, t, -1).transpose(1, 2).reshape(n, self.heads, t, -1))
         ctx = ops.attention(q, k, v, lengths, step=True, rows=rows)
         return self.out(ctx.transpose(1, 2).reshape(n, t, d))
 
-    def mean_probs(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """softmax(q·kᵀ/√Dh) over the unpadded keys, averaged over heads, in float32: (B, beam·T, S).
+    def head_probs(self, q: torch.Tensor, k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ/√Dh) over the unpadded keys, per head, in float32: (B, H, beam·T, S).
         Computed apart from the fused attention, which never materializes the weights."""
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
         pad = torch.arange(k.shape[2], device=k.device)[None, :] >= lengths[:, None]
         scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
-        return torch.softmax(scores, dim=-1).mean(dim=1)
+        return torch.softmax(scores, dim=-1)
 
 
 class FeedForward(nn.Module):
