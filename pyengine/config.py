@@ -135,6 +135,7 @@ class DecodeOptions:
     patience: float = 1.0  # CTranslate2's: its beam search stops after round(beam × patience) finished hypotheses
     word_penalty: float = 0.0  # Marian's --word-penalty: word_penalty × length subtracted from a finished score
     alignment_heads: int = 0  # returned attention: mean of the last layer's first n heads (0: all; 1: CT2's, Marian's)
+    replace_unknowns: bool = False  # CTranslate2's: an unknown target token's text is its most attended source piece
 
     def __post_init__(self) -> None:
         """Every option's type, range and finiteness (a NaN or a string where a number goes is named, never
@@ -158,7 +159,7 @@ class DecodeOptions:
         if self.prefix_bias_beta == 1:
             raise OptionError("prefix_bias_beta must be below 1 (at 1 the prefix is forced: give target_prefix alone)")
         for name in ("return_scores", "forced_eos", "return_attention", "truncate_input", "use_shortlist",
-                     "disable_unk", "return_end_token", "return_alternatives"):
+                     "disable_unk", "return_end_token", "return_alternatives", "replace_unknowns"):
             flag(self, name)
         if self.early_stopping not in (True, False, "never") or isinstance(self.early_stopping, int) and \
                 not isinstance(self.early_stopping, bool):
@@ -192,6 +193,38 @@ class DecodeOptions:
         if self.sampling and self.beam_size > 1:
             raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
 
+    def check_for(self, cfg: "ModelConfig", rules: str, tokenizer: Any, max_beam_size: int | None) -> None:
+        """What these options need of the model (its vocabulary, positions and heads), its tokenizer and search rules
+        (`rules`: the rules' name), and the engine's beam limit: each failure is an OptionError naming it."""
+        vocab = cfg.tgt_vocab_size
+        if self.end_token is not None and self.end_token >= vocab:
+            raise OptionError(f"end_token {self.end_token} is outside the target vocabulary of {vocab}")
+        if self.replace_unknowns and not hasattr(tokenizer, "source_pieces"):
+            raise OptionError(f"replace_unknowns needs a tokenizer that maps text to pieces; this model's "
+                              f"({type(tokenizer).__name__}) does not")
+        if self.alignment_heads > cfg.decoder_heads:
+            raise OptionError(f"alignment_heads {self.alignment_heads}: the model's decoder has {cfg.decoder_heads} "
+                              "heads")
+        if self.word_penalty != 0 and rules != "marian":
+            raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
+                              f"search_rules='marian'), not of {rules}'s")
+        if (self.end_token is not None or self.return_end_token) and rules not in ("hf", "ctranslate2"):
+            raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
+                              f"search rules, not {rules}'s")
+        if self.forced_bos_token is not None and not 0 <= self.forced_bos_token < vocab:
+            raise OptionError(f"forced_bos_token {self.forced_bos_token} is outside the target vocabulary of {vocab}")
+        outside = [t for t in self.suppress_tokens if t >= vocab]
+        if outside:
+            raise OptionError(f"suppress_tokens {outside} are outside the target vocabulary of {vocab}")
+        outside = [list(q) for q in self.suppress_sequences if max(q) >= vocab]
+        if outside:
+            raise OptionError(f"suppress_sequences {outside} hold ids outside the target vocabulary of {vocab}")
+        if max_beam_size is not None and self.beam_size > max_beam_size:
+            raise OptionError(f"beam_size {self.beam_size} is over this engine's limit of {max_beam_size} (max_beam_size)")
+        if self.max_decoding_length > cfg.max_positions:
+            raise OptionError(f"max_decoding_length {self.max_decoding_length} exceeds the model's "
+                              f"{cfg.max_positions} target positions")
+
     def for_source(self, width: int) -> "DecodeOptions":
         """These options for a batch whose longest source has `width` tokens (max_length_factor applied)."""
         if self.max_length_factor is None:
@@ -204,7 +237,7 @@ class DecodeOptions:
 
     @property
     def needs_attention(self) -> bool:
-        return self.return_attention or self.coverage_penalty != 0
+        return self.return_attention or self.coverage_penalty != 0 or self.replace_unknowns
 
     @property
     def sampling(self) -> bool:

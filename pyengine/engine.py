@@ -18,7 +18,7 @@ from .documents import Detection, Documents
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model
 from .model import Transformer, load_weights, resolve_ops
-from .results import StreamEvent, Translation
+from .results import StreamEvent, Translation, translation
 from .scoring import ScoringResult, pair_ids, score
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "default"
@@ -218,7 +218,7 @@ class Engine:
         it = iter(results)
         out = []
         for x in ids:
-            out.append(Translation.blank(opts) if x is None else Translation.of(next(it), self.tokenizer.decode))
+            out.append(Translation.blank(opts) if x is None else translation(next(it), self.tokenizer, opts, texts[len(out)]))
         return out
 
     def generate(self, source_ids: Sequence[Sequence[int]], target_prefix: Sequence[Sequence[int]] | None = None,
@@ -228,6 +228,8 @@ class Engine:
         target_prefix: per source, target ids the output must start with (HF's decoder prompt: in the output,
         not in the score; the decoding lengths count the tokens after it)."""
         opts = self.options(**options)
+        if opts.replace_unknowns:
+            raise OptionError("replace_unknowns replaces with the source text's pieces: use translate_batch")
         if isinstance(source_ids, (str, bytes)) or not isinstance(source_ids, Sequence):
             raise InputError(f"source_ids must be a list of lists of ints, got {type(source_ids).__name__}")
         checked = []
@@ -291,39 +293,13 @@ class Engine:
         opts = self.defaults.replace(**options)
         if "beam_size" in options and "num_hypotheses" not in options:
             opts = opts.replace(num_hypotheses=min(opts.num_hypotheses, opts.beam_size))
-        vocab = self.config.tgt_vocab_size
         if opts.disable_unk:  # CTranslate2's option, as one more suppressed token
             unk = getattr(self.tokenizer, "target_unk_id", None)  # every tokenizer class names it; None: ids only
             if unk is None:
                 raise OptionError("disable_unk needs the model's tokenizer to know its unknown token; this model has "
                                   "none (suppress_tokens=[the unknown token's id] does the same)")
             opts = opts.replace(suppress_tokens=tuple(dict.fromkeys(opts.suppress_tokens + (unk,))), disable_unk=False)
-        if opts.end_token is not None and opts.end_token >= vocab:
-            raise OptionError(f"end_token {opts.end_token} is outside the target vocabulary of {vocab}")
-        rules = opts.search_rules or self.rules.name
-        if opts.alignment_heads > self.config.decoder_heads:
-            raise OptionError(f"alignment_heads {opts.alignment_heads}: the model's decoder has {self.config.decoder_heads} "
-                              "heads")
-        if opts.word_penalty != 0 and rules != "marian":
-            raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
-                              f"search_rules='marian'), not of {rules}'s")
-        if (opts.end_token is not None or opts.return_end_token) and rules not in ("hf", "ctranslate2"):
-            raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
-                              f"search rules, not {rules}'s")
-        if opts.forced_bos_token is not None and not 0 <= opts.forced_bos_token < vocab:
-            raise OptionError(f"forced_bos_token {opts.forced_bos_token} is outside the target vocabulary of {vocab}")
-        outside = [t for t in opts.suppress_tokens if t >= vocab]
-        if outside:
-            raise OptionError(f"suppress_tokens {outside} are outside the target vocabulary of {vocab}")
-        outside = [list(q) for q in opts.suppress_sequences if max(q) >= vocab]
-        if outside:
-            raise OptionError(f"suppress_sequences {outside} hold ids outside the target vocabulary of {vocab}")
-        limit = self.engine_config.max_beam_size
-        if limit is not None and opts.beam_size > limit:
-            raise OptionError(f"beam_size {opts.beam_size} is over this engine's limit of {limit} (max_beam_size)")
-        if opts.max_decoding_length > self.config.max_positions:
-            raise OptionError(f"max_decoding_length {opts.max_decoding_length} exceeds the model's "
-                              f"{self.config.max_positions} target positions")
+        opts.check_for(self.config, opts.search_rules or self.rules.name, self.tokenizer, self.engine_config.max_beam_size)
         return opts
 
     # -- internals -----------------------------------------------------------------------------

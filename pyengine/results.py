@@ -62,3 +62,27 @@ def attention_lists(hyps: list[Hypothesis]) -> list[list[list[float]]] | None:
     if not hyps or hyps[0].attention is None:
         return None
     return [h.attention.tolist() for h in hyps]
+
+
+def translation(hyps: list[Hypothesis], tokenizer, opts: DecodeOptions, text: str) -> Translation:
+    """The Translation of `text` from its n-best hypotheses. With replace_unknowns (CTranslate2's), each unknown target
+    token's text is the source piece it attends most (the first, on a tie: std::max_element), special pieces dropped
+    as in decoding; the attention that took stays out of the result unless return_attention asked for it."""
+    if not opts.replace_unknowns:
+        return Translation.of(hyps, tokenizer.decode)
+    source = tokenizer.source_pieces(text)
+    unk = tokenizer.target_unk_id
+    texts = []
+    for h in hyps:
+        pieces = tokenizer.target_pieces(h.tokens)
+        for t, token in enumerate(h.tokens):
+            if token == unk:
+                pieces[t] = source[int(h.attention[t].argmax())]
+        texts.append(tokenizer.decode_pieces(pieces))
+    if not opts.return_attention:
+        for h in hyps:
+            h.attention = h.end_attention = None
+    result = Translation.of(hyps, tokenizer.decode)
+    result.hypotheses = texts
+    return result
+

@@ -107,17 +107,20 @@ class MarianTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Source ids with the trailing </s>, as MarianTokenizer(text).input_ids."""
-        ids: list[int] = []
+        return [self.encoder.get(p, self.unk_id) for p in self.source_pieces(text)]
+
+    def source_pieces(self, text: str) -> list[str]:
+        """The source's pieces, one per id of `encode` (a piece outside the vocabulary stays itself), </s> last."""
+        pieces: list[str] = []
         for special, chunk in split_specials(text, self._special_re):
             if special:
-                ids.append(self.encoder[chunk])
+                pieces.append(chunk)
                 continue
-            code = []
             if chunk.startswith(">>") and (end := chunk.find("<<")) != -1:  # target-language code
-                code, chunk = [chunk[: end + 2]], chunk[end + 2:]
-            pieces = code + self.spm_source.encode(chunk, out_type=str)
-            ids.extend(self.encoder.get(p, self.unk_id) for p in pieces)
-        return ids + [self.eos_id]
+                pieces.append(chunk[: end + 2])
+                chunk = chunk[end + 2:]
+            pieces.extend(self.spm_source.encode(chunk, out_type=str))
+        return pieces + ["</s>"]
 
     def encode_target(self, text: str) -> list[int]:
         """Target-side ids without </s> (a forced target prefix), as MarianTokenizer(text_target=text) minus EOS."""
@@ -132,14 +135,19 @@ class MarianTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         """Text of target ids with special tokens skipped, as MarianTokenizer.decode(ids, skip_special_tokens=True)."""
+        return self._text([p for i, p in zip(ids, self.target_pieces(ids)) if i not in self.special_ids])
+
+    def target_pieces(self, ids: list[int]) -> list[str]:
+        sp = self.spm_target if self.separate else self.spm_source
+        return [self.decoder.get(i) or sp.id_to_piece(i) or "<unk>" for i in ids]
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        """Text of target pieces (some perhaps the source's: replace_unknowns), special tokens skipped."""
+        return self._text([p for p in pieces if p not in self.specials])
+
+    def _text(self, pieces: list[str]) -> str:
         # HF decodes pieces with the source model when the vocabulary is shared
         sp = self.spm_target if self.separate else self.spm_source
-        pieces = []
-        for i in ids:
-            if i in self.special_ids:
-                continue
-            piece = self.decoder.get(i) or sp.id_to_piece(i) or "<unk>"
-            pieces.append(piece)
         text = sp.decode_pieces(pieces).replace(SPIECE_UNDERLINE, " ").strip()
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
 

@@ -273,3 +273,28 @@ def test_return_alternatives_after_a_prefix_as_hf(model, beam):
             assert score < float(logp[first]) + 1e-4  # the token's log-prob plus the continuation's (negative)
     with pytest.raises(pyengine.OptionError, match="return_alternatives works with neither"):
         engine.translate(["x"], return_alternatives=True, prefix_bias_beta=0.5)
+
+
+@pytest.fixture(scope="module")
+def many_unk_model(tmp_path_factory):
+    """The <unk> logit raised further (9): greedy search writes <unk> in half of the texts, in one a run of them."""
+    return converted(tmp_path_factory, "ct2-unk-9", {UNK: 9.0})
+
+
+def test_replace_unknowns_equals_ctranslate2(many_unk_model):
+    """Each <unk> of the output becomes the source piece it attends most (CTranslate2's replace_unknowns, its attention
+    the last layer's first head: alignment_heads=1); the text is HF's of those pieces. Greedy: under its beam search
+    the first output token reads an attention row that is not its own (tests/test_ct2_rules.py)."""
+    engine, translator, tok = many_unk_model
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in TEXTS]
+    plain = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=1, max_decoding_length=64)]
+    ref = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=1, max_decoding_length=64,
+                                                               replace_unknowns=True)]
+    assert sum("<unk>" in p for p in plain) >= 3 and not any("<unk>" in r for r in ref)  # the option replaced them
+    got = engine.translate_batch(TEXTS, beam_size=1, max_decoding_length=64, forced_eos=False, replace_unknowns=True,
+                                 alignment_heads=1)
+    want = [tok.convert_tokens_to_string([p for p in r if p not in ("</s>", "<unk>", "<pad>")]) for r in ref]
+    assert [t.hypotheses[0] for t in got] == want
+    assert got[0].attention is None  # read for the replacement, not returned
+    with pytest.raises(pyengine.OptionError, match="translate_batch"):
+        engine.generate([tok(TEXTS[0]).input_ids], replace_unknowns=True)

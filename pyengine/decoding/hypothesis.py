@@ -29,7 +29,7 @@ def finalize(hyps: list[Hypothesis], opts: DecodeOptions) -> list[Hypothesis]:
             received = coverage[coverage > 0]
             h.score += float(opts.coverage_penalty * torch.log(received.clamp(max=1.0)).sum())
         hyps.sort(key=lambda h: -h.score)
-    if not opts.return_attention:
+    if not (opts.return_attention or opts.replace_unknowns):  # replace_unknowns reads it when the text is made
         for h in hyps:
             h.attention = None
     return hyps

@@ -25,11 +25,20 @@ class MarianSpmTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.spm_source.encode(text) + [self.eos_id]
 
+    def source_pieces(self, text: str) -> list[str]:
+        return self.spm_source.encode(text, out_type=str) + ["</s>"]
+
     def encode_target(self, text: str) -> list[int]:
         return self.spm_target.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.spm_target.decode([i for i in ids if i != self.eos_id])
+
+    def target_pieces(self, ids: list[int]) -> list[str]:
+        return [self.spm_target.id_to_piece(i) for i in ids]
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        return self.spm_target.decode_pieces([p for p in pieces if p != "</s>"])
 
 
 def read_word_list(path: Path, vocab: int) -> list[str]:
@@ -63,13 +72,22 @@ class MarianWordTokenizer:
         self.eos_id, self.target_unk_id = 0, 1
 
     def encode(self, text: str) -> list[int]:
-        return [self.source.get(w, 1) for w in text.split(" ") if w] + [self.eos_id]
+        return [self.source.get(w, 1) for w in self.source_pieces(text)[:-1]] + [self.eos_id]
+
+    def source_pieces(self, text: str) -> list[str]:
+        return [w for w in text.split(" ") if w] + ["</s>"]
 
     def encode_target(self, text: str) -> list[int]:
         return [self.target_ids.get(w, 1) for w in text.split(" ") if w]
 
     def decode(self, ids: list[int]) -> str:
-        return " ".join(self.target[i] for i in ids if i != self.eos_id)
+        return self.decode_pieces(self.target_pieces(ids))
+
+    def target_pieces(self, ids: list[int]) -> list[str]:
+        return [self.target[i] for i in ids]
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        return " ".join(p for p in pieces if p != "</s>")
 
 
 def marian_tokenizer(source: Path, target: Path, eos_id: int, vocab: int):

@@ -53,6 +53,7 @@ class Request:
     opts: DecodeOptions
     future: Future
     prefixes: list[list[int]]
+    texts: list[str] = field(default_factory=list)  # the caller's texts (replace_unknowns reads their pieces)
     sampled: bool = False  # a seeded stream per request: its sentences get a batch of their own options
     shared: bool = False  # its options can share the batch of other option sets (Runtime.shares)
     generator: torch.Generator | None = None
@@ -131,7 +132,8 @@ def new_request(engine, texts: Sequence[str], source_lang: str | None, target_la
     encoded = engine.encode_prefixes(target_prefix, ids)
     it = iter(encoded or [])
     prefixes = [[] if x is None or encoded is None else prompt_prefix(opts, next(it)) for x in ids]
-    request = Request(ids, opts, future, prefixes, sampled=opts.sampling, shared=shareable(opts, engine.shortlist))
+    request = Request(ids, opts, future, prefixes, list(texts), sampled=opts.sampling,
+                      shared=shareable(opts, engine.shortlist))
     if opts.sampling:
         request.generator = torch.Generator(device=engine.engine_config.device)
         request.generator.manual_seed(opts.seed if opts.seed is not None else torch.seed())

@@ -30,6 +30,7 @@ import torch
 from ..batching import is_out_of_memory
 from ..decoding import Hypothesis, Runtime
 from ..engine import Engine, Translation
+from ..results import translation
 from ..errors import BatchMemoryError
 from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, new_request, resolve
 
@@ -347,7 +348,7 @@ class Scheduler:
         if request.future.done():  # failed or cancelled meanwhile
             return
         try:
-            request.results[i] = Translation.of(hyps, self.engine.tokenizer.decode)
+            request.results[i] = translation(hyps, self.engine.tokenizer, request.opts, request.texts[i])
         except Exception as exc:  # noqa: BLE001 - this request's error, no one else's
             self._fail([request], exc, "delivering")
             return
