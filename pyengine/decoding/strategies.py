@@ -147,6 +147,7 @@ class Greedy(Strategy):
         opts, eos, step = self.opts, self.eos, self.step
         self.step += 1
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
+        biased = self.biasing(step)
         if chosen is not None:
             nxt = chosen[1][:, 0]
             self.scores += chosen[0][:, 0]
@@ -154,9 +155,9 @@ class Greedy(Strategy):
             final_logp, final = forced_final_eos(logits, eos)
             nxt = final[:, 0]
             self.scores += final_logp[:, 0]
-        elif opts.sampling or fused_bans(step, opts, eos) is None or self.biasing(step):
+        elif opts.sampling or fused_bans(step, opts, eos) is None or biased:
             logp = log_probs(logits, step, opts, eos, out=buffers.logp(self.rows), seqs=seqs)
-            if self.biasing(step):  # CTranslate2 chooses from the biased log-probs
+            if biased:  # CTranslate2 chooses from the biased log-probs
                 self.bias.apply(logp, step)
                 processed = logp
             else:  # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
