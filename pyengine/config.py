@@ -190,8 +190,7 @@ class DecodeOptions:
                               f"{self.search_rules!r}")
         if self.patience != 1 and self.search_rules != "ctranslate2":
             raise OptionError("patience is a rule of CTranslate2's beam search: give search_rules='ctranslate2' with it")
-        if self.sampling and self.beam_size > 1:
-            raise OptionError("sampling (sampling_topk != 1 or sampling_topp < 1) needs beam_size 1")
+
 
     def check_for(self, cfg: "ModelConfig", rules: str, tokenizer: Any, max_beam_size: int | None) -> None:
         """What these options need of the model (its vocabulary, positions and heads), its tokenizer and search rules
@@ -208,6 +207,9 @@ class DecodeOptions:
         if self.word_penalty != 0 and rules != "marian":
             raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
                               f"search_rules='marian'), not of {rules}'s")
+        if self.sampling and self.beam_size > 1 and rules != "hf":
+            raise OptionError(f"sampling with beam_size > 1 follows Hugging Face's beam sampling (do_sample with "
+                              f"num_beams), not {rules}'s rules: search_rules='hf', or beam_size 1")
         if (self.end_token is not None or self.return_end_token) and rules not in ("hf", "ctranslate2"):
             raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
                               f"search rules, not {rules}'s")

@@ -12,10 +12,14 @@ SRC = [7, 8, 9, 0]
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
+def model_path(tmp_path_factory):
     # a flat output distribution (small embeddings) so that sampling has many tokens to choose from
-    path = build_marian(tmp_path_factory.mktemp("sampling"), vocab=40, d_model=24, heads=2, ffn=32, seed=8)
-    return pyengine.Engine.load(path)
+    return build_marian(tmp_path_factory.mktemp("sampling"), vocab=40, d_model=24, heads=2, ffn=32, seed=8)
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    return pyengine.Engine.load(model_path)
 
 
 def first_step_probs(engine, temperature, topk, topp) -> torch.Tensor:
@@ -70,9 +74,37 @@ def test_seed_repeats_and_topk_one_is_argmax(engine):
     assert engine.generate([SRC], sampling_topk=1, seed=3, max_decoding_length=8)[0].tokens == greedy[0].tokens
 
 
-def test_sampling_with_beam_is_refused(engine):
-    with pytest.raises(pyengine.OptionError, match="needs beam_size 1"):
-        engine.generate([SRC], beam_size=2, sampling_topk=5)
+@pytest.mark.parametrize("steps,temperature,topk,topp", [(1, 1.0, 0, 1.0), (1, 1.2, 20, 0.98), (2, 1.0, 0, 1.0)])
+def test_beam_sampling_as_hf_generate(engine, model_path, steps, temperature, topk, topp):
+    """Beam search with sampling (HF's do_sample with num_beams: 2 × beam continuations drawn without replacement from
+    softmax of the running score + the warped log-probs, over every beam): over 1500 runs, how often each hypothesis
+    is among the 4 returned, against HF generate's own frequencies on the same model (5 sigma of two samples); two
+    steps draw from the beams' running scores."""
+    from transformers import MarianMTModel
+    n, beam = 1500, 4
+    got = engine.generate([SRC] * n, beam_size=beam, num_hypotheses=beam, max_decoding_length=steps, forced_eos=False,
+                          sampling_topk=topk, sampling_topp=topp, sampling_temperature=temperature, seed=5)
+    hf = MarianMTModel.from_pretrained(model_path).eval()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([SRC] * n), do_sample=True, num_beams=beam, num_return_sequences=beam,
+                          max_new_tokens=steps, top_k=topk, top_p=topp, temperature=temperature,
+                          forced_eos_token_id=None, early_stopping=False)
+    special = {hf.config.eos_token_id, hf.config.pad_token_id}
+    theirs = [{tuple(t for t in row[1:] if t not in special) for row in out[i * beam:(i + 1) * beam].tolist()}
+              for i in range(n)]
+    ours = [{tuple(h) for h in t.tokens} for t in got]
+    assert all(len(t.tokens) == beam for t in got) and len({frozenset(o) for o in ours}) > 10  # it samples
+    for hypothesis in set().union(*ours, *theirs):
+        a = sum(hypothesis in o for o in ours) / n
+        b = sum(hypothesis in t for t in theirs) / n
+        p = (a + b) / 2
+        assert abs(a - b) <= 5 * (2 * p * (1 - p) / n) ** 0.5 + 2 / n, (hypothesis, a, b)
+
+
+def test_beam_sampling_under_other_rules_is_refused(engine):
+    with pytest.raises(pyengine.OptionError, match="Hugging Face's beam sampling"):
+        engine.generate([SRC], beam_size=2, sampling_topk=5, search_rules="onmt")
 
 
 def test_top_p_below_float32_resolution_keeps_the_best_token(engine):

@@ -182,6 +182,11 @@ class StepBuffers:
 
 def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Generator) -> torch.Tensor:
     """One token per row from processed scores: temperature, then top-k, then top-p (HF's warper order)."""
+    return torch.multinomial(warped(scores, opts).softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def warped(scores: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """HF's sampling warpers on processed scores, in its order: temperature, then top-k, then top-p (filtered: -inf)."""
     scores = scores / opts.sampling_temperature
     if opts.sampling_topk > 1:
         kth = topk_rows(scores, min(opts.sampling_topk, scores.shape[-1]))[0][:, -1:]
@@ -193,7 +198,28 @@ def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Ge
         drop = (cumulative - sorted_scores.softmax(dim=-1)) >= opts.sampling_topp
         drop[:, 0] = False  # also when p is below float32's smallest number (then 0 >= p holds for the first)
         scores = scores.scatter(1, order, sorted_scores.masked_fill(drop, float("-inf")))
-    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
+    return scores
+
+
+def sampled_candidates(scores: torch.Tensor, run_scores: torch.Tensor, n: int,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's beam-search sampling (do_sample with num_beams): per sentence, n continuations drawn without replacement
+    from softmax(running score + warped score) over its beams × vocabulary. Returned as each row's candidates
+    ((B·K, n) scores and ids, -inf where a row has fewer), so a beam step that keeps a sentence's n best of running
+    score + candidate score keeps exactly these."""
+    b, k = run_scores.shape
+    v = scores.shape[-1]
+    total = (scores.view(b, k, v) + run_scores[:, :, None]).view(b, k * v)
+    drawn = torch.multinomial(total.softmax(dim=-1), n, generator=generator)  # (B, n), without replacement
+    cand = torch.full((b * k, n), float("-inf"), device=scores.device)
+    ids = torch.zeros((b * k, n), dtype=torch.long, device=scores.device)
+    used = [0] * (b * k)
+    for sentence, picks in enumerate(drawn.tolist()):
+        for flat in picks:
+            row, token = sentence * k + flat // v, flat % v
+            cand[row, used[row]], ids[row, used[row]] = scores[row, token], token
+            used[row] += 1
+    return cand, ids
 
 
 def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:

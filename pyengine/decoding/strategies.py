@@ -16,7 +16,7 @@ import torch
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis, StepCallback, finalize
 from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
-                         needs_history, sample_tokens, topk_rows)
+                         needs_history, sample_tokens, sampled_candidates, topk_rows, warped)
 from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
@@ -108,8 +108,8 @@ class Strategy:
     def bans(self) -> list[int] | None:
         """The ids this step's choice excludes, when excluding is all the processors do (fused_bans)."""
         opts = self.opts
-        if self.att is not None or (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or \
-                self.biasing(self.step):
+        if opts.sampling or self.att is not None or \
+                (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or self.biasing(self.step):
             return None
         return fused_bans(self.step, opts, self.eos)
 
@@ -135,7 +135,7 @@ class Greedy(Strategy):
     def need(self) -> Need:
         if self.position < self.forced:
             return NOTHING
-        bans = None if self.opts.sampling else self.bans()
+        bans = self.bans()
         return LOGITS if bans is None else Need("topk", 1, tuple(bans))
 
     def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
@@ -234,9 +234,12 @@ class Beam(Strategy):
 
     def __init__(self, batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,
                  device: torch.device, src_width: int, ops: "Ops", on_step: StepCallback | None = None,
-                 prefix: torch.Tensor | None = None):
+                 prefix: torch.Tensor | None = None, generator: torch.Generator | None = None):
+        if opts.sampling and generator is None:
+            raise ValueError("sampling needs a torch.Generator")
         super().__init__(batch, opts.beam_size, opts, rules, start_id, eos_id, device, src_width, on_step, prefix,
                          ops)
+        self.generator = generator
         self.state = rules.beam_state(batch, opts.beam_size, opts.max_decoding_length, device, ops.beam_step)
         self.prompts = self.prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the cohort's order
         # per finished hypothesis, by decoder position
@@ -265,6 +268,9 @@ class Beam(Strategy):
             cand_logp, cand_ids = chosen
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
+        elif opts.sampling:  # HF's beam sampling: 2K continuations drawn per sentence, scored with the warped log-probs
+            logp = warped(log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs), opts)
+            cand_logp, cand_ids = sampled_candidates(logp, state.run_scores, 2 * k, self.generator)
         elif self.biasing(step):
             logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs)
             self.bias.apply(logp, step)
@@ -364,4 +370,4 @@ def new_strategy(batch: int, opts: DecodeOptions, rules: BeamRules, start_id: in
     (its log-softmax + top-k and beam-step implementation)."""
     if opts.beam_size == 1:
         return Greedy(batch, opts, rules, start_id, eos_id, device, src_width, ops, on_step, generator, prefix)
-    return Beam(batch, opts, rules, start_id, eos_id, device, src_width, ops, on_step, prefix)
+    return Beam(batch, opts, rules, start_id, eos_id, device, src_width, ops, on_step, prefix, generator)
