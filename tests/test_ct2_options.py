@@ -2,8 +2,9 @@
 (a copy of the shipped model with a zero pad embedding: what CTranslate2's Marian converter assumes, see
 conftest.zero_pad_copy): float32 tokens identical under greedy search. Under beam search CTranslate2's stopping and
 ranking rule is its own, not HF's (on the retrained model they part on a Bible verse with no option at all), so beam 4
-is checked against HF `generate` with the option's HF form (bad_words_ids, the tokenizer's truncation), the rules
-pyengine runs. Each test also checks that the option changed something, so equality means it was applied alike."""
+is checked twice: against CTranslate2 itself under its rules (search_rules="ctranslate2"), and against HF `generate`
+with the option's HF form (bad_words_ids, the tokenizer's truncation) under HF's, the rules the model runs by
+default. Each test also checks that the option changed something, so equality means it was applied alike."""
 from __future__ import annotations
 
 import pytest
@@ -71,11 +72,13 @@ def both(model, texts: list[str], ct2_options: dict, options: dict, beam: int, h
     engine, translator, tok = model
     ct2_options = {"max_decoding_length": 64, **ct2_options}
     options = {"max_decoding_length": 64, "forced_eos": False, **options}
-    if beam > 1:
-        got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(texts, beam_size=beam, **options)]
-        return got, hf_generate(model, texts, beam, hf_options or {}, max_input)
     sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in texts]
     ref = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=beam, **ct2_options)]
+    if beam > 1:  # and under CTranslate2's own beam rules, CTranslate2 itself
+        ours = engine.translate_batch(texts, beam_size=beam, search_rules="ctranslate2", **options)
+        assert [tok.convert_ids_to_tokens(t.tokens[0]) for t in ours] == ref
+        got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(texts, beam_size=beam, **options)]
+        return got, hf_generate(model, texts, beam, hf_options or {}, max_input)
     got = [tok.convert_ids_to_tokens(t.tokens[0]) for t in engine.translate_batch(texts, beam_size=beam, **options)]
     return got, ref
 

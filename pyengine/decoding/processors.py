@@ -110,23 +110,29 @@ def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
 
 
 def candidates(logits: torch.Tensor, k: int, step: int, opts: DecodeOptions, eos: int, buffers: "StepBuffers",
-               seqs: torch.Tensor | None, topk: LogSoftmaxTopk) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's k best (log-prob after HF's processors, token) from (N, V) logits, best first.
+               seqs: torch.Tensor | None, topk: LogSoftmaxTopk,
+               on_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's k best (log-prob after the processors, token) from (N, V) logits, best first.
 
     Fused (`topk`, the engine's log-softmax + top-k: C++ on the CPU, Triton on a GPU; one pass over each row, no
-    (N, V) log-prob tensor written) unless a processor needs the full matrix. Consumes `logits`."""
+    (N, V) log-prob tensor written) unless a processor needs the full matrix, or the processors apply to the logits
+    (`on_logits`, see log_probs) and ban something this step. Consumes `logits`."""
     bans = fused_bans(step, opts, eos)
-    if bans is None:
-        return topk_rows(log_probs(logits, step, opts, eos, out=buffers.logp(logits.shape[0]), seqs=seqs), k)
+    if bans is None or (on_logits and bans):
+        return topk_rows(log_probs(logits, step, opts, eos, out=buffers.logp(logits.shape[0]), seqs=seqs,
+                                   on_logits=on_logits), k)
     return topk(logits.contiguous(), k, bans)
 
 
 def log_probs(logits: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
-              out: torch.Tensor | None = None, seqs: torch.Tensor | None = None) -> torch.Tensor:
-    """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given)."""
+              out: torch.Tensor | None = None, seqs: torch.Tensor | None = None, on_logits: bool = False) -> torch.Tensor:
+    """processors(log_softmax(logits)), HF's beam-search scores for the next token (into `out` if given); with
+    `on_logits`, log_softmax(processors(logits)), CTranslate2's: a disabled token leaves the softmax."""
+    if on_logits:
+        logits = apply_processors(logits, step, opts, eos, seqs)
     logp = torch.log_softmax(logits, dim=-1) if out is None else \
         torch.ops.aten._log_softmax.out(logits, -1, False, out=out)
-    return apply_processors(logp, step, opts, eos, seqs)
+    return logp if on_logits else apply_processors(logp, step, opts, eos, seqs)
 
 
 class PrefixBias:

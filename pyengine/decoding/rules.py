@@ -325,6 +325,9 @@ class BeamRules:
     name = "hf"
     length_offset = 0  # added to greedy's generated length in the length penalty
     forces_final_eos = False  # at the last allowed step EOS is the only candidate, with its real log-prob
+    # HF's beam search applies its processors to the log-probs (a banned token keeps its share of the softmax);
+    # CTranslate2 to the logits, before the softmax
+    processors_on_logits = False
     state_class: type = HFBeamState
 
     def beam_state(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
@@ -352,7 +355,7 @@ class MarianRules(BeamRules):
 
 
 class Ct2Rules(BeamRules):
-    name, state_class = "ctranslate2", Ct2BeamState
+    name, processors_on_logits, state_class = "ctranslate2", True, Ct2BeamState
 
 
 RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "marian": MarianRules(),

@@ -111,7 +111,8 @@ class Strategy:
         if opts.sampling or self.att is not None or \
                 (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or self.biasing(self.step):
             return None
-        return fused_bans(self.step, opts, self.eos)
+        bans = fused_bans(self.step, opts, self.eos)
+        return None if bans and self.rules.processors_on_logits else bans  # (the fused layer keeps them in the softmax)
 
 
 class Greedy(Strategy):
@@ -155,14 +156,16 @@ class Greedy(Strategy):
             final_logp, final = forced_final_eos(logits, eos)
             nxt = final[:, 0]
             self.scores += final_logp[:, 0]
-        elif opts.sampling or fused_bans(step, opts, eos) is None or biased:
-            logp = log_probs(logits, step, opts, eos, out=buffers.logp(self.rows), seqs=seqs)
+        elif opts.sampling or fused_bans(step, opts, eos) is None or biased or self.rules.processors_on_logits:
+            if self.rules.processors_on_logits:  # CTranslate2: the processors shape the logits, the softmax follows
+                processed = apply_processors(logits, step, opts, eos, seqs)
+                logp = torch.log_softmax(processed, dim=-1)
+            else:  # HF: the scores are the processed log-probs, the choice the argmax of the processed logits
+                logp = log_probs(logits, step, opts, eos, out=buffers.logp(self.rows), seqs=seqs)
+                processed = None if biased else apply_processors(logits, step, opts, eos, seqs)
             if biased:  # CTranslate2 chooses from the biased log-probs
                 self.bias.apply(logp, step)
                 processed = logp
-            else:  # HF takes the argmax of the processed logits (log_softmax keeps their order but may round two
-                # near-equal logits to one value)
-                processed = apply_processors(logits, step, opts, eos, seqs)
             nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
             self.scores += logp.gather(1, nxt[:, None])[:, 0]
         else:  # the best logit among the allowed tokens is the argmax of the processed scores
@@ -272,11 +275,13 @@ class Beam(Strategy):
             logp = warped(log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs), opts)
             cand_logp, cand_ids = sampled_candidates(logp, state.run_scores, 2 * k, self.generator)
         elif self.biasing(step):
-            logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs)
+            logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs,
+                             on_logits=self.rules.processors_on_logits)
             self.bias.apply(logp, step)
             cand_logp, cand_ids = topk_rows(logp, 2 * k)
         else:
-            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk)
+            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk,
+                                             self.rules.processors_on_logits)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
         if isinstance(state, RecordedBeamState):  # the hypotheses it recorded keep their parent row's attention
             state.attach(None if self.att is None else self.att[:, :self.position])
