@@ -112,7 +112,8 @@ class DecodeOptions:
     suppress_tokens: tuple[int, ...] = ()  # never generated (HF bad_words_ids of one token)
     suppress_sequences: tuple[tuple[int, ...], ...] = ()  # never generated as a whole (CTranslate2's; HF bad_words_ids)
     disable_unk: bool = False  # the unknown token is never generated (CTranslate2's)
-    end_token: int | None = None  # the token id that ends a hypothesis instead of the model's EOS (CTranslate2's)
+    end_token: int | tuple[int, ...] | None = None  # the token id(s) that end a hypothesis instead of the model's EOS
+
     return_end_token: bool = False  # keep the end token at the end of the output (CTranslate2's)
     forced_eos: bool = False  # force EOS at the last allowed step (HF forced_eos_token_id)
     forced_bos_token: int | None = None  # force this first generated token, e.g. a target language (HF forced_bos_token_id)
@@ -172,7 +173,10 @@ class DecodeOptions:
                               f"got {self.suppress_sequences!r}")
         if self.forced_bos_token is not None:
             integer(self, "forced_bos_token", 0)
-        if self.end_token is not None:
+        if isinstance(self.end_token, tuple):  # several (CTranslate2 takes a list): each an id
+            if not self.end_token or not all(is_int(t) and t >= 0 for t in self.end_token):
+                raise OptionError(f"end_token must be a token id or a non-empty list of them, got {self.end_token!r}")
+        elif self.end_token is not None:
             integer(self, "end_token", 0)
         if self.seed is not None:
             integer(self, "seed", 0, 2 ** 63 - 1)
@@ -196,8 +200,11 @@ class DecodeOptions:
         """What these options need of the model (its vocabulary, positions and heads), its tokenizer and search rules
         (`rules`: the rules' name), and the engine's beam limit: each failure is an OptionError naming it."""
         vocab = cfg.tgt_vocab_size
-        if self.end_token is not None and self.end_token >= vocab:
+        if self.end_token is not None and max(self.end_ids(0)) >= vocab:
             raise OptionError(f"end_token {self.end_token} is outside the target vocabulary of {vocab}")
+        if isinstance(self.end_token, tuple) and len(self.end_token) > 1 and self.beam_size > 1 and rules != "ctranslate2":
+            raise OptionError("several end tokens under beam search follow CTranslate2's beam rules: give "
+                              "search_rules='ctranslate2' with them (or one end token)")
         if self.replace_unknowns and not hasattr(tokenizer, "source_pieces"):
             raise OptionError(f"replace_unknowns needs a tokenizer that maps text to pieces; this model's "
                               f"({type(tokenizer).__name__}) does not")
@@ -227,6 +234,12 @@ class DecodeOptions:
             raise OptionError(f"max_decoding_length {self.max_decoding_length} exceeds the model's "
                               f"{cfg.max_positions} target positions")
 
+    def end_ids(self, eos: int) -> tuple[int, ...]:
+        """The ids that end a hypothesis: end_token's (one or several), else the model's `eos`."""
+        if self.end_token is None:
+            return (eos,)
+        return self.end_token if isinstance(self.end_token, tuple) else (self.end_token,)
+
     def for_source(self, width: int) -> "DecodeOptions":
         """These options for a batch whose longest source has `width` tokens (max_length_factor applied)."""
         if self.max_length_factor is None:
@@ -251,8 +264,9 @@ class DecodeOptions:
         unknown = sorted(set(changes) - known)
         if unknown:
             raise OptionError(f"unknown decoding option(s) {unknown}; known options: {sorted(known)}")
-        if isinstance(changes.get("suppress_tokens"), list):
-            changes["suppress_tokens"] = tuple(changes["suppress_tokens"])
+        for name in ("suppress_tokens", "end_token"):  # lists (JSON) as tuples: options are hashed
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
         if isinstance(changes.get("suppress_sequences"), list):  # lists of ids (JSON) as tuples: options are hashed
             changes["suppress_sequences"] = tuple(tuple(q) if isinstance(q, list) else q
                                                   for q in changes["suppress_sequences"])

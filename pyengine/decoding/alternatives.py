@@ -27,7 +27,7 @@ def next_tokens(engine: "Engine", ids: list[list[int]], prefixes: list[list[int]
                 opts: DecodeOptions) -> list[list[tuple[int, float]]]:
     """Per sentence, the (token, log-prob) alternatives at the position after its prefix, best first."""
     cfg, device = engine.config, engine.engine_config.device
-    end = cfg.eos_id if opts.end_token is None else opts.end_token
+    end = opts.end_ids(cfg.eos_id)[0]
     floor = math.log(opts.min_alternative_expansion_prob) if opts.min_alternative_expansion_prob > 0 else float("-inf")
     out = []
     for src_ids, prefix in zip(ids, prefixes):  # one teacher-forced pass each: alternatives are few and short

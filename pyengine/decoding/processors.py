@@ -63,7 +63,7 @@ def apply_processors(scores: torch.Tensor, step: int, opts: DecodeOptions, eos: 
     if opts.suppress_tokens:
         scores[:, list(opts.suppress_tokens)] = float("-inf")
     if step < opts.min_decoding_length:
-        scores[:, eos] = float("-inf")
+        scores[:, list(opts.end_ids(eos))] = float("-inf")
     if opts.forced_bos_token is not None and step == 0:
         scores.fill_(float("-inf"))
         scores[:, opts.forced_bos_token] = 0.0
@@ -106,7 +106,7 @@ def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
     if (opts.forced_bos_token is not None and step == 0) or \
             (opts.forced_eos and step == opts.max_decoding_length - 1):
         return None
-    return list(opts.suppress_tokens) + ([eos] if step < opts.min_decoding_length else [])
+    return list(opts.suppress_tokens) + (list(opts.end_ids(eos)) if step < opts.min_decoding_length else [])
 
 
 def candidates(logits: torch.Tensor, k: int, step: int, opts: DecodeOptions, eos: int, buffers: "StepBuffers",

@@ -226,7 +226,7 @@ class Ct2BeamState(RecordedBeamState):
         b, k = self.run_scores.shape
         top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
         width, last = top_scores.shape[1], step + 1 >= self.max_len
-        is_end = token == eos
+        is_end = torch.isin(token, torch.tensor(opts.end_ids(eos), device=token.device))  # one or several
         ends, scores, parents, tokens = is_end.tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
         picks = []
         max_candidates = math.floor(k * opts.patience + 0.5)  # C++'s std::round
@@ -258,7 +258,8 @@ class Ct2BeamState(RecordedBeamState):
             scored = [(normalized(score, len(toks), opts.length_penalty), toks, att)
                       for score, toks, att in self.finished[sentence]]
             best = sorted(scored, key=lambda st: -st[0])[: opts.num_hypotheses]
-            out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] == eos and not opts.return_end_token else toks,
+            ends = opts.end_ids(eos)
+            out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] in ends and not opts.return_end_token else toks,
                                               score, att) for score, toks, att in best]))
         return out
 

@@ -116,7 +116,7 @@ class Runtime:
         if not self.shares(opts):
             raise ValueError("these options need a batch of their own (return_attention, or a shortlist)")
         lengths = [len(x) for x in ids]
-        end = self.eos_id if opts.end_token is None else opts.end_token  # what ends a hypothesis
+        end = opts.end_ids(self.eos_id)[0]  # what ends a hypothesis (the first, where end_token lists several)
         rules = self.rules if opts.search_rules is None else rules_for(opts.search_rules)  # the caller's, by name
         strategy = new_strategy(len(ids), opts.for_source(max(lengths)), rules, self.start_id, end,
                                 self.device, max(lengths), self.model.ops, on_step, generator, prefix)

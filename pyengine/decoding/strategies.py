@@ -175,11 +175,13 @@ class Greedy(Strategy):
         self.history[:, step] = nxt
         if self.bias is not None:
             self.bias.follow(None, nxt, step)
-        done = (nxt == eos) | (step + 1 >= opts.max_decoding_length)
+        ends = opts.end_ids(eos)
+        done = (nxt == eos if len(ends) == 1 else torch.isin(nxt, torch.tensor(ends, device=nxt.device))) | \
+            (step + 1 >= opts.max_decoding_length)
         if self.on_step is not None:
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
                 toks = self.history[row, : step + 1].tolist()
-                self.on_step(sentence, self.prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] == eos else toks),
+                self.on_step(sentence, self.prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] in ends else toks),
                              finished)
         self.tokens = nxt
         if not bool(done.any()):
@@ -190,7 +192,7 @@ class Greedy(Strategy):
         for row, hist, prompt, sentence, score in zip(
                 done_rows.tolist(), self.history[done_rows, : step + 1].tolist(), self.prompt[done_rows, 1:].tolist(),
                 self.sentence[done_rows].tolist(), self.scores[done_rows].tolist()):
-            ended = bool(hist) and hist[-1] == eos and not opts.return_end_token
+            ended = bool(hist) and hist[-1] in ends and not opts.return_end_token
             toks = hist[:-1] if ended else hist
             out_tokens = prompt + toks
             finished.append(sentence)
