@@ -65,22 +65,24 @@ def write_float32_marian(direction: str, out: Path) -> Path:
     import numpy as np
     import yaml
 
-    from pyengine.loaders.marian_bin import INT8_MATRIX, dequantized, read_bin
+    from pyengine.loaders.marian_bin import INT8_MATRIX, Items, read_bin
 
     src = Path(model_dir(direction))
     cfg = yaml.safe_load(next(src.glob("config*.yml")).read_text())
+    path = src / cfg["models"][0]
+    items = Items(read_bin(path), path)  # the loader's readers: one place knows the int8 layouts
     arrays = {}
-    for name, item in read_bin(src / cfg["models"][0]).items():
+    for name, item in items.items.items():
         if name.endswith("_QuantMultA"):
             continue
         if name == "special:model.yml":
             arrays[name] = np.frombuffer(item.data.rstrip(b"\0") + b"\0", dtype=np.int8)
-        elif item.type == INT8_MATRIX:  # stored output-major but Wemb; Marian's float matrices are input-major
+        elif item.type == INT8_MATRIX:  # Marian's float matrices are input-major (rows, cols), Wemb (vocab, dim)
             rows, cols = item.shape
-            values = dequantized(item, src).numpy()
-            arrays[name] = values.reshape(rows, cols) if name == "Wemb" else values.reshape(cols, rows).T.copy()
+            arrays[name] = (items.embedding(name, rows, cols) if name == "Wemb"
+                            else items.matrix(name, rows, cols).t().contiguous()).numpy()
         else:
-            arrays[name] = np.frombuffer(item.data, dtype=np.float32, count=int(np.prod(item.shape))).reshape(item.shape)
+            arrays[name] = items.float(name, item.shape).numpy()
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "model.npz", **arrays)
     for name in cfg["vocabs"] + [cfg["shortlist"][0]]:

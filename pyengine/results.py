@@ -34,12 +34,12 @@ class Translation:
     end_attention: list[list[float] | None] | None = None
 
     @classmethod
-    def of(cls, hyps: list[Hypothesis], decode) -> "Translation":
-        """From a sentence's n-best hypotheses, detokenized with `decode`."""
+    def of(cls, hyps: list[Hypothesis], decode, texts: list[str] | None = None) -> "Translation":
+        """From a sentence's n-best hypotheses, detokenized with `decode` (or their `texts`, made already)."""
         ends = None if not hyps or hyps[0].attention is None else \
             [None if h.end_attention is None else h.end_attention.tolist() for h in hyps]
-        return cls([h.tokens for h in hyps], [h.score for h in hyps], [decode(h.tokens) for h in hyps],
-                   attention_lists(hyps), ends)
+        return cls([h.tokens for h in hyps], [h.score for h in hyps],
+                   [decode(h.tokens) for h in hyps] if texts is None else texts, attention_lists(hyps), ends)
 
     def hard_alignment(self, k: int = 0) -> list[tuple[int, int]]:
         """Hypothesis k's (source token, target token) pairs by Marian's hard rule (documents.align.hard_alignment),
@@ -82,7 +82,5 @@ def translation(hyps: list[Hypothesis], tokenizer, opts: DecodeOptions, text: st
     if not opts.return_attention:
         for h in hyps:
             h.attention = h.end_attention = None
-    result = Translation.of(hyps, tokenizer.decode)
-    result.hypotheses = texts
-    return result
+    return Translation.of(hyps, tokenizer.decode, texts)
 

@@ -97,6 +97,12 @@ def topk_rows(x: torch.Tensor, k: int, chunk: int = 128) -> tuple[torch.Tensor, 
     return values, cand_ids.gather(1, pos)
 
 
+def ending(tokens: torch.Tensor, opts: DecodeOptions, eos: int) -> torch.Tensor:
+    """Which of these tokens end a hypothesis (the model's `eos`, or end_token's one or several ids)."""
+    ends = opts.end_ids(eos)
+    return tokens == ends[0] if len(ends) == 1 else torch.isin(tokens, torch.tensor(ends, device=tokens.device))
+
+
 def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:
     """The token ids the processors exclude at this step when excluding is all they do, for the fused
     C++ log-softmax + top-k; None when a processor changes scores or looks at each row's history

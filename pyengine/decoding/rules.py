@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import DecodeOptions
-from .processors import NEG
+from .processors import NEG, ending
 from .hypothesis import Hypothesis
 
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
@@ -226,7 +226,7 @@ class Ct2BeamState(RecordedBeamState):
         b, k = self.run_scores.shape
         top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
         width, last = top_scores.shape[1], step + 1 >= self.max_len
-        is_end = torch.isin(token, torch.tensor(opts.end_ids(eos), device=token.device))  # one or several
+        is_end = ending(token, opts, eos)
         ends, scores, parents, tokens = is_end.tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
         picks = []
         max_candidates = math.floor(k * opts.patience + 0.5)  # C++'s std::round
@@ -253,12 +253,11 @@ class Ct2BeamState(RecordedBeamState):
         return self.advance(parent.gather(1, active), token.gather(1, active), step)
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
-        out = []
+        out, ends = [], opts.end_ids(eos)
         for sentence in self.sentence[rows].tolist():
-            scored = [(normalized(score, len(toks), opts.length_penalty), toks, att)
+            scored = [(final_score(score, len(toks), opts.length_penalty), toks, att)
                       for score, toks, att in self.finished[sentence]]
             best = sorted(scored, key=lambda st: -st[0])[: opts.num_hypotheses]
-            ends = opts.end_ids(eos)
             out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] in ends and not opts.return_end_token else toks,
                                               score, att) for score, toks, att in best]))
         return out
@@ -292,7 +291,8 @@ class MarianBeamState(RecordedBeamState):
             for j in range(self.live[i]):
                 if ends[i][j] or last:
                     toks = self.run_hist[i, parents[i][j], :step].tolist() + ([] if ends[i][j] else [tokens[i][j]])
-                    self.record(i, marian_score(scores[i][j], step + 1, opts), toks, i * k + parents[i][j])
+                    self.record(i, final_score(scores[i][j], step + 1, opts.length_penalty, opts.word_penalty), toks,
+                                i * k + parents[i][j])
                 else:
                     survivors.append(j)
             self.live[i] = len(survivors)
@@ -308,16 +308,12 @@ class MarianBeamState(RecordedBeamState):
         self.live = [self.live[i] for i in rows.tolist()]
 
 
-def marian_score(score: float, length: int, opts: DecodeOptions) -> float:
-    """Marian's finished score: (score − word_penalty · length) / length ** length_penalty, in float32 (history.h)."""
+def final_score(score: float, length: int, length_penalty: float, word_penalty: float = 0.0) -> float:
+    """(score − word_penalty · length) / length ** length_penalty in float32, as CTranslate2 (no word penalty) and
+    Marian (history.h: --word-penalty, --normalize) compute a finished hypothesis's score."""
     f32 = torch.float32
-    penalized = torch.tensor(score, dtype=f32) - torch.tensor(opts.word_penalty, dtype=f32) * float(length)
-    return float(penalized / torch.tensor(float(length), dtype=f32) ** opts.length_penalty)
-
-
-def normalized(score: float, length: int, length_penalty: float) -> float:
-    """score / length ** length_penalty in float32, as CTranslate2 computes it."""
-    return float(torch.tensor(score, dtype=torch.float32) / torch.tensor(float(length)) ** length_penalty)
+    penalized = torch.tensor(score, dtype=f32) - torch.tensor(word_penalty, dtype=f32) * float(length)
+    return float(penalized / torch.tensor(float(length), dtype=f32) ** length_penalty)
 
 
 class BeamRules:
@@ -352,7 +348,7 @@ class MarianRules(BeamRules):
     name, state_class = "marian", MarianBeamState
 
     def greedy_score(self, score: float, generated: int, opts: DecodeOptions) -> float:
-        return marian_score(score, generated, opts)
+        return final_score(score, generated, opts.length_penalty, opts.word_penalty)
 
 
 class Ct2Rules(BeamRules):

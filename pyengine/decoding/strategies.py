@@ -16,7 +16,7 @@ import torch
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis, StepCallback, finalize
 from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
-                         needs_history, sample_tokens, sampled_candidates, topk_rows, warped)
+                         ending, needs_history, sample_tokens, sampled_candidates, topk_rows, warped)
 from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
@@ -176,8 +176,7 @@ class Greedy(Strategy):
         if self.bias is not None:
             self.bias.follow(None, nxt, step)
         ends = opts.end_ids(eos)
-        done = (nxt == eos if len(ends) == 1 else torch.isin(nxt, torch.tensor(ends, device=nxt.device))) | \
-            (step + 1 >= opts.max_decoding_length)
+        done = ending(nxt, opts, eos) | (step + 1 >= opts.max_decoding_length)
         if self.on_step is not None:
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
                 toks = self.history[row, : step + 1].tolist()
