@@ -278,13 +278,18 @@ def test_queue_exhaustion_answers_503_with_retry_after_and_recovers(server, engi
 def test_timeout_cancels_the_request_and_shutdown_answers_what_is_in_flight(engine):
     """A request past --timeout gets 504 and its sentences leave the batch; then SIGTERM with a good request in flight
     and a stalled connection open: the request is answered and the process exits."""
-    # the request needs ~1.3 s of decoding here: a timeout of 0.5 s leaves it well inside the batch when it expires
-    # (at 1 s the last steps could finish before the worker saw the cancellation: no sentence to take out)
+    # 200 steps forced at beam 8 for 24 sentences: seconds of decoding on any CPU, so the timeout of 0.5 s finds the
+    # request inside the batch (a request that could end near the timeout may finish before the worker sees the
+    # cancellation, leaving no sentence to take out: CI once saw that on a faster machine)
+    forced = {"beam_size": 8, "max_decoding_length": 200, "min_decoding_length": 200}
     with ServerProcess("default", threads=2, extra=LIMITS[:-2] + ["--timeout", "0.5"]) as server:
-        status, answer, _ = request(server, "/v1/translate", v1({"beam_size": 8, "max_decoding_length": 200}, LONG))
+        status, answer, _ = request(server, "/v1/translate", v1(forced, LONG))
         assert status == 504 and "within 0.5 s" in answer["error"]
         assert_idle(server)
-        assert metric(server, "pyengine_cancelled_sentences_total") > 0
+        deadline = time.monotonic() + 10  # the worker counts them just after it frees their rows
+        while metric(server, "pyengine_cancelled_sentences_total") < len(LONG) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(server, "pyengine_cancelled_sentences_total") == len(LONG)
         answers = []
         in_flight = threading.Thread(target=lambda: answers.append(request(server, "/v1/translate", v1(OPTS))))
         with socket.create_connection(("127.0.0.1", server.port)) as idle:
