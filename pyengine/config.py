@@ -214,9 +214,10 @@ class DecodeOptions:
         if self.word_penalty != 0 and rules != "marian":
             raise OptionError(f"word_penalty is a rule of Marian's beam search (models trained by Marian; "
                               f"search_rules='marian'), not of {rules}'s")
-        if self.sampling and self.beam_size > 1 and rules != "hf":
+        if self.sampling and self.beam_size > 1 and rules not in ("hf", "ctranslate2"):
             raise OptionError(f"sampling with beam_size > 1 follows Hugging Face's beam sampling (do_sample with "
-                              f"num_beams), not {rules}'s rules: search_rules='hf', or beam_size 1")
+                              f"num_beams) or CTranslate2's (search_rules='ctranslate2'), not {rules}'s rules: "
+                              "search_rules='hf' or 'ctranslate2', or beam_size 1")
         if (self.end_token is not None or self.return_end_token) and rules not in ("hf", "ctranslate2"):
             raise OptionError(f"end_token and return_end_token are implemented for Hugging Face's and CTranslate2's "
                               f"search rules, not {rules}'s")

@@ -287,7 +287,8 @@ class Engine:
     def options(self, **options: Any) -> DecodeOptions:
         """The model's default decoding options with `options` applied (unknown names are an error).
 
-        Sampling options without an explicit beam_size mean beam 1; with beam_size > 1 they sample beams (HF's)."""
+        Sampling options without an explicit beam_size mean beam 1; with beam_size > 1 they sample beams (HF's, or
+        CTranslate2's under its rules)."""
         if any(k.startswith("sampling_") for k in options) and "beam_size" not in options:
             options = dict(options, beam_size=1)
         opts = self.defaults.replace(**options)

@@ -234,6 +234,33 @@ def sampled_candidates(scores: torch.Tensor, run_scores: torch.Tensor, n: int,
     return cand, ids
 
 
+def ct2_drawn_candidates(logp: torch.Tensor, run_scores: torch.Tensor, opts: DecodeOptions, n: int,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CTranslate2's beam sampling (its RandomSampler asked for n > 1 samples, src/sampling.cc 4.x): over each
+    sentence's running score + log-prob of every beam × token, the `sampling_topk` best (0: all), times 1/temperature,
+    CTranslate2's top-p mask, log-softmax; plus noise −log(U), U uniform in (FLT_MIN, 1) — exponential noise, which its
+    code calls the Gumbel-max trick (Gumbel noise would be −log(−log U); CTranslate2 4.8.5's draws follow the
+    exponential, measured) — and the n largest, in that order. Returns (B, n) running scores (untempered), parent beams
+    and tokens in draw order: CTranslate2's beam rule takes the first `beam` of them, not the best."""
+    b, k = run_scores.shape
+    v = logp.shape[-1]
+    total = (logp.view(b, k, v) + run_scores[:, :, None]).view(b, k * v)
+    x, flat = total, None
+    if 0 < opts.sampling_topk < k * v:
+        x, flat = topk_rows(total, opts.sampling_topk)
+    if opts.sampling_temperature != 1:
+        x = x * (1.0 / opts.sampling_temperature)
+    if opts.sampling_topp < 1.0:  # keep tokens while the mass before them is below p (the best one always)
+        probs, order = torch.sort(x.softmax(dim=-1), descending=True, dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) >= opts.sampling_topp
+        x = x.scatter(1, order, x.gather(1, order).masked_fill(drop, float("-inf")))
+    u = torch.rand(x.shape, generator=generator, device=x.device).clamp_(min=torch.finfo(torch.float32).tiny)
+    drawn = (torch.log_softmax(x, dim=-1) - torch.log(u)).topk(min(n, x.shape[-1]), dim=-1).indices
+    if flat is not None:
+        drawn = flat.gather(1, drawn)
+    return total.gather(1, drawn), torch.div(drawn, v, rounding_mode="floor"), drawn % v
+
+
 def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fairseq's last step: EOS is the only candidate, with its real log-probability."""
     logp = torch.log_softmax(logits.float(), dim=-1)[:, eos:eos + 1]

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import DecodeOptions
-from .processors import NEG, ending
+from .processors import NEG, ct2_drawn_candidates, ending, sampled_candidates, warped
 from .hypothesis import Hypothesis
 
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
@@ -210,7 +210,7 @@ class FairseqBeamState(RecordedBeamState):
 
 class Ct2BeamState(RecordedBeamState):
     """CTranslate2's BeamSearch rules (src/decoding.cc, 4.x). Each step takes the 2 × beam best candidates over
-    beam × vocab; each of the first `beam` that is the end token (or any, at the length limit) is recorded with its
+    beam × vocab (with sampling, 2 × beam drawn: `choose`); each of the first `beam` that is the end token (or any, at the length limit) is recorded with its
     running score, and its place goes to the next candidate that is not the end token. A sentence is done at the
     length limit; without penalties (length_penalty and coverage_penalty 0) once the best candidate of some step has
     finished and num_hypotheses are recorded; otherwise once round(beam × patience) are recorded. Its n-best are the
@@ -223,8 +223,13 @@ class Ct2BeamState(RecordedBeamState):
 
     def step(self, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int, opts: DecodeOptions,
              eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.choose(*self.top_candidates(cand_logp, cand_ids, 2 * self.beam), step, opts, eos)
+
+    def choose(self, top_scores: torch.Tensor, parent: torch.Tensor, token: torch.Tensor, step: int,
+               opts: DecodeOptions, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rule over each sentence's 2 × beam candidates (B, 2K) — running scores, parent beams, tokens — in the
+        order it takes them: best first, or as drawn (processors.ct2_drawn_candidates, its beam sampling)."""
         b, k = self.run_scores.shape
-        top_scores, parent, token = self.top_candidates(cand_logp, cand_ids, 2 * k)
         width, last = top_scores.shape[1], step + 1 >= self.max_len
         is_end = ending(token, opts, eos)
         ends, scores, parents, tokens = is_end.tolist(), top_scores.tolist(), parent.tolist(), token.tolist()
@@ -335,6 +340,14 @@ class BeamRules:
         """A greedy hypothesis's score from its log-probability and its generated tokens (the end token among them)."""
         return score / (generated + self.length_offset) ** opts.length_penalty
 
+    def sampled_step(self, state, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """A beam-sampling step from the rows' processed log-probs (B·K, V): HF's (do_sample with num_beams), 2 × beam
+        continuations drawn from the warped scores, then its beam step over them (other families refuse sampling
+        with beam > 1: DecodeOptions.check_for)."""
+        drawn = sampled_candidates(warped(logp, opts), state.run_scores, 2 * state.beam, generator)
+        return state.step(*drawn, step, opts, eos)
+
 
 class OnmtRules(BeamRules):
     name, length_offset, state_class = "onmt", 1, OnmtBeamState  # counts the start token
@@ -353,6 +366,12 @@ class MarianRules(BeamRules):
 
 class Ct2Rules(BeamRules):
     name, processors_on_logits, state_class = "ctranslate2", True, Ct2BeamState
+
+    def sampled_step(self, state, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTranslate2's beam sampling: its rule over 2 × beam candidates in the order its sampler draws them."""
+        drawn = ct2_drawn_candidates(logp, state.run_scores, opts, 2 * state.beam, generator)
+        return state.choose(*drawn, step, opts, eos)
 
 
 RULES = {"hf": BeamRules(), "onmt": OnmtRules(), "fairseq": FairseqRules(), "marian": MarianRules(),

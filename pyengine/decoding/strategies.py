@@ -16,7 +16,7 @@ import torch
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis, StepCallback, finalize
 from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
-                         ending, needs_history, sample_tokens, sampled_candidates, topk_rows, warped)
+                         ending, needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
@@ -268,13 +268,15 @@ class Beam(Strategy):
         # avoids HF's top-k over a (B, K·V) tensor
         seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
+        drawn = None  # (rows, next tokens) where the rules' beam sampling took the step
         if chosen is not None:
             cand_logp, cand_ids = chosen
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
-        elif opts.sampling:  # HF's beam sampling: 2K continuations drawn per sentence, scored with the warped log-probs
-            logp = warped(log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs), opts)
-            cand_logp, cand_ids = sampled_candidates(logp, state.run_scores, 2 * k, self.generator)
+        elif opts.sampling:  # the rules' own beam sampling
+            logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs,
+                             on_logits=self.rules.processors_on_logits)
+            drawn = self.rules.sampled_step(state, logp, step, opts, eos, self.generator)
         elif self.biasing(step):
             logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs,
                              on_logits=self.rules.processors_on_logits)
@@ -283,7 +285,7 @@ class Beam(Strategy):
         else:
             cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk,
                                              self.rules.processors_on_logits)
-        rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos)
+        rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos) if drawn is None else drawn
         if isinstance(state, RecordedBeamState):  # the hypotheses it recorded keep their parent row's attention
             state.attach(None if self.att is None else self.att[:, :self.position])
         elif self.att is not None:  # candidates extend their beam's attention; finished ones keep theirs
