@@ -1,4 +1,6 @@
-// One beam-search step: Hugging Face's candidate, length-penalty and stopping rules. Its Python specification is
+// One beam-search step: Hugging Face's candidate, length-penalty and stopping rules. C = max(2, 1 + end ids) x beam
+// candidates per sentence (HF's beams_to_keep: with several end ids more candidates may end, and beam of them must
+// still run). Its Python specification is
 // tests/reference_search.hf_beam_step; tests compare every field, step after step. Ties between equal scores go
 // to the lower index (candidate position, or finished before new), in the specification and both versions here.
 //
@@ -42,21 +44,30 @@ void best_first(const float* v, int64_t n, int64_t k, int64_t* out, std::vector<
   std::copy_n(idx.begin(), k, out);
 }
 
+// HF's beams_to_keep: max(2, 1 + end ids) x beam candidates per sentence.
+int64_t candidates(int64_t beam, const std::vector<int64_t>& ends) {
+  return std::max<int64_t>(2, 1 + static_cast<int64_t>(ends.size())) * beam;
+}
+
+bool is_end(int64_t token, const std::vector<int64_t>& ends) {
+  return std::find(ends.begin(), ends.end(), token) != ends.end();
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
     const at::Tensor& cand_logp, const at::Tensor& cand_ids, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, int64_t eos) {
+    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
   const int64_t b = run_scores.size(0), k = run_scores.size(1), width = run_hist.size(2);
-  const int64_t per_row = cand_logp.size(1);
+  const int64_t per_row = cand_logp.size(1), c = candidates(k, ends);
 
-  // a sentence's best 2K over beam x vocab, from its rows' own best candidates
+  // a sentence's best C over beam x vocab, from its rows' own best candidates
   auto acc = (cand_logp.view({b, k, per_row}) + run_scores.unsqueeze(2)).view({b, k * per_row});
-  auto [top_scores, top_pos] = top(acc, 2 * k);
+  auto [top_scores, top_pos] = top(acc, c);
   auto parent = at::div(top_pos, per_row, "floor");
   auto token = cand_ids.reshape({b, k * per_row}).gather(1, top_pos);
   auto cand_hist = run_hist.gather(1, expand_rows(parent, width));
   cand_hist.select(2, step).copy_(token);
-  auto hits = token.eq(eos);
+  auto hits = at::isin(token, at::tensor(ends, token.options()));
   if (step + 1 >= width) hits.fill_(true);  // the length limit ends every candidate
 
   // the best K that did not finish keep running
@@ -71,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
   auto cand = top_scores / std::pow(static_cast<double>(step + 1), length_penalty);
   if (early_stopping == 1) cand = cand + fin_flag.all(1, true).to(at::kFloat) * kExcluded;
   cand = cand + open.logical_not().unsqueeze(1).to(at::kFloat) * kExcluded;
-  auto first_k = at::zeros({2 * k}, hits.options());
+  auto first_k = at::zeros({c}, hits.options());
   first_k.slice(0, 0, k).fill_(true);
   auto just_finished = hits.logical_and(first_k.unsqueeze(0));
   cand = cand + just_finished.logical_not().to(at::kFloat) * kExcluded;
@@ -79,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
   auto pick = std::get<1>(top(merged, k));
   fin_scores.copy_(merged.gather(1, pick));
   fin_hist.copy_(at::cat({fin_hist, cand_hist}, 1).gather(1, expand_rows(pick, width)));
-  fin_len.copy_(at::cat({fin_len, at::full({b, 2 * k}, step + 1, fin_len.options())}, 1).gather(1, pick));
+  fin_len.copy_(at::cat({fin_len, at::full({b, c}, step + 1, fin_len.options())}, 1).gather(1, pick));
   fin_flag.copy_(at::cat({fin_flag, just_finished}, 1).gather(1, pick));
 
   // HF's heuristic: can the best running hypothesis still beat the worst finished one?
@@ -95,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
     const at::Tensor& cand_logp_in, const at::Tensor& cand_ids_in, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, int64_t eos) {
+    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
   for (const at::Tensor* t : {&run_scores, &run_hist, &fin_scores, &fin_hist, &fin_len, &fin_flag, &open})
     TORCH_CHECK(t->is_contiguous(), "beam_step: the state tensors must be contiguous");
   TORCH_CHECK(run_scores.scalar_type() == at::kFloat && fin_scores.scalar_type() == at::kFloat &&
@@ -105,9 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
               "beam_step: float32 scores, int64 histories and lengths, bool flags");
   const at::Tensor cand_logp = cand_logp_in.to(at::kFloat).contiguous(), cand_ids = cand_ids_in.to(at::kLong).contiguous();
   const int64_t B = run_scores.size(0), K = run_scores.size(1), W = run_hist.size(2), P = cand_logp.size(1);
-  TORCH_CHECK(2 * K <= K * P, "beam_step: ", P, " candidates per row are fewer than 2 per beam");
+  const int64_t C = candidates(K, ends);
   at::Tensor rows = at::empty({B * K}, cand_ids.options()), next = at::empty({B * K}, cand_ids.options());
-  at::Tensor parents = at::empty({B, 2 * K}, cand_ids.options()), picks = at::empty({B, K}, cand_ids.options());
+  at::Tensor parents = at::empty({B, C}, cand_ids.options()), picks = at::empty({B, K}, cand_ids.options());
   const float* logp = cand_logp.data_ptr<float>();
   const int64_t* ids = cand_ids.data_ptr<int64_t>();
   float* run_s = run_scores.data_ptr<float>();
@@ -120,37 +131,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
   const int64_t best_len = (early_stopping == 2 && length_penalty > 0) ? W : step + 1;
   const float best_denom = static_cast<float>(std::pow(static_cast<double>(best_len), length_penalty));
 
-  std::vector<float> acc(K * P), running(2 * K), cand(2 * K), merged(3 * K);
-  std::vector<int64_t> idx, top_pos(2 * K), token(2 * K), keep(K), pick(K), old_len(K);
-  std::vector<int64_t> cand_hist(2 * K * W), old_hist(K * W);
+  std::vector<float> acc(K * P), running(C), cand(C), merged(K + C);
+  std::vector<int64_t> idx, top_pos(C), token(C), keep(K), pick(K), old_len(K);
+  std::vector<int64_t> cand_hist(C * W), old_hist(K * W);
   std::vector<float> old_scores(K);
-  std::vector<char> hits(2 * K), just(2 * K), old_flag(K);
+  std::vector<char> hits(C), just(C), old_flag(K);
   for (int64_t b = 0; b < B; ++b) {
-    // a sentence's best 2K over beam x vocab, from its rows' own best candidates
+    // a sentence's best C over beam x vocab, from its rows' own best candidates
     for (int64_t r = 0; r < K; ++r)
       for (int64_t c = 0; c < P; ++c) acc[r * P + c] = logp[(b * K + r) * P + c] + run_s[b * K + r];
-    best_first(acc.data(), K * P, 2 * K, top_pos.data(), idx);
-    for (int64_t i = 0; i < 2 * K; ++i) {
+    best_first(acc.data(), K * P, C, top_pos.data(), idx);
+    for (int64_t i = 0; i < C; ++i) {
       const int64_t parent = top_pos[i] / P;
-      parent_p[b * 2 * K + i] = parent;
+      parent_p[b * C + i] = parent;
       token[i] = ids[b * K * P + top_pos[i]];
       std::copy_n(run_h + (b * K + parent) * W, W, cand_hist.data() + i * W);
       cand_hist[i * W + step] = token[i];
-      hits[i] = token[i] == eos || step + 1 >= W;  // the length limit ends every candidate
+      hits[i] = is_end(token[i], ends) || step + 1 >= W;  // the length limit ends every candidate
       running[i] = acc[top_pos[i]] + (hits[i] ? 1.f : 0.f) * kExcludedF;
     }
     // the best K that did not finish keep running
-    best_first(running.data(), 2 * K, K, keep.data(), idx);
+    best_first(running.data(), C, K, keep.data(), idx);
     for (int64_t j = 0; j < K; ++j) {
       run_s[b * K + j] = running[keep[j]];
       std::copy_n(cand_hist.data() + keep[j] * W, W, run_h + (b * K + j) * W);
-      rows_p[b * K + j] = parent_p[b * 2 * K + keep[j]] + b * K;
+      rows_p[b * K + j] = parent_p[b * C + keep[j]] + b * K;
       next_p[b * K + j] = token[keep[j]];
     }
     // finished candidates among the first K compete for the finished set, length-normalized
     bool all_finished = true;
     for (int64_t j = 0; j < K; ++j) all_finished = all_finished && fin_f[b * K + j];
-    for (int64_t i = 0; i < 2 * K; ++i) {
+    for (int64_t i = 0; i < C; ++i) {
       float c = acc[top_pos[i]] / denom;
       if (early_stopping == 1) c = c + (all_finished ? 1.f : 0.f) * kExcludedF;
       c = c + (open_p[b] ? 0.f : 1.f) * kExcludedF;
@@ -158,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
       cand[i] = c + (just[i] ? 0.f : 1.f) * kExcludedF;
     }
     for (int64_t j = 0; j < K; ++j) merged[j] = fin_s[b * K + j];
-    std::copy_n(cand.data(), 2 * K, merged.data() + K);
-    best_first(merged.data(), 3 * K, K, pick.data(), idx);
+    std::copy_n(cand.data(), C, merged.data() + K);
+    best_first(merged.data(), K + C, K, pick.data(), idx);
     std::copy_n(fin_s + b * K, K, old_scores.data());
     std::copy_n(fin_h + b * K * W, K * W, old_hist.data());
     std::copy_n(fin_l + b * K, K, old_len.data());
@@ -188,17 +199,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
     const at::Tensor& cand_logp, const at::Tensor& cand_ids, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, int64_t eos, const std::string& impl) {
+    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends,
+    const std::string& impl) {
   TORCH_CHECK(run_scores.dim() == 2 && run_hist.dim() == 3, "run_scores (B, K) and run_hist (B, K, T) expected");
   const int64_t b = run_scores.size(0), k = run_scores.size(1), width = run_hist.size(2);
   TORCH_CHECK(cand_logp.dim() == 2 && cand_logp.size(0) == b * k && cand_ids.sizes() == cand_logp.sizes(),
               "candidates must be (B*K, C) for run_scores (B, K)");
   TORCH_CHECK(step >= 0 && step < width, "step ", step, " outside the history of ", width);
+  TORCH_CHECK(!ends.empty(), "beam_step: no end id");
+  TORCH_CHECK(candidates(k, ends) <= cand_logp.size(1) * k, "beam_step: ", cand_logp.size(1), " candidates per row ",
+              "are fewer than the ", candidates(k, ends), " per sentence the rule takes");
   TORCH_CHECK(impl == "auto" || impl == "loop" || impl == "aten", "beam_step: impl is auto, loop or aten, not ", impl);
   const bool loop = impl == "loop" || (impl == "auto" && run_scores.is_cpu());
   TORCH_CHECK(!loop || run_scores.is_cpu(), "beam_step: the loop runs on CPU tensors");
   return (loop ? beam_step_loop : beam_step_aten)(cand_logp, cand_ids, run_scores, run_hist, fin_scores, fin_hist,
-                                                   fin_len, fin_flag, open, step, length_penalty, early_stopping, eos);
+                                                   fin_len, fin_flag, open, step, length_penalty, early_stopping, ends);
 }
 
 }  // namespace pyengine

@@ -32,11 +32,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const pybind11::call_guard<pybind11::gil_scoped_release> nogil;
   m.doc() = "pyengine C++ extension";
   m.def("build_info", &pyengine::build_info, "What this build of pyengine._C contains.");
-  m.def("beam_step", &pyengine::beam_step, nogil, "One HF-rule beam-search step; updates the state in place.",
+  m.def("beam_step", &pyengine::beam_step, nogil,
+        "One HF-rule beam-search step over max(2, 1 + len(ends)) x beam candidates; updates the state in place.",
         pybind11::arg("cand_logp"), pybind11::arg("cand_ids"), pybind11::arg("run_scores"), pybind11::arg("run_hist"),
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
         pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
-        pybind11::arg("early_stopping"), pybind11::arg("eos"), pybind11::arg("impl") = "auto");
+        pybind11::arg("early_stopping"), pybind11::arg("ends"), pybind11::arg("impl") = "auto");
   m.def("decode_attention", &pyengine::decode_attention, nogil,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),

@@ -202,9 +202,6 @@ class DecodeOptions:
         vocab = cfg.tgt_vocab_size
         if self.end_token is not None and max(self.end_ids(0)) >= vocab:
             raise OptionError(f"end_token {self.end_token} is outside the target vocabulary of {vocab}")
-        if isinstance(self.end_token, tuple) and len(self.end_token) > 1 and self.beam_size > 1 and rules != "ctranslate2":
-            raise OptionError("several end tokens under beam search follow CTranslate2's beam rules: give "
-                              "search_rules='ctranslate2' with them (or one end token)")
         if self.replace_unknowns and not hasattr(tokenizer, "source_pieces"):
             raise OptionError(f"replace_unknowns needs a tokenizer that maps text to pieces; this model's "
                               f"({type(tokenizer).__name__}) does not")

@@ -20,17 +20,20 @@ def best_first(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Tensor, step: int,
                  opts: DecodeOptions, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's beam rule as HFBeamState.step applies it (in C++), updating the state in place. The best 2K of a
-    sentence over beam × vocab are among its rows' own best 2K each."""
+    """HF's beam rule as HFBeamState.step applies it (in C++), updating the state in place. With n end ids (the
+    options' end_token, else `eos`) it ranks C = max(2, 1 + n) × beam candidates per sentence (HF's beams_to_keep);
+    those are among its rows' own best C each."""
     b, k = state.run_scores.shape
+    ends = torch.tensor(opts.end_ids(eos))
+    c = max(2, 1 + len(ends)) * k
     per_row = cand_logp.shape[-1]
     acc = (cand_logp.view(b, k, per_row) + state.run_scores[:, :, None]).view(b, k * per_row)
-    top_scores, top_pos = best_first(acc, 2 * k)  # (B, 2K)
+    top_scores, top_pos = best_first(acc, c)  # (B, C)
     parent = torch.div(top_pos, per_row, rounding_mode="floor")
     token = cand_ids.view(b, k * per_row).gather(1, top_pos)
-    cand_hist = state.run_hist.gather(1, parent[:, :, None].expand(b, 2 * k, state.max_len)).clone()
+    cand_hist = state.run_hist.gather(1, parent[:, :, None].expand(b, c, state.max_len)).clone()
     cand_hist[:, :, step] = token
-    hits = (token == eos) | (step + 1 >= state.max_len)
+    hits = torch.isin(token, ends) | (step + 1 >= state.max_len)
 
     # the best `beam` candidates that did not finish continue
     run_scores = top_scores + hits.float() * NEG
@@ -45,7 +48,7 @@ def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Te
     if opts.early_stopping is True:
         cand = cand + (state.fin_flag.all(dim=1, keepdim=True)).float() * NEG
     cand = cand + (~state.open[:, None]).float() * NEG
-    first_k = torch.zeros(2 * k, dtype=torch.bool, device=cand.device)
+    first_k = torch.zeros(c, dtype=torch.bool, device=cand.device)
     first_k[:k] = True
     just_finished = hits & first_k[None, :]
     cand = cand + (~just_finished).float() * NEG
@@ -54,7 +57,7 @@ def hf_beam_step(state: HFBeamState, cand_logp: torch.Tensor, cand_ids: torch.Te
     state.last_parent, state.last_pick = parent, pick  # which beam each candidate extends; who is finished
     state.fin_scores = merged_scores.gather(1, pick)
     state.fin_hist = torch.cat([state.fin_hist, cand_hist], 1).gather(1, pick[:, :, None].expand(b, k, state.max_len))
-    cand_len = torch.full((b, 2 * k), step + 1, dtype=torch.long, device=cand.device)
+    cand_len = torch.full((b, c), step + 1, dtype=torch.long, device=cand.device)
     state.fin_len = torch.cat([state.fin_len, cand_len], 1).gather(1, pick)
     state.fin_flag = torch.cat([state.fin_flag, just_finished], 1).gather(1, pick)
 

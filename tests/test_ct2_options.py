@@ -145,22 +145,24 @@ def test_end_token_greedy_equals_ctranslate2(model, return_end_token):
     assert ended and all(out[-1] == "," if return_end_token else "," not in out for out in ended)
 
 
-def test_end_token_beam_equals_hf_generate(model):
+@pytest.mark.parametrize("ends", [[","], [",", "?"]])
+def test_end_token_beam_equals_hf_generate(model, ends):
     """Under beam search CTranslate2's stopping rule is its own (its beam search is not HF's); the HF rules pyengine
-    runs are checked against HF `generate` with the comma as its eos_token_id."""
+    runs are checked against HF `generate` with the same eos_token_id: the comma, or the comma and "?" (then HF
+    ranks 3 × beam candidates a step)."""
     import torch
     from transformers import MarianMTModel
     engine, _, tok = model
-    comma = tok.convert_tokens_to_ids(",")
+    ids = tok.convert_tokens_to_ids(ends)
     hf = MarianMTModel.from_pretrained(tok.name_or_path, dtype=torch.float32).eval()  # the same zero-pad copy
     batch = tok(END_TEXTS, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        out = hf.generate(**batch, num_beams=4, max_new_tokens=24, eos_token_id=comma, forced_eos_token_id=None)
+        out = hf.generate(**batch, num_beams=4, max_new_tokens=24, eos_token_id=ids, forced_eos_token_id=None)
     want = [[t for t in row.tolist()[1:] if t != hf.config.pad_token_id] for row in out]
-    got = engine.translate_batch(END_TEXTS, beam_size=4, max_decoding_length=24, forced_eos=False, end_token=comma,
-                                 return_end_token=True)
+    got = engine.translate_batch(END_TEXTS, beam_size=4, max_decoding_length=24, forced_eos=False,
+                                 end_token=ids if len(ids) > 1 else ids[0], return_end_token=True)
     assert [t.tokens[0] for t in got] == want
-    assert any(w[-1:] == [comma] for w in want)
+    assert {w[-1] for w in want} >= set(ids)  # every end id ended some translation
 
 
 BIAS_TEXTS = ["Open the file in a new window.", "Delete all selected items?", "The printer is out of paper.",

@@ -22,9 +22,9 @@ EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 class HFBeamState:
     """Hugging Face `generate`'s beam rules. Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...);
-    B shrinks as sentences finish. Each step scores 2×beam candidates over beam × vocab; candidates ending in EOS
-    (or at the length limit) among the first `beam` enter the finished set with score / length ** length_penalty;
-    the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its worst finished
+    B shrinks as sentences finish. Each step scores max(2, 1 + end ids) × beam candidates over beam × vocab;
+    candidates ending in an end id (or at the length limit) among the first `beam` enter the finished set with
+    score / length ** length_penalty; the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its worst finished
     one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step: `impl` "loop", a loop per sentence over CPU
     tensors, or "aten", an ATen composition for any device — Ops.beam_step); its Python specification, which the
     C++ is tested against, is tests/reference_search.py."""
@@ -47,8 +47,8 @@ class HFBeamState:
         from .. import _C
         rows, nxt, self.last_parent, self.last_pick = _C.beam_step(
             cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist, self.fin_len,
-            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping], eos,
-            impl=self.impl)
+            self.fin_flag, self.open, step, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping],
+            list(opts.end_ids(eos)), impl=self.impl)
         return rows, nxt
 
     def done(self, opts: DecodeOptions) -> torch.Tensor:
@@ -58,7 +58,7 @@ class HFBeamState:
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
         """(caller's sentence, n-best) of these batch rows: four reads from the device, however many finished."""
-        n = opts.num_hypotheses
+        n, ends = opts.num_hypotheses, opts.end_ids(eos)
         lengths, scores = self.fin_len[rows, :n].tolist(), self.fin_scores[rows, :n].tolist()
         hists, sentences = self.fin_hist[rows, :n].tolist(), self.sentence[rows].tolist()
         out = []
@@ -66,7 +66,7 @@ class HFBeamState:
             hyps = []
             for length, score, hist in zip(row_lengths, row_scores, row_hists):
                 toks = hist[:length]
-                if toks and toks[-1] == eos and not opts.return_end_token:
+                if toks and toks[-1] in ends and not opts.return_end_token:
                     toks = toks[:-1]
                 hyps.append(Hypothesis(toks, score))
             out.append((sentence, hyps))
@@ -340,12 +340,19 @@ class BeamRules:
         """A greedy hypothesis's score from its log-probability and its generated tokens (the end token among them)."""
         return score / (generated + self.length_offset) ** opts.length_penalty
 
+    def candidates(self, beam: int, ends: int) -> int:
+        """The candidates per sentence a beam step ranks (each row offers as many: a sentence's best n over beam ×
+        vocab are among its rows' own best n): HF's max(2, 1 + end ids) × beam, so that `beam` still run when the
+        best ones end; 2 × beam for the families that take one end id."""
+        return max(2, 1 + ends) * beam
+
     def sampled_step(self, state, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """A beam-sampling step from the rows' processed log-probs (B·K, V): HF's (do_sample with num_beams), 2 × beam
-        continuations drawn from the warped scores, then its beam step over them (other families refuse sampling
-        with beam > 1: DecodeOptions.check_for)."""
-        drawn = sampled_candidates(warped(logp, opts), state.run_scores, 2 * state.beam, generator)
+        """A beam-sampling step from the rows' processed log-probs (B·K, V): HF's (do_sample with num_beams), as many
+        continuations as `candidates` drawn from the warped scores, then its beam step over them (other families
+        refuse sampling with beam > 1: DecodeOptions.check_for)."""
+        n = self.candidates(state.beam, len(opts.end_ids(eos)))
+        drawn = sampled_candidates(warped(logp, opts), state.run_scores, n, generator)
         return state.step(*drawn, step, opts, eos)
 
 
@@ -366,6 +373,9 @@ class MarianRules(BeamRules):
 
 class Ct2Rules(BeamRules):
     name, processors_on_logits, state_class = "ctranslate2", True, Ct2BeamState
+
+    def candidates(self, beam: int, ends: int) -> int:
+        return 2 * beam  # however many end ids
 
     def sampled_step(self, state, logp: torch.Tensor, step: int, opts: DecodeOptions, eos: int,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

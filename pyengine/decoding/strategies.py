@@ -245,6 +245,7 @@ class Beam(Strategy):
                          ops)
         self.generator = generator
         self.state = rules.beam_state(batch, opts.beam_size, opts.max_decoding_length, device, ops.beam_step)
+        self.width = rules.candidates(opts.beam_size, len(opts.end_ids(eos_id)))  # candidates per row
         self.prompts = self.prompt[:, 1:].tolist()  # the forced prefix of each sentence, in the cohort's order
         # per finished hypothesis, by decoder position
         self.fin_att = None if self.att is None else \
@@ -254,7 +255,7 @@ class Beam(Strategy):
         if self.position < self.forced:
             return NOTHING
         bans = self.bans()
-        return LOGITS if bans is None else Need("topk", 2 * self.opts.beam_size, tuple(bans))
+        return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
 
     def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
                 chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
@@ -281,9 +282,9 @@ class Beam(Strategy):
             logp = log_probs(logits, step, opts, eos, out=buffers.logp(n), seqs=seqs,
                              on_logits=self.rules.processors_on_logits)
             self.bias.apply(logp, step)
-            cand_logp, cand_ids = topk_rows(logp, 2 * k)
+            cand_logp, cand_ids = topk_rows(logp, self.width)
         else:
-            cand_logp, cand_ids = candidates(logits, 2 * k, step, opts, eos, buffers, seqs, self.topk,
+            cand_logp, cand_ids = candidates(logits, self.width, step, opts, eos, buffers, seqs, self.topk,
                                              self.rules.processors_on_logits)
         rows, nxt = state.step(cand_logp, cand_ids, step, opts, eos) if drawn is None else drawn
         if isinstance(state, RecordedBeamState):  # the hypotheses it recorded keep their parent row's attention
