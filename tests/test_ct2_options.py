@@ -286,18 +286,20 @@ def many_unk_model(tmp_path_factory):
     return converted(tmp_path_factory, "ct2-unk-9", {UNK: 9.0})
 
 
-def test_replace_unknowns_equals_ctranslate2(many_unk_model):
+@pytest.mark.parametrize("beam", [1, 4])
+def test_replace_unknowns_equals_ctranslate2(many_unk_model, beam):
     """Each <unk> of the output becomes the source piece it attends most (CTranslate2's replace_unknowns, its attention
-    the last layer's first head: alignment_heads=1); the text is HF's of those pieces. Greedy: under its beam search
-    the first output token reads an attention row that is not its own (tests/test_ct2_rules.py)."""
+    the last layer's first head: alignment_heads=1); the text is HF's of those pieces. Beam 4 under CTranslate2's
+    rules, CTranslate2 given one sentence at a time: in a batch its beam search gives the first output token another
+    sentence's attention row (tests/test_ct2_rules.py)."""
     engine, translator, tok = many_unk_model
     sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in TEXTS]
-    plain = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=1, max_decoding_length=64)]
-    ref = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=1, max_decoding_length=64,
-                                                               replace_unknowns=True)]
-    assert sum("<unk>" in p for p in plain) >= 3 and not any("<unk>" in r for r in ref)  # the option replaced them
-    got = engine.translate_batch(TEXTS, beam_size=1, max_decoding_length=64, forced_eos=False, replace_unknowns=True,
-                                 alignment_heads=1)
+    plain = [r.hypotheses[0] for r in translator.translate_batch(sources, beam_size=beam, max_decoding_length=64)]
+    ref = [translator.translate_batch([s], beam_size=beam, max_decoding_length=64, replace_unknowns=True)[0]
+           .hypotheses[0] for s in sources]
+    assert sum("<unk>" in p for p in plain) >= 2 and not any("<unk>" in r for r in ref)  # the option replaced them
+    got = engine.translate_batch(TEXTS, beam_size=beam, max_decoding_length=64, forced_eos=False, replace_unknowns=True,
+                                 alignment_heads=1, search_rules="ctranslate2")
     want = [tok.convert_tokens_to_string([p for p in r if p not in ("</s>", "<unk>", "<pad>")]) for r in ref]
     assert [t.hypotheses[0] for t in got] == want
     assert got[0].attention is None  # read for the replacement, not returned
