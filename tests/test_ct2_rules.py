@@ -128,3 +128,24 @@ def test_several_end_tokens_as_ctranslate2(model, beam):
                     end_token=tok.convert_tokens_to_ids(ends))
     assert_same(got, ref, tolerance=3e-3)
     assert {r[0][0][-1] for r in ref} >= set(ends)  # each of them ended a translation (</s> no longer does)
+
+
+@pytest.mark.parametrize("beta,n", [(0.2, 1), (1.0, 2)])
+def test_coverage_penalty_equals_ctranslate2(model, beta, n):
+    """CTranslate2's coverage penalty under its rules: every recorded hypothesis gains β·Σ_j log(min(coverage_j, 1))
+    over its attention rows with the end token's (the first head: alignment_heads=1) before the n-best is cut, and its
+    early exit is off. CTranslate2 decodes one sentence a call (in a batch its first attention row is another
+    sentence's, see test_attention_of_the_first_head_equals_ctranslate2). The penalty reorders some n-best lists."""
+    engine, translator, tok = model
+    texts = TEXTS + VERSES[:6]
+    sources = [tok.convert_ids_to_tokens(tok(t).input_ids) for t in texts]
+    options = dict(beam_size=4, num_hypotheses=n, max_decoding_length=64, return_scores=True)
+    ref = [[(h, s) for h, s in zip(r.hypotheses, r.scores)] for r in
+           (translator.translate_batch([s], coverage_penalty=beta, **options)[0] for s in sources)]
+    plain = [[(h, s) for h, s in zip(r.hypotheses, r.scores)] for r in
+             (translator.translate_batch([s], **options)[0] for s in sources)]
+    got = engine.translate_batch(texts, forced_eos=False, search_rules="ctranslate2", alignment_heads=1,
+                                 coverage_penalty=beta, **options)
+    ours = [[(tok.convert_ids_to_tokens(t), s) for t, s in zip(r.tokens, r.scores)] for r in got]
+    assert_same(ours, ref, tolerance=2e-3)
+    assert [[h for h, _ in r] for r in ref] != [[h for h, _ in p] for p in plain]  # the penalty changed the n-best

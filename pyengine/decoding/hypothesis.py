@@ -19,15 +19,22 @@ class Hypothesis:
     end_attention: torch.Tensor | None = None  # (S,): the same when the end token (not returned) was predicted
 
 
-def finalize(hyps: list[Hypothesis], opts: DecodeOptions) -> list[Hypothesis]:
-    """A finished sentence's n-best list. CTranslate2's coverage penalty is applied when it is ranked:
-    score += β·Σ_j log(min(Σ_t a_tj, 1)) over the source positions j that received attention; then the
-    attention is dropped unless it was asked for."""
-    if opts.coverage_penalty:
+def coverage_penalty(attention: torch.Tensor | None, beta: float) -> float:
+    """β·Σ_j log(min(Σ_t a_tj, 1)) over the source positions j that received attention (Wu et al., 2016; GNMT's
+    coverage penalty, as CTranslate2 computes it); 0 without β."""
+    if not beta:
+        return 0.0
+    coverage = attention.double().sum(dim=0)
+    return float(beta * torch.log(coverage[coverage > 0].clamp(max=1.0)).sum())
+
+
+def finalize(hyps: list[Hypothesis], opts: DecodeOptions, rescore: bool = True) -> list[Hypothesis]:
+    """A finished sentence's n-best list, re-ranked with the coverage penalty over each hypothesis's token rows
+    (`rescore`; CTranslate2's rules add theirs before the n-best is cut: Ct2BeamState.results); then the attention is
+    dropped unless it was asked for."""
+    if opts.coverage_penalty and rescore:
         for h in hyps:
-            coverage = h.attention.double().sum(dim=0)
-            received = coverage[coverage > 0]
-            h.score += float(opts.coverage_penalty * torch.log(received.clamp(max=1.0)).sum())
+            h.score += coverage_penalty(h.attention, opts.coverage_penalty)
         hyps.sort(key=lambda h: -h.score)
     if not (opts.return_attention or opts.replace_unknowns):  # replace_unknowns reads it when the text is made
         for h in hyps:

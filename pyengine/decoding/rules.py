@@ -15,7 +15,7 @@ import torch
 
 from ..config import DecodeOptions
 from .processors import NEG, ct2_drawn_candidates, ending, sampled_candidates, warped
-from .hypothesis import Hypothesis
+from .hypothesis import Hypothesis, coverage_penalty
 
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
@@ -258,10 +258,12 @@ class Ct2BeamState(RecordedBeamState):
         return self.advance(parent.gather(1, active), token.gather(1, active), step)
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
+        """Each sentence's n-best. A coverage penalty is added to every recorded hypothesis before they are ranked,
+        over its attention rows with the end token's (measured: CTranslate2 4.8.5's penalty counts that row)."""
         out, ends = [], opts.end_ids(eos)
         for sentence in self.sentence[rows].tolist():
-            scored = [(final_score(score, len(toks), opts.length_penalty), toks, att)
-                      for score, toks, att in self.finished[sentence]]
+            scored = [(final_score(score, len(toks), opts.length_penalty) + coverage_penalty(att, opts.coverage_penalty),
+                       toks, att) for score, toks, att in self.finished[sentence]]
             best = sorted(scored, key=lambda st: -st[0])[: opts.num_hypotheses]
             out.append((sentence, [Hypothesis(toks[:-1] if toks[-1] in ends and not opts.return_end_token else toks,
                                               score, att) for score, toks, att in best]))
@@ -325,6 +327,7 @@ class BeamRules:
     """A family's rules: its beam state, and what greedy decoding takes from it."""
 
     name = "hf"
+    ranks_coverage = False  # its beam state adds the coverage penalty itself (else the n-best is re-ranked with it)
     length_offset = 0  # added to greedy's generated length in the length penalty
     forces_final_eos = False  # at the last allowed step EOS is the only candidate, with its real log-prob
     # HF's beam search applies its processors to the log-probs (a banned token keeps its share of the softmax);
@@ -372,7 +375,7 @@ class MarianRules(BeamRules):
 
 
 class Ct2Rules(BeamRules):
-    name, processors_on_logits, state_class = "ctranslate2", True, Ct2BeamState
+    name, processors_on_logits, ranks_coverage, state_class = "ctranslate2", True, True, Ct2BeamState
 
     def candidates(self, beam: int, ends: int) -> int:
         return 2 * beam  # however many end ids

@@ -309,7 +309,7 @@ class Beam(Strategy):
                 prompt = self.prompts[sentence]
                 self.results[sentence] = finalize([
                     Hypothesis(prompt + h.tokens, h.score, *self.attention_of(h, r, j, len(prompt) + len(h.tokens)))
-                    for j, h in enumerate(hyps)], opts)
+                    for j, h in enumerate(hyps)], opts, rescore=not self.rules.ranks_coverage)
                 if self.on_step is not None:
                     self.on_step(sentence, self.results[sentence][0].tokens, True)
             sentences = (~done).nonzero()[:, 0]
