@@ -135,6 +135,26 @@ def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype):
     torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, head_dim ** -0.5), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("b,h", [(1, 1), (7, 3), (40, 2)])
+def test_decode_attention_splits_uneven_rows_across_threads(threads, b, h):
+    """The rows of a continuous batch sit at different positions, the longest first: the tasks are split into one
+    contiguous range of about equal work per thread (more threads than tasks too); each (row, head) is computed once,
+    as float64 attention says."""
+    gen = torch.Generator().manual_seed(b * h)
+    lengths = torch.randint(1, 60, (b,), generator=gen).sort(descending=True).values
+    lengths[-1] = 1
+    q = torch.randn(b, h, 4, 64, generator=gen)
+    k, v = torch.randn(2, b, h, 60, 64, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _C.decode_attention(q, k, v, lengths, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, 0.125), rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("tokens", [24, 130])  # the C++ kernel (≤ CPP_ATTENTION_KEYS), the CPU flash kernel above
 def test_encoder_attention_either_kernel_matches_float64(tokens):
     from pyengine.model.backends import CPP_ATTENTION_KEYS, torch_attention
