@@ -195,14 +195,14 @@ class DecodeOptions:
         if self.patience != 1 and self.search_rules != "ctranslate2":
             raise OptionError("patience is a rule of CTranslate2's beam search: give search_rules='ctranslate2' with it")
 
-
     def check_for(self, cfg: "ModelConfig", rules: str, tokenizer: Any, max_beam_size: int | None) -> None:
         """What these options need of the model (its vocabulary, positions and heads), its tokenizer and search rules
         (`rules`: the rules' name), and the engine's beam limit: each failure is an OptionError naming it."""
+        from .tokenizer import PieceTokenizer  # (the tokenizers read ModelConfig from this module)
         vocab = cfg.tgt_vocab_size
         if self.end_token is not None and max(self.end_ids(0)) >= vocab:
             raise OptionError(f"end_token {self.end_token} is outside the target vocabulary of {vocab}")
-        if self.replace_unknowns and not hasattr(tokenizer, "source_pieces"):
+        if self.replace_unknowns and not isinstance(tokenizer, PieceTokenizer):
             raise OptionError(f"replace_unknowns needs a tokenizer that maps text to pieces; this model's "
                               f"({type(tokenizer).__name__}) does not")
         if self.alignment_heads > cfg.decoder_heads:

@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import sentencepiece as spm
 
 from .config import ModelConfig
 from .errors import CheckpointError
+
+
+@runtime_checkable
+class PieceTokenizer(Protocol):
+    """A tokenizer that maps text to its pieces and pieces back to text (replace_unknowns copies source pieces):
+    the HF Marian tokenizer and Marian's own (loaders.marian_vocab)."""
+
+    def source_pieces(self, text: str) -> list[str]:
+        """The text's source pieces, in the order of its token ids (EOS included)."""
+
+    def target_pieces(self, ids: list[int]) -> list[str]:
+        """The pieces of target ids."""
+
+    def decode_pieces(self, pieces: list[str]) -> str:
+        """Text from target pieces."""
 
 SPIECE_UNDERLINE = "\u2581"
 

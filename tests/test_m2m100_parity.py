@@ -159,6 +159,9 @@ def test_translate_to_target_language_matches_hf(text_m2m100, beam):
     assert got == hf_tok.batch_decode(ref, skip_special_tokens=True)
     with pytest.raises(pyengine.OptionError, match="unknown language 'xx'"):
         engine.translate(texts, target_lang="xx")
+    # replace_unknowns copies source pieces: M2M100's tokenizer does not map text to pieces (the Marian ones do)
+    with pytest.raises(pyengine.OptionError, match="maps text to pieces; this model's \\(M2M100Tokenizer\\)"):
+        engine.translate(texts, target_lang="de", replace_unknowns=True)
 
 
 def test_nllb_directory_loads_for_ids_and_says_why_text_does_not(pair, tmp_path):
