@@ -72,7 +72,8 @@ def test_cancel_takes_a_request_out_of_the_running_batch_at_the_next_step(defaul
     long_texts = sorted(sample_lines(), key=len)[-24:]
     scheduler = Scheduler(default_engine).start()
     try:
-        request, future = scheduler.submit(long_texts, beam_size=4, max_decoding_length=160)
+        # forced to 160 steps: no sentence of it can finish before the cancellation, however fast the machine
+        request, future = scheduler.submit(long_texts, beam_size=4, max_decoding_length=160, min_decoding_length=160)
         wait_until(lambda: scheduler.running == len(long_texts) and scheduler.stats.steps >= 2)
         _, short = scheduler.submit(["Open the file."], **OPTS)
         steps = scheduler.stats.steps
@@ -84,7 +85,7 @@ def test_cancel_takes_a_request_out_of_the_running_batch_at_the_next_step(defaul
         wait_until(lambda: scheduler.running == 0 and scheduler.queue_depth == 0)
         assert scheduler.stats.cancelled == len(long_texts)
         # a request cancelled while it still waits never runs
-        blocker, _ = scheduler.submit(long_texts[:4], beam_size=4, max_decoding_length=160)
+        blocker, _ = scheduler.submit(long_texts[:4], beam_size=4, max_decoding_length=160, min_decoding_length=160)
         waiting, waiting_future = scheduler.submit(long_texts[4:8], beam_size=3, max_decoding_length=160)
         scheduler.cancel(waiting)
         wait_until(lambda: waiting_future.cancelled())

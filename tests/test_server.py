@@ -106,7 +106,9 @@ def test_limits(engine):
 def test_request_timeout_answers_504_and_the_worker_goes_on(engine):
     texts = sample_lines()[:12]
     with TestClient(create_app(engine, ServerConfig(request_timeout=0.05))) as c:
-        r = c.post("/v1/translate", json={"texts": texts, "options": {"beam_size": 4}})
+        # 128 steps forced at beam 4 for 12 sentences: far past 0.05 s on any CPU
+        forced = {"beam_size": 4, "max_decoding_length": 128, "min_decoding_length": 128}
+        r = c.post("/v1/translate", json={"texts": texts, "options": forced})
         assert r.status_code == 504 and "within 0.05 s" in r.json()["error"]
         assert c.get("/health").json()["status"] == "ok"
 
@@ -134,10 +136,13 @@ def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype):
         assert labelled(metrics, "pyengine_decoder_steps_total") == {backends["decoder_step"]}
         assert backends["output_layer"] in labelled(metrics, "pyengine_output_layer_total")
 
-        # graceful shutdown: requests in flight finish with their answers, then the process exits 0
+        # graceful shutdown: requests in flight finish with their answers, then the process exits 0 (each forced to
+        # its 48 steps, so that they are still decoding when /health is first asked on any machine)
+        slow = {**OPTS, "min_decoding_length": OPTS["max_decoding_length"]}
+        v1 = offline_translations("default", pool[:6], slow, dtype)[0]
         answers: list = []
         in_flight = [threading.Thread(target=lambda t=t: answers.append(
-            (t, post(server.url + "/v1/translate", {"texts": [t], "options": OPTS}, 120)))) for t in pool[:6]]
+            (t, post(server.url + "/v1/translate", {"texts": [t], "options": slow}, 120)))) for t in pool[:6]]
         for t in in_flight:
             t.start()
         wait_for_running(server.url)
