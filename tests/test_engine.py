@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import pyengine
-from conftest import copy_with_config, hf_model, sample_lines
+from conftest import hf_model, sample_lines
 from pyengine.errors import CheckpointError, InputError, OptionError, UnknownFormatError
 
 
