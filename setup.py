@@ -52,6 +52,8 @@ setup(
         "test": ["pytest>=8", "transformers>=5.0", "sacrebleu>=2.4"],
         # pyengine.distributed: corpus translation on Ray Data, replicated serving on Ray Serve
         "ray": ["ray[data,serve]>=2.40", "httpx>=0.27"],
+        # text of OpenNMT-py checkpoints trained with the onmt_tokenize transform (the OpenNMT Tokenizer)
+        "opennmt": ["pyonmttok>=1.37"],
     },
     entry_points={"console_scripts": ["pyengine=pyengine.cli:main"]},
     ext_modules=[extension()],

@@ -165,6 +165,17 @@ def test_converted_directory_decodes_the_same(checkpoint, tmp_path):
     assert [x.tokens for x in a] == [x.tokens for x in b] and [x.scores for x in a] == [x.scores for x in b]
 
 
+# OpenNMT-py's onmt_translate in a child process (the modules its transforms import but never use stubbed)
+ONMT_TRANSLATE = ("import sys, types, importlib.machinery\n"
+                  "for n in ('spacy', 'fasttext'):\n"
+                  "    m = types.ModuleType(n); m.__spec__ = importlib.machinery.ModuleSpec(n, None); sys.modules[n] = m\n"
+                  "import argparse, torch\n"
+                  "torch.serialization.add_safe_globals([argparse.Namespace])\n"
+                  "from onmt.bin.translate import main\n"
+                  "sys.argv = ['onmt_translate'] + sys.argv[1:]\n"
+                  "main()\n")
+
+
 def test_text_through_the_sentencepiece_transform_matches_opennmt_translate(tmp_path):
     """A checkpoint trained with OpenNMT-py's `sentencepiece` transform translates text: pyengine reads the subword
     model its options name and gives what OpenNMT-py's own `onmt_translate` (transforms, Translator, detokenization)
@@ -185,19 +196,51 @@ def test_text_through_the_sentencepiece_transform_matches_opennmt_translate(tmp_
     texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
     (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
     engine = pyengine.Engine.load(checkpoint)
-    stub = ("import sys, types, importlib.machinery\n"
-            "for n in ('spacy', 'fasttext'):\n"
-            "    m = types.ModuleType(n); m.__spec__ = importlib.machinery.ModuleSpec(n, None); sys.modules[n] = m\n"
-            "import argparse, torch\n"
-            "torch.serialization.add_safe_globals([argparse.Namespace])\n"
-            "from onmt.bin.translate import main\n"
-            "sys.argv = ['onmt_translate'] + sys.argv[1:]\n"
-            "main()\n")
     for beam in (1, 3):
         out = tmp_path / f"out{beam}.txt"
-        run = subprocess.run([sys.executable, "-c", stub, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
+        run = subprocess.run([sys.executable, "-c", ONMT_TRANSLATE, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
                               "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
                               "-max_length_ratio", "0", "-gpu", "-1", *subword], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        want = out.read_text().splitlines()
+        assert engine.translate(texts, beam_size=beam, max_decoding_length=16) == want
+        assert sum(bool(w.strip()) for w in want) >= len(texts) - 1, want  # text to compare, not blanks
+
+
+@pytest.mark.parametrize("kwargs,subword", [("{'mode': 'none'}", "sentencepiece"),
+                                            ("{'mode': 'conservative', 'joiner_annotate': True}", "none")])
+def test_text_through_the_onmt_tokenize_transform_matches_opennmt_translate(tmp_path, kwargs, subword):
+    """A checkpoint trained with OpenNMT-py's `onmt_tokenize` transform (the OpenNMT Tokenizer, pyonmttok) translates
+    text as OpenNMT-py's own `onmt_translate` does: a sentencepiece model through it, and its conservative mode with
+    joiners over whole words (a vocabulary of the sample text's tokens), greedy and beam 3."""
+    import ast
+    import subprocess
+
+    import sentencepiece as spm
+
+    from conftest import SAMPLE_TEXT, sample_lines
+    options = ["-transforms", "onmt_tokenize", "-src_onmttok_kwargs", kwargs, "-tgt_onmttok_kwargs", kwargs,
+               "-src_subword_type", subword, "-tgt_subword_type", subword]
+    tokenizer_kwargs = ast.literal_eval(kwargs)
+    if subword == "sentencepiece":
+        spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(tmp_path / "sp"), vocab_size=120,
+                                       model_type="unigram", minloglevel=2)
+        model = str(tmp_path / "sp.model")
+        options += ["-src_subword_model", model, "-tgt_subword_model", model]
+        tokenizer_kwargs["sp_model_path"] = model
+    seen = dict.fromkeys(t for line in sample_lines() for t in pyonmttok.Tokenizer(**tokenizer_kwargs)(line))
+    tokens = ["<unk>", "<blank>", "<s>", "</s>"] + [t for t in seen if t not in ("<unk>", "<s>", "</s>")][:150]
+    checkpoint = write_checkpoint(tmp_path, CONFIGS["gelu-biases-shared"] + options, seed=3, tokens=tokens)
+    texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
+    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
+    engine = pyengine.Engine.load(checkpoint)
+    assert engine.tokenizer is not None, engine.tokenizer_note
+    for beam in (1, 3):
+        out = tmp_path / f"out{beam}.txt"
+        run = subprocess.run([sys.executable, "-c", ONMT_TRANSLATE, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
+                              "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
+                              "-max_length_ratio", "0", "-gpu", "-1", *options], capture_output=True, text=True,
                              timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         want = out.read_text().splitlines()

@@ -14,6 +14,8 @@ in it runs.
 """
 from __future__ import annotations
 
+import importlib.util
+
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,28 +195,77 @@ def load(path: Path) -> LoadedModel:
     # OpenNMT-py's translate defaults: beam 5, max_length 250 (its max_length_ratio is not applied), avg length
     # penalty with alpha 1 (see OnmtBeamState)
     defaults = DecodeOptions(beam_size=5, num_hypotheses=1, max_decoding_length=250)
-    tokenizer, note = sentencepiece_tokenizer(ckpt["opt"], path, vocab)
+    tokenizer, note = text_tokenizer(ckpt["opt"], path, vocab)
     return LoadedModel(config=cfg, state=state, defaults=defaults, tokenizer=tokenizer, source=f"opennmt-py:{path}",
                        extra={"tokenizer_note": note, **vocab} if note else vocab)
 
 
-def sentencepiece_tokenizer(opt, path: Path, vocab: dict):
-    """The text tokenizer of a checkpoint trained with OpenNMT-py's `sentencepiece` transform: its subword models
-    where the options name them, or by the same file name beside the checkpoint. (tokenizer, note)"""
-    from ..tokenizer import OnmtSpmTokenizer
+def text_tokenizer(opt, path: Path, vocab: dict):
+    """The text tokenizer of a checkpoint trained with OpenNMT-py's `sentencepiece` or `onmt_tokenize` transform, its
+    subword models where the options name them or by the same file name beside the checkpoint. (tokenizer, note: why
+    there is none)"""
+    from ..tokenizer import OnmtSpmTokenizer, OnmtTokTokenizer
     transforms = list(getattr(opt, "transforms", None) or [])
-    if "sentencepiece" not in transforms:
+    kind = next((t for t in transforms if t in ("sentencepiece", "onmt_tokenize")), None)
+    if kind is None:
         return None, ("OpenNMT-py tokenization is the training config's transforms (text is read with the "
-                      f"sentencepiece transform; this checkpoint has {transforms or 'none'}); translate from token ids "
-                      "with generate()")
-    models = []
+                      f"sentencepiece or onmt_tokenize transform; this checkpoint has {transforms or 'none'}); "
+                      "translate from token ids with generate()")
+    if kind == "sentencepiece":
+        specials = set(SPECIALS.values())
+        models = []
+        for side in ("src", "tgt"):
+            found, note = subword_file(opt, side, path)
+            if found is None:
+                return None, note
+            models.append(found)
+        return OnmtSpmTokenizer(models[0], models[1], vocab["src_tokens"], vocab["tgt_tokens"], specials), ""
+    if importlib.util.find_spec("pyonmttok") is None:  # the OpenNMT Tokenizer, an extra
+        return None, ("the checkpoint's onmt_tokenize transform needs the OpenNMT Tokenizer: pip install "
+                      "pyengine[opennmt] (pyonmttok); translate from token ids with generate()")
+    sides = []
     for side in ("src", "tgt"):
-        named = getattr(opt, f"{side}_subword_model", None)
-        candidates = [Path(named), path.parent / Path(named).name] if named else []
-        found = next((c for c in candidates if c.is_file()), None)
+        kwargs, note = onmttok_kwargs(opt, side, path)
+        if kwargs is None:
+            return None, note
+        sides.append(kwargs)
+    # the transform's rule, both sides: the source's subword type and the target's preserve_placeholders decide
+    newline = getattr(opt, "src_subword_type", "none") == "sentencepiece" \
+        and not sides[1].get("preserve_placeholders", False)
+    return OnmtTokTokenizer(sides[0], sides[1], vocab["src_tokens"], vocab["tgt_tokens"], newline), ""
+
+
+def subword_file(opt, side: str, path: Path) -> tuple[Path | None, str]:
+    """The side's subword model where the options name it, else by its file name beside the checkpoint."""
+    named = getattr(opt, f"{side}_subword_model", None)
+    candidates = [Path(named), path.parent / Path(named).name] if named else []
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return None, (f"the checkpoint's {side}_subword_model {named!r} is neither where its options say nor "
+                      f"beside {path.name}; translate from token ids with generate()")
+    return found, ""
+
+
+def onmttok_kwargs(opt, side: str, path: Path) -> tuple[dict | None, str]:
+    """pyonmttok.Tokenizer's arguments as OpenNMT-py's onmt_tokenize transform makes them for `side` (its
+    _get_subword_kwargs and {side}_onmttok_kwargs); subword sampling and GPT-2 pre-tokenization are refused (a note)."""
+    import ast
+    raw = getattr(opt, f"{side}_onmttok_kwargs", None) or {}
+    other = ast.literal_eval(raw) if isinstance(raw, str) else dict(raw)  # a dict, or the string training parsed
+    subword = getattr(opt, f"{side}_subword_type", "none") or "none"
+    nbest, alpha = getattr(opt, f"{side}_subword_nbest", 1), getattr(opt, f"{side}_subword_alpha", 0)
+    if getattr(opt, "gpt2_pretok", False) or nbest not in (0, 1) or alpha:
+        return None, (f"the checkpoint's onmt_tokenize options sample subwords or pre-tokenize as GPT-2 "
+                      f"({side}_subword_nbest {nbest}, {side}_subword_alpha {alpha}, gpt2_pretok); translate from "
+                      "token ids with generate()")
+    kwargs: dict = {}
+    if subword in ("bpe", "sentencepiece"):
+        found, note = subword_file(opt, side, path)
         if found is None:
-            return None, (f"the checkpoint's {side}_subword_model {named!r} is neither where its options say nor "
-                          f"beside {path.name}; translate from token ids with generate()")
-        models.append(found)
-    specials = set(SPECIALS.values())
-    return OnmtSpmTokenizer(models[0], models[1], vocab["src_tokens"], vocab["tgt_tokens"], specials), ""
+            return None, note
+        kwargs = {"bpe_model_path": str(found), "bpe_dropout": alpha} if subword == "bpe" else \
+            {"sp_model_path": str(found), "sp_nbest_size": nbest, "sp_alpha": alpha}
+    threshold, vocab_path = getattr(opt, f"{side}_vocab_threshold", 0), getattr(opt, f"{side}_subword_vocab", "")
+    if threshold > 0 and vocab_path:
+        kwargs.update(vocabulary_path=vocab_path, vocabulary_threshold=threshold)
+    return {**kwargs, **other}, ""
