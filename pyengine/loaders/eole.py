@@ -169,7 +169,7 @@ def load(path: Path) -> LoadedModel:
 def sentencepiece_tokenizer(raw: dict, path: Path, vocab: dict, specials: dict):
     """The text tokenizer of a model trained with eole's `sentencepiece` transform: its subword models, which eole
     saves beside the weights as `${MODEL_PATH}/<name>`. (tokenizer, note)"""
-    from ..tokenizer import OnmtSpmTokenizer
+    from .onmt_text import OnmtSpmTokenizer
     transforms = list(raw.get("transforms") or [])
     if transforms != ["sentencepiece"]:
         return None, ("eole tokenization is the training config's transforms (text is read when they are exactly "

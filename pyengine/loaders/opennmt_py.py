@@ -204,7 +204,7 @@ def text_tokenizer(opt, path: Path, vocab: dict):
     """The text tokenizer of a checkpoint trained with OpenNMT-py's `sentencepiece` or `onmt_tokenize` transform, its
     subword models where the options name them or by the same file name beside the checkpoint. (tokenizer, note: why
     there is none)"""
-    from ..tokenizer import OnmtSpmTokenizer, OnmtTokTokenizer
+    from .onmt_text import OnmtSpmTokenizer, OnmtTokTokenizer
     transforms = list(getattr(opt, "transforms", None) or [])
     kind = next((t for t in transforms if t in ("sentencepiece", "onmt_tokenize")), None)
     if kind is None:
