@@ -154,8 +154,8 @@ class Engine:
         events: queue.Queue = queue.Queue()
         done = object()
 
-        def on_step(index: int, tokens: list[int], finished: bool) -> None:
-            events.put(StreamEvent(index, tokens, self.tokenizer.decode(tokens), finished))
+        def on_step(index: int, tokens: list[int], finished: bool, log_probs: list[float] | None) -> None:
+            events.put(StreamEvent(index, tokens, self.tokenizer.decode(tokens), finished, log_probs))
 
         def run() -> None:
             try:
@@ -210,10 +210,10 @@ class Engine:
         positions = [i for i, x in enumerate(ids) if x is not None]
         on_step = None
         if _on_step is not None:  # report with the caller's index
-            on_step = lambda k, toks, fin: _on_step(positions[k], toks, fin)  # noqa: E731
+            on_step = lambda k, *event: _on_step(positions[k], *event)  # noqa: E731
             for i, x in enumerate(ids):
                 if x is None:
-                    _on_step(i, [], True)
+                    _on_step(i, [], True, [])
         results = self._generate([x for x in ids if x is not None], opts, on_step, prefixes)
         it = iter(results)
         out = []
@@ -332,7 +332,7 @@ class Engine:
             members = [i for i, p in enumerate(prefixes) if len(p) == length]
             group_opts = prompt_options(opts, length)
             group_prefix = [prompt_prefix(opts, prefixes[i]) for i in members]
-            cb = None if on_step is None else (lambda k, t, f, members=members: on_step(members[k], t, f))
+            cb = None if on_step is None else (lambda k, *event, members=members: on_step(members[k], *event))
             for i, out in zip(members, self._generate_group([ids[i] for i in members], group_opts, cb, group_prefix)):
                 results[i] = out
         return results
@@ -351,7 +351,7 @@ class Engine:
     def _run_fitting(self, batch: list[int], ids: list[list[int]], opts: DecodeOptions, on_step,
                      generator: torch.Generator | None, prefixes: list[list[int]] | None) -> list[list[Hypothesis]]:
         """Decode the sentences `batch` indexes; a batch that does not fit in memory is halved and retried."""
-        step_cb = None if on_step is None else (lambda k, toks, fin: on_step(batch[k], toks, fin))
+        step_cb = None if on_step is None else (lambda k, *event: on_step(batch[k], *event))
         prefix = None if not prefixes or not prefixes[0] else \
             torch.tensor([prefixes[i] for i in batch], device=self.engine_config.device)
         try:

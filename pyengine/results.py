@@ -11,12 +11,15 @@ from .errors import OptionError
 
 @dataclass
 class StreamEvent:
-    """A sentence's best hypothesis so far (`done`: final). For beam search a later event may revise it."""
+    """A sentence's best hypothesis so far (`done`: final). For beam search a later event may revise it.
+    log_probs (greedy search and sampling): each generated token's log-probability, the end token's included where it
+    was predicted — CTranslate2's generate_tokens(return_log_prob=True); None under beam search."""
 
     index: int
     tokens: list[int]
     text: str
     done: bool
+    log_probs: list[float] | None = None
 
 
 @dataclass

@@ -305,3 +305,22 @@ def test_replace_unknowns_equals_ctranslate2(many_unk_model, beam):
     assert got[0].attention is None  # read for the replacement, not returned
     with pytest.raises(pyengine.OptionError, match="translate_batch"):
         engine.generate([tok(TEXTS[0]).input_ids], replace_unknowns=True)
+
+
+def test_streamed_log_probs_equal_ctranslate2_generate_tokens(model):
+    """translate_iter's events under greedy search carry each generated token's log-probability, the end token's
+    included: CTranslate2's generate_tokens(return_log_prob=True) on the same model (within its float32 difference);
+    they sum to the score (no length penalty). Beam search's events carry none (its best so far may be revised)."""
+    engine, translator, tok = model
+    for text in TEXTS[:5]:
+        ref = list(translator.generate_tokens(tok.convert_ids_to_tokens(tok(text).input_ids), max_decoding_length=64,
+                                              return_log_prob=True))
+        events = list(engine.translate_iter([text], beam_size=1, max_decoding_length=64, forced_eos=False))
+        final = events[-1]
+        assert final.done and tok.convert_ids_to_tokens(final.tokens) + ["</s>"] == [r.token for r in ref]
+        assert final.log_probs == pytest.approx([r.log_prob for r in ref], abs=2e-3)
+        assert [len(e.log_probs) for e in events] == list(range(1, len(ref) + 1))  # one more each step
+        scored = engine.translate_batch([text], beam_size=1, max_decoding_length=64, forced_eos=False,
+                                        length_penalty=0.0)[0]
+        assert sum(final.log_probs) == pytest.approx(scored.scores[0], abs=1e-4)
+    assert all(e.log_probs is None for e in engine.translate_iter(TEXTS[:1], beam_size=2))

@@ -8,7 +8,9 @@ import torch
 
 from ..config import DecodeOptions
 
-StepCallback = Callable[[int, list[int], bool], None]  # (sentence, best tokens so far, finished)
+# (sentence, best tokens so far, finished, the log-probability of each generated token — the end token's too when it
+# was predicted — or None: greedy search reports them, beam search's best so far may still be revised)
+StepCallback = Callable[[int, list[int], bool, "list[float] | None"], None]
 
 
 @dataclass

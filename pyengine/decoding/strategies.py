@@ -132,6 +132,9 @@ class Greedy(Strategy):
         self.sentence = torch.arange(batch, device=device)  # cohort index of each row
         self.history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
         self.scores = torch.zeros(batch, dtype=torch.float32, device=device)
+        # each step's chosen log-prob, for on_step (CTranslate2's generate_tokens(return_log_prob=True))
+        self.step_logp = None if on_step is None else \
+            torch.zeros(batch, opts.max_decoding_length, dtype=torch.float32, device=device)
 
     def need(self) -> Need:
         if self.position < self.forced:
@@ -150,12 +153,10 @@ class Greedy(Strategy):
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
         biased = self.biasing(step)
         if chosen is not None:
-            nxt = chosen[1][:, 0]
-            self.scores += chosen[0][:, 0]
+            nxt, gained = chosen[1][:, 0], chosen[0][:, 0]
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             final_logp, final = forced_final_eos(logits, eos)
-            nxt = final[:, 0]
-            self.scores += final_logp[:, 0]
+            nxt, gained = final[:, 0], final_logp[:, 0]
         elif opts.sampling or fused_bans(step, opts, eos) is None or biased or self.rules.processors_on_logits:
             if self.rules.processors_on_logits:  # CTranslate2: the processors shape the logits, the softmax follows
                 processed = apply_processors(logits, step, opts, eos, seqs)
@@ -167,21 +168,22 @@ class Greedy(Strategy):
                 self.bias.apply(logp, step)
                 processed = logp
             nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
-            self.scores += logp.gather(1, nxt[:, None])[:, 0]
+            gained = logp.gather(1, nxt[:, None])[:, 0]
         else:  # the best logit among the allowed tokens is the argmax of the processed scores
             best_logp, best = candidates(logits, 1, step, opts, eos, buffers, seqs, self.topk)
-            nxt = best[:, 0]
-            self.scores += best_logp[:, 0]
+            nxt, gained = best[:, 0], best_logp[:, 0]
+        self.scores += gained
         self.history[:, step] = nxt
         if self.bias is not None:
             self.bias.follow(None, nxt, step)
         ends = opts.end_ids(eos)
         done = ending(nxt, opts, eos) | (step + 1 >= opts.max_decoding_length)
         if self.on_step is not None:
+            self.step_logp[:, step] = gained
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
                 toks = self.history[row, : step + 1].tolist()
                 self.on_step(sentence, self.prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] in ends else toks),
-                             finished)
+                             finished, self.step_logp[row, : step + 1].tolist())
         self.tokens = nxt
         if not bool(done.any()):
             return Selection(None, None)
@@ -214,7 +216,8 @@ class Greedy(Strategy):
     def _keep(self, keep: torch.Tensor) -> None:
         """Only these rows (= sentences) go on."""
         self.done = keep.numel() == 0
-        for name in ("sentence", "history", "scores", "tokens", "prompt") + (("att",) if self.att is not None else ()):
+        for name in ("sentence", "history", "scores", "tokens", "prompt") + (("att",) if self.att is not None else ()) \
+                + (("step_logp",) if self.step_logp is not None else ()):
             setattr(self, name, getattr(self, name)[keep])
         if self.bias is not None:
             self.bias.keep(keep)
@@ -300,7 +303,8 @@ class Beam(Strategy):
         if self.on_step is not None:
             for row, sentence in enumerate(state.sentence.tolist()):
                 if not bool(done[row]):
-                    self.on_step(sentence, self.prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False)
+                    self.on_step(sentence, self.prompts[sentence] + state.run_hist[row, 0, : step + 1].tolist(), False,
+                                 None)
         sentences, finished = None, []
         if bool(done.any()):
             done_rows = done.nonzero()[:, 0]
@@ -311,7 +315,7 @@ class Beam(Strategy):
                     Hypothesis(prompt + h.tokens, h.score, *self.attention_of(h, r, j, len(prompt) + len(h.tokens)))
                     for j, h in enumerate(hyps)], opts, rescore=not self.rules.ranks_coverage)
                 if self.on_step is not None:
-                    self.on_step(sentence, self.results[sentence][0].tokens, True)
+                    self.on_step(sentence, self.results[sentence][0].tokens, True, None)
             sentences = (~done).nonzero()[:, 0]
             if sentences.numel() == 0:
                 self.done = True
