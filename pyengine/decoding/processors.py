@@ -213,6 +213,13 @@ def warped(scores: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
     return scores
 
 
+def accumulated(scores: torch.Tensor, run_scores: torch.Tensor) -> torch.Tensor:
+    """Each sentence's running score + the score of every (beam, candidate): (B·K, C) scores of its rows and the
+    (B, K) running scores → (B, K·C), beam-major (position // C is the beam)."""
+    b, k = run_scores.shape
+    return (scores.view(b, k, -1) + run_scores[:, :, None]).view(b, -1)
+
+
 def sampled_candidates(scores: torch.Tensor, run_scores: torch.Tensor, n: int,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's beam-search sampling (do_sample with num_beams): per sentence, n continuations drawn without replacement
@@ -221,8 +228,7 @@ def sampled_candidates(scores: torch.Tensor, run_scores: torch.Tensor, n: int,
     score + candidate score keeps exactly these."""
     b, k = run_scores.shape
     v = scores.shape[-1]
-    total = (scores.view(b, k, v) + run_scores[:, :, None]).view(b, k * v)
-    drawn = torch.multinomial(total.softmax(dim=-1), n, generator=generator)  # (B, n), without replacement
+    drawn = torch.multinomial(accumulated(scores, run_scores).softmax(dim=-1), n, generator=generator)  # no replacement
     cand = torch.full((b * k, n), float("-inf"), device=scores.device)
     ids = torch.zeros((b * k, n), dtype=torch.long, device=scores.device)
     used = [0] * (b * k)
@@ -242,11 +248,10 @@ def ct2_drawn_candidates(logp: torch.Tensor, run_scores: torch.Tensor, opts: Dec
     code calls the Gumbel-max trick (Gumbel noise would be −log(−log U); CTranslate2 4.8.5's draws follow the
     exponential, measured) — and the n largest, in that order. Returns (B, n) running scores (untempered), parent beams
     and tokens in draw order: CTranslate2's beam rule takes the first `beam` of them, not the best."""
-    b, k = run_scores.shape
     v = logp.shape[-1]
-    total = (logp.view(b, k, v) + run_scores[:, :, None]).view(b, k * v)
+    total = accumulated(logp, run_scores)
     x, flat = total, None
-    if 0 < opts.sampling_topk < k * v:
+    if 0 < opts.sampling_topk < total.shape[-1]:
         x, flat = topk_rows(total, opts.sampling_topk)
     if opts.sampling_temperature != 1:
         x = x * (1.0 / opts.sampling_temperature)

@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..config import DecodeOptions
-from .processors import NEG, ct2_drawn_candidates, ending, sampled_candidates, warped
+from .processors import NEG, accumulated, ct2_drawn_candidates, ending, sampled_candidates, warped
 from .hypothesis import Hypothesis, coverage_penalty
 
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
@@ -24,10 +24,10 @@ class HFBeamState:
     """Hugging Face `generate`'s beam rules. Per-sentence beam bookkeeping in batched tensors of shape (B, K, ...);
     B shrinks as sentences finish. Each step scores max(2, 1 + end ids) × beam candidates over beam × vocab;
     candidates ending in an end id (or at the length limit) among the first `beam` enter the finished set with
-    score / length ** length_penalty; the best non-finished `beam` continue. A sentence stops when no running hypothesis can beat its worst finished
-    one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step: `impl` "loop", a loop per sentence over CPU
-    tensors, or "aten", an ATen composition for any device — Ops.beam_step); its Python specification, which the
-    C++ is tested against, is tests/reference_search.py."""
+    score / length ** length_penalty; the best non-finished `beam` continue. A sentence stops when no running
+    hypothesis can beat its worst finished one (HF's heuristic). `step` runs in C++ (pyengine._C.beam_step: `impl`
+    "loop", a loop per sentence over CPU tensors, or "aten", an ATen composition for any device — Ops.beam_step); its
+    Python specification, which the C++ is tested against, is tests/reference_search.py."""
 
     def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
         self.beam, self.max_len, self.impl = beam, max_len, impl
@@ -115,7 +115,7 @@ class RecordedBeamState:
         (scores (B, n), parent beam (B, n), token (B, n))."""
         b, k = self.run_scores.shape
         per_row = cand_logp.shape[-1]
-        acc = (cand_logp.view(b, k, per_row) + self.run_scores[:, :, None]).view(b, k * per_row)
+        acc = accumulated(cand_logp, self.run_scores)
         top_scores, top_pos = torch.topk(acc, min(n, k * per_row))
         parent = torch.div(top_pos, per_row, rounding_mode="floor")
         return top_scores, parent, cand_ids.view(b, k * per_row).gather(1, top_pos)
@@ -210,12 +210,12 @@ class FairseqBeamState(RecordedBeamState):
 
 class Ct2BeamState(RecordedBeamState):
     """CTranslate2's BeamSearch rules (src/decoding.cc, 4.x). Each step takes the 2 × beam best candidates over
-    beam × vocab (with sampling, 2 × beam drawn: `choose`); each of the first `beam` that is the end token (or any, at the length limit) is recorded with its
-    running score, and its place goes to the next candidate that is not the end token. A sentence is done at the
-    length limit; without penalties (length_penalty and coverage_penalty 0) once the best candidate of some step has
-    finished and num_hypotheses are recorded; otherwise once round(beam × patience) are recorded. Its n-best are the
-    recorded ones, score / length ** length_penalty with length the generated tokens (the end token among them,
-    returned or not), best first."""
+    beam × vocab (with sampling, 2 × beam drawn: `choose`); each of the first `beam` that is the end token (or any,
+    at the length limit) is recorded with its running score, and its place goes to the next candidate that is not the
+    end token. A sentence is done at the length limit; without penalties (length_penalty and coverage_penalty 0) once
+    the best candidate of some step has finished and num_hypotheses are recorded; otherwise once round(beam ×
+    patience) are recorded. Its n-best are the recorded ones, score / length ** length_penalty with length the
+    generated tokens (the end token among them, returned or not), best first."""
 
     def __init__(self, batch: int, beam: int, max_len: int, device: torch.device, impl: str):
         super().__init__(batch, beam, max_len, device, impl)
