@@ -176,15 +176,34 @@ ONMT_TRANSLATE = ("import sys, types, importlib.machinery\n"
                   "main()\n")
 
 
+def assert_text_equals_onmt_translate(engine, checkpoint: str, transform: list[str], tmp_path) -> None:
+    """engine.translate of eight sample sentences equals what OpenNMT-py's own onmt_translate (its transforms,
+    Translator and detokenization, given the checkpoint's transform options) writes for the same text file, greedy
+    and beam 3."""
+    import subprocess
+
+    from conftest import sample_lines
+    texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
+    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
+    for beam in (1, 3):
+        out = tmp_path / f"out{beam}.txt"
+        run = subprocess.run([sys.executable, "-c", ONMT_TRANSLATE, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
+                              "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
+                              "-max_length_ratio", "0", "-gpu", "-1", *transform], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        want = out.read_text().splitlines()
+        assert engine.translate(texts, beam_size=beam, max_decoding_length=16) == want
+        assert sum(bool(w.strip()) for w in want) >= len(texts) - 1, want  # text to compare, not blanks
+
+
 def test_text_through_the_sentencepiece_transform_matches_opennmt_translate(tmp_path):
     """A checkpoint trained with OpenNMT-py's `sentencepiece` transform translates text: pyengine reads the subword
     model its options name and gives what OpenNMT-py's own `onmt_translate` (transforms, Translator, detokenization)
     writes for the same text file, greedy and beam 3."""
-    import subprocess
-
     import sentencepiece as spm
 
-    from conftest import SAMPLE_TEXT, sample_lines
+    from conftest import SAMPLE_TEXT
     spm.SentencePieceTrainer.train(input=str(SAMPLE_TEXT), model_prefix=str(tmp_path / "sp"), vocab_size=120,
                                    model_type="unigram", minloglevel=2)
     proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
@@ -193,19 +212,7 @@ def test_text_through_the_sentencepiece_transform_matches_opennmt_translate(tmp_
     model = str(tmp_path / "sp.model")
     subword = ["-transforms", "sentencepiece", "-src_subword_model", model, "-tgt_subword_model", model]
     checkpoint = write_checkpoint(tmp_path, CONFIGS["gelu-biases-shared"] + subword, seed=3, tokens=tokens)
-    texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
-    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
-    engine = pyengine.Engine.load(checkpoint)
-    for beam in (1, 3):
-        out = tmp_path / f"out{beam}.txt"
-        run = subprocess.run([sys.executable, "-c", ONMT_TRANSLATE, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
-                              "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
-                              "-max_length_ratio", "0", "-gpu", "-1", *subword], capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        want = out.read_text().splitlines()
-        assert engine.translate(texts, beam_size=beam, max_decoding_length=16) == want
-        assert sum(bool(w.strip()) for w in want) >= len(texts) - 1, want  # text to compare, not blanks
+    assert_text_equals_onmt_translate(pyengine.Engine.load(checkpoint), checkpoint, subword, tmp_path)
 
 
 @pytest.mark.parametrize("kwargs,subword", [("{'mode': 'none'}", "sentencepiece"),
@@ -215,7 +222,6 @@ def test_text_through_the_onmt_tokenize_transform_matches_opennmt_translate(tmp_
     text as OpenNMT-py's own `onmt_translate` does: a sentencepiece model through it, and its conservative mode with
     joiners over whole words (a vocabulary of the sample text's tokens), greedy and beam 3."""
     import ast
-    import subprocess
 
     import sentencepiece as spm
 
@@ -232,17 +238,6 @@ def test_text_through_the_onmt_tokenize_transform_matches_opennmt_translate(tmp_
     seen = dict.fromkeys(t for line in sample_lines() for t in pyonmttok.Tokenizer(**tokenizer_kwargs)(line))
     tokens = ["<unk>", "<blank>", "<s>", "</s>"] + [t for t in seen if t not in ("<unk>", "<s>", "</s>")][:150]
     checkpoint = write_checkpoint(tmp_path, CONFIGS["gelu-biases-shared"] + options, seed=3, tokens=tokens)
-    texts = [t for t in sample_lines()[:40] if 10 < len(t) < 70][:8]
-    (tmp_path / "src.txt").write_text("\n".join(texts) + "\n")
     engine = pyengine.Engine.load(checkpoint)
     assert engine.tokenizer is not None, engine.tokenizer_note
-    for beam in (1, 3):
-        out = tmp_path / f"out{beam}.txt"
-        run = subprocess.run([sys.executable, "-c", ONMT_TRANSLATE, "-model", checkpoint, "-src", str(tmp_path / "src.txt"),
-                              "-output", str(out), "-beam_size", str(beam), "-max_length", "16",
-                              "-max_length_ratio", "0", "-gpu", "-1", *options], capture_output=True, text=True,
-                             timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        want = out.read_text().splitlines()
-        assert engine.translate(texts, beam_size=beam, max_decoding_length=16) == want
-        assert sum(bool(w.strip()) for w in want) >= len(texts) - 1, want  # text to compare, not blanks
+    assert_text_equals_onmt_translate(engine, checkpoint, options, tmp_path)

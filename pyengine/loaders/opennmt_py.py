@@ -212,27 +212,32 @@ def text_tokenizer(opt, path: Path, vocab: dict):
                       f"sentencepiece or onmt_tokenize transform; this checkpoint has {transforms or 'none'}); "
                       "translate from token ids with generate()")
     if kind == "sentencepiece":
-        specials = set(SPECIALS.values())
-        models = []
-        for side in ("src", "tgt"):
-            found, note = subword_file(opt, side, path)
-            if found is None:
-                return None, note
-            models.append(found)
-        return OnmtSpmTokenizer(models[0], models[1], vocab["src_tokens"], vocab["tgt_tokens"], specials), ""
+        models, note = both_sides(subword_file, opt, path)
+        if models is None:
+            return None, note
+        return OnmtSpmTokenizer(models[0], models[1], vocab["src_tokens"], vocab["tgt_tokens"],
+                                set(SPECIALS.values())), ""
     if importlib.util.find_spec("pyonmttok") is None:  # the OpenNMT Tokenizer, an extra
         return None, ("the checkpoint's onmt_tokenize transform needs the OpenNMT Tokenizer: pip install "
                       "pyengine[opennmt] (pyonmttok); translate from token ids with generate()")
-    sides = []
-    for side in ("src", "tgt"):
-        kwargs, note = onmttok_kwargs(opt, side, path)
-        if kwargs is None:
-            return None, note
-        sides.append(kwargs)
+    sides, note = both_sides(onmttok_kwargs, opt, path)
+    if sides is None:
+        return None, note
     # the transform's rule, both sides: the source's subword type and the target's preserve_placeholders decide
     newline = getattr(opt, "src_subword_type", "none") == "sentencepiece" \
         and not sides[1].get("preserve_placeholders", False)
     return OnmtTokTokenizer(sides[0], sides[1], vocab["src_tokens"], vocab["tgt_tokens"], newline), ""
+
+
+def both_sides(read, opt, path: Path) -> tuple[list | None, str]:
+    """read(opt, side, path) → (value, note) for "src" then "tgt": both values, or None and the first side's note."""
+    values = []
+    for side in ("src", "tgt"):
+        value, note = read(opt, side, path)
+        if value is None:
+            return None, note
+        values.append(value)
+    return values, ""
 
 
 def subword_file(opt, side: str, path: Path) -> tuple[Path | None, str]:
