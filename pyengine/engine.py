@@ -213,7 +213,7 @@ class Engine:
             on_step = lambda k, *event: _on_step(positions[k], *event)  # noqa: E731
             for i, x in enumerate(ids):
                 if x is None:
-                    _on_step(i, [], True, [])
+                    _on_step(i, [], True, [] if opts.beam_size == 1 else None)  # as the steps report them
         results = self._generate([x for x in ids if x is not None], opts, on_step, prefixes)
         it = iter(results)
         out = []

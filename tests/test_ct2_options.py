@@ -323,4 +323,5 @@ def test_streamed_log_probs_equal_ctranslate2_generate_tokens(model):
         scored = engine.translate_batch([text], beam_size=1, max_decoding_length=64, forced_eos=False,
                                         length_penalty=0.0)[0]
         assert sum(final.log_probs) == pytest.approx(scored.scores[0], abs=1e-4)
-    assert all(e.log_probs is None for e in engine.translate_iter(TEXTS[:1], beam_size=2))
+    assert all(e.log_probs is None for e in engine.translate_iter(["", TEXTS[0]], beam_size=2))  # a blank text too
+    assert [e.log_probs for e in engine.translate_iter([""], beam_size=1)] == [[]]
