@@ -138,6 +138,9 @@ void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_val
   std::vector<std::pair<float, int64_t>> cands;
   for (const TopKState& st : states)
     for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
+  // a NaN logit is never offered (no comparison holds), so a row of NaN (a hidden state gone NaN) has too few
+  TORCH_CHECK(static_cast<int64_t>(cands.size()) >= k && std::isfinite(log_sum), "output layer: row ", row,
+              " has NaN logits (the decoder's hidden state is not finite)");
   std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   });

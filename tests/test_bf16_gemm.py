@@ -207,3 +207,6 @@ def test_fused_output_candidates_refuses_bad_arguments():
         _C.bf16_linear_log_softmax_topk(x, packed, None, 70, 1, torch.tensor([70]))
     with pytest.raises(RuntimeError, match="packed weight does not match"):
         _C.bf16_linear_log_softmax_topk(torch.randn(3, 100), packed, None, 70, 1, torch.empty(0, dtype=torch.long))
+    x[2] = float("nan")  # a hidden state gone NaN: named, not a crash on a row without candidates
+    with pytest.raises(RuntimeError, match="row 2 has NaN logits"):
+        _C.bf16_linear_log_softmax_topk(x, packed, None, 70, 2, torch.empty(0, dtype=torch.long))

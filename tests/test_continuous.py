@@ -277,3 +277,25 @@ def test_short_request_is_not_held_behind_a_long_one(default_engine):
     assert scheduler.stats.steps > steps_at_short
     alone = default_engine.translate_batch(long_texts, beam_size=4, max_decoding_length=160)
     assert [r.tokens for r in long] == [a.tokens for a in alone]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_batch_reads_nothing_of_the_buffers_it_reuses(dtype):
+    """A finished batch gives its KV cache, encoder memory and step buffers to the model's pool and the next batch
+    starts on them (no fresh pages to fault in): with NaN in every pooled buffer the next call translates exactly as
+    the first did (it reads only what it wrote), and it took and gave back the same tensors."""
+    engine = pyengine.Engine.load("default", dtype=dtype)
+    texts = sample_lines()[60:72]
+    options = dict(beam_size=4, num_hypotheses=2, max_decoding_length=40)
+    first = engine.translate_batch(texts, **options)
+    pool = engine.model.buffer_pool
+    held = {kind: pool.take(kind) for kind in ("kv-cache", "memory", "step-logits", "step-logp")}
+    assert all(t is not None for t in held.values())
+    with torch.inference_mode():  # (the engine made them under it)
+        for kind, tensor in held.items():
+            pool.give(kind, tensor.fill_(float("nan")))
+    again = engine.translate_batch(texts, **options)
+    assert [t.tokens for t in again] == [t.tokens for t in first]
+    torch.testing.assert_close(torch.tensor([t.scores for t in again]), torch.tensor([t.scores for t in first]),
+                               rtol=0, atol=0)
+    assert all(pool.take(kind) is tensor for kind, tensor in held.items())

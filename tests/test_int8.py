@@ -196,6 +196,9 @@ def test_fused_output_candidates_refuses_bad_arguments():
     with pytest.raises(RuntimeError, match="packed weight does not match"):
         _C.int8_linear_log_softmax_topk(torch.randn(3, 40), packed, colsum, scale, None, 70, 1,
                                         torch.empty(0, dtype=torch.long))
+    x[1] = float("nan")  # a hidden state gone NaN: named, not a crash on a row without candidates
+    with pytest.raises(RuntimeError, match="row 1 has NaN logits"):
+        _C.int8_linear_log_softmax_topk(x, packed, colsum, scale, None, 70, 2, torch.empty(0, dtype=torch.long))
 
 
 def test_own_kernel_refuses_mismatched_inputs():

@@ -10,6 +10,7 @@ from ..config import DecodeOptions
 
 if TYPE_CHECKING:
     from ..model.backends import LogSoftmaxTopk
+    from ..model.cache import BufferPool
 
 NEG = -1.0e9  # HF's "excluded" score
 
@@ -175,11 +176,14 @@ class PrefixBias:
 
 class StepBuffers:
     """The per-step (rows, V) float32 tensors, allocated once per search: fresh 30 MB tensors every step
-    cost more in page faults than the log-softmax that fills them."""
+    cost more in page faults than the log-softmax that fills them. `pool` (a model's BufferPool): taken from it
+    where the one it holds has the rows, and given back to it by `give`."""
 
-    def __init__(self, rows: int, vocab: int, device: torch.device):
-        self._logits = torch.empty(rows, 1, vocab, device=device)
-        self._logp = torch.empty(rows, vocab, device=device)
+    def __init__(self, rows: int, vocab: int, device: torch.device, pool: "BufferPool | None" = None):
+        logits, logp = (None, None) if pool is None else (pool.take("step-logits"), pool.take("step-logp"))
+        fits = logits is not None and logp is not None and logits.shape[0] >= rows and logits.shape[2] == vocab
+        self._logits = logits if fits else torch.empty(rows, 1, vocab, device=device)
+        self._logp = logp if fits else torch.empty(rows, vocab, device=device)
 
     @property
     def capacity(self) -> int:
@@ -190,6 +194,10 @@ class StepBuffers:
 
     def logp(self, rows: int) -> torch.Tensor:
         return self._logp[:rows]
+
+    def give(self, pool: "BufferPool") -> None:
+        pool.give("step-logits", self._logits)
+        pool.give("step-logp", self._logp)
 
 
 def sample_tokens(scores: torch.Tensor, opts: DecodeOptions, generator: torch.Generator) -> torch.Tensor:
@@ -267,8 +275,10 @@ def ct2_drawn_candidates(logp: torch.Tensor, run_scores: torch.Tensor, opts: Dec
 
 
 def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fairseq's last step: EOS is the only candidate, with its real log-probability."""
-    logp = torch.log_softmax(logits.float(), dim=-1)[:, eos:eos + 1]
+    """fairseq's last step: EOS is the only candidate, with its real log-probability (its logit less the row's
+    log-sum-exp: no (rows, V) log-softmax written for one column)."""
+    logits = logits.float()
+    logp = logits[:, eos:eos + 1] - torch.logsumexp(logits, dim=-1, keepdim=True)
     return logp, torch.full_like(logp, eos, dtype=torch.long)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from ..config import DecodeOptions
 from ..errors import InputError
-from ..model.cache import Span
+from ..model.cache import KVCache, Span
 from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
 from .processors import StepBuffers
@@ -83,8 +83,9 @@ class Runtime:
         self.shortlist = shortlist if opts.use_shortlist else None  # the one this batch's output layer applies
         self.stats = stats if stats is not None else RuntimeStats()
         self.cohorts: list[Cohort] = []
-        self.cache = model.new_cache(device)
-        self.memory = model.new_memory(device)
+        # on the buffers a finished batch left in the model's pool, given back by `release`
+        self.cache = model.new_cache(device, pooled=True)
+        self.memory = model.new_memory(device, pooled=True)
         self.buffers: StepBuffers | None = None
         self._write_rows: tuple[torch.Tensor, int | None] | None = None  # the rows' cache rows, until they change
         if capacity:  # sentences the batch will hold at most: the cache and memory sized once, not grown
@@ -136,9 +137,22 @@ class Runtime:
         self._write_rows = None
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
-            self.buffers = StepBuffers(max(self.rows, 2 * capacity), self.model.cfg.tgt_vocab_size, self.device)
+            self.buffers = StepBuffers(max(self.rows, 2 * capacity), self.model.cfg.tgt_vocab_size, self.device,
+                                       self.model.buffer_pool)
         self.stats.seconds["admit"] += time.perf_counter() - start
         self.stats.cohorts += 1
+
+    def release(self) -> None:
+        """The batch is done (no cohort left, none to come): its cache, memory and step buffers go to the model's pool
+        for the next batch. The runtime takes nothing after this."""
+        pool = self.model.buffer_pool
+        if isinstance(self.cache, KVCache):
+            pool.give("kv-cache", self.cache.physical)
+        pool.give("memory", self.memory.kv)
+        if self.buffers is not None:
+            self.buffers.give(pool)
+        self.cohorts, self.buffers = [], None
+        self.cache = self.memory = None
 
     def evict_newest(self) -> list[Any]:
         """Take the most recently admitted cohort out (its sentences restart later); returns the tags of its
@@ -326,9 +340,12 @@ def decode(model: Transformer, rules: BeamRules, ids: list[list[int]], opts: Dec
            stats: RuntimeStats | None = None) -> list[list[Hypothesis]]:
     """Offline decoding: one cohort run to the end; each sentence's n-best in the order of `ids`."""
     runtime = Runtime(model, rules, opts, device, start_id, eos_id, shortlist, stats)
-    runtime.admit(ids, list(range(len(ids))), prefix, generator, on_step)
-    results: list = [None] * len(ids)
-    while runtime.cohorts:
-        for tag, hyps in runtime.step():
-            results[tag] = hyps
-    return results
+    try:
+        runtime.admit(ids, list(range(len(ids))), prefix, generator, on_step)
+        results: list = [None] * len(ids)
+        while runtime.cohorts:
+            for tag, hyps in runtime.step():
+                results[tag] = hyps
+        return results
+    finally:  # (after an error too: what the buffers hold is never read before it is written)
+        runtime.release()

@@ -27,8 +27,10 @@ class Memory:
     allowed[:, vocab]; output, the output layer restricted to vocab.
     """
 
-    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.kv = torch.empty(layers, 2, 0, heads, 0, head_dim, dtype=dtype, device=device)
+    def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 buffer: torch.Tensor | None = None):
+        # `buffer`: a kv buffer of this shape but for P and S (a BufferPool's), grown from as from an empty one
+        self.kv = buffer if buffer is not None else torch.empty(layers, 2, 0, heads, 0, head_dim, dtype=dtype, device=device)
         self.pool = SlotAllocator()
         self.slots: list[int] = []
         self.lengths = torch.zeros(0, dtype=torch.long, device=device)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .backends import Ops
-from .cache import KVCache, RecurrentCache
+from .cache import BufferPool, KVCache, RecurrentCache
 from .linear import Linear
 from .memory import Memory
 
@@ -250,6 +250,7 @@ class Transformer(nn.Module):
         self.cfg, self.ops = cfg, ops
         self.step = None  # the DecoderStep, chosen at load
         self.output = None  # the OutputLayer, built at load
+        self.buffer_pool = BufferPool()  # what finished batches leave for the next (runtime.Runtime.release)
         d = cfg.d_model
         self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
         self.tgt_embed = None if cfg.shared_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
@@ -309,9 +310,11 @@ class Transformer(nn.Module):
             x = self.ops.add_layer_norm(x, None, self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps)
         return x
 
-    def new_memory(self, device: torch.device) -> Memory:
+    def new_memory(self, device: torch.device, pooled: bool = False) -> Memory:
+        """An empty encoder memory; `pooled`: on the buffer a finished batch left (give it back when done)."""
         attn = self.decoder_layers[0].cross_attn
-        return Memory(len(self.decoder_layers), attn.heads, attn.head_dim, self.ops.cache_dtype, device)
+        return Memory(len(self.decoder_layers), attn.heads, attn.head_dim, self.ops.cache_dtype, device,
+                      self.buffer_pool.take("memory") if pooled else None)
 
     def remember(self, ids: list[list[int]], memory: Memory, allowed: torch.Tensor | None = None) -> None:
         """Encode these sentences (source ids, EOS included) and write every decoder layer's cross-attention K/V
@@ -329,13 +332,14 @@ class Transformer(nn.Module):
         memory.append(slots, lengths, allowed)
 
     # -- decoder -------------------------------------------------------------------------------
-    def new_cache(self, device: torch.device) -> KVCache | RecurrentCache:
-        """An empty self-attention cache (the recurrent state for SSRU decoders); cohorts reserve rows in it."""
+    def new_cache(self, device: torch.device, pooled: bool = False) -> KVCache | RecurrentCache:
+        """An empty self-attention cache (the recurrent state for SSRU decoders); cohorts reserve rows in it.
+        `pooled`: on the buffer a finished batch left (give it back when done)."""
         cfg = self.cfg
         if cfg.decoder_self == "ssru":
             return RecurrentCache(cfg.decoder_layers, cfg.d_model, device)
         return KVCache(cfg.decoder_layers, cfg.decoder_heads, cfg.d_model // cfg.decoder_heads, self.ops.cache_dtype,
-                       device)
+                       device, self.buffer_pool.take("kv-cache") if pooled else None)
 
     def decoder_hidden(self, tokens: torch.Tensor, cache: KVCache | RecurrentCache, memory: Memory,
                        attention_out: list | None = None) -> torch.Tensor:

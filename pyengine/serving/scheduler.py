@@ -285,8 +285,7 @@ class Scheduler:
             if cohort and not self._admit_cohort(batch, cohort, length, alone=len(requests) == 1):
                 for request in requests:
                     self._admit_cohort(batch, [t for t in cohort if t[0] is request], length, alone=True)
-        if not batch.cohorts and self._batches.get(key) is batch:
-            del self._batches[key]
+        self._retire_if_empty(key, batch)
 
     def _admit_cohort(self, batch: Runtime, cohort: list[tuple[Request, int]], length: int, alone: bool) -> bool:
         """Admit one cohort; False when it failed with more than one request in it (then each is tried alone)."""
@@ -341,8 +340,13 @@ class Scheduler:
             self.on_step(rows)
         for (request, i), hyps in finished:
             self._deliver(request, i, hyps)
+        self._retire_if_empty(key, batch)
+
+    def _retire_if_empty(self, key: Hashable, batch: Runtime) -> None:
+        """An emptied batch leaves; its buffers go to the model's pool for the next batch."""
         if not batch.cohorts and self._batches.get(key) is batch:
             del self._batches[key]
+            batch.release()
 
     def _deliver(self, request: Request, i: int, hyps: list[Hypothesis]) -> None:
         if request.future.done():  # failed or cancelled meanwhile
@@ -386,8 +390,7 @@ class Scheduler:
             tags = {t for c in batch.cohorts for t in c.tags if t[0] in gone}
             if tags:
                 dropped += batch.drop(tags)
-            if not batch.cohorts:
-                del self._batches[key]
+            self._retire_if_empty(key, batch)
         counted = sum(r.queued for r in gone)
         for request in gone:
             request.queued = 0
