@@ -328,3 +328,18 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in DTYPES:
         raise OptionError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}, 'int8' or 'auto'")
     return DTYPES[dtype]
+
+
+def options_key(options: dict[str, Any]) -> tuple | None:
+    """A key for these options (lists as tuples, so a JSON body's options are keys too), None when a value cannot
+    be one. Values keep their type in the key: 1 and 1.0 and True are different options to the checks."""
+    def key(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__,) + tuple(key(v) for v in value)
+        hash(value)
+        return (type(value).__name__, value)
+
+    try:
+        return tuple(sorted((name, key(value)) for name, value in options.items()))
+    except TypeError:  # a dict, a set, ...: resolved (and refused or not) every time
+        return None

@@ -10,7 +10,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, restore_order
-from .config import DTYPES, DecodeOptions, EngineConfig, ModelConfig, resolve_dtype  # noqa: F401 (re-exported)
+from .config import DTYPES, DecodeOptions, EngineConfig, ModelConfig, options_key, resolve_dtype  # noqa: F401 (re-exported)
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
 from .decoding.alternatives import alternatives
 from .decoding.strategies import prompt_options, prompt_prefix
@@ -43,6 +43,7 @@ class Engine:
         self.rules = rules_for(config.family)  # the checkpoint family's search rules
         self.splits = 0  # batches halved because they did not fit in memory
         self.stats = RuntimeStats()  # what translate()'s decoder steps ran (the server's scheduler keeps its own)
+        self._resolved: dict[tuple, DecodeOptions] = {}  # options → their DecodeOptions (see options)
         # every implementation choice, made once at load
         self.documents = Documents(self)  # sentence splitting, markup, language detection
         self.backends = {**model.ops.report, "decoder_step": model.step.name,
@@ -288,7 +289,19 @@ class Engine:
         """The model's default decoding options with `options` applied (unknown names are an error).
 
         Sampling options without an explicit beam_size mean beam 1; with beam_size > 1 they sample beams (HF's, or
-        CTranslate2's under its rules)."""
+        CTranslate2's under its rules). A server sees the same few option sets again and again: each is resolved and
+        checked once (~40 µs) and kept (frozen), a bounded number of them; a refused one is refused every time."""
+        key = options_key(options)
+        opts = None if key is None else self._resolved.get(key)
+        if opts is None:
+            opts = self._resolve(options)
+            if key is not None:
+                if len(self._resolved) >= 256:
+                    self._resolved.clear()
+                self._resolved[key] = opts
+        return opts
+
+    def _resolve(self, options: dict[str, Any]) -> DecodeOptions:
         if any(k.startswith("sampling_") for k in options) and "beam_size" not in options:
             options = dict(options, beam_size=1)
         opts = self.defaults.replace(**options)
@@ -385,3 +398,4 @@ class Engine:
         cfg = self.config
         return decode(self.model, self.rules, ids, opts, self.engine_config.device, cfg.decoder_start_id, cfg.eos_id,
                       self.shortlist, on_step, generator, prefix, self.stats)
+

@@ -89,6 +89,23 @@ def test_unknown_and_bad_options(engine):
         engine.translate(["x"], max_decoding_length=500)
 
 
+def test_resolved_options_are_kept_and_refusals_repeat(engine):
+    """A server's repeated option sets are resolved once: the same options (lists as a JSON body gives them) give the
+    same frozen object, equal to a fresh resolution; other types are other options, and a refusal is not kept."""
+    first = engine.options(beam_size=2, suppress_tokens=[5, 6], length_penalty=0.5)
+    assert engine.options(length_penalty=0.5, suppress_tokens=[5, 6], beam_size=2) is first
+    assert first == engine._resolve(dict(beam_size=2, suppress_tokens=[5, 6], length_penalty=0.5))
+    assert engine.options(beam_size=2, suppress_tokens=[5, 7], length_penalty=0.5).suppress_tokens == (5, 7)
+    for _ in range(2):
+        with pytest.raises(OptionError, match="seed"):
+            engine.options(seed="1")
+        with pytest.raises(OptionError, match="suppress_tokens"):
+            engine.options(suppress_tokens=[[1]])
+    assert engine.options(seed=1).seed == 1
+    with pytest.raises(OptionError, match="seed must be an integer"):  # True == 1, yet not the option seed=1 is
+        engine.options(seed=True)
+
+
 @pytest.mark.parametrize("options,words", [
     ({"suppress_tokens": [[1]]}, "suppress_tokens"), ({"suppress_tokens": 5}, "suppress_tokens"),
     ({"suppress_tokens": [10 ** 9]}, "outside the target vocabulary"), ({"seed": "1"}, "seed"),
