@@ -105,10 +105,10 @@ __attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, 
       const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
       if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
         const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
-        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive(_mm512_sub_ps(mx, new_mx)));
+        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive_short(_mm512_sub_ps(mx, new_mx)));
         mx = new_mx;
       }
-      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive(_mm512_sub_ps(v, mx)));
+      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive_short(_mm512_sub_ps(v, mx)));
       __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), v,
                                               _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
       for (; hit; hit &= hit - 1) {

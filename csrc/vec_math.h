@@ -25,6 +25,24 @@ __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+// exp(x) for x <= 0 in 11 operations where exp_nonpositive takes 16, for the fused output layer's log-sum-exp (every
+// logit of a 58k vocabulary, each step): the same range reduction, a degree-5 polynomial (fitted here for relative
+// error on [-ln2/2, ln2/2]: ≤ 1.9e-7 in float32, as Cephes' ~2e-7) and 2^n by vscalefps instead of building the exponent bits.
+__attribute__((target("avx512f"))) inline __m512 exp_nonpositive_short(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(0.008297637104988098f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.04191537946462631f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16667574644088745f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49998894333839417f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999997019767761f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // x·sigmoid(x) (swish / SiLU), with exp only of −|x| ≤ 0: sigmoid(x) = 1/(1+e) for x ≥ 0, e/(1+e) below.
 __attribute__((target("avx512f"))) inline __m512 silu(__m512 x) {
   const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
