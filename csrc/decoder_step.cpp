@@ -12,6 +12,7 @@
 #include "bf16_gemm.h"
 #include "int8_gemm.h"
 #include "layer_norm.h"
+#include "layer_parts.h"
 
 #include <ATen/Parallel.h>
 
@@ -26,20 +27,6 @@
 namespace pyengine {
 
 namespace {
-
-void linear_into(const at::Tensor& x, const StepWeight& weight, const at::Tensor& out, const std::string& kernel,
-                 const std::string& activation = "none") {
-  if (const auto* w = std::get_if<Int8Weight>(&weight)) {
-    int8_linear(x, w->packed, w->colsum, w->scale, w->bias, w->n, out, kernel, activation);
-  } else {
-    const auto& b = std::get<Bf16Weight>(weight);
-    bf16_linear(x, b.packed, b.bias, b.n, out, kernel, activation);
-  }
-}
-
-int64_t out_features(const StepWeight& weight) {
-  return std::visit([](const auto& w) { return w.n; }, weight);
-}
 
 // float32 → bfloat16 as PyTorch converts (c10's rounding to nearest even).
 void to_bf16_portable(const float* src, uint16_t* dst, int64_t n) {
@@ -91,29 +78,6 @@ void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tens
           else std::memcpy(dst, src, Dh * sizeof(float));
         }
   });
-}
-
-// The residual stream after a sub-layer whose output is y: LN(y + x) into x (post-norm, cpp_add_layer_norm's
-// operands in its order), or x + y (pre-norm: the next sub-layer normalizes at its start).
-void residual(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w, const at::Tensor& b,
-              const DecoderLayer& layer) {
-  float* xp = x.data_ptr<float>();
-  const float* yp = y.data_ptr<float>();
-  if (layer.pre_norm) {
-    for (int64_t i = 0; i < x.numel(); ++i) xp[i] = xp[i] + yp[i];
-    return;
-  }
-  add_layer_norm_rows(yp, xp, w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(layer.eps), x.size(0),
-                      x.size(1), nullptr, xp);
-}
-
-// The sub-layer's input: LN(x) into h (pre-norm), x itself (post-norm).
-const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h, const at::Tensor& w, const at::Tensor& b,
-                                 const DecoderLayer& layer) {
-  if (!layer.pre_norm) return x;
-  add_layer_norm_rows(x.data_ptr<float>(), nullptr, w.data_ptr<float>(), b.data_ptr<float>(),
-                      static_cast<float>(layer.eps), x.size(0), x.size(1), nullptr, h.data_ptr<float>());
-  return h;
 }
 
 }  // namespace
@@ -178,29 +142,29 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
     const at::Tensor kv_cache = cache.select(0, l);  // (2, P, H, T_max, Dh)
 
     // self-attention: this step's K/V into the cache, then the query against every position so far
-    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer), layer.qkv, qkv, kernel);
+    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps), layer.qkv, qkv, kernel);
     write_kv(qkv.data_ptr<float>(), N, H, Dh, kv_cache, dst_ptr, pos_ptr);
     decode_attention_into(self_q, kv_cache.select(0, 0).narrow(2, 0, T), kv_cache.select(0, 1).narrow(2, 0, T),
                           self_len, scale, row_ptr, self_ctx);
     linear_into(ctx, layer.self_out, y, kernel);
-    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer);
+    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
 
     // encoder-decoder attention: beams are extra query rows of their sentence (one K/V read serves them all)
-    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer), layer.cross_q, h, kernel);
+    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps), layer.cross_q, h, kernel);
     const at::Tensor mem = memory.select(0, l);
     decode_attention_into(cross_q, mem.select(0, 0), mem.select(0, 1), cross_len, scale, memory_ptr, cross_ctx);
     linear_into(ctx, layer.cross_out, y, kernel);
-    residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer);
+    residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps);
 
     // feed-forward, relu/swish applied in the first GEMM's registers
     const int64_t ffn = out_features(layer.fc1);
     if (!f.defined() || f.size(1) != ffn) f = at::empty({N, ffn}, f32);
     const bool fused = layer.activation == "relu" || layer.activation == "swish";
-    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer), layer.fc1, f, kernel,
+    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps), layer.fc1, f, kernel,
                 fused ? layer.activation : "none");
     if (!fused) f = at::gelu(f);  // HF "gelu" is the exact erf form
     linear_into(f, layer.fc2, y, kernel);
-    residual(x, y, layer.ffn_norm_w, layer.ffn_norm_b, layer);
+    residual(x, y, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps);
   }
   return x;
 }

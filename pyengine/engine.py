@@ -46,7 +46,7 @@ class Engine:
         self._resolved: dict[tuple, DecodeOptions] = {}  # options → their DecodeOptions (see options)
         # every implementation choice, made once at load
         self.documents = Documents(self)  # sentence splitting, markup, language detection
-        self.backends = {**model.ops.report, "decoder_step": model.step.name,
+        self.backends = {**model.ops.report, "encoder": model.encoder_stack.name, "decoder_step": model.step.name,
                          "output_layer": "fused-topk" if model.output.fuses_topk else "logits",
                          "search_rules": self.rules.name, "markup_alignment": self.documents.alignment_method}
 

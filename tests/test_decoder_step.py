@@ -1,6 +1,7 @@
-"""The C++ decoder step (csrc/decoder_step.cpp: every layer of a step in one call) against the Python layers over
-the same Ops, for each weight type it runs (int8, bf16) and each of pyengine's own kernels of that type on this CPU:
-the decoder's output at every step of a running batch is equal to the bit. The Python layers are the reference
+"""The C++ decoder step (csrc/decoder_step.cpp: every layer of a step in one call) and encoder stack
+(csrc/encoder_stack.cpp) against the Python layers over the same Ops, for each weight type they run (int8, bf16) and
+each of pyengine's own kernels of that type on this CPU: the decoder's output at every step of a running batch, and the
+encoder's output of a cohort of ragged sources, are equal to the bit. The Python layers are the reference
 because every operation in them is tested against float64 math elsewhere (tests/test_int8.py, test_bf16_gemm.py,
 test_csrc_kernels.py); the engine's tokens against the training libraries' decoders: the parity tests."""
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pyengine.config import DecodeOptions, ModelConfig
 from pyengine.decoding import Runtime, rules_for
 from pyengine.model import Transformer, load_weights, resolve_ops
 from pyengine.model.linear import amx_available, bf16_kernels, vnni_available
-from pyengine.model.step import CppStep, LayerStep
+from pyengine.model.backends import CPP_ATTENTION_KEYS
+from pyengine.model.step import CppStack, CppStep, LayerStack, LayerStep
+from pyengine.model.transformer import Ragged
 
 KERNELS = {"int8": (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else []),
            "bf16": list(bf16_kernels())}
@@ -50,6 +53,7 @@ def _use_kernel(model, kind: str, kernel: str) -> None:
     """The same packed weights run by another of pyengine's kernels of their type (they share one layout)."""
     model.ops.linear.kernel = kernel
     model.step = CppStep(model, kind, kernel)
+    model.encoder_stack = CppStack(model, kind, kernel)
 
 
 def _prenorm_model(kind: str, kernel: str):
@@ -67,6 +71,16 @@ def _prenorm_model(kind: str, kernel: str):
     return model
 
 
+def _model(arch: str, kind: str, kernel: str, tmp_path):
+    """The test's model of `arch` (a Marian shape, or pre-norm) with `kind` weights run by `kernel`."""
+    if arch == "pre-norm":
+        return _prenorm_model(kind, kernel)
+    path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
+    model = pyengine.Engine.load(path, dtype=DTYPE[kind]).model
+    _use_kernel(model, kind, kernel)
+    return model
+
+
 @pytest.mark.skipif(not CASES, reason="no C++ decoder step here: neither AVX512-VNNI nor AVX-512")
 @pytest.mark.parametrize("kind,kernel", CASES)
 @pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
@@ -75,12 +89,7 @@ def test_cpp_decoder_step_equals_the_python_layers(arch, kind, kernel, tmp_path,
     output at every step of a running batch is equal to the bit, post-norm (swish, relu, gelu) and pre-norm,
     with cohorts at different positions and beams reordered; with each of pyengine's kernels for the weight type
     (the AMX-shaped model's rows run AMX tiles where the kernel is amx)."""
-    if arch == "pre-norm":
-        model = _prenorm_model(kind, kernel)
-    else:
-        path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
-        model = pyengine.Engine.load(path, dtype=DTYPE[kind]).model
-        _use_kernel(model, kind, kernel)
+    model = _model(arch, kind, kernel, tmp_path)
     assert isinstance(model.step, CppStep) and model.step.name == f"cpp-{kind}"
     gen = torch.Generator().manual_seed(1)
     cohorts = [[torch.randint(3, 40, (n,), generator=gen).tolist() + [model.cfg.eos_id] for n in lengths]
@@ -101,6 +110,36 @@ def test_cpp_decoder_step_equals_the_python_layers(arch, kind, kernel, tmp_path,
     for i, (a, b) in enumerate(zip(fast, python)):
         assert torch.equal(a, b), f"step {i}: max |Δ| {(a - b).abs().max():.3g}"
     assert not torch.equal(fast[0], fast[1])  # the steps differ: the cache and positions were used
+
+
+@pytest.mark.skipif(not CASES, reason="no C++ encoder stack here: neither AVX512-VNNI nor AVX-512")
+@pytest.mark.parametrize("kind,kernel", CASES)
+@pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
+def test_cpp_encoder_stack_equals_the_python_layers(arch, kind, kernel, tmp_path, monkeypatch):
+    """The C++ encoder stack (all layers in one call) runs the Python layers' operations in their order: a cohort of
+    ragged sources (1 to 20 tokens) encodes equal to the bit, post-norm (swish, relu, gelu) and pre-norm, with each
+    of pyengine's kernels for the weight type; sources past CPP_ATTENTION_KEYS tokens run the Python layers."""
+    model = _model(arch, kind, kernel, tmp_path)
+    assert isinstance(model.encoder_stack, CppStack) and model.encoder_stack.name == f"cpp-{kind}"
+    gen = torch.Generator().manual_seed(2)
+    lengths = [7, 1, 20, 4, 13]
+    ids = torch.randint(3, 40, (sum(lengths),), generator=gen)
+    calls = []
+    stack = _C.encoder_stack
+    monkeypatch.setattr(_C, "encoder_stack", lambda *a, **kw: (calls.append(kw["kernel"]), stack(*a, **kw))[1])
+    with torch.inference_mode():
+        ragged = Ragged.of(lengths, torch.device("cpu"))
+        fast = model.encode_ragged(ids, ragged)
+        cpp, model.encoder_stack = model.encoder_stack, LayerStack()
+        try:
+            python = model.encode_ragged(ids, ragged)
+        finally:
+            model.encoder_stack = cpp
+        assert calls == [kernel] and torch.equal(fast, python), f"max |Δ| {(fast - python).abs().max():.3g}"
+        long = Ragged.of([CPP_ATTENTION_KEYS + 1, 3], torch.device("cpu"))  # (past these models' positions: the
+        x = torch.randn(CPP_ATTENTION_KEYS + 4, model.cfg.d_model, generator=gen)  # layers alone, embedded tokens given)
+        assert torch.equal(model.encoder_stack(model, x, long), LayerStack()(model, x, long))
+        assert calls == [kernel]  # the long source ran the Python layers
 
 
 def test_a_layer_of_mixed_weight_types_is_refused():

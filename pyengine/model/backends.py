@@ -192,7 +192,8 @@ def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device:
     topk, topk_name = (cpp_log_softmax_topk, "cpp") if cpu else (_triton_kernels(device).log_softmax_topk, "triton")
     beam_step = "loop" if cpu else "aten"
     return Ops(linear, torch_attention, norm, topk, beam_step, cache,
-               {"attention": "torch", "add_layer_norm": "torch", "linear": linear.name,
+               {"attention": "torch", "add_layer_norm": "cpp" if norm is cpp_add_layer_norm else "torch",
+                "linear": linear.name,
                 "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step})
 
 

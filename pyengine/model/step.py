@@ -1,9 +1,11 @@
-"""Decoder steps: how one step runs the decoder layers, one implementation chosen per engine at load.
+"""Decoder steps and encoder stacks: how a step runs the decoder layers and how a cohort's sources run the encoder
+layers, one implementation of each chosen per engine at load.
 
 `LayerStep` runs the layers in Python, each operation through the model's Ops (any backend, dtype and decoder
 kind: the reference the native steps are tested against). `CppStep` runs every layer in one C++ call on
 pyengine's own int8 or bf16 GEMM (csrc/decoder_step.cpp): the same operations in the same order, equal to the bit.
 Both take rows at different positions (cohorts of a continuous batch) through the KV cache's row index.
+`LayerStack` and `CppStack` are the encoder's two: its layers in Python, or in one C++ call (csrc/encoder_stack.cpp).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .backends import CPP_ATTENTION_KEYS
 from .cache import KVCache, RecurrentCache
 from .linear import Bf16Linear, Int8Linear
 from .memory import Memory
@@ -65,6 +68,50 @@ class CppStep:
         out = _C.decoder_step(self.layers, x.view(n, d), cache.physical, cache.positions, cache.write_rows,
                               cache.rows_index, memory.kv[:, :, :, :, :w], rows, lengths, kernel=self.kernel)
         return out.view(n, 1, d)
+
+
+class LayerStack:
+    """The encoder layers in Python (the reference CppStack is tested against)."""
+
+    name = "python-layers"
+
+    def __call__(self, model, x: torch.Tensor, ragged) -> torch.Tensor:
+        for layer in model.encoder_layers:
+            x = layer(x, ragged, model.ops)
+        return x
+
+
+class CppStack:
+    """Every encoder layer in one C++ call (`_C.encoder_stack`) on the int8 or bf16 weights of pyengine's own GEMMs:
+    the Python layers' operations in their order, equal to the bit, without their ~30 Python calls a layer (which a
+    server's small cohorts paid about as much as for the arithmetic). Sources over CPP_ATTENTION_KEYS tokens run the
+    Python layers, whose attention is PyTorch's there."""
+
+    def __init__(self, model, kind: str, kernel: str) -> None:
+        from .. import _C
+        self.name, self.kernel = f"cpp-{kind}", kernel
+        weight = (lambda w: w) if kind == "int8" else (lambda w: _C.Bf16Weight(w.packed, w.bias, w.n))
+        self.layers = [_C.EncoderLayer(
+            *(weight(linear.packed) for linear in (l.self_attn.qkv, l.self_attn.out, l.ffn.fc1, l.ffn.fc2)),
+            [t.float().contiguous() for n in (l.self_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
+            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.encoder_layers]
+        self.layer_stack = LayerStack()
+
+    def __call__(self, model, x: torch.Tensor, ragged) -> torch.Tensor:
+        if ragged.width > CPP_ATTENTION_KEYS or x.dtype != torch.float32:
+            return self.layer_stack(model, x, ragged)
+        from .. import _C
+        return _C.encoder_stack(self.layers, x.contiguous(), ragged.lengths.tolist(), kernel=self.kernel)
+
+
+def choose_encoder(model) -> LayerStack | CppStack:
+    """The C++ stack where the model's linears are pyengine's own int8 or bf16 GEMM (as choose_step)."""
+    linear = model.ops.linear
+    if isinstance(linear, Int8Linear) and linear.own_kernel:
+        return CppStack(model, "int8", linear.kernel)
+    if isinstance(linear, Bf16Linear) and linear.kernel != "library":
+        return CppStack(model, "bf16", linear.kernel)
+    return LayerStack()
 
 
 def choose_step(model) -> DecoderStep:

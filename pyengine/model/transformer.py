@@ -249,6 +249,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         self.step = None  # the DecoderStep, chosen at load
+        self.encoder_stack = None  # how the encoder layers run (step.LayerStack or step.CppStack), chosen at load
         self.output = None  # the OutputLayer, built at load
         self.buffer_pool = BufferPool()  # what finished batches leave for the next (runtime.Runtime.release)
         d = cfg.d_model
@@ -304,8 +305,7 @@ class Transformer(nn.Module):
     def encode_ragged(self, ids: torch.Tensor, ragged: Ragged) -> torch.Tensor:
         """ids (T,): B sentences' tokens one after the other → their encoder output (T, D)."""
         x = self._embed(self.src_embed, ids[:, None], "src", ragged.positions, ragged.width)[:, 0]
-        for layer in self.encoder_layers:
-            x = layer(x, ragged, self.ops)
+        x = self.encoder_stack(self, x, ragged)
         if self.cfg.encoder_final_norm:
             x = self.ops.add_layer_norm(x, None, self.encoder_norm.weight, self.encoder_norm.bias, self.encoder_norm.eps)
         return x

@@ -1,6 +1,6 @@
 """Loading a model's weights: load → assign every parameter → pack for the chosen implementations (vLLM's
 `process_weights_after_loading`): linear layers packed by the LinearMethod, the output layer built, the
-decoder step chosen."""
+decoder step and encoder stack chosen."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .linear import Linear, OutputLayer
-from .step import choose_step
+from .step import choose_encoder, choose_step
 from .transformer import POSITION_TABLES, Transformer
 
 
@@ -41,3 +41,4 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torc
         if isinstance(module, Linear):
             module.pack(method)
     model.step = choose_step(model)
+    model.encoder_stack = choose_encoder(model)
