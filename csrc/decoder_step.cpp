@@ -156,15 +156,9 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
     linear_into(ctx, layer.cross_out, y, kernel);
     residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps);
 
-    // feed-forward, relu/swish applied in the first GEMM's registers
-    const int64_t ffn = out_features(layer.fc1);
-    if (!f.defined() || f.size(1) != ffn) f = at::empty({N, ffn}, f32);
-    const bool fused = layer.activation == "relu" || layer.activation == "swish";
-    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps), layer.fc1, f, kernel,
-                fused ? layer.activation : "none");
-    if (!fused) f = at::gelu(f);  // HF "gelu" is the exact erf form
-    linear_into(f, layer.fc2, y, kernel);
-    residual(x, y, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps);
+    // feed-forward (relu/swish in the first GEMM's epilogue)
+    feed_forward(x, h, y, f, layer.fc1, layer.fc2, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps,
+                 layer.activation, kernel);
   }
   return x;
 }

@@ -62,14 +62,8 @@ at::Tensor encoder_stack(const std::vector<EncoderLayer>& layers, const at::Tens
     linear_into(ctx, layer.out, y, kernel);
     residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
 
-    const int64_t ffn = out_features(layer.fc1);
-    if (!f.defined() || f.size(1) != ffn) f = at::empty({T, ffn}, f32);
-    const bool fused = layer.activation == "relu" || layer.activation == "swish";
-    linear_into(sublayer_input(x, h, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps), layer.fc1, f,
-                kernel, fused ? layer.activation : "none");
-    if (!fused) f = at::gelu(f);  // HF "gelu" is the exact erf form
-    linear_into(f, layer.fc2, y, kernel);
-    residual(x, y, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps);
+    feed_forward(x, h, y, f, layer.fc1, layer.fc2, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps,
+                 layer.activation, kernel);
   }
   return x;
 }

@@ -1,6 +1,7 @@
 #pragma once
-// What the native decoder step and encoder stack share: a linear layer of either weight type into a buffer, and the
-// residual + layer norm around a sub-layer (post-norm or pre-norm), each the operation the Python layers run.
+// What the native decoder step and encoder stack share: a linear layer of either weight type into a buffer, the
+// residual + layer norm around a sub-layer (post-norm or pre-norm) and the feed-forward sub-layer, each the operation
+// the Python layers run.
 #include "bf16_gemm.h"
 #include "decoder_step.h"
 #include "int8_gemm.h"
@@ -47,6 +48,21 @@ inline const at::Tensor& sublayer_input(const at::Tensor& x, const at::Tensor& h
   add_layer_norm_rows(x.data_ptr<float>(), nullptr, w.data_ptr<float>(), b.data_ptr<float>(), static_cast<float>(eps),
                       x.size(0), x.size(1), nullptr, h.data_ptr<float>());
   return h;
+}
+
+// The feed-forward sub-layer on the residual stream x (M, D): fc2(act(fc1(sublayer input))) into y, then the residual.
+// relu and swish are applied in fc1's epilogue, gelu (HF's exact erf form) after it. h: the pre-norm input's buffer;
+// f: the (M, ffn) buffer, made or remade here when it is not that size.
+inline void feed_forward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& y, at::Tensor& f,
+                         const StepWeight& fc1, const StepWeight& fc2, const at::Tensor& norm_w, const at::Tensor& norm_b,
+                         bool pre_norm, double eps, const std::string& activation, const std::string& kernel) {
+  const int64_t ffn = out_features(fc1);
+  if (!f.defined() || f.size(0) != x.size(0) || f.size(1) != ffn) f = at::empty({x.size(0), ffn}, x.options());
+  const bool fused = activation == "relu" || activation == "swish";
+  linear_into(sublayer_input(x, h, norm_w, norm_b, pre_norm, eps), fc1, f, kernel, fused ? activation : "none");
+  if (!fused) f = at::gelu(f);
+  linear_into(f, fc2, y, kernel);
+  residual(x, y, norm_w, norm_b, pre_norm, eps);
 }
 
 }  // namespace pyengine
