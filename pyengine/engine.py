@@ -398,4 +398,3 @@ class Engine:
         cfg = self.config
         return decode(self.model, self.rules, ids, opts, self.engine_config.device, cfg.decoder_start_id, cfg.eos_id,
                       self.shortlist, on_step, generator, prefix, self.stats)
-

@@ -19,7 +19,7 @@ import torch
 
 from ..config import DecodeOptions
 from ..errors import InputError
-from ..model.cache import KVCache, Span
+from ..model.cache import Span
 from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
 from .processors import StepBuffers
@@ -145,12 +145,9 @@ class Runtime:
     def release(self) -> None:
         """The batch is done (no cohort left, none to come): its cache, memory and step buffers go to the model's pool
         for the next batch. The runtime takes nothing after this."""
-        pool = self.model.buffer_pool
-        if isinstance(self.cache, KVCache):
-            pool.give("kv-cache", self.cache.physical)
-        pool.give("memory", self.memory.kv)
+        self.model.recycle(self.cache, self.memory)
         if self.buffers is not None:
-            self.buffers.give(pool)
+            self.buffers.give(self.model.buffer_pool)
         self.cohorts, self.buffers = [], None
         self.cache = self.memory = None
 

@@ -49,11 +49,10 @@ class CppStep:
     def __init__(self, model, kind: str, kernel: str) -> None:
         from .. import _C
         self.name, self.kernel = f"cpp-{kind}", kernel
-        weight = (lambda w: w) if kind == "int8" else (lambda w: _C.Bf16Weight(w.packed, w.bias, w.n))
         self.layers = [_C.DecoderLayer(
-            *(weight(linear.packed) for linear in (l.self_attn.qkv, l.self_attn.out, l.cross_attn.q,
-                                                   l.cross_attn.out, l.ffn.fc1, l.ffn.fc2)),
-            [t.float().contiguous() for n in (l.self_attn_norm, l.cross_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
+            *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.cross_attn.q, l.cross_attn.out, l.ffn.fc1,
+                            l.ffn.fc2),
+            norm_tensors(l.self_attn_norm, l.cross_attn_norm, l.ffn_norm),
             l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.decoder_layers]
         self.layer_step = LayerStep()
 
@@ -90,10 +89,9 @@ class CppStack:
     def __init__(self, model, kind: str, kernel: str) -> None:
         from .. import _C
         self.name, self.kernel = f"cpp-{kind}", kernel
-        weight = (lambda w: w) if kind == "int8" else (lambda w: _C.Bf16Weight(w.packed, w.bias, w.n))
         self.layers = [_C.EncoderLayer(
-            *(weight(linear.packed) for linear in (l.self_attn.qkv, l.self_attn.out, l.ffn.fc1, l.ffn.fc2)),
-            [t.float().contiguous() for n in (l.self_attn_norm, l.ffn_norm) for t in (n.weight, n.bias)],
+            *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.ffn.fc1, l.ffn.fc2),
+            norm_tensors(l.self_attn_norm, l.ffn_norm),
             l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.encoder_layers]
         self.layer_stack = LayerStack()
 
@@ -104,23 +102,40 @@ class CppStack:
         return _C.encoder_stack(self.layers, x.contiguous(), ragged.lengths.tolist(), kernel=self.kernel)
 
 
-def choose_encoder(model) -> LayerStack | CppStack:
-    """The C++ stack where the model's linears are pyengine's own int8 or bf16 GEMM (as choose_step)."""
+def native_kind(model) -> tuple[str, str] | None:
+    """("int8" or "bf16", the kernel) where the model's linears are pyengine's own int8 or bf16 GEMM (what the C++
+    step and stack run on); None otherwise."""
     linear = model.ops.linear
     if isinstance(linear, Int8Linear) and linear.own_kernel:
-        return CppStack(model, "int8", linear.kernel)
+        return "int8", linear.kernel
     if isinstance(linear, Bf16Linear) and linear.kernel != "library":
-        return CppStack(model, "bf16", linear.kernel)
-    return LayerStack()
+        return "bf16", linear.kernel
+    return None
+
+
+def native_weights(kind: str, *linears) -> list:
+    """The linears' packed weights as the C++ layers take them (an Int8Weight as packed; a Bf16Weight record)."""
+    from .. import _C
+    if kind == "int8":
+        return [linear.packed for linear in linears]
+    return [_C.Bf16Weight(linear.packed.packed, linear.packed.bias, linear.packed.n) for linear in linears]
+
+
+def norm_tensors(*norms) -> list[torch.Tensor]:
+    """Each layer norm's weight and bias, float32 and contiguous, in order (what the C++ layers take)."""
+    return [t.float().contiguous() for n in norms for t in (n.weight, n.bias)]
+
+
+def choose_encoder(model) -> LayerStack | CppStack:
+    """The C++ stack where the model's linears are pyengine's own int8 or bf16 GEMM (native_kind)."""
+    native = native_kind(model)
+    return LayerStack() if native is None else CppStack(model, *native)
 
 
 def choose_step(model) -> DecoderStep:
-    """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM and its decoder layers
-    self-attention; the Python layers otherwise."""
-    linear = model.ops.linear
-    if model.cfg.decoder_self == "attention":
-        if isinstance(linear, Int8Linear) and linear.own_kernel:
-            return CppStep(model, "int8", linear.kernel)
-        if isinstance(linear, Bf16Linear) and linear.kernel != "library":
-            return CppStep(model, "bf16", linear.kernel)
-    return LayerStep()
+    """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM (native_kind) and its decoder
+    layers self-attention; the Python layers otherwise."""
+    native = native_kind(model)
+    if native is None or model.cfg.decoder_self != "attention":
+        return LayerStep()
+    return CppStep(model, *native)

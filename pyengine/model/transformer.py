@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         self.step = None  # the DecoderStep, chosen at load
         self.encoder_stack = None  # how the encoder layers run (step.LayerStack or step.CppStack), chosen at load
         self.output = None  # the OutputLayer, built at load
-        self.buffer_pool = BufferPool()  # what finished batches leave for the next (runtime.Runtime.release)
+        self.buffer_pool = BufferPool()  # what finished batches leave for the next (recycle)
         d = cfg.d_model
         self.src_embed = nn.Embedding(cfg.src_vocab_size, d)
         self.tgt_embed = None if cfg.shared_embeddings else nn.Embedding(cfg.tgt_vocab_size, d)
@@ -340,6 +340,12 @@ class Transformer(nn.Module):
             return RecurrentCache(cfg.decoder_layers, cfg.d_model, device)
         return KVCache(cfg.decoder_layers, cfg.decoder_heads, cfg.d_model // cfg.decoder_heads, self.ops.cache_dtype,
                        device, self.buffer_pool.take("kv-cache") if pooled else None)
+
+    def recycle(self, cache: KVCache | RecurrentCache, memory: Memory) -> None:
+        """A finished batch's cache and memory buffers go to the pool new_cache / new_memory(pooled=True) take from."""
+        if isinstance(cache, KVCache):
+            self.buffer_pool.give("kv-cache", cache.physical)
+        self.buffer_pool.give("memory", memory.kv)
 
     def decoder_hidden(self, tokens: torch.Tensor, cache: KVCache | RecurrentCache, memory: Memory,
                        attention_out: list | None = None) -> torch.Tensor:
