@@ -13,6 +13,9 @@ class InputError(PyEngineError, ValueError):
         self.index, self.message = index, message
         super().__init__(f"input {index}: {message}" if index is not None else message)
 
+    def __reduce__(self):  # pickled whole (the server's worker process sends it to the front end)
+        return type(self), (self.message, self.index)
+
 
 class OptionError(PyEngineError, ValueError):
     """An unknown or out-of-range decoding option."""

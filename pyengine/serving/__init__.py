@@ -7,7 +7,10 @@ __all__ = ["create_app", "serve", "QueueFullError", "Scheduler"]
 
 
 def __getattr__(name: str):
-    if name in ("create_app", "serve"):
-        from . import app
-        return getattr(app, name)
+    if name == "create_app":
+        from .app import create_app
+        return create_app
+    if name == "serve":
+        from .worker_link import serve
+        return serve
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

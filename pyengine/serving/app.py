@@ -18,7 +18,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -28,13 +28,16 @@ from ..config import ServerConfig
 from ..documents import Documents, Plan, TextPlan, render_all
 from ..documents.files import plan_file
 from ..engine import Engine, Translation
-from ..errors import BatchMemoryError, InputError, OptionError, PyEngineError
+from ..errors import BatchMemoryError, InputError, PyEngineError
 from .access import Access, HTTPError
 from .files import FileStore
-from .http import CLIENT_CLOSED, check_texts, disconnected, header_timeout_protocol, json_type, read_body, read_json
+from .http import CLIENT_CLOSED, check_texts, disconnected, json_type, read_body, read_json
 from .libretranslate import frontend, language_list, language_options, libre_alternatives
 from .metrics import CONTENT_TYPE_PROMETHEUS, Metrics
 from .scheduler import QueueFullError, RequestTooLargeError, Scheduler
+
+if TYPE_CHECKING:
+    from .worker_link import WorkerClient
 
 log = logging.getLogger("pyengine.serving")
 
@@ -49,9 +52,10 @@ def translation_json(t: Translation, scores: bool, n_best: int) -> dict[str, Any
     return out
 
 
-def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler: Scheduler | None = None) -> FastAPI:
+def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
+               scheduler: Scheduler | WorkerClient | None = None) -> FastAPI:
     """The ASGI app. Without `scheduler`, its lifespan starts a worker thread and, at shutdown, lets it finish what
-    it holds; with one, the caller runs that worker (`serve` runs it in the thread that loaded the model)."""
+    it holds; with one, the caller runs that worker (`serve` runs it in another process: a WorkerClient)."""
     owned = scheduler is None
     scheduler = scheduler or Scheduler(engine, max_queue=config.max_queue)
     metrics = Metrics(scheduler)
@@ -75,18 +79,10 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         """Through the worker, with the request timeout; errors become HTTPError. A request whose client goes away
         or that times out is cancelled: the worker takes its sentences out of the batch. `plans`: the documents the
         texts are the sentences of (an error then names the document)."""
-        def refusal(exc: PyEngineError) -> HTTPError:
-            if plans is not None and isinstance(exc, InputError):
-                exc = Documents.locate(exc, plans)
-            return HTTPError(400, str(exc))
-        try:
+        try:  # an in-process worker refuses here; a worker process through the future
             request, future = scheduler.submit(texts, **options)
-        except RequestTooLargeError as exc:
-            raise HTTPError(413, str(exc)) from None
-        except QueueFullError as exc:
-            raise HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)}) from None
-        except PyEngineError as exc:  # input and option errors, named by the engine
-            raise refusal(exc) from None
+        except PyEngineError as exc:
+            raise http_error(exc, plans) from None
         answer, gone = asyncio.wrap_future(future), asyncio.ensure_future(disconnected(http))
         try:
             await asyncio.wait((answer, gone), timeout=config.request_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -95,15 +91,25 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
         if answer.done():
             try:
                 return answer.result()
-            except BatchMemoryError as exc:
-                raise HTTPError(507, str(exc)) from None
-            except (InputError, OptionError) as exc:  # found when its sentences were admitted
-                raise refusal(exc) from None
+            except PyEngineError as exc:
+                raise http_error(exc, plans) from None
         scheduler.cancel(request)
         answer.cancel()
         if gone.done() and not gone.cancelled():
             raise HTTPError(CLIENT_CLOSED, "the client closed the connection; its request was cancelled")
         raise HTTPError(504, f"translation did not finish within {config.request_timeout} s") from None
+
+    def http_error(exc: PyEngineError, plans: list[Plan] | None = None) -> HTTPError:
+        """The answer to a request the worker refused or failed with an error of the caller's."""
+        if isinstance(exc, RequestTooLargeError):
+            return HTTPError(413, str(exc))
+        if isinstance(exc, QueueFullError):
+            return HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)})
+        if isinstance(exc, BatchMemoryError):
+            return HTTPError(507, str(exc))
+        if plans is not None and isinstance(exc, InputError):
+            exc = Documents.locate(exc, plans)
+        return HTTPError(400, str(exc))
 
     async def run_documents(http: Request, plans: list[Plan], source_lang: str | None = None,
                             target_lang: str | None = None, hypotheses: int = 1, **options: Any) -> list[list[str]]:
@@ -302,15 +308,12 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
                                                                                        config)
         args = {k: body[k] for k in ("source_lang", "target_lang", "offset") if body.get(k) is not None}
         try:  # in the worker's thread, between two decoder steps
-            future = scheduler.call(lambda: engine.score_batch(sources, targets, **args))
-        except QueueFullError as exc:
-            raise HTTPError(503, f"server busy: {exc}", {"Retry-After": str(config.retry_after)}) from None
-        try:
-            results = await asyncio.wait_for(asyncio.wrap_future(future), config.request_timeout)
+            results = await asyncio.wait_for(asyncio.wrap_future(scheduler.score(sources, targets, **args)),
+                                             config.request_timeout)
         except TimeoutError:
             raise HTTPError(504, f"scoring did not finish within {config.request_timeout} s") from None
         except PyEngineError as exc:
-            raise HTTPError(400, str(exc)) from None
+            raise http_error(exc) from None
         pieces = getattr(engine.tokenizer, "decoder", {})
         return {"scores": [{"score": r.normalized_score, "cumulated_score": r.cumulated_score,
                             "log_probs": r.log_probs, "tokens": [pieces.get(t, "") for t in r.tokens]}
@@ -352,9 +355,10 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(), scheduler:
     @app.get("/health")
     async def health() -> Response:
         alive = scheduler.alive
+        _, queue_depth, running = scheduler.snapshot()
         return JSONResponse({"status": "ok" if alive else "worker stopped", "model": engine.source,
-                             "backends": engine.backends, "queue_depth": scheduler.queue_depth,
-                             "running": scheduler.running}, status_code=200 if alive else 503)
+                             "backends": engine.backends, "queue_depth": queue_depth,
+                             "running": running}, status_code=200 if alive else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -371,34 +375,3 @@ SCORE_FIELDS = ("sources", "targets", "source_lang", "target_lang", "offset")
 # decoding options that describe one sentence's decoding: refused for documents (split or HTML)
 DOCUMENT_REFUSES = ("return_scores", "return_attention", "target_prefix")
 PAGE = Path(__file__).parent / "static" / "index.html"
-
-
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
-          graceful_seconds: float = 30.0) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds).
-
-    The worker runs in this thread, the one that loaded the model, and the HTTP front end (uvicorn, which answers
-    requests and does no model work) in another: see Scheduler.run for why the model's work stays in one thread."""
-    import signal
-    import threading
-
-    import uvicorn
-
-    scheduler = Scheduler(engine, max_queue=config.max_queue)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, scheduler), host=host, port=port,
-                                           log_level="info", timeout_graceful_shutdown=graceful_seconds,
-                                           http=header_timeout_protocol(config.read_timeout)))
-    front = threading.Thread(target=server.run, name="pyengine-http")
-    # uvicorn installs no signal handlers outside the main thread: this thread takes the signals and asks it to
-    # shut down gracefully (stop accepting, let requests in flight finish; the worker keeps serving them)
-    previous = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-    front.start()
-    try:
-        scheduler.run(until=lambda: not front.is_alive())
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        front.join()
-        scheduler.stop()
-    if not server.started:
-        raise PyEngineError(f"the HTTP server did not start on {host}:{port} (see the log above)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .request import SchedulerStats
 from .scheduler import Scheduler
 
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
@@ -23,18 +24,21 @@ class Metrics:
         self.batch_rows = Histogram("pyengine_batch_rows", "Decoder rows (sentences x beam) per decode step",
                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         scheduler.on_step = self.batch_rows.observe
-        self.registry.register(_WorkerCollector(scheduler))
+        self.scheduler = scheduler
+        self.worker = _WorkerCollector()
+        self.registry.register(self.worker)
 
     def render(self) -> bytes:
+        # the worker's counters first: a worker in another process hands its steps' rows to batch_rows with them
+        self.worker.snapshot = self.scheduler.snapshot()
         return generate_latest(self.registry)
 
 
 class _WorkerCollector:
-    def __init__(self, scheduler: Scheduler):
-        self.scheduler = scheduler
+    snapshot = (SchedulerStats(), 0, 0)  # (stats, queue depth, running sentences), taken by Metrics.render
 
     def collect(self):
-        s = self.scheduler.stats
+        s, queue_depth, running = self.snapshot
         for name, doc, value in (("sentences", "Sentences admitted to a batch", s.sentences),
                                  ("source_tokens", "Source tokens admitted (EOS included)", s.source_tokens),
                                  ("target_tokens", "Target tokens generated (best hypothesis, EOS included)",
@@ -65,5 +69,5 @@ class _WorkerCollector:
             seconds.add_metric([name], value)
         yield seconds
         yield GaugeMetricFamily("pyengine_queue_depth", "Sentences waiting for a batch",
-                                value=self.scheduler.queue_depth)
-        yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=self.scheduler.running)
+                                value=queue_depth)
+        yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=running)

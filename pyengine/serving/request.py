@@ -16,7 +16,7 @@ from ..decoding import RuntimeStats
 from ..decoding.runtime import shares_batch
 from ..decoding.strategies import prompt_options, prompt_prefix
 from ..engine import Translation
-from ..errors import PyEngineError
+from ..errors import BatchMemoryError, PyEngineError
 
 if TYPE_CHECKING:
     from ..decoding import Runtime
@@ -114,6 +114,26 @@ class Plan:
         if batch is None or not batch.cohorts:
             return cls(0, 0, 0)
         return cls(batch.sentences, int(batch.memory.lengths.sum()), batch.memory.width)
+
+    def admits(self, request: Request, i: int, engine, row_limit: int | None) -> bool:
+        """Whether sentence i of the request fits in the planned batch (then it is planned in): the engine's token
+        budget, batch size and memory cap, and the rows the worker learned it can hold. A sentence alone always gets
+        a batch (the budget bounds batches, not input)."""
+        ec = engine.engine_config
+        length = len(request.ids[i])
+        sentences, tokens, width = self.sentences + 1, self.tokens + length, max(self.width, length)
+        beam = request.opts.beam_size
+        fits = sentences <= ec.max_batch_size and tokens * beam <= ec.max_batch_tokens \
+            and (row_limit is None or sentences * beam <= row_limit)
+        if fits and ec.max_memory_mb is not None:
+            try:
+                engine.check_memory(sentences, width, request.opts, len(request.prefixes[i]))
+            except BatchMemoryError:
+                fits = False
+        if fits or sentences == 1:
+            self.sentences, self.tokens, self.width = sentences, tokens, width
+            return True
+        return False
 
 
 def shareable(opts: DecodeOptions, shortlist) -> bool:

@@ -1,21 +1,17 @@
 """The model worker: one thread owns the engine and feeds its running batches (continuous batching).
 
-Callers `submit` texts from any thread and get a concurrent.futures.Future of their translations. Input errors are
-raised by `submit` itself, before anything is queued, so a bad request never reaches the batch. The worker admits
-waiting sentences into a running batch (a pyengine.decoding.Runtime: the loop `translate()` runs, so the same decoder
-step and output layer) between decode steps: one batch shared by every option set that can share it (each cohort
-decodes with its own beam width, lengths, penalties and processors, and one decoder step serves them all), one per
-option set for attention weights or a shortlist, one per request for sampling; within the engine's token budget
-(max_batch_tokens, max_batch_size) and memory cap (max_memory_mb), oldest first; it steps every running batch once
-per round. A step that runs out of memory halves the rows the worker admits from then on, evicts the newest cohorts
-back to the queue until the batch is under that, and is retried (split and retry); a sentence that fails alone fails
-its request.
+Callers `submit` texts from any thread (or, from a front end in another process, through `pump`: worker_link.py)
+and get a concurrent.futures.Future of their translations; input errors are raised by `submit`, before anything is
+queued. Between decode steps the worker admits waiting sentences into a running batch (a pyengine.decoding.Runtime:
+the loop `translate()` runs): one batch shared by every option set that can share it (each cohort with its own beam
+width, lengths, penalties and processors under one decoder step), one per option set for attention weights or a
+shortlist, one per request for sampling; within the engine's token budget and memory cap, oldest first. A step that
+runs out of memory halves the rows admitted from then on and evicts the newest cohorts back to the queue.
 
-One request's failure is its own: an error while admitting a cohort is retried request by request, one in a step puts
-the batch's requests back in the queue to run each in a batch of its own (a request that fails alone fails), one
-while delivering fails that request; every failure is logged with its traceback. A request whose caller gives up
-(`cancel`: timeout, disconnect) or that failed leaves the queue and the running batch at the next step, its cache
-rows freed. Every path gives back what it counted (queue_depth, running).
+One request's failure is its own: a cohort that fails to admit is retried request by request, a failed step puts its
+requests back to run each in a batch of its own, a failure while delivering fails that request (each logged with
+its traceback). A cancelled (`cancel`: timeout, disconnect) or failed request leaves the queue and the batch at the
+next step, its cache rows freed; every path gives back what it counted (queue_depth, running).
 """
 from __future__ import annotations
 
@@ -60,6 +56,9 @@ class Scheduler:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.row_limit: int | None = None  # decoder rows a batch may hold, learned from allocation failures
+        # a front end in another process: pump(timeout) takes its messages (waiting up to timeout when the worker is
+        # idle) and sends the answers ready; called between rounds by the worker's own thread (worker_link.py)
+        self.pump: Callable[[float], None] | None = None
 
     # -- caller side ---------------------------------------------------------------------------
     @property
@@ -113,6 +112,14 @@ class Scheduler:
             self._wake.notify()
         return future
 
+    def score(self, sources: Sequence[str], targets: Sequence[str], **args: Any) -> Future:
+        """Engine.score_batch in the worker's thread (see call)."""
+        return self.call(lambda: self.engine.score_batch(sources, targets, **args))
+
+    def snapshot(self) -> tuple[SchedulerStats, int, int]:
+        """The counters, the queue depth and the sentences decoding (what /metrics reads)."""
+        return self.stats, self.queue_depth, self.running
+
     def cancel(self, request: Request) -> None:
         """The caller gave up (timeout, disconnect): the worker takes the request's sentences out of the queue and
         the running batch before its next step and cancels its future."""
@@ -131,11 +138,10 @@ class Scheduler:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run the worker in the calling thread until stop() is called or, when idle, `until()` is true.
 
-        The model's work should run in the thread that loaded it: OpenMP keeps a team of threads per thread
-        that starts parallel work, and a second team on the same cores makes every parallel region of both
-        wait on a futex instead of spinning (libgomp throttles its spin once it manages more threads than
-        CPUs): a decode loop in a new thread after the main thread loaded the model ran ~1.5x slower here.
-        `pyengine serve` runs this in its main thread and the HTTP front end in another."""
+        The model's work should run in the thread that loaded it: OpenMP keeps a team per thread that starts
+        parallel work, and a second team on the same cores makes every parallel region wait on a futex (libgomp
+        throttles its spin): a decode loop in a new thread ran ~1.5x slower here. `pyengine serve` runs this in the
+        main thread of the process that loaded the model."""
         self._thread = threading.current_thread()
         self._loop(until)
 
@@ -151,12 +157,21 @@ class Scheduler:
     def _loop(self, until: Callable[[], bool] | None = None) -> None:
         with torch.inference_mode():
             while True:
+                if self.pump is not None:
+                    self.pump(0.0)
                 with self._lock:
                     while not (self._inbox or self._cancelled or self._waiting or self._batches or self._stopping
                                or self._calls):
                         if until is not None and until():
                             return
-                        self._wake.wait(None if until is None else 0.2)
+                        if self.pump is None:
+                            self._wake.wait(None if until is None else 0.2)
+                            continue
+                        self._lock.release()  # the pump submits (which takes the lock)
+                        try:
+                            self.pump(0.2)
+                        finally:
+                            self._lock.acquire()
                     if self._stopping and not (self._inbox or self._waiting or self._batches):
                         return
                     inbox, self._inbox = self._inbox, collections.deque()
@@ -220,7 +235,7 @@ class Scheduler:
             plan, group = Plan.of(batch), []
             while queue:
                 request, i = queue[0]
-                if not self._fits(plan, request, i):
+                if not plan.admits(request, i, self.engine, self.row_limit):
                     break
                 group.append(queue.popleft())
             busy = batch is not None and batch.sentences >= chunk
@@ -235,25 +250,6 @@ class Scheduler:
             if group:
                 self._dequeued(group)
                 self._admit_group(key, group)
-
-    def _fits(self, plan: Plan, request: Request, i: int) -> bool:
-        """Whether sentence i of the request fits in the planned batch (then it is planned in); a sentence alone
-        always gets a batch (the budget bounds batches, not input)."""
-        ec = self.engine.engine_config
-        length = len(request.ids[i])
-        sentences, tokens, width = plan.sentences + 1, plan.tokens + length, max(plan.width, length)
-        beam = request.opts.beam_size
-        fits = sentences <= ec.max_batch_size and tokens * beam <= ec.max_batch_tokens \
-            and (self.row_limit is None or sentences * beam <= self.row_limit)
-        if fits and ec.max_memory_mb is not None:
-            try:
-                self.engine.check_memory(sentences, width, request.opts, len(request.prefixes[i]))
-            except BatchMemoryError:
-                fits = False
-        if fits or sentences == 1:
-            plan.sentences, plan.tokens, plan.width = sentences, tokens, width
-            return True
-        return False
 
     def _dequeued(self, tags: list[tuple[Request, int]]) -> None:
         """These sentences left the queue (admitted, dropped)."""

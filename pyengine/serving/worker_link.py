@@ -1,0 +1,305 @@
+"""The worker in one process and the HTTP front end in another, joined by a pipe (`pyengine serve`).
+
+Why two processes: the front end (HTTP parsing, JSON, validation, documents, the event loop) and the worker (the
+decode loop's Python between its C++ calls) each hold the interpreter lock for a few hundred microseconds at a
+time; in one process each waited for the other's (docs/server.md measured a second of a six-second round on two
+cores, and sentencepiece's 4 µs Encode taking 172 µs inside a loaded server). vLLM splits its API server from its
+engine core for the same reason.
+
+`serve` loads the model, then forks: the child is the front end (the engine object is there, copy-on-write, for
+tokenizer-side work: options, documents, languages; it never runs the model), the parent keeps the model's
+OpenMP threads and runs the worker. Each request crosses the pipe as a pickled message: the front end's
+`WorkerClient` stands in for the Scheduler the app calls (submit, cancel, score, the counters), the worker's
+`WorkerBridge` thread hands them to the real Scheduler and sends each answer back as it completes.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import itertools
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from multiprocessing.connection import Connection, Pipe
+from typing import Any, Callable, Sequence
+
+from ..config import ServerConfig
+from ..errors import PyEngineError
+from .request import QueueFullError, SchedulerStats, resolve
+from .scheduler import Scheduler
+
+log = logging.getLogger("pyengine.serving")
+
+STATE_TIMEOUT = 10.0  # seconds /health and /metrics wait for the worker's counters
+FRONT_END_NOT_STARTED = 3  # the front end's exit code when uvicorn could not start (port taken)
+
+
+def _dumps(message: tuple) -> bytes:
+    """Plain pickle (not multiprocessing's, which would send tensors through shared memory and file descriptors)."""
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class WorkerGoneError(QueueFullError):
+    """The worker process is gone: nothing can be translated (the server answers 503)."""
+
+
+class WorkerClient:
+    """The front end's stand-in for the Scheduler in the worker process: the same calls, over the pipe. submit and
+    score return a Future that an error of the worker's submit (input, options, a full queue) also resolves."""
+
+    def __init__(self, conn: Connection, on_lost: Callable[[], None] | None = None):
+        self._conn, self.on_lost = conn, on_lost
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lost = False
+        self.on_step: Callable[[int], None] | None = None  # fed the worker's rows per step at each state()
+        self._reader = threading.Thread(target=self._read, name="pyengine-worker-link", daemon=True)
+        self._reader.start()
+
+    def submit(self, texts: Sequence[str], source_lang: str | None = None, target_lang: str | None = None,
+               target_prefix: Sequence[str | None] | None = None, **options: Any) -> tuple[int, Future]:
+        # as given: the worker's submit checks them (and names what is wrong) as in one process
+        return self._ask("submit", (texts, source_lang, target_lang, target_prefix, options))
+
+    def score(self, sources: Sequence[str], targets: Sequence[str], **args: Any) -> Future:
+        return self._ask("score", (sources, targets, args))[1]
+
+    def cancel(self, request: int) -> None:
+        if self._pending.pop(request, None) is not None:
+            self._send(("cancel", request, None))
+
+    def state(self) -> dict[str, Any]:
+        """The worker's counters now (a round trip); a worker that does not answer is reported not alive."""
+        try:
+            state = self._ask("state", None)[1].result(STATE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - gone or stuck: /health says so
+            return {"alive": False, "queue_depth": 0, "running": 0, "stats": SchedulerStats(), "rows": []}
+        if self.on_step is not None:
+            for rows in state["rows"]:
+                self.on_step(rows)
+        return state
+
+    def snapshot(self) -> tuple[SchedulerStats, int, int]:
+        state = self.state()
+        return state["stats"], state["queue_depth"], state["running"]
+
+    @property
+    def alive(self) -> bool:
+        return not self._lost and self.state()["alive"]
+
+    @property
+    def queue_depth(self) -> int:
+        return self.state()["queue_depth"]
+
+    @property
+    def running(self) -> int:
+        return self.state()["running"]
+
+    def _ask(self, kind: str, args: Any) -> tuple[int, Future]:
+        rid, future = next(self._ids), Future()
+        self._pending[rid] = future
+        if self._lost or not self._send((kind, rid, args)):
+            self._pending.pop(rid, None)
+            resolve(future, error=WorkerGoneError("the worker process is gone"))
+        return rid, future
+
+    def _send(self, message: tuple) -> bool:
+        data = _dumps(message)
+        try:
+            with self._send_lock:
+                self._conn.send_bytes(data)
+            return True
+        except OSError:
+            return False
+
+    def _read(self) -> None:
+        while True:
+            try:
+                parts = pickle.loads(self._conn.recv_bytes())  # a round's answers
+            except (EOFError, OSError):
+                break
+            for part in parts:
+                rid, result, error = pickle.loads(part)
+                future = self._pending.pop(rid, None)
+                if future is not None:
+                    resolve(future, result, error)
+        self._lost = True
+        for rid in list(self._pending):
+            future = self._pending.pop(rid, None)
+            if future is not None:
+                resolve(future, error=WorkerGoneError("the worker process exited"))
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+class WorkerBridge:
+    """In the worker process, run by the worker's own thread between rounds (Scheduler.pump): takes the front end's
+    messages to the Scheduler and sends the answers that completed, all of a round's in one message. No thread of
+    its own: a thread woken by every message took the interpreter lock and a core from the decode loop each time."""
+
+    def __init__(self, scheduler: Scheduler, conn: Connection):
+        self.scheduler, self._conn = scheduler, conn
+        self._requests: dict[int, Any] = {}  # request id -> the Scheduler's Request (to cancel it)
+        self._outbox: list[tuple[int, Any, BaseException | None]] = []
+        self._rows: collections.deque[int] = collections.deque(maxlen=100_000)  # rows per step since last state
+        self.closed = False  # the front end closed its end
+        scheduler.on_step = self._rows.append
+        scheduler.pump = self.pump
+
+    def pump(self, timeout: float) -> None:
+        """Handle the messages waiting (waiting up to `timeout` for the first), then send the answers ready."""
+        if self.closed:
+            time.sleep(timeout)
+            return
+        try:
+            ready = self._conn.poll(timeout)
+            while ready:
+                kind, rid, args = pickle.loads(self._conn.recv_bytes())
+                try:
+                    self._handle(kind, rid, args)
+                except Exception as exc:  # noqa: BLE001 - a refused submission: the caller's error
+                    self._reply(rid, error=exc)
+                ready = self._conn.poll(0)
+            self._flush()
+        except (EOFError, OSError):  # the front end is gone; the worker winds down when it is idle
+            self.closed = True
+
+    def _handle(self, kind: str, rid: int, args: Any) -> None:
+        if kind == "submit":
+            texts, source_lang, target_lang, target_prefix, options = args
+            request, future = self.scheduler.submit(texts, source_lang, target_lang, target_prefix, **options)
+            self._requests[rid] = request
+            future.add_done_callback(lambda f, rid=rid: self._done(rid, f))
+        elif kind == "score":
+            sources, targets, options = args
+            self.scheduler.score(sources, targets, **options).add_done_callback(lambda f, rid=rid: self._done(rid, f))
+        elif kind == "cancel":
+            request = self._requests.pop(rid, None)
+            if request is not None:
+                self.scheduler.cancel(request)
+        elif kind == "state":
+            self._reply(rid, self._state())
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+
+    def _state(self) -> dict[str, Any]:
+        s = self.scheduler
+        stats = copy.copy(s.stats)
+        stats.decoder_steps, stats.outputs = collections.Counter(stats.decoder_steps), collections.Counter(stats.outputs)
+        stats.seconds, stats.rows_per_step = collections.Counter(stats.seconds), collections.deque()
+        rows = [self._rows.popleft() for _ in range(len(self._rows))]
+        return {"alive": s.alive, "queue_depth": s.queue_depth, "running": s.running, "stats": stats, "rows": rows}
+
+    def _done(self, rid: int, future: Future) -> None:
+        self._requests.pop(rid, None)
+        if future.cancelled():  # the front end gave up on it
+            return
+        error = future.exception()
+        self._reply(rid, None if error is not None else future.result(), error)
+
+    def _reply(self, rid: int, result: Any = None, error: BaseException | None = None) -> None:
+        self._outbox.append((rid, result, error))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        parts = [self._encode(reply) for reply in self._outbox]
+        self._outbox.clear()
+        self._conn.send_bytes(_dumps(parts))
+
+    @staticmethod
+    def _encode(reply: tuple[int, Any, BaseException | None]) -> bytes:
+        try:
+            return _dumps(reply)
+        except Exception as exc:  # noqa: BLE001 - an answer that cannot be pickled fails its request, named
+            rid, result, error = reply
+            return _dumps((rid, None, RuntimeError(f"the worker's answer could not be sent: {type(exc).__name__}: "
+                                                   f"{exc} (answer: {type(error or result).__name__})")))
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
+          graceful_seconds: float = 30.0) -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds).
+
+    This process keeps the model and runs the worker in its main thread (the thread that loaded the model: see
+    Scheduler.run); the HTTP front end runs in a forked child (see the module docstring). A signal here is passed
+    to the front end once, as SIGTERM (a second one forces it, as uvicorn does): it stops accepting, lets the
+    requests in flight finish (the worker keeps serving them), and exits; then the worker finishes and this
+    returns."""
+    scheduler = Scheduler(engine, max_queue=config.max_queue)
+    worker_end, front_end = Pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the front end
+        code = 1
+        try:
+            worker_end.close()
+            code = _run_front_end(engine, front_end, host, port, config, graceful_seconds)
+        except BaseException:  # noqa: BLE001 - logged; the worker sees the exit code
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    front_end.close()
+    WorkerBridge(scheduler, worker_end)
+    status: list[int] = []
+
+    def front_end_gone() -> bool:
+        if not status:
+            done, wait_status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status.append(os.waitstatus_to_exitcode(wait_status))
+        return bool(status)
+
+    def forward(signum, frame) -> None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        scheduler.run(until=front_end_gone)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if not status:
+            forward(signal.SIGTERM, None)
+            status.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        scheduler.stop()
+        worker_end.close()
+    if status[0] == FRONT_END_NOT_STARTED:
+        raise PyEngineError(f"the HTTP server did not start on {host}:{port} (see the log above)")
+
+
+def _run_front_end(engine, conn: Connection, host: str, port: int, config: ServerConfig,
+                   graceful_seconds: float) -> int:
+    """The forked child: uvicorn in its main thread (its own signal handling) over a WorkerClient."""
+    import torch
+    import uvicorn
+
+    from .app import create_app
+    from .http import header_timeout_protocol
+
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the worker process only, which passes it on once
+    torch.set_num_threads(1)  # the parent's OpenMP team does not exist here: never start a parallel region
+    server: uvicorn.Server | None = None
+
+    def lost() -> None:  # the worker process died: stop taking requests
+        log.error("the worker process is gone; the front end stops")
+        if server is not None:
+            server.should_exit = True
+    client = WorkerClient(conn, on_lost=lost)
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, client), host=host, port=port,
+                                           log_level="info", timeout_graceful_shutdown=graceful_seconds,
+                                           http=header_timeout_protocol(config.read_timeout)))
+    server.run()
+    return 0 if server.started else FRONT_END_NOT_STARTED

@@ -1,0 +1,142 @@
+"""The worker and the HTTP front end in two processes (pyengine/serving/worker_link.py): what crosses the pipe is
+what one process would give (translations, scores, errors with their input index, cancellation, counters), and a
+real `pyengine serve` runs its front end in a child process that does not outlive the worker."""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from multiprocessing import Pipe
+
+import pytest
+
+import pyengine
+from benchmarks.load import ServerProcess, post
+from conftest import sample_lines
+from pyengine.documents.files import FileTypeError
+from pyengine.documents.markup import MarkupError
+from pyengine.errors import InputError, OptionError
+from pyengine.serving import Scheduler
+from pyengine.serving.worker_link import WorkerBridge, WorkerClient
+
+OPTS = {"beam_size": 2, "max_decoding_length": 32}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return pyengine.Engine.load("default")
+
+
+@pytest.fixture()
+def linked(engine):
+    """A Scheduler driven by a WorkerBridge (its pump) in a worker thread, and a WorkerClient on the pipe's other
+    end: the two processes' halves, here in one process so that the test sees both."""
+    worker_end, front_end = Pipe()
+    scheduler = Scheduler(engine)
+    WorkerBridge(scheduler, worker_end)
+    client = WorkerClient(front_end)
+    scheduler.start()
+    yield client, scheduler
+    scheduler.stop(timeout=60)
+    front_end.close()
+    worker_end.close()
+
+
+@pytest.mark.parametrize("cls", [InputError, MarkupError, FileTypeError])
+def test_an_input_error_crosses_whole(cls):
+    err = pickle.loads(pickle.dumps(cls("no such thing", 3)))
+    assert type(err) is cls and err.index == 3 and err.message == "no such thing" and str(err) == "input 3: no such thing"
+    assert pickle.loads(pickle.dumps(cls("plain"))).index is None
+
+
+def test_translations_and_scores_cross_as_in_one_process(linked, engine):
+    client, scheduler = linked
+    texts = sample_lines()[:5]
+    want = engine.translate_batch(texts, **OPTS, return_scores=True)
+    futures = [client.submit(texts[i:i + 2], **OPTS, return_scores=True)[1] for i in range(0, 5, 2)]
+    got = [t for f in futures for t in f.result(120)]
+    assert [t.hypotheses for t in got] == [t.hypotheses for t in want]
+    assert [s for t in got for s in t.scores] == pytest.approx([s for t in want for s in t.scores], abs=1e-5)
+    scored = client.score(texts[:2], [t.hypotheses[0] for t in want[:2]]).result(60)
+    reference = engine.score_batch(texts[:2], [t.hypotheses[0] for t in want[:2]])
+    assert [r.tokens for r in scored] == [r.tokens for r in reference]
+    assert [p for r in scored for p in r.log_probs] == pytest.approx([p for r in reference for p in r.log_probs],
+                                                                      abs=1e-5)
+    state = client.state()
+    assert state["alive"] and state["stats"].sentences == 5 and state["queue_depth"] == 0
+    assert sum(state["rows"]) > 0  # each step's rows, for the front end's histogram
+
+
+def test_errors_come_back_with_what_names_them(linked):
+    client, _ = linked
+    with pytest.raises(OptionError, match="beam_size"):
+        client.submit(["Open the file."], beam_size=0)[1].result(30)
+    with pytest.raises(InputError) as info:
+        client.submit(["Open the file.", 7])[1].result(30)
+    assert info.value.index == 1
+    assert client.submit(["Save as"], **OPTS)[1].result(60)[0].hypotheses  # the link still serves
+
+
+def test_a_cancelled_request_leaves_the_worker(linked):
+    client, scheduler = linked
+    slow = {**OPTS, "max_decoding_length": 200, "min_decoding_length": 200}
+    rid, future = client.submit(sample_lines()[:3], **slow)
+    deadline = time.monotonic() + 60
+    while client.state()["running"] == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.01)
+    client.cancel(rid)
+    while client.state()["stats"].cancelled < 3:
+        assert time.monotonic() < deadline, "the cancelled sentences stayed in the batch"
+        time.sleep(0.01)
+    assert client.state()["running"] == 0 and not future.done()
+
+
+def test_serve_runs_its_front_end_in_a_child_that_ends_with_the_worker(engine):
+    """The front end is another process; SIGKILL of the worker process (no clean-up) ends it too, so nothing is left
+    listening on the port with no worker behind it."""
+    with ServerProcess("default", threads=2) as server:
+        status, body = post(server.url + "/v1/translate", {"texts": ["Open the file."]}, 60)
+        assert status == 200 and body["translations"][0]["translation"] == engine.translate(["Open the file."])[0]
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid]
+        assert len(children) == 1, children
+        front = children[0]
+        os.kill(server.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while _alive(front):
+            assert time.monotonic() < deadline, "the front end outlived its worker"
+            time.sleep(0.1)
+
+
+def test_sigint_finishes_requests_in_flight(engine):
+    """Ctrl-C (SIGINT to the worker process, which passes it on once): the request in flight gets its answer."""
+    slow = {**OPTS, "max_decoding_length": 48, "min_decoding_length": 48}
+    want = engine.translate_batch(["Open the file."], **slow)[0].hypotheses[0]
+    answers: list = []
+    with ServerProcess("default", threads=2) as server:
+        t = threading.Thread(target=lambda: answers.append(
+            post(server.url + "/v1/translate", {"texts": ["Open the file."], "options": slow}, 120)))
+        t.start()
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGINT)
+        t.join(120)
+        assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
+    assert answers == [(200, {"translations": [{"translation": want}]})]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
