@@ -64,7 +64,7 @@ def test_translations_and_scores_cross_as_in_one_process(linked, engine):
     assert [r.tokens for r in scored] == [r.tokens for r in reference]
     assert [p for r in scored for p in r.log_probs] == pytest.approx([p for r in reference for p in r.log_probs],
                                                                       abs=1e-5)
-    state = client.state()
+    state = client.state().result(60)
     assert state["alive"] and state["stats"].sentences == 5 and state["queue_depth"] == 0
     assert sum(state["rows"]) > 0  # each step's rows, for the front end's histogram
 
@@ -84,14 +84,14 @@ def test_a_cancelled_request_leaves_the_worker(linked):
     slow = {**OPTS, "max_decoding_length": 200, "min_decoding_length": 200}
     rid, future = client.submit(sample_lines()[:3], **slow)
     deadline = time.monotonic() + 60
-    while client.state()["running"] == 0:
+    while client.state().result(60)["running"] == 0:
         assert time.monotonic() < deadline, "the request never started"
         time.sleep(0.01)
     client.cancel(rid)
-    while client.state()["stats"].cancelled < 3:
+    while client.state().result(60)["stats"].cancelled < 3:
         assert time.monotonic() < deadline, "the cancelled sentences stayed in the batch"
         time.sleep(0.01)
-    assert client.state()["running"] == 0 and not future.done()
+    assert client.state().result(60)["running"] == 0 and not future.done()
 
 
 def test_serve_runs_its_front_end_in_a_child_that_ends_with_the_worker(engine):

@@ -34,6 +34,7 @@ from .files import FileStore
 from .http import CLIENT_CLOSED, check_texts, disconnected, json_type, read_body, read_json
 from .libretranslate import frontend, language_list, language_options, libre_alternatives
 from .metrics import CONTENT_TYPE_PROMETHEUS, Metrics
+from .request import SchedulerStats
 from .scheduler import QueueFullError, RequestTooLargeError, Scheduler
 
 if TYPE_CHECKING:
@@ -354,19 +355,26 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
 
     @app.get("/health")
     async def health() -> Response:
-        alive = scheduler.alive
-        _, queue_depth, running = scheduler.snapshot()
-        return JSONResponse({"status": "ok" if alive else "worker stopped", "model": engine.source,
-                             "backends": engine.backends, "queue_depth": queue_depth,
-                             "running": running}, status_code=200 if alive else 503)
+        state = await worker_state()
+        return JSONResponse({"status": "ok" if state["alive"] else "worker stopped", "model": engine.source,
+                             "backends": engine.backends, "queue_depth": state["queue_depth"],
+                             "running": state["running"]}, status_code=200 if state["alive"] else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_PROMETHEUS)
+        return Response(metrics.render(await worker_state()), media_type=CONTENT_TYPE_PROMETHEUS)
+
+    async def worker_state() -> dict[str, Any]:
+        """The worker's counters (Scheduler.state), awaited: a worker in another process answers between rounds."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(scheduler.state()), STATE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - gone or stuck: /health says so
+            return {"alive": False, "queue_depth": 0, "running": 0, "stats": SchedulerStats()}
 
     return app
 
 
+STATE_TIMEOUT = 10.0  # seconds /health and /metrics wait for the worker's counters
 INLINE_PLAN_CHARS = 2000  # plain text this short is split on the event loop (µs); longer text and markup in a thread
 FORM_OVERHEAD = 64 * 1024  # multipart headers and the other fields, beyond the file itself
 # /v1/translate's top-level fields (and the names Scheduler.submit takes besides decoding options)

@@ -24,21 +24,21 @@ class Metrics:
         self.batch_rows = Histogram("pyengine_batch_rows", "Decoder rows (sentences x beam) per decode step",
                                     registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
         scheduler.on_step = self.batch_rows.observe
-        self.scheduler = scheduler
         self.worker = _WorkerCollector()
         self.registry.register(self.worker)
 
-    def render(self) -> bytes:
-        # the worker's counters first: a worker in another process hands its steps' rows to batch_rows with them
-        self.worker.snapshot = self.scheduler.snapshot()
+    def render(self, state: dict) -> bytes:
+        """The metrics with the worker's `state` (Scheduler.state's; a worker in another process fed batch_rows the
+        rows of its steps with it)."""
+        self.worker.state = state
         return generate_latest(self.registry)
 
 
 class _WorkerCollector:
-    snapshot = (SchedulerStats(), 0, 0)  # (stats, queue depth, running sentences), taken by Metrics.render
+    state = {"stats": SchedulerStats(), "queue_depth": 0, "running": 0}  # the worker's, set by Metrics.render
 
     def collect(self):
-        s, queue_depth, running = self.snapshot
+        s, queue_depth, running = self.state["stats"], self.state["queue_depth"], self.state["running"]
         for name, doc, value in (("sentences", "Sentences admitted to a batch", s.sentences),
                                  ("source_tokens", "Source tokens admitted (EOS included)", s.source_tokens),
                                  ("target_tokens", "Target tokens generated (best hypothesis, EOS included)",

@@ -116,9 +116,12 @@ class Scheduler:
         """Engine.score_batch in the worker's thread (see call)."""
         return self.call(lambda: self.engine.score_batch(sources, targets, **args))
 
-    def snapshot(self) -> tuple[SchedulerStats, int, int]:
-        """The counters, the queue depth and the sentences decoding (what /metrics reads)."""
-        return self.stats, self.queue_depth, self.running
+    def state(self) -> Future:
+        """A Future (here already resolved) of what /health and /metrics read: alive, queue_depth, running, stats."""
+        future: Future = Future()
+        future.set_result({"alive": self.alive, "queue_depth": self.queue_depth, "running": self.running,
+                           "stats": self.stats})
+        return future
 
     def cancel(self, request: Request) -> None:
         """The caller gave up (timeout, disconnect): the worker takes the request's sentences out of the queue and

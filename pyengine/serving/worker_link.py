@@ -31,12 +31,11 @@ from typing import Any, Callable, Sequence
 
 from ..config import ServerConfig
 from ..errors import PyEngineError
-from .request import QueueFullError, SchedulerStats, resolve
+from .request import QueueFullError, resolve
 from .scheduler import Scheduler
 
 log = logging.getLogger("pyengine.serving")
 
-STATE_TIMEOUT = 10.0  # seconds /health and /metrics wait for the worker's counters
 FRONT_END_NOT_STARTED = 3  # the front end's exit code when uvicorn could not start (port taken)
 
 
@@ -75,32 +74,17 @@ class WorkerClient:
         if self._pending.pop(request, None) is not None:
             self._send(("cancel", request, None))
 
-    def state(self) -> dict[str, Any]:
-        """The worker's counters now (a round trip); a worker that does not answer is reported not alive."""
-        try:
-            state = self._ask("state", None)[1].result(STATE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - gone or stuck: /health says so
-            return {"alive": False, "queue_depth": 0, "running": 0, "stats": SchedulerStats(), "rows": []}
-        if self.on_step is not None:
-            for rows in state["rows"]:
-                self.on_step(rows)
-        return state
+    def state(self) -> Future:
+        """A Future of the worker's counters (answered between two of its rounds); the rows of its steps since the
+        last one go to on_step (the front end's histogram)."""
+        future = self._ask("state", None)[1]
 
-    def snapshot(self) -> tuple[SchedulerStats, int, int]:
-        state = self.state()
-        return state["stats"], state["queue_depth"], state["running"]
-
-    @property
-    def alive(self) -> bool:
-        return not self._lost and self.state()["alive"]
-
-    @property
-    def queue_depth(self) -> int:
-        return self.state()["queue_depth"]
-
-    @property
-    def running(self) -> int:
-        return self.state()["running"]
+        def feed(done: Future) -> None:
+            if self.on_step is not None and not done.exception():
+                for rows in done.result().pop("rows"):
+                    self.on_step(rows)
+        future.add_done_callback(feed)
+        return future
 
     def _ask(self, kind: str, args: Any) -> tuple[int, Future]:
         rid, future = next(self._ids), Future()
