@@ -61,14 +61,18 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
     """
     tq = q.shape[2]
     tk = rows.shape[1] if rows is not None else k.shape[2]
-    cpp = (q.device.type == "cpu" and k.dtype in CPP_KV_DTYPES and v.dtype == k.dtype and (tq == 1 or not causal)
-           and (tq <= SMALL_QUERY if step else tk <= CPP_ATTENTION_KEYS))
+    # float16 keys (a float16 model's encoder) too, read as float32: SDPA's float16 kernel over a batch's padded keys
+    # rounded unlike the same sentence unpadded (its tokens depended on its batch, on AVX512-FP16 CPUs)
+    cpp = (q.device.type == "cpu" and (k.dtype in CPP_KV_DTYPES or k.dtype == torch.float16) and v.dtype == k.dtype
+           and (tq == 1 or not causal) and (tq <= SMALL_QUERY if step else tk <= CPP_ATTENTION_KEYS))
     if cpp:
         # the fused C++ loop, one task per (sentence, head): a step's query sees every key given (one new
         # token); B·H tiny GEMMs cost more in dispatch (measured 7x slower at batch 1, 1.3x at 128 rows),
         # and the CPU flash kernel is slower for short sources (encoder, 32 × 24 tokens: 3.2x)
         from .. import _C
         k, v = k[:, :, :tk], v[:, :, :tk]  # physical buffers are longer than the keys read
+        if k.dtype == torch.float16:
+            k, v = k.float(), v.float()
         return _C.decode_attention(q.float(), k, v, kv_lengths, q.shape[-1] ** -0.5,
                                    None if rows is None else rows.contiguous()).to(q.dtype)
     if rows is not None:  # the other paths read plain (B, H, Tk, Dh) keys: gather them
