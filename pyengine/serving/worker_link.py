@@ -217,6 +217,9 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfi
     to the front end once, as SIGTERM (a second one forces it, as uvicorn does): it stops accepting, lets the
     requests in flight finish (the worker keeps serving them), and exits; then the worker finishes and this
     returns."""
+    if not hasattr(os, "fork"):
+        raise PyEngineError("pyengine serve forks its HTTP front end (os.fork): Linux or macOS; on this platform embed "
+                            "create_app(engine) in an ASGI server instead")
     scheduler = Scheduler(engine, max_queue=config.max_queue)
     worker_end, front_end = Pipe()
     sys.stdout.flush()
