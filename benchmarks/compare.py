@@ -291,7 +291,8 @@ def main(argv=None) -> int:
                 print(f"round {rnd + 1} {case:<13} {system:<14} {min(res['seconds']):8.3f} s", file=sys.stderr)
     # the floor again after the rounds, the better of the two kept: a shared VM's slow moment during one
     # measurement would lower the floor and raise every share of it
-    floor = {k: max(v, after[k]) if isinstance(v, float) else v for after in [measure_floor()] for k, v in floor.items()}
+    after = measure_floor()
+    floor = {k: max(v, after[k]) if isinstance(v, float) else v for k, v in floor.items()}
     report = summarize(runs, checks, floor, args)
     print_table(report)
     args.out.mkdir(parents=True, exist_ok=True)

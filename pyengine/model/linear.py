@@ -112,14 +112,13 @@ class FloatLinear(LinearMethod):
         if w.onednn is not None:
             attr, algorithm = ONEDNN_ACTIVATIONS.get(act, ("none", ""))
             y = torch.ops.mkldnn._linear_pointwise(x, w.onednn, w.bias, attr, [], algorithm)
-        elif x.dtype == torch.float16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            # one row: oneDNN's float16 product of one row (a GEMV, on AVX512-FP16 CPUs) rounds unlike its GEMM
-            # of 2+ rows, so a sentence's tokens would depend on how many rows its step had; run it as two rows
-            y = F.linear(x.reshape(1, -1).repeat(2, 1), w.weight, w.bias)[:1].reshape(*x.shape[:-1], -1)
-            if act != "none":
-                y = activation(y, act)
         else:
-            y = F.linear(x, w.weight, w.bias)
+            if x.dtype == torch.float16 and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+                # one row: oneDNN's float16 product of one row (a GEMV, on AVX512-FP16 CPUs) rounds unlike its GEMM
+                # of 2+ rows, so a sentence's tokens would depend on how many rows its step had; run it as two rows
+                y = F.linear(x.reshape(1, -1).repeat(2, 1), w.weight, w.bias)[:1].reshape(*x.shape[:-1], -1)
+            else:
+                y = F.linear(x, w.weight, w.bias)
             if act != "none":
                 y = activation(y, act)
         return y if out is None else out.copy_(y.view(out.shape))

@@ -174,12 +174,13 @@ class WorkerBridge:
             raise ValueError(f"unknown message {kind!r}")
 
     def _state(self) -> dict[str, Any]:
-        s = self.scheduler
-        stats = copy.copy(s.stats)
+        """Scheduler.state, its counters copied (not the rows-per-step window), and the rows of the steps since."""
+        state = self.scheduler.state().result()
+        stats = copy.copy(state["stats"])
         stats.decoder_steps, stats.outputs = collections.Counter(stats.decoder_steps), collections.Counter(stats.outputs)
         stats.seconds, stats.rows_per_step = collections.Counter(stats.seconds), collections.deque()
         rows = [self._rows.popleft() for _ in range(len(self._rows))]
-        return {"alive": s.alive, "queue_depth": s.queue_depth, "running": s.running, "stats": stats, "rows": rows}
+        return {**state, "stats": stats, "rows": rows}
 
     def _done(self, rid: int, future: Future) -> None:
         self._requests.pop(rid, None)
