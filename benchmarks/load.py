@@ -1,6 +1,8 @@
 """Load on loopback: concurrent clients against `pyengine serve`, latency percentiles and throughput.
 
-For each dtype: starts the server in its own process on 127.0.0.1; one client process (this one) keeps
+For each dtype and worker layout (`--workers 1 2`: one worker process with all `--threads`, or that many workers
+sharing them, CTranslate2's inter_threads; the same cores as offline either way): starts the server in its own
+process on 127.0.0.1; one client process (this one) keeps
 `--clients` requests in flight on asynchronous connections (aiohttp), each client sending `--requests` requests
 (mixed lengths; /v1/translate and LibreTranslate's /translate alternated), so the load generator does not eat the
 server's cores; checks every answer against the offline translation of its input (zero lost, failed or swapped
@@ -8,7 +10,7 @@ responses); prints p50/p99 latency and the server's throughput against offline `
 sentences in this process after each round, while the server idles (same threads; with --rounds, the median of the
 rounds' ratios: this VM's speed drifts between runs). JSON goes to benchmarks/results/.
 
-    python -m benchmarks.load --clients 64 --requests 12 --rounds 3 --dtypes int8 bfloat16 --check
+    python -m benchmarks.load --clients 64 --requests 12 --rounds 3 --dtypes int8 bfloat16 --workers 1 2 --check
 """
 from __future__ import annotations
 
@@ -191,7 +193,10 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"])
     ap.add_argument("--clients", type=int, default=64, help="requests in flight")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
-    ap.add_argument("--threads", type=int, default=2, help="the server's intra-op threads")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="threads of the offline engine, and of the server in all (--threads / --workers per worker)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="the server's worker processes: each layout is run (--threads / workers threads each)")
     ap.add_argument("--beam-size", type=int, default=2)
     ap.add_argument("--max-decoding-length", type=int, default=64)
     ap.add_argument("--pool", type=int, default=96, help="distinct texts the clients draw from")
@@ -203,10 +208,15 @@ def main() -> None:
     options = {"beam_size": args.beam_size, "max_decoding_length": args.max_decoding_length}
     pool = pool_of_texts(args.pool)
     runs = []
-    for dtype in args.dtypes:
-        offline = OfflineEngine(args.model, dtype, args.threads)
+    if any(args.threads % w for w in args.workers):
+        ap.error("--threads must be a multiple of each --workers (the same cores for the server and offline)")
+    offline = None
+    for dtype, workers in ((d, w) for d in args.dtypes for w in args.workers):
+        if offline is None or offline.dtype != dtype:
+            offline = OfflineEngine(args.model, dtype, args.threads)
         rounds, outcomes = [], []
-        with ServerProcess(args.model, args.threads, extra=["--dtype", dtype]) as server:
+        extra = ["--dtype", dtype, "--workers", str(workers)]
+        with ServerProcess(args.model, args.threads // workers, extra=extra) as server:
             for r in range(args.rounds):  # the server idles while this process decodes offline, and back
                 t0 = time.monotonic()
                 got = run_load(server.url, args.clients, args.requests, pool, options, seed=r)
@@ -215,7 +225,8 @@ def main() -> None:
                 outcomes += got
             exit_code = server.stop()
         summary = {"dtype": dtype, "clients": args.clients, "requests_per_client": args.requests, "options": options,
-                   "server_threads": args.threads, "server_exit_code": exit_code, "rounds": rounds,
+                   "server_threads": args.threads, "server_workers": workers, "offline_threads": args.threads,
+                   "server_exit_code": exit_code, "rounds": rounds,
                    **summarize(outcomes, sum(r["wall_s"] for r in rounds)),
                    "server_over_offline": statistics.median(r["server_over_offline"] for r in rounds)}
         if args.check:
@@ -249,7 +260,7 @@ class OfflineEngine:
         import pyengine
 
         torch.set_num_threads(threads)
-        self.engine = pyengine.Engine.load(model, dtype=dtype)
+        self.dtype, self.engine = dtype, pyengine.Engine.load(model, dtype=dtype)
 
     def throughput(self, outcomes: list[Outcome], options: dict, wall: float) -> dict:
         """The same sentences translated offline in one call per endpoint's options (length-sorted token-budget

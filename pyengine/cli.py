@@ -128,7 +128,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, int8 or auto")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads per worker (0: torch's default)")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="worker processes, each with its own running batch and --threads threads (inter-op)")
     p.add_argument("--max-batch-tokens", type=int, help="padded source tokens x beam in the running batch")
     p.add_argument("--max-batch-size", type=int, help="sentences in the running batch")
     p.add_argument("--max-memory-mb", type=float, help="cap on a batch's decoding buffers")
@@ -164,8 +166,10 @@ def serve_main(args: argparse.Namespace) -> int:
     config = ServerConfig(max_body_bytes=args.max_body_bytes, max_texts=args.max_texts, max_chars=args.max_chars,
                           request_timeout=args.timeout, max_queue=args.max_queue, read_timeout=args.read_timeout,
                           api_keys=read_keys(args.api_keys) if args.api_keys else None, req_limit=args.req_limit,
-                          max_file_bytes=args.max_file_bytes)
+                          max_file_bytes=args.max_file_bytes, workers=args.workers)
     if args.ray:
+        if args.workers != 1:
+            raise SystemExit("pyengine serve: --workers is for one machine; on Ray Serve, --replicas")
         from .distributed import require_ray
         require_ray()
         from .distributed.serve import serve_on_ray

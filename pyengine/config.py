@@ -286,6 +286,7 @@ class ServerConfig:
     req_limit: int | None = None  # requests per minute per key (per client address without keys); None: no limit
     max_file_bytes: int = 4 << 20  # /translate_file upload
     files_kept: int = 64  # translated files kept for download (the oldest is dropped)
+    workers: int = 1  # worker processes, each with its own running batch and the engine's threads (serve)
 
 
 @dataclass(frozen=True)

@@ -113,16 +113,17 @@ def test_request_timeout_answers_504_and_the_worker_goes_on(engine):
         assert c.get("/health").json()["status"] == "ok"
 
 
-@pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
-def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype):
-    """64 clients × 3 requests at once against a real server process in each dtype: every response is its own
-    input's offline translation in that dtype, and the server's steps ran the decoder step and output path that
-    translate() runs (engine.backends, against /health and /metrics); then requests in flight when SIGTERM arrives
-    still get their answers."""
+@pytest.mark.parametrize("dtype, workers", [("int8", 1), ("int8", 2), ("bfloat16", 2), ("float32", 1)])
+def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype, workers):
+    """64 clients × 3 requests at once against a real server process in each dtype (and with two worker processes of
+    a thread each): every response is its own input's offline translation in that dtype, and the server's steps ran
+    the decoder step and output path that translate() runs (engine.backends, against /health and /metrics); with two
+    workers, both decoded and /metrics adds them up; then requests in flight when SIGTERM arrives still get their
+    answers."""
     pool = pool_of_texts(48, seed=3)
     v1, libre = offline_translations("default", pool, OPTS, dtype)
     backends = pyengine.Engine.load("default", dtype=dtype).backends
-    with ServerProcess("default", threads=2, extra=["--dtype", dtype]) as server:
+    with ServerProcess("default", threads=2 // workers, extra=["--dtype", dtype, "--workers", str(workers)]) as server:
         outcomes = run_load(server.url, clients=64, requests=3, pool=pool, options=OPTS, seed=1, deadline_s=240)
         assert len(outcomes) == 64 * 3
         failed = [(o.status, o.error) for o in outcomes if o.status != 200]
@@ -132,7 +133,11 @@ def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype):
             assert o.translations == want, (o.endpoint, o.texts)
         metrics = post_metrics(server.url)
         assert max_batch_rows(metrics) > 8, "concurrent requests must have shared the running batch"
-        assert get_json(server.url + "/health")["backends"] == backends
+        health = get_json(server.url + "/health")
+        assert health["backends"] == backends and health["workers"] == workers
+        per_worker = counted(metrics, "pyengine_worker_sentences_total")
+        assert len(per_worker) == workers and min(per_worker.values()) > 0, per_worker
+        assert sum(per_worker.values()) == counted(metrics, "pyengine_sentences_total")[""]
         assert labelled(metrics, "pyengine_decoder_steps_total") == {backends["decoder_step"]}
         assert backends["output_layer"] in labelled(metrics, "pyengine_output_layer_total")
 
@@ -165,6 +170,12 @@ def test_target_prefix_through_the_server(client, engine):
     assert r.status_code == 200, r.text
     want = engine.translate(texts, target_prefix=prefixes, **OPTS)
     assert [t["translation"] for t in r.json()["translations"]] == want and want[1].startswith("Ihre")
+
+
+def counted(metrics: str, name: str) -> dict[str, float]:
+    """A Prometheus counter's values by label value ("" for one without labels)."""
+    return {(line.split('"')[1] if "{" in line else ""): float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith(name + "{") or line.startswith(name + " ")}
 
 
 def labelled(metrics: str, name: str) -> set[str]:

@@ -19,7 +19,7 @@ from pyengine.documents.files import FileTypeError
 from pyengine.documents.markup import MarkupError
 from pyengine.errors import InputError, OptionError
 from pyengine.serving import Scheduler
-from pyengine.serving.worker_link import WorkerBridge, WorkerClient
+from pyengine.serving.worker_link import WorkerBridge, WorkerClient, WorkerPool
 
 OPTS = {"beam_size": 2, "max_decoding_length": 32}
 
@@ -51,19 +51,25 @@ def test_an_input_error_crosses_whole(cls):
     assert pickle.loads(pickle.dumps(cls("plain"))).index is None
 
 
-def test_translations_and_scores_cross_as_in_one_process(linked, engine):
-    client, scheduler = linked
-    texts = sample_lines()[:5]
+def answers_as_offline(front, engine, n: int) -> None:
+    """n sentences in requests of two and a scoring call through `front` (a WorkerClient or WorkerPool) give what the
+    engine gives offline."""
+    texts = sample_lines()[:n]
     want = engine.translate_batch(texts, **OPTS, return_scores=True)
-    futures = [client.submit(texts[i:i + 2], **OPTS, return_scores=True)[1] for i in range(0, 5, 2)]
+    futures = [front.submit(texts[i:i + 2], **OPTS, return_scores=True)[1] for i in range(0, n, 2)]
     got = [t for f in futures for t in f.result(120)]
     assert [t.hypotheses for t in got] == [t.hypotheses for t in want]
     assert [s for t in got for s in t.scores] == pytest.approx([s for t in want for s in t.scores], abs=1e-5)
-    scored = client.score(texts[:2], [t.hypotheses[0] for t in want[:2]]).result(60)
+    scored = front.score(texts[:2], [t.hypotheses[0] for t in want[:2]]).result(60)
     reference = engine.score_batch(texts[:2], [t.hypotheses[0] for t in want[:2]])
     assert [r.tokens for r in scored] == [r.tokens for r in reference]
     assert [p for r in scored for p in r.log_probs] == pytest.approx([p for r in reference for p in r.log_probs],
                                                                       abs=1e-5)
+
+
+def test_translations_and_scores_cross_as_in_one_process(linked, engine):
+    client, scheduler = linked
+    answers_as_offline(client, engine, 5)
     state = client.state().result(60)
     assert state["alive"] and state["stats"].sentences == 5 and state["queue_depth"] == 0
     assert sum(state["rows"]) > 0  # each step's rows, for the front end's histogram
@@ -92,6 +98,54 @@ def test_a_cancelled_request_leaves_the_worker(linked):
         assert time.monotonic() < deadline, "the cancelled sentences stayed in the batch"
         time.sleep(0.01)
     assert client.state().result(60)["running"] == 0 and not future.done()
+
+
+@pytest.fixture()
+def pooled(engine):
+    """Two Schedulers, each behind its own pipe and bridge (two worker processes' halves, here threads), and the
+    front end's WorkerPool over their clients."""
+    links = [Pipe() for _ in range(2)]
+    schedulers = [Scheduler(engine) for _ in links]
+    for scheduler, (worker_end, _) in zip(schedulers, links):
+        WorkerBridge(scheduler, worker_end)
+        scheduler.start()
+    pool = WorkerPool([WorkerClient(front_end) for _, front_end in links])
+    yield pool
+    for scheduler in schedulers:
+        scheduler.stop(timeout=60)
+    pool.close()
+    for worker_end, _ in links:
+        worker_end.close()
+
+
+def test_a_pool_spreads_requests_and_adds_up_what_its_workers_count(pooled, engine):
+    answers_as_offline(pooled, engine, 8)
+    with pytest.raises(InputError) as info:  # a refusal comes back through the pool as from one worker
+        pooled.submit(["Open the file.", 7])[1].result(30)
+    assert info.value.index == 1
+    state = pooled.state().result(60)
+    per_worker = [w["sentences"] for w in state["workers"]]
+    # four requests of 2 sentences sent at once to the worker with the fewest in flight: two each (the scoring call
+    # and the refused request admit no sentence)
+    assert per_worker == [4, 4] and state["stats"].sentences == 8 and state["alive"]
+    assert state["stats"].decoder_steps.total() == state["stats"].steps > 0
+
+
+def test_a_pool_cancels_at_the_worker_that_holds_the_request(pooled):
+    slow = {**OPTS, "max_decoding_length": 200, "min_decoding_length": 200}
+    first, _ = pooled.submit(sample_lines()[:3], **slow)
+    second, future = pooled.submit(sample_lines()[3:5], **slow)  # the other worker: it has none in flight
+    deadline = time.monotonic() + 60
+    while [w["running"] for w in pooled.state().result(60)["workers"]] != [3, 2]:
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.01)
+    pooled.cancel(second)
+    while pooled.state().result(60)["workers"][1]["running"]:
+        assert time.monotonic() < deadline, "the cancelled sentences stayed in the batch"
+        time.sleep(0.01)
+    state = pooled.state().result(60)
+    assert state["stats"].cancelled == 2 and state["workers"][0]["running"] == 3 and not future.done()
+    pooled.cancel(first)
 
 
 def test_serve_runs_its_front_end_in_a_child_that_ends_with_the_worker(engine):
@@ -124,6 +178,32 @@ def test_sigint_finishes_requests_in_flight(engine):
         t.join(120)
         assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
     assert answers == [(200, {"translations": [{"translation": want}]})]
+
+
+def test_serve_with_two_workers_stops_whole_when_one_dies(engine):
+    """--workers 2: a second worker process beside worker 0 and the front end; the front end stops when a worker is
+    SIGKILLed (what it held cannot be answered), and worker 0 then exits with an error that says so."""
+    with ServerProcess("default", threads=1, extra=["--workers", "2"]) as server:
+        texts = ["Open the file.", "Save your changes?"]
+        bodies = [post(server.url + "/v1/translate", {"texts": [t]}, 60) for t in texts]
+        assert [b["translations"][0]["translation"] for _, b in bodies] == engine.translate(texts)
+        health = get_json(server.url + "/health")
+        assert health["workers"] == 2, health
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid]
+        front = [p for p in children if os.getpgid(p) == p]  # the front end has its own process group
+        helper = [p for p in children if p not in front]
+        assert len(front) == 1 and len(helper) == 1, children
+        os.kill(helper[0], signal.SIGKILL)
+        assert server.proc.wait(60) != 0
+        assert not _alive(front[0])
+    assert b"a worker process died" in server.read_log()
+
+
+def get_json(url: str) -> dict:
+    import json
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
 
 
 def _parent(pid: int) -> int | None:

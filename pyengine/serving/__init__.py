@@ -11,6 +11,6 @@ def __getattr__(name: str):
         from .app import create_app
         return create_app
     if name == "serve":
-        from .worker_link import serve
+        from .processes import serve
         return serve
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

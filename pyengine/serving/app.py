@@ -358,7 +358,8 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
         state = await worker_state()
         return JSONResponse({"status": "ok" if state["alive"] else "worker stopped", "model": engine.source,
                              "backends": engine.backends, "queue_depth": state["queue_depth"],
-                             "running": state["running"]}, status_code=200 if state["alive"] else 503)
+                             "running": state["running"], "workers": len(state["workers"])},
+                            status_code=200 if state["alive"] else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -369,7 +370,7 @@ def create_app(engine: Engine, config: ServerConfig = ServerConfig(),
         try:
             return await asyncio.wait_for(asyncio.wrap_future(scheduler.state()), STATE_TIMEOUT)
         except Exception:  # noqa: BLE001 - gone or stuck: /health says so
-            return {"alive": False, "queue_depth": 0, "running": 0, "stats": SchedulerStats()}
+            return {"alive": False, "queue_depth": 0, "running": 0, "stats": SchedulerStats(), "workers": []}
 
     return app
 

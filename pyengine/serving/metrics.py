@@ -35,7 +35,7 @@ class Metrics:
 
 
 class _WorkerCollector:
-    state = {"stats": SchedulerStats(), "queue_depth": 0, "running": 0}  # the worker's, set by Metrics.render
+    state = {"stats": SchedulerStats(), "queue_depth": 0, "running": 0, "workers": []}  # set by Metrics.render
 
     def collect(self):
         s, queue_depth, running = self.state["stats"], self.state["queue_depth"], self.state["running"]
@@ -68,6 +68,11 @@ class _WorkerCollector:
         for name, value in s.seconds.items():
             seconds.add_metric([name], value)
         yield seconds
+        per_worker = CounterMetricFamily("pyengine_worker_sentences", "Sentences admitted, per worker process "
+                                         "(serve --workers)", labels=["worker"])
+        for k, worker in enumerate(self.state["workers"]):
+            per_worker.add_metric([str(k)], worker["sentences"])
+        yield per_worker
         yield GaugeMetricFamily("pyengine_queue_depth", "Sentences waiting for a batch",
                                 value=queue_depth)
         yield GaugeMetricFamily("pyengine_running_sentences", "Sentences decoding now", value=running)

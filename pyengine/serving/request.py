@@ -6,7 +6,7 @@ import collections
 import concurrent.futures
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
@@ -99,6 +99,21 @@ class SchedulerStats(RuntimeStats):
     failures: int = 0  # requests failed by an error in the worker
     # decoder rows of the latest steps (a window: a server runs for months)
     rows_per_step: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=100_000))
+
+    @classmethod
+    def total(cls, parts: Sequence["SchedulerStats"]) -> "SchedulerStats":
+        """Several workers' counters added up (serve --workers)."""
+        out = cls()
+        for part in parts:
+            for f in fields(cls):
+                mine, theirs = getattr(out, f.name), getattr(part, f.name)
+                if isinstance(mine, collections.Counter):
+                    mine.update(theirs)
+                elif isinstance(mine, collections.deque):
+                    mine.extend(theirs)
+                else:
+                    setattr(out, f.name, mine + theirs)
+        return out
 
 
 @dataclass

@@ -117,10 +117,10 @@ class Scheduler:
         return self.call(lambda: self.engine.score_batch(sources, targets, **args))
 
     def state(self) -> Future:
-        """A Future (here already resolved) of what /health and /metrics read: alive, queue_depth, running, stats."""
+        """A Future (here already resolved) of what /health and /metrics read, "workers": this one's own counts."""
+        own = {"sentences": self.stats.sentences, "queue_depth": self.queue_depth, "running": self.running}
         future: Future = Future()
-        future.set_result({"alive": self.alive, "queue_depth": self.queue_depth, "running": self.running,
-                           "stats": self.stats})
+        future.set_result({"alive": self.alive, **own, "stats": self.stats, "workers": [own]})
         return future
 
     def cancel(self, request: Request) -> None:

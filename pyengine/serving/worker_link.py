@@ -6,11 +6,12 @@ time; in one process each waited for the other's (docs/server.md measured a seco
 cores, and sentencepiece's 4 µs Encode taking 172 µs inside a loaded server). vLLM splits its API server from its
 engine core for the same reason.
 
-`serve` loads the model, then forks: the child is the front end (the engine object is there, copy-on-write, for
-tokenizer-side work: options, documents, languages; it never runs the model), the parent keeps the model's
-OpenMP threads and runs the worker. Each request crosses the pipe as a pickled message: the front end's
+`serve` (processes.py) loads the model, then forks: the child is the front end (the engine object is there,
+copy-on-write, for tokenizer-side work: options, documents, languages; it never runs the model), the parent keeps
+the model's OpenMP threads and runs the worker. Each request crosses the pipe as a pickled message: the front end's
 `WorkerClient` stands in for the Scheduler the app calls (submit, cancel, score, the counters), the worker's
-`WorkerBridge` thread hands them to the real Scheduler and sends each answer back as it completes.
+`WorkerBridge` hands them to the real Scheduler between rounds and sends the answers back; with several workers, a
+`WorkerPool` of clients spreads the requests.
 """
 from __future__ import annotations
 
@@ -20,24 +21,17 @@ import itertools
 import logging
 import os
 import pickle
-import signal
-import sys
+import socket
 import threading
 import time
-import traceback
 from concurrent.futures import Future
-from multiprocessing.connection import Connection, Pipe
+from multiprocessing.connection import Connection
 from typing import Any, Callable, Sequence
 
-from ..config import ServerConfig
-from ..errors import PyEngineError
-from .request import QueueFullError, resolve
+from .request import QueueFullError, SchedulerStats, resolve
 from .scheduler import Scheduler
 
 log = logging.getLogger("pyengine.serving")
-
-FRONT_END_NOT_STARTED = 3  # the front end's exit code when uvicorn could not start (port taken)
-
 
 def _dumps(message: tuple) -> bytes:
     """Plain pickle (not multiprocessing's, which would send tensors through shared memory and file descriptors)."""
@@ -85,6 +79,18 @@ class WorkerClient:
                     self.on_step(rows)
         future.add_done_callback(feed)
         return future
+
+    def close(self) -> None:
+        """End the link from this side: the worker sees its front end gone (and winds down when idle). The socket is
+        shut down, not just closed: a close would not end the reader thread's recv, which keeps the socket open."""
+        self.on_lost = None
+        try:
+            with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # already closed
+            pass
+        self._reader.join()
+        self._conn.close()
 
     def _ask(self, kind: str, args: Any) -> tuple[int, Future]:
         rid, future = next(self._ids), Future()
@@ -209,85 +215,80 @@ class WorkerBridge:
                                                    f"{exc} (answer: {type(error or result).__name__})")))
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfig = ServerConfig(),
-          graceful_seconds: float = 30.0) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish first (up to graceful_seconds).
+class WorkerPool:
+    """The front end's stand-in for several worker processes (`serve --workers N`, CTranslate2's inter_threads): each
+    request goes whole to the worker with the fewest sentences in flight; state() adds their counters up. Workers
+    decode apart, so one worker's thread preempted by the front end or a client stalls that worker alone, not a
+    parallel region that spans every core."""
 
-    This process keeps the model and runs the worker in its main thread (the thread that loaded the model: see
-    Scheduler.run); the HTTP front end runs in a forked child (see the module docstring). A signal here is passed
-    to the front end once, as SIGTERM (a second one forces it, as uvicorn does): it stops accepting, lets the
-    requests in flight finish (the worker keeps serving them), and exits; then the worker finishes and this
-    returns."""
-    if not hasattr(os, "fork"):
-        raise PyEngineError("pyengine serve forks its HTTP front end (os.fork): Linux or macOS; on this platform embed "
-                            "create_app(engine) in an ASGI server instead")
-    scheduler = Scheduler(engine, max_queue=config.max_queue)
-    worker_end, front_end = Pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the front end
-        code = 1
-        try:
-            worker_end.close()
-            code = _run_front_end(engine, front_end, host, port, config, graceful_seconds)
-        except BaseException:  # noqa: BLE001 - logged; the worker sees the exit code
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    front_end.close()
-    WorkerBridge(scheduler, worker_end)
-    status: list[int] = []
+    def __init__(self, clients: Sequence[WorkerClient]):
+        self.clients = list(clients)
+        self._load = [0] * len(self.clients)  # sentences in flight per worker
+        self._owner: dict[int, tuple[int, int]] = {}  # the pool's request id -> (worker, the worker's request id)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # submissions on the event loop, completions on the clients' reader threads
 
-    def front_end_gone() -> bool:
-        if not status:
-            done, wait_status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                status.append(os.waitstatus_to_exitcode(wait_status))
-        return bool(status)
+    @property
+    def on_step(self) -> Callable[[int], None] | None:
+        return self.clients[0].on_step
 
-    def forward(signum, frame) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        scheduler.run(until=front_end_gone)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if not status:
-            forward(signal.SIGTERM, None)
-            status.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-        scheduler.stop()
-        worker_end.close()
-    if status[0] == FRONT_END_NOT_STARTED:
-        raise PyEngineError(f"the HTTP server did not start on {host}:{port} (see the log above)")
+    @on_step.setter
+    def on_step(self, fn: Callable[[int], None] | None) -> None:
+        for client in self.clients:
+            client.on_step = fn
 
+    def submit(self, texts: Sequence[str], *args: Any, **options: Any) -> tuple[int, Future]:
+        return self._route(len(texts), lambda client: client.submit(texts, *args, **options))
 
-def _run_front_end(engine, conn: Connection, host: str, port: int, config: ServerConfig,
-                   graceful_seconds: float) -> int:
-    """The forked child: uvicorn in its main thread (its own signal handling) over a WorkerClient."""
-    import torch
-    import uvicorn
+    def score(self, sources: Sequence[str], targets: Sequence[str], **args: Any) -> Future:
+        return self._route(len(sources), lambda client: (None, client.score(sources, targets, **args)))[1]
 
-    from .app import create_app
-    from .http import header_timeout_protocol
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
 
-    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the worker process only, which passes it on once
-    torch.set_num_threads(1)  # the parent's OpenMP team does not exist here: never start a parallel region
-    server: uvicorn.Server | None = None
+    def cancel(self, request: int) -> None:
+        with self._lock:
+            owner = self._owner.pop(request, None)
+        if owner is not None:
+            self.clients[owner[0]].cancel(owner[1])
 
-    def lost() -> None:  # the worker process died: stop taking requests
-        log.error("the worker process is gone; the front end stops")
-        if server is not None:
-            server.should_exit = True
-    client = WorkerClient(conn, on_lost=lost)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, config, client), host=host, port=port,
-                                           log_level="info", timeout_graceful_shutdown=graceful_seconds,
-                                           http=header_timeout_protocol(config.read_timeout)))
-    server.run()
-    return 0 if server.started else FRONT_END_NOT_STARTED
+    def state(self) -> Future:
+        """A Future of the workers' states added up: alive when every worker is, queue and counters summed."""
+        parts, merged = [client.state() for client in self.clients], Future()
+        left = [len(parts)]
+
+        def one_done(_: Future) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0]:
+                    return
+            try:
+                states = [part.result() for part in parts]
+                resolve(merged, {"alive": all(s["alive"] for s in states),
+                                 "queue_depth": sum(s["queue_depth"] for s in states),
+                                 "running": sum(s["running"] for s in states),
+                                 "stats": SchedulerStats.total([s["stats"] for s in states]),
+                                 "workers": [w for s in states for w in s["workers"]]})
+            except Exception as exc:  # noqa: BLE001 - a worker gone: the caller's error
+                resolve(merged, error=exc)
+        for part in parts:
+            part.add_done_callback(one_done)
+        return merged
+
+    def _route(self, sentences: int, ask: Callable[[WorkerClient], tuple[int | None, Future]]) -> tuple[int, Future]:
+        with self._lock:
+            k = min(range(len(self.clients)), key=self._load.__getitem__)
+            self._load[k] += sentences
+        local, future = ask(self.clients[k])
+        rid = next(self._ids)
+        if local is not None:
+            with self._lock:
+                self._owner[rid] = (k, local)
+
+        def finished(_: Future) -> None:
+            with self._lock:
+                self._load[k] -= sentences
+                self._owner.pop(rid, None)
+        future.add_done_callback(finished)
+        return rid, future
