@@ -120,8 +120,14 @@ def run_load(url: str, clients: int, requests: int, pool: list[str], options: di
              deadline_s: float = 300.0, request_timeout: float = 120.0) -> list[Outcome]:
     """`clients` concurrent clients on asynchronous connections, each sending up to `requests` requests of 1-4
     texts from `pool` (one text to LibreTranslate's /translate every other request), all starting together; none
-    starts after deadline_s."""
-    return asyncio.run(_load(url, clients, requests, pool, options, seed, deadline_s, request_timeout))
+    starts after deadline_s. On uvloop where it is installed (the server's own loop): 0.29 s of client CPU a load
+    round against asyncio's 0.36-0.45 s, CPU the server's cores then keep."""
+    coroutine = _load(url, clients, requests, pool, options, seed, deadline_s, request_timeout)
+    try:
+        import uvloop
+    except ImportError:  # Windows
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
 
 
 async def _load(url: str, clients: int, requests: int, pool: list[str], options: dict, seed: int,
