@@ -199,6 +199,31 @@ def test_serve_with_two_workers_stops_whole_when_one_dies(engine):
     assert b"a worker process died" in server.read_log()
 
 
+def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(engine):
+    """A service manager's stop (SIGTERM to every process of the service, systemd's default): both workers' requests in
+    flight get their answers, then the server exits cleanly."""
+    slow = {**OPTS, "max_decoding_length": 48, "min_decoding_length": 48}
+    texts = ["Open the file.", "Save your changes?"]
+    want = [t.hypotheses[0] for t in engine.translate_batch(texts, **slow)]
+    answers: dict = {}
+    with ServerProcess("default", threads=1, extra=["--workers", "2"]) as server:
+        threads = [threading.Thread(target=lambda t=t: answers.__setitem__(t, post(
+            server.url + "/v1/translate", {"texts": [t], "options": slow}, 120))) for t in texts]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while get_json(server.url + "/health")["running"] < 2:  # one request at each worker
+            assert time.monotonic() < deadline, "the requests never started"
+            time.sleep(0.01)
+        children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid]
+        for pid in [server.proc.pid, *children]:
+            os.kill(pid, signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
+    assert {t: body["translations"][0]["translation"] for t, (_, body) in answers.items()} == dict(zip(texts, want))
+
+
 def get_json(url: str) -> dict:
     import json
     import urllib.request

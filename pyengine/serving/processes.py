@@ -115,7 +115,10 @@ def fork_worker(engine, config: ServerConfig, links: list[tuple[Connection, Conn
 def _run_worker(engine, config: ServerConfig, conn: Connection) -> int:
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches worker 0, which passes it on
+    # a terminal's Ctrl-C, or a service manager's SIGTERM to every process, reaches worker 0, which passes it on to
+    # the front end; this worker ends when the front end has closed its pipe and its batch is done
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     threads = torch.get_num_threads()
     scheduler = Scheduler(engine, max_queue=config.max_queue)
     bridge = WorkerBridge(scheduler, conn)

@@ -33,6 +33,7 @@ from .scheduler import Scheduler
 
 log = logging.getLogger("pyengine.serving")
 
+
 def _dumps(message: tuple) -> bytes:
     """Plain pickle (not multiprocessing's, which would send tensors through shared memory and file descriptors)."""
     return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
