@@ -199,17 +199,19 @@ def test_serve_with_two_workers_stops_whole_when_one_dies(engine):
     assert b"a worker process died" in server.read_log()
 
 
-def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(engine):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(engine, threads):
     """A service manager's stop (SIGTERM to every process of the service, systemd's default): both workers' requests in
-    flight get their answers, then the server exits cleanly."""
+    flight get their answers, then the server exits cleanly. With 2 threads a worker, the forked worker decodes in a
+    thread of its own with a new OpenMP team (in its main thread the parent's team, gone with the fork, would hang)."""
     slow = {**OPTS, "max_decoding_length": 48, "min_decoding_length": 48}
     texts = ["Open the file.", "Save your changes?"]
     want = [t.hypotheses[0] for t in engine.translate_batch(texts, **slow)]
     answers: dict = {}
-    with ServerProcess("default", threads=1, extra=["--workers", "2"]) as server:
-        threads = [threading.Thread(target=lambda t=t: answers.__setitem__(t, post(
+    with ServerProcess("default", threads=threads, extra=["--workers", "2"]) as server:
+        clients = [threading.Thread(target=lambda t=t: answers.__setitem__(t, post(
             server.url + "/v1/translate", {"texts": [t], "options": slow}, 120))) for t in texts]
-        for t in threads:
+        for t in clients:
             t.start()
         deadline = time.monotonic() + 30
         while get_json(server.url + "/health")["running"] < 2:  # one request at each worker
@@ -218,7 +220,7 @@ def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(eng
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid]
         for pid in [server.proc.pid, *children]:
             os.kill(pid, signal.SIGTERM)
-        for t in threads:
+        for t in clients:
             t.join(120)
         assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
     assert {t: body["translations"][0]["translation"] for t, (_, body) in answers.items()} == dict(zip(texts, want))
