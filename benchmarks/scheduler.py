@@ -78,12 +78,13 @@ class WorkerProcesses:
     def __init__(self, engine, workers: int, threads: int):
         from multiprocessing import Pipe
 
+        import torch
+
         from pyengine.config import ServerConfig
         from pyengine.serving.processes import fork_worker
         from pyengine.serving.worker_link import WorkerClient, WorkerPool
         config = ServerConfig(workers=workers, max_queue=1 << 20)
         self.links = [Pipe() for _ in range(workers)]
-        import torch
         own = torch.get_num_threads()
         torch.set_num_threads(threads)  # what the forked workers start with
         self.pids = [fork_worker(engine, config, self.links, k) for k in range(workers)]

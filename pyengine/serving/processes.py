@@ -43,7 +43,7 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfi
         raise PyEngineError(f"workers must be at least 1, got {config.workers}")
     links = [Pipe() for _ in range(config.workers)]  # (worker's end, front end's end) per worker
     front = _fork(lambda: _run_front_end(engine, [f for _, f in links], host, port, config, graceful_seconds),
-                  keep=[f for _, f in links], close=[w for w, _ in links])
+                  close=[w for w, _ in links])
     for _, f in links:
         f.close()
     helpers = [fork_worker(engine, config, links, k) for k in range(1, config.workers)]
@@ -84,8 +84,8 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, config: ServerConfi
         raise PyEngineError("a worker process died (see the log above); the server stopped")
 
 
-def _fork(run, keep: list[Connection], close: list[Connection]) -> int:
-    """Fork a child that closes the pipe ends in `close` but those in `keep`, runs `run` (its exit code) and exits."""
+def _fork(run, close: list[Connection]) -> int:
+    """Fork a child that closes the pipe ends in `close` (the others' ends), runs `run` (its exit code) and exits."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -94,8 +94,7 @@ def _fork(run, keep: list[Connection], close: list[Connection]) -> int:
     code = 1
     try:
         for conn in close:
-            if not any(conn is k for k in keep):
-                conn.close()
+            conn.close()
         code = run()
     except BaseException:  # noqa: BLE001 - logged; the parent sees the exit code
         traceback.print_exc()
@@ -108,8 +107,8 @@ def _fork(run, keep: list[Connection], close: list[Connection]) -> int:
 def fork_worker(engine, config: ServerConfig, links: list[tuple[Connection, Connection]], k: int) -> int:
     """A worker process (its pid) for links[k] (pipes as (worker's end, front end's end)): a Scheduler over the
     worker's end until the front end's is closed and it is idle. This process keeps its ends open."""
-    return _fork(lambda: _run_worker(engine, config, links[k][0]), keep=[links[k][0]],
-                 close=[end for link in links for end in link])
+    own = links[k][0]
+    return _fork(lambda: _run_worker(engine, config, own), close=[e for link in links for e in link if e is not own])
 
 
 def _run_worker(engine, config: ServerConfig, conn: Connection) -> int:

@@ -118,9 +118,9 @@ class Scheduler:
 
     def state(self) -> Future:
         """A Future (here already resolved) of what /health and /metrics read, "workers": this one's own counts."""
-        own = {"sentences": self.stats.sentences, "queue_depth": self.queue_depth, "running": self.running}
-        future: Future = Future()
-        future.set_result({"alive": self.alive, **own, "stats": self.stats, "workers": [own]})
+        queue_depth, running, sentences, future = self.queue_depth, self.running, self.stats.sentences, Future()
+        future.set_result({"alive": self.alive, "queue_depth": queue_depth, "running": running, "stats": self.stats,
+                           "workers": [{"sentences": sentences, "queue_depth": queue_depth, "running": running}]})
         return future
 
     def cancel(self, request: Request) -> None:
