@@ -30,8 +30,6 @@ void TopKState::offer(int64_t row, float v, int64_t id) {
   bv[pos] = v, bi[pos] = id;
 }
 
-float TopKState::threshold(int64_t row) const { return count[row] == k ? best_value[row * k + k - 1] : kNegInf; }
-
 #if defined(__x86_64__) && defined(__GNUC__)
 namespace {
 struct alignas(64) TileConfig {
@@ -92,32 +90,73 @@ void absorb_portable(const float* y, int rows, int64_t m0, int64_t n0, int64_t w
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0,
-                                                      int64_t width, uint64_t banned, TopKState& st) {
+// The logits of row r that beat the row's threshold, offered in column order (ids increasing, for the ties).
+__attribute__((target("avx512f"))) inline void offer_hits(const float* yr, int64_t row, int64_t n0, int64_t width,
+                                                          uint64_t banned, TopKState& st) {
+  for (int j = 0; j < 4 && 16 * j < width; ++j) {
+    const int64_t left = width - 16 * j;
+    const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+    __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), _mm512_loadu_ps(yr + 16 * j),
+                                            _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
+    for (; hit; hit &= hit - 1) {
+      const int lane = __builtin_ctz(hit);
+      st.offer(row, yr[16 * j + lane], n0 + 16 * j + lane);
+    }
+  }
+}
+
+// A tile narrower than 64 columns (the vocabulary's last): group by group, masked.
+__attribute__((target("avx512f"))) void absorb_partial(const float* y, int rows, int64_t m0, int64_t n0, int64_t width,
+                                                       uint64_t banned, TopKState& st) {
   for (int r = 0; r < rows; ++r) {
     const int64_t row = m0 + r;
     __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < 4 && 16 * j < width; ++j) {
       const int64_t left = width - 16 * j;
-      if (left <= 0) break;
       const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, y + r * kCols + 16 * j);
       const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
-      if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
+      if (up) {
         const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
         sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive_short(_mm512_sub_ps(mx, new_mx)));
         mx = new_mx;
       }
       sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive_short(_mm512_sub_ps(v, mx)));
-      __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), v,
-                                              _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
-      for (; hit; hit &= hit - 1) {
-        const int lane = __builtin_ctz(hit);
-        st.offer(row, y[r * kCols + 16 * j + lane], n0 + 16 * j + lane);
-      }
     }
     _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
     _mm512_storeu_ps(st.lane_sum.data() + row * 16, sum);
+    offer_hits(y + r * kCols, row, n0, width, banned, st);
+  }
+}
+
+// A full 64-column block, per row: one max over its four vectors decides whether a lane's running max rises
+// (rescaling its sum once) and whether any logit can beat the row's k-th best; the four exps are independent
+// (summed pairwise), where a group-at-a-time loop chained each on the previous group's max and sum and asked
+// for the threshold four times.
+__attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0,
+                                                      int64_t width, uint64_t banned, TopKState& st) {
+  if (width < kCols) return absorb_partial(y, rows, m0, n0, width, banned, st);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t row = m0 + r;
+    const float* yr = y + r * kCols;
+    const __m512 v0 = _mm512_loadu_ps(yr), v1 = _mm512_loadu_ps(yr + 16);
+    const __m512 v2 = _mm512_loadu_ps(yr + 32), v3 = _mm512_loadu_ps(yr + 48);
+    const __m512 top = _mm512_max_ps(_mm512_max_ps(v0, v1), _mm512_max_ps(v2, v3));
+    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
+    const __mmask16 up = _mm512_cmp_ps_mask(top, mx, _CMP_GT_OQ);
+    if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
+      const __m512 new_mx = _mm512_mask_mov_ps(mx, up, top);
+      sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive_short(_mm512_sub_ps(mx, new_mx)));
+      mx = new_mx;
+    }
+    const __m512 e01 = _mm512_add_ps(exp_nonpositive_short(_mm512_sub_ps(v0, mx)),
+                                     exp_nonpositive_short(_mm512_sub_ps(v1, mx)));
+    const __m512 e23 = _mm512_add_ps(exp_nonpositive_short(_mm512_sub_ps(v2, mx)),
+                                     exp_nonpositive_short(_mm512_sub_ps(v3, mx)));
+    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
+    _mm512_storeu_ps(st.lane_sum.data() + row * 16, _mm512_add_ps(sum, _mm512_add_ps(e01, e23)));
+    if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ))
+      offer_hits(yr, row, n0, width, banned, st);
   }
 }
 #endif

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -55,7 +56,10 @@ struct TopKState {
   // ids reach a thread in increasing order, so an equal value stays behind the ones already held (ties go to the
   // lower id, as log_softmax_topk)
   void offer(int64_t row, float v, int64_t id);
-  float threshold(int64_t row) const;
+  // the value a logit must beat to be offered (inline: the absorb asks once per row and block)
+  float threshold(int64_t row) const {
+    return count[row] == k ? best_value[row * k + k - 1] : -std::numeric_limits<float>::infinity();
+  }
 };
 
 // A row block's logits (rows × width at y, row stride kCols, columns from n0) into the state; banned: bits of
