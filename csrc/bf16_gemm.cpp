@@ -437,7 +437,7 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 }
 
 // Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
-// and its row stride), then after(m0, rows, n0, width) sees it.
+// and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   if (op.kern.begin) op.kern.begin();
@@ -449,7 +449,7 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       const Epilogue e{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act};
       const bool fetch_next = m0 == 0 && t + 1 < end;  // the next tile into L2 while the first block computes
       op.kern.tile(op.a, m0, rows, op.w + t * op.tile_elems, e, fetch_next ? op.w + (t + 1) * op.tile_elems : nullptr);
-      after(m0, rows, n0, width);
+      after(m0, 0, rows, n0, width);
     }
   }
   if (op.kern.end) op.kern.end();
@@ -464,7 +464,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
   return gemm::linear_into("bf16_linear", x, op.M, n_out, op.tiles, out, [&](int64_t begin, int64_t end, float* yp) {
     run_tiles(
         op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
-        [](int64_t, int, int64_t, int64_t) {});
+        [](int64_t, int, int, int64_t, int64_t) {});
   });
 }
 

@@ -80,7 +80,9 @@ void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* value
 
 // The fused pass: one part of the `tiles` column tiles per thread, each with its own state; run_part(begin, end,
 // block, after) runs a GEMM's tiles [begin, end) for every row block into `block` (kBlockRows × kCols floats)
-// and calls after(m0, rows, n0, width) on each. Returns each row's k best (log-prob, id).
+// and calls after(m0, r0, rows, n0, width) on each: rows [r0, r0 + rows) of the block at m0 are ready in `block`
+// from its row r0 (a pipelined GEMM hands a block over a few rows at a time). Returns each row's k best (log-prob,
+// id).
 template <typename RunPart>
 std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, const at::Tensor& x, int64_t M,
                                                            int64_t n_out, int64_t tiles, int64_t k,
@@ -97,9 +99,10 @@ std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, cons
     alignas(64) float block[kBlockRows * kCols];
     for (int64_t p = begin; p < end; ++p) {
       TopKState& st = states[p];
-      run_part(tiles * p / parts, tiles * (p + 1) / parts, block, [&](int64_t m0, int rows, int64_t n0, int64_t width) {
-        absorb(block, rows, m0, n0, width, banned_bits(ban, n0), st);
-      });
+      run_part(tiles * p / parts, tiles * (p + 1) / parts, block,
+               [&](int64_t m0, int r0, int rows, int64_t n0, int64_t width) {
+                 absorb(block + r0 * kCols, rows, m0 + r0, n0, width, banned_bits(ban, n0), st);
+               });
     }
   });
   merge_rows(states, M, values.data_ptr<float>(), ids.data_ptr<int64_t>());

@@ -218,14 +218,19 @@ PYENGINE_VNNI void tile_vnni_any(const uint8_t* xq, int64_t Kp, int rows, const 
 #define PYENGINE_AMX __attribute__((target("avx512f,avx512bw,avx512vnni,amx-tile,amx-int8")))
 // (the tile configuration, per thread: gemm::amx_begin / amx_end, gemm_shared.h)
 
-PYENGINE_AMX void tile_amx(const uint8_t* xq, int64_t Kp, int rows, const int8_t* w, const Epilogue& e,
-                           const int8_t* next) {
-  constexpr int64_t stride = kCols * 4;  // bytes from one k4-row of the pack to the next
+// A 16-row block's 64 columns: the int32 sums into acc (the epilogue is run_tiles_amx's, overlapped with the next
+// block's multiply: between k-steps, drain(s, steps) finishes a share of the previous block's rows).
+template <typename Drain>
+PYENGINE_AMX void multiply_amx(const uint8_t* xq, int64_t Kp, const int8_t* w, const int8_t* next, int32_t* acc,
+                               Drain& drain) {
+  constexpr int64_t stride = kCols * 4;
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k = 0; k < Kp; k += 64) {
+  const int64_t steps = Kp / 64;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t k = s * 64;
     const int8_t* wk = w + (k / 4) * stride;
     // the next k-step's 16 activation rows into L1: a tile load that misses waits on its 16 lines one by one (the
     // block's rows are 512+ bytes apart, which the hardware prefetcher does not follow); the fused output layer at
@@ -245,21 +250,32 @@ PYENGINE_AMX void tile_amx(const uint8_t* xq, int64_t Kp, int rows, const int8_t
       const char* ahead = reinterpret_cast<const char*>(next + (k / 4) * stride);
       for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
     }
+    drain(s + 1, steps);
   }
-  alignas(64) int32_t acc[kAmxRows * kCols];
   _tile_stored(0, acc, stride);
   _tile_stored(1, acc + 16, stride);
   _tile_stored(2, acc + 32, stride);
   _tile_stored(3, acc + 48, stride);
+}
+
+// The epilogue of rows [r0, r1) of a block from its int32 sums (the VNNI tile's, so both round alike).
+PYENGINE_AMX void epilogue_rows(const int32_t* acc, const Epilogue& e, int r0, int r1) {
   for (int j = 0; j < 4; ++j) {
     const ColumnGroup g(e, j);
     if (!g.mask) break;
-    for (int r = 0; r < rows; ++r) g.store(e, r, _mm512_load_si512(acc + r * kCols + 16 * j));
+    for (int r = r0; r < r1; ++r) g.store(e, r, _mm512_load_si512(acc + r * kCols + 16 * j));
   }
 }
+#else
+template <typename Drain>
+void multiply_amx(const uint8_t*, int64_t, const int8_t*, const int8_t*, int32_t*, Drain&) {
+  TORCH_CHECK(false, "AMX needs an x86-64 build");
+}
+void epilogue_rows(const int32_t*, const Epilogue&, int, int) {}
 #endif
 
 struct Kernels {
+  // a row block's tile: rows ≤ `rows`, 64 columns, epilogue included; nullptr for AMX (run_tiles_amx)
   void (*tile)(const uint8_t*, int64_t, int, const int8_t*, const Epilogue&, const int8_t* next);
   void (*min_max)(const float*, int64_t, float*, float*);
   void (*quantize_row)(const float*, int64_t, float, float, uint8_t*);
@@ -282,7 +298,7 @@ Kernels pick_kernels(const char* who, const std::string& kernel, int64_t M, int6
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_available());
   if (amx && Kp % 64 == 0 && M > kMaxRows)
-    return {tile_amx, min_max_vnni, quantize_row_vnni, kAmxRows, gemm::amx_begin, gemm::amx_end, "amx"};
+    return {nullptr, min_max_vnni, quantize_row_vnni, kAmxRows, gemm::amx_begin, gemm::amx_end, "amx"};
   if (kernel != "portable" && vnni_available())
     return {tile_vnni_any, min_max_vnni, quantize_row_vnni, kMaxRows, nullptr, nullptr, "vnni"};
 #endif
@@ -432,7 +448,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 // Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
 // and its row stride), then after(m0, rows, n0, width) sees it.
 template <typename Out, typename After>
+void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
+
+template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
   const int block = op.kern.rows;
   if (op.kern.begin) op.kern.begin();
   for (int64_t t = begin; t < end; ++t) {
@@ -446,10 +466,56 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       const bool fetch_next = m0 == (block == kAmxRows ? 0 : block) && t + 1 < end;
       op.kern.tile(op.xqp + m0 * op.Kp, op.Kp, rows, op.wp + t * op.tile_bytes, e,
                    fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr);
-      after(m0, rows, n0, width);
+      after(m0, 0, rows, n0, width);
     }
   }
   if (op.kern.end) op.kern.end();
+}
+
+// run_tiles on AMX, each block's epilogue (and `after`) overlapped with the next block's multiply: a block's sums
+// are stored, then its rows are finished a few at a time between the next block's k-steps, so the vector units
+// (dequantization, activation, the fused output layer's log-sum-exp) work while the tile unit multiplies instead
+// of after it (A/B, alternated processes on an AMX Xeon: int8 batch 32 beam 4 0.341 -> 0.305 s, median of six
+// rounds' best; the fused output layer at 32 rows 2.2 -> 1.9 ms). Integer sums are exact and the epilogue is the
+// VNNI tile's: the results equal the VNNI tile's to the bit.
+template <typename Out, typename After>
+void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  struct Block {
+    Epilogue e;
+    int64_t m0, n0, width;
+    int rows, done;
+  };
+  alignas(64) int32_t acc[2][kAmxRows * kCols];
+  int cur = 0;  // the buffer the running multiply stores into; the pending block's is the other
+  Block pending{};
+  bool has_pending = false;
+  auto finish = [&](int r1) {  // the pending block's rows up to r1
+    r1 = std::min(r1, pending.rows);
+    if (!has_pending || r1 <= pending.done) return;
+    epilogue_rows(acc[cur ^ 1], pending.e, pending.done, r1);
+    after(pending.m0, pending.done, r1 - pending.done, pending.n0, pending.width);
+    pending.done = r1;
+  };
+  auto drain = [&](int64_t step, int64_t steps) { finish(static_cast<int>(pending.rows * step / steps)); };
+  op.kern.begin();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
+    for (int64_t m0 = 0; m0 < op.M; m0 += kAmxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, op.M - m0));
+      const bool fetch_next = m0 == 0 && t + 1 < end;
+      multiply_amx(op.xqp + m0 * op.Kp, op.Kp, op.wp + t * op.tile_bytes,
+                   fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr, acc[cur], drain);
+      finish(kAmxRows);
+      const auto [y, ldy] = out(m0, n0);
+      pending = {Epilogue{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, op.b ? op.b + n0 : nullptr, width,
+                          op.act},
+                 m0, n0, width, rows, 0};
+      has_pending = true;
+      cur ^= 1;
+    }
+  }
+  finish(kAmxRows);
+  op.kern.end();
 }
 
 }  // namespace
@@ -462,7 +528,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   return gemm::linear_into("int8_linear", x, op.M, n_out, op.tiles, out, [&](int64_t begin, int64_t end, float* yp) {
     run_tiles(
         op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
-        [](int64_t, int, int64_t, int64_t) {});
+        [](int64_t, int, int, int64_t, int64_t) {});
   });
 }
 

@@ -139,12 +139,12 @@ def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]) -> tu
 
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("rows, k, n, top", [(1, 8, 70, 1), (7, 36, 200, 3), (13, 96, 1000, 8), (32, 64, 333, 10),
-                                             (37, 128, 1000, 4)])
+                                             (37, 128, 1000, 4), (40, 512, 700, 8)])
 def test_fused_output_candidates_against_float64(rows, k, n, top, tile):
     """The output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math of
     the int8 scheme, banned ids out of the candidates but in the normalizer (one of them the best logit), VNNI row
-    blocks of 1-6 and a remainder, AMX blocks of 16 and a ragged one, a ragged last tile, several column parts
-    (threads) merged."""
+    blocks of 1-6 and a remainder, AMX blocks of 16 and a ragged one (each block finished a few rows at a time
+    during the next one's multiply: 8 k-steps at K=512), a ragged last tile, several column parts (threads) merged."""
     gen = torch.Generator().manual_seed(rows * 100 + n)
     x = torch.randn(rows, k, generator=gen) * 2
     q, scale = quantize_rows(torch.randn(n, k, generator=gen) * torch.rand(n, 1, generator=gen))
