@@ -277,9 +277,12 @@ void tile_rows(const Split& a, int64_t m0, int rows, const uint16_t* w, const Ep
 #define PYENGINE_AMX_BF16 __attribute__((target("avx512f,avx512bw,amx-tile,amx-bf16")))
 // (the tile configuration, per thread: gemm::amx_begin / amx_end, gemm_shared.h)
 
-PYENGINE_AMX_BF16 void tile_amx(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e,
-                                const uint16_t* next) {
-  const int64_t Kp = a.Kp, lda = Kp * 2;
+// A 16-row block's 64 columns: the float32 sums into acc (the epilogue is run_tiles_amx's, overlapped with the next
+// block's multiply: between k-chunks, drain(c, chunks) finishes a share of the previous block's rows).
+template <typename Drain>
+PYENGINE_AMX_BF16 void multiply_amx(const Split& a, int64_t m0, const uint16_t* w, const uint16_t* next, float* acc,
+                                    Drain& drain) {
+  const int64_t Kp = a.Kp, lda = Kp * 2, chunks = Kp / kChunk;
   constexpr int64_t stride = kCols * 2 * 2;  // bytes from one k pair of the tile to the next
   const uint16_t* hi = a.hi16 + m0 * Kp;
   const uint16_t* lo = a.lo16 + m0 * Kp;
@@ -287,7 +290,8 @@ PYENGINE_AMX_BF16 void tile_amx(const Split& a, int64_t m0, int rows, const uint
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-  for (int64_t k = 0; k < Kp; k += kChunk) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t k = c * kChunk;
     const uint16_t* wk = w + k * kCols;  // k/2 pairs × 64 columns × 2
     _tile_loadd(4, hi + k, lda);
     _tile_loadd(7, lo + k, lda);
@@ -307,18 +311,29 @@ PYENGINE_AMX_BF16 void tile_amx(const Split& a, int64_t m0, int rows, const uint
       const char* ahead = reinterpret_cast<const char*>(next + k * kCols);
       for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
     }
+    drain(c + 1, chunks);
   }
-  alignas(64) float acc[kAmxRows * kCols];
   _tile_stored(0, acc, kCols * 4);
   _tile_stored(1, acc + 16, kCols * 4);
   _tile_stored(2, acc + 32, kCols * 4);
   _tile_stored(3, acc + 48, kCols * 4);
-  for (int j = 0; j < 4; ++j)
-    for (int r = 0; r < rows; ++r) store_group(e, r, j, _mm512_load_ps(acc + r * kCols + 16 * j));
 }
+
+// The epilogue of rows [r0, r1) of a block from its sums (the other kernels' store_group).
+PYENGINE_AMX_BF16 void epilogue_rows(const float* acc, const Epilogue& e, int r0, int r1) {
+  for (int j = 0; j < 4; ++j)
+    for (int r = r0; r < r1; ++r) store_group(e, r, j, _mm512_load_ps(acc + r * kCols + 16 * j));
+}
+#else
+template <typename Drain>
+void multiply_amx(const Split&, int64_t, const uint16_t*, const uint16_t*, float*, Drain&) {
+  TORCH_CHECK(false, "AMX needs an x86-64 build");
+}
+void epilogue_rows(const float*, const Epilogue&, int, int) {}
 #endif
 
 struct Kernel {
+  // a row block's tile: rows ≤ `rows`, 64 columns, epilogue included; nullptr for AMX (run_tiles_amx)
   void (*tile)(const Split&, int64_t m0, int rows, const uint16_t* w, const Epilogue&, const uint16_t* next);
   int rows;         // rows per tile call
   bool bits;        // reads the terms as bf16 bits (else as float32)
@@ -341,7 +356,7 @@ Kernel pick_kernel(const char* who, const std::string& kernel) {
               ": the avx512bf16 kernel needs a CPU with AVX512-BF16");
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_bf16_available());
-  if (amx) return {tile_amx, kAmxRows, true, gemm::amx_begin, gemm::amx_end, "amx"};
+  if (amx) return {nullptr, kAmxRows, true, gemm::amx_begin, gemm::amx_end, "amx"};
   if (kernel == "avx512bf16" || (kernel == "auto" && avx512_bf16_available()))
     return {tile_rows<DotTile>, kMaxRows, true, nullptr, nullptr, "avx512bf16"};
   if (kernel != "portable" && avx512_available())
@@ -439,7 +454,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 // Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
 // and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
+void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
+
+template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
   if (op.kern.begin) op.kern.begin();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
@@ -453,6 +472,47 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
     }
   }
   if (op.kern.end) op.kern.end();
+}
+
+// run_tiles on AMX, each block's epilogue (and `after`) overlapped with the next block's multiply, as int8_gemm.cpp's
+// run_tiles_amx: a block's sums are stored, then its rows are finished a few at a time between the next block's
+// k-chunks. Each row gets the same operations as before: the same results, to the bit.
+template <typename Out, typename After>
+void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+  struct Block {
+    Epilogue e;
+    int64_t m0, n0, width;
+    int rows, done;
+  };
+  alignas(64) float acc[2][kAmxRows * kCols];
+  int cur = 0;  // the buffer the running multiply stores into; the pending block's is the other
+  Block pending{};
+  bool has_pending = false;
+  auto finish = [&](int r1) {  // the pending block's rows up to r1
+    r1 = std::min(r1, pending.rows);
+    if (!has_pending || r1 <= pending.done) return;
+    epilogue_rows(acc[cur ^ 1], pending.e, pending.done, r1);
+    after(pending.m0, pending.done, r1 - pending.done, pending.n0, pending.width);
+    pending.done = r1;
+  };
+  auto drain = [&](int64_t step, int64_t steps) { finish(static_cast<int>(pending.rows * step / steps)); };
+  op.kern.begin();
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
+    for (int64_t m0 = 0; m0 < op.M; m0 += kAmxRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, op.M - m0));
+      const bool fetch_next = m0 == 0 && t + 1 < end;
+      multiply_amx(op.a, m0, op.w + t * op.tile_elems, fetch_next ? op.w + (t + 1) * op.tile_elems : nullptr,
+                   acc[cur], drain);
+      finish(kAmxRows);
+      const auto [y, ldy] = out(m0, n0);
+      pending = {Epilogue{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act}, m0, n0, width, rows, 0};
+      has_pending = true;
+      cur ^= 1;
+    }
+  }
+  finish(kAmxRows);
+  op.kern.end();
 }
 
 }  // namespace
