@@ -104,7 +104,7 @@ def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
     if dtype != "float32" and not engine.model.output.fuses_topk:  # CPUs without pyengine's own kernels
         pytest.skip(f"this CPU runs the library {dtype} GEMMs (no fused output layer): {engine.backends}")
     assert (engine.backends["decoder_step"], engine.backends["output_layer"]) == want
-    assert want[1] in stats.outputs  # ("logits" too at a forced-EOS last step: the model's generation config)
+    assert want[1] in stats.outputs  # ("none" too at a forced-EOS last step: the model's generation config)
 
 
 MIXED = [dict(beam_size=4, max_decoding_length=48), dict(beam_size=2, max_decoding_length=40, length_penalty=0.6),

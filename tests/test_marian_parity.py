@@ -127,6 +127,28 @@ def test_min_decoding_length_matches_hf(pair):
 
 
 
+@pytest.mark.parametrize("beam", [1, 4])
+def test_forced_eos_step_matches_hf_without_the_output_layer(pair, beam):
+    """min = max length: every hypothesis reaches HF's forced-EOS step, whose scores the processor decides (EOS 0,
+    the rest -inf): the same n-best and scores as HF, and that step asked nothing of the output layer."""
+    engine, hf = pair
+    cfg = engine.config
+    src = _sources(engine, n=5, seed=21)
+    ref = _hf_generate(hf, src, cfg.pad_id, num_beams=beam, num_return_sequences=beam, max_new_tokens=12,
+                       min_new_tokens=12)
+    engine.stats = pyengine.decoding.RuntimeStats()
+    ours = engine.generate(src, beam_size=beam, num_hypotheses=beam, max_decoding_length=12, min_decoding_length=12,
+                           return_scores=True)
+    seqs = ref.sequences.view(len(src), beam, -1).tolist()
+    scores = ref.sequences_scores.view(len(src), beam) if beam > 1 else None
+    for i in range(len(src)):
+        assert ours[i].tokens == [_strip(s, cfg.decoder_start_id, cfg.eos_id, cfg.pad_id) for s in seqs[i]]
+        assert all(len(t) == 11 for t in ours[i].tokens)  # 12 generated, the forced EOS last
+        if scores is not None:
+            assert torch.allclose(torch.tensor(ours[i].scores), scores[i], atol=ATOL, rtol=0), f"sentence {i}"
+    assert engine.stats.outputs == {"logits": 11, "none": 1}  # one cohort: 11 steps with logits, the last none
+
+
 @pytest.mark.parametrize("key", ["normalize_before", "normalize_embedding", "add_final_layer_norm"])
 def test_keys_hf_ignores_are_ignored_with_a_warning(tmp_path, key):
     """A MarianMTModel saved with normalize_before=True (or another norm key HF's Marian does not read): HF loads it

@@ -195,6 +195,10 @@ class StepBuffers:
     def logp(self, rows: int) -> torch.Tensor:
         return self._logp[:rows]
 
+    @property
+    def vocab(self) -> int:
+        return self._logp.shape[1]
+
     def give(self, pool: "BufferPool") -> None:
         pool.give("step-logits", self._logits)
         pool.give("step-logp", self._logp)
@@ -272,6 +276,17 @@ def ct2_drawn_candidates(logp: torch.Tensor, run_scores: torch.Tensor, opts: Dec
     if flat is not None:
         drawn = flat.gather(1, drawn)
     return total.gather(1, drawn), torch.div(drawn, v, rounding_mode="floor"), drawn % v
+
+
+def forced_eos_candidates(rows: int, k: int, vocab: int, eos: int,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k candidates of each row at HF's forced-EOS step (forced_eos, the last step): the processor overwrites
+    every score, EOS 0 and the rest -inf, whatever the logits (log-softmax before or after it), so no output layer
+    is needed; the -inf ones are the ones topk_rows takes from those scores, as on the full path."""
+    row = torch.full((1, vocab), float("-inf"), device=device)
+    row[0, eos] = 0.0
+    values, ids = topk_rows(row, k)
+    return values.repeat(rows, 1), ids.repeat(rows, 1)
 
 
 def forced_final_eos(logits: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ import torch
 
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis, StepCallback, finalize
-from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans, log_probs,
-                         ending, needs_history, sample_tokens, topk_rows)
+from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, ending, forced_eos_candidates,
+                         forced_final_eos, fused_bans, log_probs, needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ class Selection(NamedTuple):
 
 @dataclass(frozen=True)
 class Need:
-    """What a step's output must give a cohort: nothing (a prefix token was fed), its rows' k best candidates
+    """What a step's output must give a cohort: nothing (a prefix token was fed, or the choice is forced: see
+    Strategy.forced_eos_step), its rows' k best candidates
     with `banned` ids excluded (kind "topk": an output layer fused with log-softmax + top-k can give them), or
     the logits (kind "logits": a processor needs them)."""
 
@@ -105,6 +106,14 @@ class Strategy:
     def biasing(self, step: int) -> bool:
         return self.bias is not None and self.bias.active(step)
 
+    def forced_eos_step(self) -> bool:
+        """HF's forced EOS at this (the last) step, which decides every score (forced_eos_candidates): the step
+        needs nothing of the output layer. Not with sampling (its draw is the generator's), a prefix bias (which
+        moves the scores) or fairseq's rule (EOS keeps its real log-prob: forced_final_eos)."""
+        opts = self.opts
+        return opts.forced_eos and self.step == opts.max_decoding_length - 1 and not opts.sampling and \
+            not self.rules.forces_final_eos and not self.biasing(self.step)
+
     def bans(self) -> list[int] | None:
         """The ids this step's choice excludes, when excluding is all the processors do (fused_bans)."""
         opts = self.opts
@@ -137,7 +146,7 @@ class Greedy(Strategy):
             torch.zeros(batch, opts.max_decoding_length, dtype=torch.float32, device=device)
 
     def need(self) -> Need:
-        if self.position < self.forced:
+        if self.position < self.forced or self.forced_eos_step():
             return NOTHING
         bans = self.bans()
         return LOGITS if bans is None else Need("topk", 1, tuple(bans))
@@ -152,6 +161,8 @@ class Greedy(Strategy):
         self.step += 1
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
         biased = self.biasing(step)
+        if chosen is None and logits is None:  # the forced-EOS step (need: nothing)
+            chosen = forced_eos_candidates(self.rows, 1, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             nxt, gained = chosen[1][:, 0], chosen[0][:, 0]
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
@@ -255,7 +266,7 @@ class Beam(Strategy):
             torch.zeros(batch, opts.beam_size, self.cache_len, self.att.shape[2], device=device)
 
     def need(self) -> Need:
-        if self.position < self.forced:
+        if self.position < self.forced or self.forced_eos_step():
             return NOTHING
         bans = self.bans()
         return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
@@ -273,6 +284,8 @@ class Beam(Strategy):
         seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
         drawn = None  # (rows, next tokens) where the rules' beam sampling took the step
+        if chosen is None and logits is None:  # the forced-EOS step (need: nothing)
+            chosen = forced_eos_candidates(n, self.width, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             cand_logp, cand_ids = chosen
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
