@@ -130,7 +130,8 @@ def test_min_decoding_length_matches_hf(pair):
 @pytest.mark.parametrize("beam", [1, 4])
 def test_forced_eos_step_matches_hf_without_the_output_layer(pair, beam):
     """min = max length: every hypothesis reaches HF's forced-EOS step, whose scores the processor decides (EOS 0,
-    the rest -inf): the same n-best and scores as HF, and that step asked nothing of the output layer."""
+    the rest -inf): the same n-best and scores as HF, and that step ran neither the output layer nor (the cohort
+    ends with it) the decoder."""
     engine, hf = pair
     cfg = engine.config
     src = _sources(engine, n=5, seed=21)
@@ -147,6 +148,7 @@ def test_forced_eos_step_matches_hf_without_the_output_layer(pair, beam):
         if scores is not None:
             assert torch.allclose(torch.tensor(ours[i].scores), scores[i], atol=ATOL, rtol=0), f"sentence {i}"
     assert engine.stats.outputs == {"logits": 11, "none": 1}  # one cohort: 11 steps with logits, the last none
+    assert sum(engine.stats.decoder_steps.values()) == 11 and engine.stats.steps == 12
 
 
 @pytest.mark.parametrize("key", ["normalize_before", "normalize_embedding", "add_final_layer_norm"])

@@ -175,9 +175,13 @@ class Runtime:
         needs = [c.strategy.need() for c in self.cohorts]
         att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
         t0 = time.perf_counter()
-        write_rows, first_row = self._rows_written(len(spans))
-        self.cache.begin_step(spans, write_rows, first_row=first_row)
-        x = self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
+        # every cohort's last step forced (it ends with it) and no attention asked: no decoder step (its K/V would
+        # never be read)
+        skip = att_out is None and all(n.kind == "forced" for n in needs)
+        if not skip:
+            write_rows, first_row = self._rows_written(len(spans))
+            self.cache.begin_step(spans, write_rows, first_row=first_row)
+        x = None if skip else self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
         t1 = time.perf_counter()
         outputs = self._outputs(x, needs, spans)
         t2 = time.perf_counter()
@@ -187,7 +191,8 @@ class Runtime:
         seconds["output"] += t2 - t1
         seconds["search"] += time.perf_counter() - t2
         stats.steps += 1
-        stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
+        if not skip:
+            stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
         return finished
 
     def _rows_written(self, spans: int) -> tuple[torch.Tensor, int | None]:
@@ -212,7 +217,8 @@ class Runtime:
         fused = self.model.output.fuses_topk and self.memory.vocab is None
         groups: dict[Any, list[int]] = {}
         for i, need in enumerate(needs):
-            key = None if need.kind == "nothing" else ("topk", need.banned) if need.kind == "topk" and fused else "logits"
+            key = None if need.kind in ("nothing", "forced") else \
+                ("topk", need.banned) if need.kind == "topk" and fused else "logits"
             groups.setdefault(key, []).append(i)
         out: list = [None] * len(needs)
         for key, members in groups.items():

@@ -35,8 +35,9 @@ class Selection(NamedTuple):
 
 @dataclass(frozen=True)
 class Need:
-    """What a step's output must give a cohort: nothing (a prefix token was fed, or the choice is forced: see
-    Strategy.forced_eos_step), its rows' k best candidates
+    """What a step's output must give a cohort: nothing (a prefix token was fed; kind "forced": the step's choice
+    is forced and the cohort ends with it, so not even its hidden state is needed: Strategy.forced_eos_step), its
+    rows' k best candidates
     with `banned` ids excluded (kind "topk": an output layer fused with log-softmax + top-k can give them), or
     the logits (kind "logits": a processor needs them)."""
 
@@ -45,7 +46,7 @@ class Need:
     banned: tuple[int, ...] = ()
 
 
-NOTHING, LOGITS = Need("nothing"), Need("logits")
+NOTHING, FORCED, LOGITS = Need("nothing"), Need("forced"), Need("logits")
 
 
 def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -146,8 +147,10 @@ class Greedy(Strategy):
             torch.zeros(batch, opts.max_decoding_length, dtype=torch.float32, device=device)
 
     def need(self) -> Need:
-        if self.position < self.forced or self.forced_eos_step():
+        if self.position < self.forced:
             return NOTHING
+        if self.forced_eos_step():
+            return FORCED
         bans = self.bans()
         return LOGITS if bans is None else Need("topk", 1, tuple(bans))
 
@@ -161,7 +164,7 @@ class Greedy(Strategy):
         self.step += 1
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
         biased = self.biasing(step)
-        if chosen is None and logits is None:  # the forced-EOS step (need: nothing)
+        if chosen is None and logits is None:  # the forced-EOS step (need: forced)
             chosen = forced_eos_candidates(self.rows, 1, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             nxt, gained = chosen[1][:, 0], chosen[0][:, 0]
@@ -266,8 +269,10 @@ class Beam(Strategy):
             torch.zeros(batch, opts.beam_size, self.cache_len, self.att.shape[2], device=device)
 
     def need(self) -> Need:
-        if self.position < self.forced or self.forced_eos_step():
+        if self.position < self.forced:
             return NOTHING
+        if self.forced_eos_step():
+            return FORCED
         bans = self.bans()
         return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
 
@@ -284,7 +289,7 @@ class Beam(Strategy):
         seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
         drawn = None  # (rows, next tokens) where the rules' beam sampling took the step
-        if chosen is None and logits is None:  # the forced-EOS step (need: nothing)
+        if chosen is None and logits is None:  # the forced-EOS step (need: forced)
             chosen = forced_eos_candidates(n, self.width, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             cand_logp, cand_ids = chosen
