@@ -474,44 +474,22 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
   if (op.kern.end) op.kern.end();
 }
 
-// run_tiles on AMX, each block's epilogue (and `after`) overlapped with the next block's multiply, as int8_gemm.cpp's
-// run_tiles_amx: a block's sums are stored, then its rows are finished a few at a time between the next block's
-// k-chunks. Each row gets the same operations as before: the same results, to the bit.
+// run_tiles on AMX: each block's epilogue (and `after`) overlapped with the next block's multiply
+// (gemm::overlapped_blocks).
 template <typename Out, typename After>
 void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
-  struct Block {
-    Epilogue e;
-    int64_t m0, n0, width;
-    int rows, done;
-  };
-  alignas(64) float acc[2][kAmxRows * kCols];
-  int cur = 0;  // the buffer the running multiply stores into; the pending block's is the other
-  Block pending{};
-  bool has_pending = false;
-  auto finish = [&](int r1) {  // the pending block's rows up to r1
-    r1 = std::min(r1, pending.rows);
-    if (!has_pending || r1 <= pending.done) return;
-    epilogue_rows(acc[cur ^ 1], pending.e, pending.done, r1);
-    after(pending.m0, pending.done, r1 - pending.done, pending.n0, pending.width);
-    pending.done = r1;
-  };
-  auto drain = [&](int64_t step, int64_t steps) { finish(static_cast<int>(pending.rows * step / steps)); };
+  static_assert(kAmxRows == gemm::kBlockRows);
   op.kern.begin();
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
-    for (int64_t m0 = 0; m0 < op.M; m0 += kAmxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kAmxRows, op.M - m0));
-      const bool fetch_next = m0 == 0 && t + 1 < end;
-      multiply_amx(op.a, m0, op.w + t * op.tile_elems, fetch_next ? op.w + (t + 1) * op.tile_elems : nullptr,
-                   acc[cur], drain);
-      finish(kAmxRows);
-      const auto [y, ldy] = out(m0, n0);
-      pending = {Epilogue{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act}, m0, n0, width, rows, 0};
-      has_pending = true;
-      cur ^= 1;
-    }
-  }
-  finish(kAmxRows);
+  gemm::overlapped_blocks<float>(
+      begin, end, op.M, op.n_out,
+      [&](int64_t t, int64_t m0, bool fetch_next, float* acc, auto& drain) {
+        const uint16_t* w = op.w + t * op.tile_elems;
+        multiply_amx(op.a, m0, w, fetch_next ? w + op.tile_elems : nullptr, acc, drain);
+      },
+      [&](const float* acc, int64_t, int64_t n0, int64_t width, float* y, int64_t ldy, int r0, int r1) {
+        epilogue_rows(acc, Epilogue{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act}, r0, r1);
+      },
+      out, after);
   op.kern.end();
 }
 

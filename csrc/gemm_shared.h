@@ -41,6 +41,40 @@ at::Tensor linear_into(const char* who, const at::Tensor& x, int64_t M, int64_t 
   return y;
 }
 
+// One thread's row blocks of column tiles [begin, end) on AMX, each block's epilogue overlapped with the next block's
+// multiply. multiply(t, m0, fetch_next, acc, drain) computes the block of tile t at row m0 into acc (kBlockRows ×
+// kCols sums; fetch_next: the thread's next tile is to be prefetched meanwhile), calling drain(step, steps) between
+// its k-steps; epilogue(acc, m0, n0, width, y, ldy, r0, r1) writes rows [r0, r1) of a block from its sums to y (from
+// out(m0, n0)), then after(m0, r0, rows, n0, width) sees them (as run_tiles). The sums of a block wait in one of two
+// buffers while the next block multiplies and drain finishes their rows a few at a time, so the vector units
+// (dequantization, activation, the fused output layer's log-sum-exp) work while the tile unit multiplies, not after
+// it. Every row gets the operations it would get right after its multiply: the same results, to the bit.
+template <typename Acc, typename Multiply, typename Epilogue, typename Out, typename After>
+void overlapped_blocks(int64_t begin, int64_t end, int64_t M, int64_t n_out, Multiply multiply, Epilogue epilogue,
+                       Out out, After after) {
+  alignas(64) Acc acc[2][kBlockRows * kCols];
+  int cur = 0;  // the buffer the running multiply stores into; the pending block's is the other
+  struct { int64_t t, m0; int rows, done; } pending{0, 0, 0, 0};  // rows 0: none yet
+  auto finish_to = [&](int r1) {  // the pending block's rows up to r1
+    r1 = std::min(r1, pending.rows);
+    if (r1 <= pending.done) return;
+    const int64_t n0 = pending.t * kCols, width = std::min(kCols, n_out - n0);
+    const auto [y, ldy] = out(pending.m0, n0);
+    epilogue(acc[cur ^ 1], pending.m0, n0, width, y, ldy, pending.done, r1);
+    after(pending.m0, pending.done, r1 - pending.done, n0, width);
+    pending.done = r1;
+  };
+  auto drain = [&](int64_t step, int64_t steps) { finish_to(static_cast<int>(pending.rows * step / steps)); };
+  for (int64_t t = begin; t < end; ++t)
+    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
+      multiply(t, m0, m0 == 0 && t + 1 < end, acc[cur], drain);
+      finish_to(kBlockRows);
+      pending = {t, m0, static_cast<int>(std::min<int64_t>(kBlockRows, M - m0)), 0};
+      cur ^= 1;
+    }
+  finish_to(kBlockRows);
+}
+
 // AMX: this thread's tile configuration, all 8 tiles 16 rows × 64 bytes (what both GEMMs use), loaded at the
 // start of a thread's share of a GEMM (amx_begin) and released at its end (amx_end). x86-64 with AMX only.
 void amx_begin();
