@@ -87,6 +87,7 @@ class Strategy:
         # attention rows by decoder position: the query at position i predicts output token i
         self.att = torch.zeros(batch * beam, self.cache_len, src_width, device=device) if opts.needs_attention else None
         self.done = False
+        self.width = 1  # candidates per row a step needs (a beam's: its rules')
 
     @property
     def rows(self) -> int:
@@ -107,10 +108,18 @@ class Strategy:
     def biasing(self, step: int) -> bool:
         return self.bias is not None and self.bias.active(step)
 
+    def need(self) -> Need:
+        """What this step's output must give the cohort (its rows' `width` best candidates, where they will do)."""
+        if self.position < self.forced:
+            return NOTHING
+        if self.forced_eos_step():
+            return FORCED
+        bans = self.bans()
+        return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
+
     def forced_eos_step(self) -> bool:
-        """HF's forced EOS at this (the last) step, which decides every score (forced_eos_candidates): the step
-        needs nothing of the output layer. Not with sampling (its draw is the generator's), a prefix bias (which
-        moves the scores) or fairseq's rule (EOS keeps its real log-prob: forced_final_eos)."""
+        """HF's forced EOS at this (the last) step, which decides every score (forced_eos_candidates); not with
+        sampling (a draw), a prefix bias (it moves scores) or fairseq's rule (EOS's real log-prob: forced_final_eos)."""
         opts = self.opts
         return opts.forced_eos and self.step == opts.max_decoding_length - 1 and not opts.sampling and \
             not self.rules.forces_final_eos and not self.biasing(self.step)
@@ -145,14 +154,6 @@ class Greedy(Strategy):
         # each step's chosen log-prob, for on_step (CTranslate2's generate_tokens(return_log_prob=True))
         self.step_logp = None if on_step is None else \
             torch.zeros(batch, opts.max_decoding_length, dtype=torch.float32, device=device)
-
-    def need(self) -> Need:
-        if self.position < self.forced:
-            return NOTHING
-        if self.forced_eos_step():
-            return FORCED
-        bans = self.bans()
-        return LOGITS if bans is None else Need("topk", 1, tuple(bans))
 
     def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
                 chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
@@ -267,14 +268,6 @@ class Beam(Strategy):
         # per finished hypothesis, by decoder position
         self.fin_att = None if self.att is None else \
             torch.zeros(batch, opts.beam_size, self.cache_len, self.att.shape[2], device=device)
-
-    def need(self) -> Need:
-        if self.position < self.forced:
-            return NOTHING
-        if self.forced_eos_step():
-            return FORCED
-        bans = self.bans()
-        return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
 
     def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
                 chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:

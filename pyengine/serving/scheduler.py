@@ -1,16 +1,14 @@
 """The model worker: one thread owns the engine and feeds its running batches (continuous batching).
 
-Callers `submit` texts from any thread (or, from a front end in another process, through `pump`: worker_link.py)
-and get a concurrent.futures.Future of their translations; input errors are raised by `submit`, before anything is
-queued. Between decode steps the worker admits waiting sentences into a running batch (a pyengine.decoding.Runtime:
-the loop `translate()` runs): one batch shared by every option set that can share it (each cohort with its own beam
-width, lengths, penalties and processors under one decoder step), one per option set for attention weights or a
-shortlist, one per request for sampling; within the engine's token budget and memory cap, oldest first. A step that
-runs out of memory halves the rows admitted from then on and evicts the newest cohorts back to the queue.
-
-One request's failure is its own: a cohort that fails to admit is retried request by request, a failed step puts its
-requests back to run each in a batch of its own, a failure while delivering fails that request (each logged with
-its traceback). A cancelled (`cancel`: timeout, disconnect) or failed request leaves the queue and the batch at the
+Callers `submit` texts from any thread (or from a front end in another process, through `pump`: worker_link.py) and
+get a Future of their translations; input errors are raised by `submit`, before anything is queued. Between decode
+steps the worker admits waiting sentences, oldest first within the token budget and memory cap, into a running batch
+(a pyengine.decoding.Runtime, the loop `translate()` runs): one shared by every option set that can share it (each
+cohort with its own beam width, lengths, penalties and processors), one per option set for attention weights or a
+shortlist, one per request for sampling. A step that runs out of memory halves the rows admitted from then on and
+evicts the newest cohorts back to the queue. One request's failure is its own: a cohort that fails to admit is retried
+request by request, a failed step's requests run again each in a batch of its own, a failure while delivering fails
+that request (each logged). A cancelled (timeout, disconnect) or failed request leaves the queue and the batch at the
 next step, its cache rows freed; every path gives back what it counted (queue_depth, running).
 """
 from __future__ import annotations
@@ -141,10 +139,9 @@ class Scheduler:
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Run the worker in the calling thread until stop() is called or, when idle, `until()` is true.
 
-        The model's work should run in the thread that loaded it: OpenMP keeps a team per thread that starts
-        parallel work, and a second team on the same cores makes every parallel region wait on a futex (libgomp
-        throttles its spin): a decode loop in a new thread ran ~1.5x slower here. `pyengine serve` runs this in the
-        main thread of the process that loaded the model."""
+        The model's work should run in the thread that loaded it: OpenMP keeps a team per thread that starts parallel
+        work, and a second team on the same cores makes every parallel region wait on a futex (libgomp throttles its
+        spin): a decode loop in a new thread ran ~1.5x slower. `pyengine serve` runs this in its main thread."""
         self._thread = threading.current_thread()
         self._loop(until)
 
@@ -229,9 +226,8 @@ class Scheduler:
         """Move waiting sentences into their batch, oldest first, while the budget allows."""
         ec = self.engine.engine_config
         # a busy batch (a chunk or more running) takes newcomers a quarter of its size at a time, or, when few wait,
-        # once the oldest has waited ADMIT_WAIT_STEPS: each cohort is encoded apart and costs every step its own
-        # search bookkeeping, so admitting sentences one by one as room frees or requests trickle in costs more
-        # than the few steps they wait
+        # once the oldest has waited ADMIT_WAIT_STEPS: each cohort is encoded apart and costs every step its own search
+        # bookkeeping, so admitting sentences one by one as room frees or requests trickle in costs more than waiting
         chunk = max(1, ec.max_batch_size // 4)
         for key, queue in list(self._waiting.items()):
             batch = self._batches.get(key)
@@ -381,8 +377,7 @@ class Scheduler:
         self._remove(requests)
 
     def _remove(self, requests: list[Request]) -> int:
-        """Take these requests' sentences out of the queue and the running batches (cache rows freed); returns how
-        many."""
+        """Take these requests' sentences out of the queue and the running batches (cache rows freed): how many."""
         gone = set(requests)
         dropped = len(self._take_waiting(gone))
         for key, batch in list(self._batches.items()):
