@@ -63,7 +63,7 @@ class RuntimeStats:
     """What the steps ran: the decoder step implementation and the output path, counted per step and cohort; and
     the seconds spent admitting (encoding) and in each part of a step (decoder, output layer, search rules)."""
 
-    steps: int = 0
+    steps: int = 0  # decoder steps (a step whose cohorts all end on a forced EOS runs none: not counted)
     cohorts: int = 0
     decoder_steps: collections.Counter = field(default_factory=collections.Counter)  # by DecoderStep name
     outputs: collections.Counter = field(default_factory=collections.Counter)  # "fused-topk" / "logits" / "none"
@@ -190,8 +190,8 @@ class Runtime:
         seconds["decoder"] += t1 - t0
         seconds["output"] += t2 - t1
         seconds["search"] += time.perf_counter() - t2
-        stats.steps += 1
         if not skip:
+            stats.steps += 1
             stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
         return finished
 

@@ -7,7 +7,7 @@ import concurrent.futures
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -31,6 +31,15 @@ def resolve(future: Future, result: Any = None, error: BaseException | None = No
             future.set_result(result)
     except concurrent.futures.InvalidStateError:
         pass
+
+
+def run_into(future: Future, fn: Callable[[], Any]) -> None:
+    """fn's result or error into the future, unless its caller cancelled it first."""
+    if future.set_running_or_notify_cancel():
+        try:
+            resolve(future, fn())
+        except Exception as exc:  # noqa: BLE001 - the caller's error, handed to the caller
+            resolve(future, error=exc)
 
 
 class QueueFullError(PyEngineError):

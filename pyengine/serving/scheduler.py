@@ -26,7 +26,7 @@ from ..decoding import Hypothesis, Runtime
 from ..engine import Engine, Translation
 from ..results import translation
 from ..errors import BatchMemoryError
-from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, new_request, resolve
+from .request import Plan, QueueFullError, Request, RequestTooLargeError, SchedulerStats, new_request, resolve, run_into
 
 log = logging.getLogger("pyengine.serving")
 
@@ -178,11 +178,7 @@ class Scheduler:
                     cancelled, self._cancelled = self._cancelled, []
                     calls, self._calls = self._calls, []
                 for fn, future in calls:  # other model work (scoring), between two steps of the batch
-                    if future.set_running_or_notify_cancel():
-                        try:
-                            resolve(future, fn())
-                        except Exception as exc:  # noqa: BLE001 - the caller's error, handed to the caller
-                            resolve(future, error=exc)
+                    run_into(future, fn)
                 self._round(inbox, cancelled)
                 del inbox, cancelled  # nothing of a finished round stays referenced while the worker waits
 
@@ -394,13 +390,11 @@ class Scheduler:
 
     def _take_waiting(self, requests: set[Request]) -> list[tuple[Request, int]]:
         """Take these requests' waiting sentences out of their queues (the queue depth is the caller's to fix)."""
-        taken = []
+        taken = [t for queue in self._waiting.values() for t in queue if t[0] in requests]
         for key, queue in list(self._waiting.items()):
-            if any(r in requests for r, _ in queue):
-                taken += [t for t in queue if t[0] in requests]
-                kept = collections.deque(t for t in queue if t[0] not in requests)
-                if kept:
-                    self._waiting[key] = kept
-                else:
-                    del self._waiting[key]
+            kept = collections.deque(t for t in queue if t[0] not in requests)
+            if not kept:
+                del self._waiting[key]
+            elif len(kept) < len(queue):
+                self._waiting[key] = kept
         return taken
