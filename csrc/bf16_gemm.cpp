@@ -451,11 +451,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
           reinterpret_cast<const uint16_t*>(packed.data_ptr()), bias ? bias->data_ptr<float>() : nullptr, act};
 }
 
-// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
-// and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
 void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
 
+// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX

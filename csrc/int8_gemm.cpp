@@ -445,11 +445,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
   return op;
 }
 
-// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
-// and its row stride), then after(m0, rows, n0, width) sees it.
 template <typename Out, typename After>
 void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
 
+// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
@@ -463,7 +463,7 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       const Epilogue e{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, op.b ? op.b + n0 : nullptr, width,
                        op.act};
       // the second row block fetches the thread's next tile (its first row block then finds it in L2)
-      const bool fetch_next = m0 == (block == kAmxRows ? 0 : block) && t + 1 < end;
+      const bool fetch_next = m0 == block && t + 1 < end;
       op.kern.tile(op.xqp + m0 * op.Kp, op.Kp, rows, op.wp + t * op.tile_bytes, e,
                    fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr);
       after(m0, 0, rows, n0, width);
