@@ -22,7 +22,7 @@ from ..errors import InputError
 from ..model.cache import Span
 from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
-from .processors import StepBuffers
+from .processors import StepBuffers, forced_eos_candidates
 from .rules import BeamRules, rules_for
 from .strategies import Beam, Greedy, Need, new_strategy
 
@@ -209,7 +209,8 @@ class Runtime:
         return self._write_rows
 
     def _outputs(self, x: torch.Tensor, needs: list[Need], segments: list[Span]) -> list:
-        """Per cohort: its rows' candidates (from the fused output layer), logits, or None (nothing needed).
+        """Per cohort: its rows' candidates (from the fused output layer, or made at a forced-EOS step), logits, or
+        None (nothing needed).
         Cohorts asking the same of the output layer share one call over their rows: candidates with the same banned
         ids come from one call at the largest k (each cohort takes its first k: best first, ties to the lower id,
         so the k best of a larger k are the k best) — one read of the output weights per step, not one per beam
@@ -224,6 +225,10 @@ class Runtime:
         for key, members in groups.items():
             if key is None:
                 self.stats.outputs["none"] += len(members)
+                for i in members:
+                    if needs[i].kind == "forced":
+                        out[i] = forced_eos_candidates(segments[i].rows, needs[i].k, self.buffers.vocab, self.eos_id,
+                                                       self.device)
                 continue
             rows = self._rows_of(members, segments, x.shape[0])
             xs = x if rows is None else x.index_select(0, rows)

@@ -15,8 +15,8 @@ import torch
 
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis, StepCallback, finalize
-from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, ending, forced_eos_candidates,
-                         forced_final_eos, fused_bans, log_probs, needs_history, sample_tokens, topk_rows)
+from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, ending, forced_final_eos,
+                         fused_bans, log_probs, needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules, RecordedBeamState
 
 if TYPE_CHECKING:
@@ -35,18 +35,18 @@ class Selection(NamedTuple):
 
 @dataclass(frozen=True)
 class Need:
-    """What a step's output must give a cohort: nothing (a prefix token was fed; kind "forced": the step's choice
-    is forced and the cohort ends with it, so not even its hidden state is needed: Strategy.forced_eos_step), its
-    rows' k best candidates
-    with `banned` ids excluded (kind "topk": an output layer fused with log-softmax + top-k can give them), or
-    the logits (kind "logits": a processor needs them)."""
+    """What a step's output must give a cohort: nothing (a prefix token was fed), its rows' k best candidates
+    with `banned` ids excluded (kind "topk": an output layer fused with log-softmax + top-k can give them), the
+    logits (kind "logits": a processor needs them), or its rows' k candidates of HF's forced-EOS step (kind
+    "forced": made without the output layer, forced_eos_candidates; the cohort ends with the step, so not even its
+    hidden state is needed: Strategy.forced_eos_step)."""
 
     kind: str
     k: int = 0
     banned: tuple[int, ...] = ()
 
 
-NOTHING, FORCED, LOGITS = Need("nothing"), Need("forced"), Need("logits")
+NOTHING, LOGITS = Need("nothing"), Need("logits")
 
 
 def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
@@ -113,7 +113,7 @@ class Strategy:
         if self.position < self.forced:
             return NOTHING
         if self.forced_eos_step():
-            return FORCED
+            return Need("forced", self.width)
         bans = self.bans()
         return LOGITS if bans is None else Need("topk", self.width, tuple(bans))
 
@@ -165,8 +165,6 @@ class Greedy(Strategy):
         self.step += 1
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
         biased = self.biasing(step)
-        if chosen is None and logits is None:  # the forced-EOS step (need: forced)
-            chosen = forced_eos_candidates(self.rows, 1, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             nxt, gained = chosen[1][:, 0], chosen[0][:, 0]
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
@@ -282,8 +280,6 @@ class Beam(Strategy):
         seqs = torch.cat([self.prompt.repeat_interleave(k, dim=0), state.run_hist.view(n, -1)[:, :step]], dim=1) \
             if needs_history(opts) else None
         drawn = None  # (rows, next tokens) where the rules' beam sampling took the step
-        if chosen is None and logits is None:  # the forced-EOS step (need: forced)
-            chosen = forced_eos_candidates(n, self.width, buffers.vocab, eos, self.tokens.device)
         if chosen is not None:
             cand_logp, cand_ids = chosen
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
