@@ -65,10 +65,17 @@ def run_scheduler(engine, requests: list[list[str]], options: dict) -> tuple[flo
     scheduler.run(until=lambda: True)
     out = [t.hypotheses[0] for f in futures for t in f.result()]
     seconds = time.perf_counter() - t0
-    s = scheduler.stats
-    return seconds, out, {"steps": s.steps, "decoder_steps": dict(s.decoder_steps), "outputs": dict(s.outputs),
-                          "mean_rows_per_step": statistics.mean(s.rows_per_step),
-                          "seconds": {k: round(v, 3) for k, v in s.seconds.items()}}
+    rows = statistics.mean(scheduler.stats.rows_per_step)
+    return seconds, out, {**counted(scheduler.stats), "mean_rows_per_step": rows}
+
+
+def counted(stats, before=None) -> dict:
+    """What a worker's counters say of a run: their values, or their growth since `before` (a pool's, read at the
+    run's start)."""
+    b = before if before is not None else type(stats)()
+    return {"steps": stats.steps - b.steps, "decoder_steps": dict(stats.decoder_steps - b.decoder_steps),
+            "outputs": dict(stats.outputs - b.outputs),
+            "seconds": {k: round(v - b.seconds[k], 3) for k, v in stats.seconds.items()}}
 
 
 class WorkerProcesses:
@@ -100,11 +107,7 @@ class WorkerProcesses:
         futures = [self.pool.submit(r, **options)[1] for r in requests]
         out = [t.hypotheses[0] for f in futures for t in f.result()]
         seconds = time.perf_counter() - t0
-        s = self.pool.state().result(60)["stats"]
-        return seconds, out, {"steps": s.steps - before.steps,
-                              "decoder_steps": dict(s.decoder_steps - before.decoder_steps),
-                              "outputs": dict(s.outputs - before.outputs),
-                              "seconds": {k: round(v - before.seconds[k], 3) for k, v in s.seconds.items()}}
+        return seconds, out, counted(self.pool.state().result(60)["stats"], before)
 
     def close(self) -> None:
         import os
@@ -169,8 +172,8 @@ def main(argv=None) -> int:
         r = measure(dtype, texts, options, args.rounds, args.threads, workers)
         results.append(r)
         print(f"{dtype:<9} workers {workers} offline {r['offline_sentences_per_s']:6.1f} sent/s  "
-              f"worker {r['worker_sentences_per_s']:6.1f} sent/s  = {r['worker_over_offline']:.2f}x  ({r['worker_stats']['decoder_steps']}, "
-              f"{r['worker_stats']['outputs']})",
+              f"worker {r['worker_sentences_per_s']:6.1f} sent/s  = {r['worker_over_offline']:.2f}x  "
+              f"({r['worker_stats']['decoder_steps']}, {r['worker_stats']['outputs']})",
               file=sys.stderr)
     from benchmarks import cpu_name
     RESULTS.mkdir(parents=True, exist_ok=True)
