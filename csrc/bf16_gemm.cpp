@@ -337,8 +337,6 @@ struct Kernel {
   void (*tile)(const Split&, int64_t m0, int rows, const uint16_t* w, const Epilogue&, const uint16_t* next);
   int rows;         // rows per tile call
   bool bits;        // reads the terms as bf16 bits (else as float32)
-  void (*begin)();  // per thread, before its tiles (nullptr: nothing to do)
-  void (*end)();
   const char* name;
 };
 
@@ -356,13 +354,13 @@ Kernel pick_kernel(const char* who, const std::string& kernel) {
               ": the avx512bf16 kernel needs a CPU with AVX512-BF16");
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_bf16_available());
-  if (amx) return {nullptr, kAmxRows, true, gemm::amx_begin, gemm::amx_end, "amx"};
+  if (amx) return {nullptr, kAmxRows, true, "amx"};
   if (kernel == "avx512bf16" || (kernel == "auto" && avx512_bf16_available()))
-    return {tile_rows<DotTile>, kMaxRows, true, nullptr, nullptr, "avx512bf16"};
+    return {tile_rows<DotTile>, kMaxRows, true, "avx512bf16"};
   if (kernel != "portable" && avx512_available())
-    return {tile_rows<FmaTile>, kMaxRows, false, nullptr, nullptr, "avx512"};
+    return {tile_rows<FmaTile>, kMaxRows, false, "avx512"};
 #endif
-  return {tile_portable, kAmxRows, false, nullptr, nullptr, "portable"};
+  return {tile_portable, kAmxRows, false, "portable"};
 }
 
 }  // namespace
@@ -459,7 +457,6 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
 template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
-  if (op.kern.begin) op.kern.begin();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
     for (int64_t m0 = 0; m0 < op.M; m0 += op.kern.rows) {
@@ -471,7 +468,6 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       after(m0, 0, rows, n0, width);
     }
   }
-  if (op.kern.end) op.kern.end();
 }
 
 // run_tiles on AMX: each block's epilogue (and `after`) overlapped with the next block's multiply
@@ -479,7 +475,7 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
 template <typename Out, typename After>
 void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   static_assert(kAmxRows == gemm::kBlockRows);
-  op.kern.begin();
+  gemm::amx_begin(static_cast<int>(std::min<int64_t>(op.M, kAmxRows)));
   gemm::overlapped_blocks<float>(
       begin, end, op.M, op.n_out,
       [&](int64_t t, int64_t m0, bool fetch_next, float* acc, auto& drain) {
@@ -490,7 +486,7 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
         epilogue_rows(acc, Epilogue{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act}, r0, r1);
       },
       out, after);
-  op.kern.end();
+  gemm::amx_end();
 }
 
 }  // namespace

@@ -39,16 +39,17 @@ struct alignas(64) TileConfig {
 };
 }  // namespace
 
-__attribute__((target("amx-tile"))) void amx_begin() {
+__attribute__((target("amx-tile"))) void amx_begin(int rows) {
+  TORCH_CHECK(rows >= 1 && rows <= kBlockRows, "amx_begin: rows must be 1..", kBlockRows);
   TileConfig cfg;
-  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = t == 5 || t == 6 ? kBlockRows : rows, cfg.colsb[t] = 64;
   // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
   __asm__ volatile("ldtilecfg %0" : : "m"(cfg));
 }
 
 __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 #else
-void amx_begin() { TORCH_CHECK(false, "AMX needs an x86-64 build"); }
+void amx_begin(int) { TORCH_CHECK(false, "AMX needs an x86-64 build"); }
 void amx_end() {}
 #endif
 

@@ -75,9 +75,11 @@ void overlapped_blocks(int64_t begin, int64_t end, int64_t M, int64_t n_out, Mul
   finish_to(kBlockRows);
 }
 
-// AMX: this thread's tile configuration, all 8 tiles 16 rows × 64 bytes (what both GEMMs use), loaded at the
-// start of a thread's share of a GEMM (amx_begin) and released at its end (amx_end). x86-64 with AMX only.
-void amx_begin();
+// AMX: this thread's tile configuration, loaded at the start of a thread's share of a GEMM (amx_begin) and released
+// at its end (amx_end). x86-64 with AMX only. Every tile is 64 bytes wide; the weight tiles (tmm5, tmm6) have 16 rows
+// (k), the sums (tmm0-3) and the activations (tmm4, tmm7) `rows` (≤ kBlockRows): a GEMM of fewer rows than a block
+// loads and multiplies only those (each row's sums are computed alone, so its results are the same, to the bit).
+void amx_begin(int rows);
 void amx_end();
 
 // One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.

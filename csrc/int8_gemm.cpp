@@ -280,8 +280,6 @@ struct Kernels {
   void (*min_max)(const float*, int64_t, float*, float*);
   void (*quantize_row)(const float*, int64_t, float, float, uint8_t*);
   int rows;              // rows per tile call (the row block)
-  void (*begin)();       // per thread, before its tiles (nullptr: nothing to do)
-  void (*end)();         // per thread, after them
   const char* name;
 };
 
@@ -298,11 +296,11 @@ Kernels pick_kernels(const char* who, const std::string& kernel, int64_t M, int6
 #if defined(__x86_64__) && defined(__GNUC__)
   const bool amx = kernel == "amx" || (kernel == "auto" && amx_available());
   if (amx && Kp % 64 == 0 && M > kMaxRows)
-    return {nullptr, min_max_vnni, quantize_row_vnni, kAmxRows, gemm::amx_begin, gemm::amx_end, "amx"};
+    return {nullptr, min_max_vnni, quantize_row_vnni, kAmxRows, "amx"};
   if (kernel != "portable" && vnni_available())
-    return {tile_vnni_any, min_max_vnni, quantize_row_vnni, kMaxRows, nullptr, nullptr, "vnni"};
+    return {tile_vnni_any, min_max_vnni, quantize_row_vnni, kMaxRows, "vnni"};
 #endif
-  return {tile_portable, min_max_portable, quantize_row_portable, kMaxRows, nullptr, nullptr, "portable"};
+  return {tile_portable, min_max_portable, quantize_row_portable, kMaxRows, "portable"};
 }
 
 // Per-row asymmetric quantization of x (M, K) to uint8, rows padded to Kp with 0 (the padded weights are 0).
@@ -454,7 +452,6 @@ template <typename Out, typename After>
 void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
   const int block = op.kern.rows;
-  if (op.kern.begin) op.kern.begin();
   for (int64_t t = begin; t < end; ++t) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
     for (int64_t m0 = 0; m0 < op.M; m0 += block) {
@@ -469,7 +466,6 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       after(m0, 0, rows, n0, width);
     }
   }
-  if (op.kern.end) op.kern.end();
 }
 
 // run_tiles on AMX: each block's epilogue (and `after`) overlapped with the next block's multiply
@@ -487,9 +483,9 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
     const float* b = op.b ? op.b + n0 : nullptr;
     epilogue_rows(acc, Epilogue{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, b, width, op.act}, r0, r1);
   };
-  op.kern.begin();
+  gemm::amx_begin(static_cast<int>(std::min<int64_t>(op.M, kAmxRows)));
   gemm::overlapped_blocks<int32_t>(begin, end, op.M, op.n_out, multiply, epilogue, out, after);
-  op.kern.end();
+  gemm::amx_end();
 }
 
 }  // namespace

@@ -114,7 +114,8 @@ def test_own_kernel_against_float64_math_of_its_scheme(rows, k, n, tile, activat
 
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU")
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
-@pytest.mark.parametrize("rows, k, n", [(7, 64, 64), (16, 512, 1536), (17, 2048, 100), (128, 512, 2048), (61, 576, 333)])
+@pytest.mark.parametrize("rows, k, n", [(7, 64, 64), (12, 512, 1000), (16, 512, 1536), (17, 2048, 100),
+                                        (128, 512, 2048), (61, 576, 333)])
 def test_amx_tile_equals_the_vnni_tile_to_the_bit(rows, k, n, activation):
     """The int32 sums are exact and the epilogue shared, so AMX and VNNI results are equal to the bit: a model
     gives the same tokens whichever tile a layer's row count picks (1-6 rows run VNNI, more AMX)."""
