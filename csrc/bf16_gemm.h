@@ -25,6 +25,11 @@ at::Tensor bf16_pack(const at::Tensor& w);
 // The tile bf16_linear runs for `kernel` here: "amx", "avx512bf16", "avx512" or "portable".
 std::string bf16_kernel_name(const std::string& kernel);
 
+// x's two bfloat16 terms as `kernel` splits them for bf16_linear: hi = bf16(x), lo = bf16(x − hi), each rounded to
+// nearest even (PyTorch's rounding; NaN as PyTorch makes it) with magnitudes below float32's smallest normal
+// flushed to +0 (AMX reads bf16 subnormals as zero). (M, K) bfloat16 each; every kernel gives the same bits.
+std::tuple<at::Tensor, at::Tensor> bf16_split(const at::Tensor& x, const std::string& kernel);
+
 // y = act(x·Wᵀ + bias) for x (M, K) float32 and W the packed bfloat16 weight, in float32 to within float32's
 // own rounding of x: x is split into two bfloat16 terms, x ≈ hi + lo with hi = bf16(x), lo = bf16(x − hi)
 // (16 significant bits, where one bf16 keeps 8), every product of a bf16 weight and a term is exact in float32,

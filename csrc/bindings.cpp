@@ -126,6 +126,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512bf16, avx512 or portable.", pybind11::arg("kernel"));
   m.def("bf16_pack", &pyengine::bf16_pack, nogil, "Pack (N, K) weights, rounded to bfloat16, for bf16_linear.",
         pybind11::arg("w"));
+  m.def("bf16_split", &pyengine::bf16_split, nogil,
+        "x's two bfloat16 terms (hi, lo) as the bf16 GEMM's `kernel` splits them (the same bits from each).",
+        pybind11::arg("x"), pybind11::arg("kernel") = "auto");
   m.def("bf16_linear", &pyengine::bf16_linear, nogil,
         "act(x·Wᵀ + bias) with bfloat16 W and float32 x carried as two bf16 terms (AMX-BF16 or AVX-512; CPU).",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"),

@@ -106,6 +106,35 @@ def test_rows_are_independent_of_the_batch(kernel):
         assert torch.equal(_C.bf16_linear(x[rows].contiguous(), packed, b, 192, kernel=kernel), full[rows])
 
 
+def _flushed_bf16(v: torch.Tensor) -> torch.Tensor:
+    """PyTorch's bf16 rounding (to nearest even), magnitudes below float32's smallest normal to +0."""
+    return torch.where(v.abs() < torch.finfo(torch.float32).tiny, torch.zeros_like(v), v).bfloat16()
+
+
+@pytest.mark.parametrize("kernel", ORDERED + [k for k in OWN if k == "amx"])
+def test_every_kernel_splits_x_as_pytorch_rounds(kernel):
+    """The activations' terms, compared bit by bit with PyTorch's rounding: random values over many magnitudes, ties
+    to even both ways, values that round up to the next binade or to infinity, float32 subnormals and the values
+    just below the smallest normal (flushed), signed zeros, infinities and NaN — in a row long enough for the
+    16-lane loop and a tail."""
+    gen = torch.Generator().manual_seed(11)
+    rand = torch.randn(3, 100, generator=gen) * torch.logspace(-30, 30, 100)
+    tiny = torch.finfo(torch.float32).tiny
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F7FFFFF, 0x7F7FFFFF, 0xBF808000], dtype=torch.int64)
+    special = torch.tensor([0.0, -0.0, tiny, -tiny, tiny * (1 - 2 ** -23), 1e-39, -1e-39, 1e-45, float("inf"),
+                            float("-inf"), float("nan"), 3.0, -1.0 - 2 ** -9, 1.0 + 2 ** -30])
+    row = torch.cat([ties.to(torch.int32).view(torch.float32), special])
+    x = torch.cat([rand, torch.cat([row, row.flip(0), rand[0, :72]])[None, :100]]).contiguous()
+    hi, lo = _C.bf16_split(x, kernel)
+    ref_hi = _flushed_bf16(x)
+    ref_lo = _flushed_bf16(x - ref_hi.float())
+    for got, ref in ((hi, ref_hi), (lo, ref_lo)):
+        nan = ref.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])
+    assert (hi.view(torch.int16) != 0).sum() > 300 and (lo.view(torch.int16) != 0).sum() > 250  # not vacuous
+
+
 def test_packing_rounds_to_nearest_even_and_takes_bf16_weights():
     w = torch.randn(70, 40)
     assert torch.equal(_C.bf16_pack(w), _C.bf16_pack(w.bfloat16()))
