@@ -483,7 +483,10 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
                         who, ": bias must be float32 (N,)");
   const Kernel kern = pick_kernel(who, kernel);
   return {M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, kern,
-          split_rows(x.data_ptr<float>(), M, round_up(M, kern.rows), K, Kp, kern.bits, kern.split_row),
+          // rows past M only for a partial AMX block after whole ones (one of fewer rows has tiles of its own rows;
+          // the register tiles read a block's own rows)
+          split_rows(x.data_ptr<float>(), M, kern.tile == nullptr && M > kAmxRows ? round_up(M, kAmxRows) : M, K, Kp,
+                     kern.bits, kern.split_row),
           reinterpret_cast<const uint16_t*>(packed.data_ptr()), bias ? bias->data_ptr<float>() : nullptr, act};
 }
 

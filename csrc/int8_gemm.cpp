@@ -424,8 +424,9 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
                         who, ": bias must be float32 (N,)");
   Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(who, kernel, M, Kp)};
-  // whole row blocks: the AMX tile reads 16 rows whatever the block holds (the padding rows are zero, unwritten)
-  const int64_t Mp = round_up(M, op.kern.rows);
+  // rows past M only for a partial AMX block after whole ones, which reads 16 (zero; its extra sums are never
+  // stored): one of fewer rows has tiles of its own rows, and the register tiles read a block's own rows
+  const int64_t Mp = op.kern.tile == nullptr && M > kAmxRows ? round_up(M, kAmxRows) : M;
   op.xq = at::empty({Mp, Kp}, x.options().dtype(at::kByte));
   std::memset(op.xq.data_ptr<uint8_t>() + M * Kp, 0, (Mp - M) * Kp);
   op.row_scale = at::empty({M}, x.options());
