@@ -83,16 +83,12 @@ void split_row_portable(const float* x, int64_t K, int64_t Kp, uint16_t* hi, uin
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
-// to_bf16 of 16 floats: c10's rounding (u + 0x7FFF + lsb) >> 16, NaN as c10 makes it (0x7FC0), and |v| < FLT_MIN
-// to +0 (a normal v never rounds to a subnormal, so that is every flush to_bf16 makes).
+// to_bf16 of 16 floats: c10's rounding (bf16_bits), and |v| < FLT_MIN to +0 (a normal v never rounds to a
+// subnormal, so that is every flush to_bf16 makes).
 __attribute__((target("avx512f"))) inline __m512i to_bf16_avx512(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  const __m512 magnitude = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)));
+  const __m512 magnitude = _mm512_abs_ps(v);
   return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(std::numeric_limits<float>::min()),
-                                                    _CMP_NLT_UQ), r);
+                                                    _CMP_NLT_UQ), bf16_bits(v));
 }
 
 // split_row_portable, 16 lanes at a time (to the bit: bf16_split's test holds both to PyTorch's rounding). As a
@@ -483,10 +479,8 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
                         who, ": bias must be float32 (N,)");
   const Kernel kern = pick_kernel(who, kernel);
   return {M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, kern,
-          // rows past M only for a partial AMX block after whole ones (one of fewer rows has tiles of its own rows;
-          // the register tiles read a block's own rows)
-          split_rows(x.data_ptr<float>(), M, kern.tile == nullptr && M > kAmxRows ? round_up(M, kAmxRows) : M, K, Kp,
-                     kern.bits, kern.split_row),
+          split_rows(x.data_ptr<float>(), M, gemm::rows_allocated(M, kern.tile == nullptr), K, Kp, kern.bits,
+                     kern.split_row),
           reinterpret_cast<const uint16_t*>(packed.data_ptr()), bias ? bias->data_ptr<float>() : nullptr, act};
 }
 
@@ -516,7 +510,7 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
 template <typename Out, typename After>
 void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
   static_assert(kAmxRows == gemm::kBlockRows);
-  gemm::amx_begin(static_cast<int>(std::min<int64_t>(op.M, kAmxRows)));
+  gemm::amx_begin(op.M);
   gemm::overlapped_blocks<float>(
       begin, end, op.M, op.n_out,
       [&](int64_t t, int64_t m0, bool fetch_next, float* acc, auto& drain) {
@@ -535,13 +529,9 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
 std::tuple<at::Tensor, at::Tensor> bf16_split(const at::Tensor& x, const std::string& kernel) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "bf16_split: x must be a contiguous float32 (M, K) CPU tensor");
-  const Kernel kern = pick_kernel("bf16_split", kernel);
   const int64_t M = x.size(0), K = x.size(1);
-  auto hi = at::empty({M, K}, x.options().dtype(at::kBFloat16)), lo = at::empty_like(hi);
-  for (int64_t m = 0; m < M; ++m)
-    kern.split_row(x.data_ptr<float>() + m * K, K, K, reinterpret_cast<uint16_t*>(hi.data_ptr()) + m * K,
-                   reinterpret_cast<uint16_t*>(lo.data_ptr()) + m * K);
-  return {hi, lo};
+  const Split s = split_rows(x.data_ptr<float>(), M, M, K, K, true, pick_kernel("bf16_split", kernel).split_row);
+  return {s.hi, s.lo};
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

@@ -13,6 +13,7 @@
 #include "int8_gemm.h"
 #include "layer_norm.h"
 #include "layer_parts.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -34,16 +35,12 @@ void to_bf16_portable(const float* src, uint16_t* dst, int64_t n) {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// c10's rounding (u + 0x7FFF + lsb) >> 16, 16 lanes (AVX512F integer ops; AVX512-BF16 is not needed); NaN aside,
-// which decoding never writes
+// c10's rounding, 16 lanes (vec_math's bf16_bits: AVX512F integer ops; AVX512-BF16 is not needed)
 __attribute__((target("avx512f"))) void to_bf16_avx512(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
-  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
   for (; i + 16 <= n; i += 16) {
-    const __m512i u = _mm512_loadu_si512(src + i);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
+    const __m256i bits = _mm512_cvtepi32_epi16(bf16_bits(_mm512_loadu_ps(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), bits);
   }
   to_bf16_portable(src + i, dst + i, n - i);
 }

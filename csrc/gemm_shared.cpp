@@ -39,8 +39,9 @@ struct alignas(64) TileConfig {
 };
 }  // namespace
 
-__attribute__((target("amx-tile"))) void amx_begin(int rows) {
-  TORCH_CHECK(rows >= 1 && rows <= kBlockRows, "amx_begin: rows must be 1..", kBlockRows);
+__attribute__((target("amx-tile"))) void amx_begin(int64_t M) {
+  TORCH_CHECK(M >= 1, "amx_begin: a GEMM of no rows");
+  const uint8_t rows = static_cast<uint8_t>(std::min<int64_t>(M, kBlockRows));
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = t == 5 || t == 6 ? kBlockRows : rows, cfg.colsb[t] = 64;
   // not _tile_loadconfig: GCC 12's declares only 8 bytes of the config as read, and drops the stores above
@@ -49,7 +50,7 @@ __attribute__((target("amx-tile"))) void amx_begin(int rows) {
 
 __attribute__((target("amx-tile"))) void amx_end() { _tile_release(); }
 #else
-void amx_begin(int) { TORCH_CHECK(false, "AMX needs an x86-64 build"); }
+void amx_begin(int64_t) { TORCH_CHECK(false, "AMX needs an x86-64 build"); }
 void amx_end() {}
 #endif
 

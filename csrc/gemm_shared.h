@@ -75,12 +75,20 @@ void overlapped_blocks(int64_t begin, int64_t end, int64_t M, int64_t n_out, Mul
   finish_to(kBlockRows);
 }
 
-// AMX: this thread's tile configuration, loaded at the start of a thread's share of a GEMM (amx_begin) and released
-// at its end (amx_end). x86-64 with AMX only. Every tile is 64 bytes wide; the weight tiles (tmm5, tmm6) have 16 rows
-// (k), the sums (tmm0-3) and the activations (tmm4, tmm7) `rows` (≤ kBlockRows): a GEMM of fewer rows than a block
-// loads and multiplies only those (each row's sums are computed alone, so its results are the same, to the bit).
-void amx_begin(int rows);
+// AMX: this thread's tile configuration for a GEMM of M > 0 rows, loaded at the start of a thread's share of it
+// (amx_begin) and released at its end (amx_end). x86-64 with AMX only. Every tile is 64 bytes wide; the weight tiles
+// (tmm5, tmm6) have 16 rows (k), the sums (tmm0-3) and the activations (tmm4, tmm7) min(M, kBlockRows): a GEMM of
+// fewer rows than a block loads and multiplies only those (each row's sums are computed alone, so its results are
+// the same, to the bit).
+void amx_begin(int64_t M);
 void amx_end();
+
+// The activation rows a GEMM of M rows allocates: past M only for a partial AMX block after whole ones, which reads
+// kBlockRows (the extra rows zeroed; their sums are never stored). A GEMM of fewer rows has AMX tiles of its own rows
+// (amx_begin), and the register tiles read a block's own rows.
+inline int64_t rows_allocated(int64_t M, bool amx) {
+  return amx && M > kBlockRows ? (M + kBlockRows - 1) / kBlockRows * kBlockRows : M;
+}
 
 // One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
 struct TopKState {

@@ -424,9 +424,7 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
                         who, ": bias must be float32 (N,)");
   Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(who, kernel, M, Kp)};
-  // rows past M only for a partial AMX block after whole ones, which reads 16 (zero; its extra sums are never
-  // stored): one of fewer rows has tiles of its own rows, and the register tiles read a block's own rows
-  const int64_t Mp = op.kern.tile == nullptr && M > kAmxRows ? round_up(M, kAmxRows) : M;
+  const int64_t Mp = gemm::rows_allocated(M, op.kern.tile == nullptr);
   op.xq = at::empty({Mp, Kp}, x.options().dtype(at::kByte));
   std::memset(op.xq.data_ptr<uint8_t>() + M * Kp, 0, (Mp - M) * Kp);
   op.row_scale = at::empty({M}, x.options());
@@ -484,7 +482,7 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
     const float* b = op.b ? op.b + n0 : nullptr;
     epilogue_rows(acc, Epilogue{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, b, width, op.act}, r0, r1);
   };
-  gemm::amx_begin(static_cast<int>(std::min<int64_t>(op.M, kAmxRows)));
+  gemm::amx_begin(op.M);
   gemm::overlapped_blocks<int32_t>(begin, end, op.M, op.n_out, multiply, epilogue, out, after);
   gemm::amx_end();
 }

@@ -5,6 +5,15 @@
 
 namespace pyengine {
 
+// float32 → bfloat16 bits (in the low half of each lane) as c10 rounds: (u + 0x7FFF + lsb) >> 16, to nearest even,
+// NaN as c10 makes it (0x7FC0).
+__attribute__((target("avx512f"))) inline __m512i bf16_bits(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb)), 16);
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+}
+
 // exp(x) for x <= 0: Cephes' expf polynomial (relative error ~2e-7), 16 lanes, no table, no branch.
 __attribute__((target("avx512f"))) inline __m512 exp_nonpositive(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
