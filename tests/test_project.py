@@ -70,3 +70,18 @@ def test_data_card_lists_every_source_package_and_the_held_out_sets_are_disjoint
         assert len(sources[name]) == 1000  # distinct sources
     assert not (sources["ui"] & sources["bible"] or sources["ui"] & sources["gui"] or sources["bible"] & sources["gui"])
     assert all(len(s.split()) <= 8 for s in sources["gui"])
+
+
+def test_ab_builds_rewrites_this_trees_extension_to_load_beside_it():
+    """benchmarks.ab_builds builds a revision as pyengine._Cab with module-local classes: the rewrite applies to the
+    current setup.py and bindings (every class declaration), and refuses sources in a form it does not know."""
+    from benchmarks.ab_builds import patch_sources
+    setup_py, bindings = (ROOT / "setup.py").read_text(), (ROOT / "csrc" / "bindings.cpp").read_text()
+    new_setup, new_bindings = patch_sources(setup_py, bindings)
+    assert '"pyengine._Cab"' in new_setup and '"pyengine._C"' not in new_setup
+    classes = bindings.count("pybind11::class_<")
+    assert classes >= 4 and new_bindings.count("pybind11::module_local()") == classes
+    with pytest.raises(SystemExit, match="class declarations"):
+        patch_sources(setup_py, bindings.replace('(m, "DecoderLayer",', '(m,\n "DecoderLayer",'))
+    with pytest.raises(SystemExit, match="setup.py"):
+        patch_sources(setup_py.replace('"pyengine._C"', '"pyengine.core"'), bindings)
