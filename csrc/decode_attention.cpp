@@ -264,6 +264,7 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
   const TaskFn<float> fast_wide = std::is_same_v<T, at::BFloat16> && Tq > 1 ? register_task<float>(Dh) : nullptr;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
   const std::vector<int64_t> bounds = balanced_ranges(lengths, H, Tq, parts);
+  const auto source = [&](int64_t b, int64_t j) { return rows ? rows[b * Tk + j] : b; };  // the batch row of key j
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<float> scores, row_buf(Dh), wide;
     std::vector<const float*> q_rows(Tq), k_wide, v_wide;
@@ -278,15 +279,14 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
       scores.resize(Tq * n);
       k_rows.resize(n), v_rows.resize(n);
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t src = rows ? rows[b * Tk + j] : b;
-        k_rows[j] = kv.row(src, h, j), v_rows[j] = vv.row(src, h, j);
+        k_rows[j] = kv.row(source(b, j), h, j), v_rows[j] = vv.row(source(b, j), h, j);
       }
       for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
       if (rows != nullptr) {  // a decoder step's K/V, through the row table: this task's V, the next task's K
         prefetch_rows(v_rows, Dh);
         if (task + 1 < bounds[part_end]) {
           const int64_t nb = (task + 1) / H, nh = (task + 1) % H;
-          for (int64_t j = 0; j < lengths[nb]; ++j) prefetch_row(kv.row(rows[nb * Tk + j], nh, j), Dh);
+          for (int64_t j = 0; j < lengths[nb]; ++j) prefetch_row(kv.row(source(nb, j), nh, j), Dh);
         }
       }
       if (fast_wide != nullptr) {
