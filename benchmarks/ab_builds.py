@@ -50,6 +50,7 @@ def build_revision(rev: str) -> Path:
     if not tree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True,
                        capture_output=True)
+    if f'"pyengine.{BASE_MODULE}"' not in (tree / "setup.py").read_text():  # (also after a run stopped here)
         setup_py, bindings = patch_sources((tree / "setup.py").read_text(), (tree / "csrc/bindings.cpp").read_text())
         (tree / "setup.py").write_text(setup_py)
         (tree / "csrc/bindings.cpp").write_text(bindings)

@@ -1,6 +1,7 @@
 """The project as a user meets it: Hugging Face's `kernels` package is not shadowed by pyengine's top-level
-kernels/ folder when Python starts in the repository root (transformers imports it), and every results file the
-README and docs/ cite exists in benchmarks/results/."""
+kernels/ folder when Python starts in the repository root (transformers imports it), every results file the
+README and docs/ cite exists in benchmarks/results/, and benchmarks.ab_builds' rewrite of a revision's sources
+applies."""
 from __future__ import annotations
 
 import json
