@@ -14,6 +14,7 @@ The Python code is the working tree's for both engines: this compares changes un
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.machinery
 import importlib.util
 import re
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default="beam4_b32", choices=sorted(CASES))
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write each round's seconds (and parts) here")
     args = parser.parse_args(argv)
 
     import torch
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
     for part in parts["new"][0]:
         print(f"  {part:8s} {paired_ratios([p[part] for p in parts['base']], [p[part] for p in parts['new']]):.3f}")
     differ = sum(a != b for a, b in zip(tokens["base"], tokens["new"]))
+    if args.json:
+        args.json.write_text(json.dumps({"seconds": seconds, "parts": parts}))
     print(f"sentences whose tokens differ: {differ} of {len(src)}")
     return 0
 
