@@ -485,21 +485,21 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 }
 
 template <typename Out, typename After>
-void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
+void run_tiles_amx(const Operands& op, Claims& tiles, Out out, After after);
 
-// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// One thread's tiles (Claims, parallel.h), each for every row block: the block's result goes to out(m0, n0) (a pointer
 // and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
-void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
-  if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
-  for (int64_t t = begin; t < end; ++t) {
+void run_tiles(const Operands& op, Claims& tiles, Out out, After after) {
+  if (op.kern.tile == nullptr) return run_tiles_amx(op, tiles, out, after);  // AMX
+  for (int64_t t; tiles.next(t);) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
     for (int64_t m0 = 0; m0 < op.M; m0 += op.kern.rows) {
       const int rows = static_cast<int>(std::min<int64_t>(op.kern.rows, op.M - m0));
       const auto [y, ldy] = out(m0, n0);
       const Epilogue e{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act};
-      const bool fetch_next = m0 == 0 && t + 1 < end;  // the next tile into L2 while the first block computes
-      op.kern.tile(op.a, m0, rows, op.w + t * op.tile_elems, e, fetch_next ? op.w + (t + 1) * op.tile_elems : nullptr);
+      const int64_t next = m0 == 0 ? tiles.upcoming() : -1;  // the next tile into L2 while the first block computes
+      op.kern.tile(op.a, m0, rows, op.w + t * op.tile_elems, e, next >= 0 ? op.w + next * op.tile_elems : nullptr);
       after(m0, 0, rows, n0, width);
     }
   }
@@ -508,14 +508,14 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
 // run_tiles on AMX: each block's epilogue (and `after`) overlapped with the next block's multiply
 // (gemm::overlapped_blocks).
 template <typename Out, typename After>
-void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+void run_tiles_amx(const Operands& op, Claims& tiles, Out out, After after) {
   static_assert(kAmxRows == gemm::kBlockRows);
   gemm::amx_begin(op.M);
   gemm::overlapped_blocks<float>(
-      begin, end, op.M, op.n_out,
-      [&](int64_t t, int64_t m0, bool fetch_next, float* acc, auto& drain) {
+      tiles, op.M, op.n_out,
+      [&](int64_t t, int64_t m0, int64_t next, float* acc, auto& drain) {
         const uint16_t* w = op.w + t * op.tile_elems;
-        multiply_amx(op.a, m0, w, fetch_next ? w + op.tile_elems : nullptr, acc, drain);
+        multiply_amx(op.a, m0, w, next >= 0 ? op.w + next * op.tile_elems : nullptr, acc, drain);
       },
       [&](const float* acc, int64_t, int64_t n0, int64_t width, float* y, int64_t ldy, int r0, int r1) {
         epilogue_rows(acc, Epilogue{y, ldy, op.b ? op.b + n0 : nullptr, width, op.act}, r0, r1);
@@ -538,9 +538,9 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10:
                        int64_t n_out, const c10::optional<at::Tensor>& out, const std::string& kernel,
                        const std::string& activation) {
   const Operands op = prepare("bf16_linear", x, packed, bias, n_out, kernel, activation);
-  return gemm::linear_into("bf16_linear", x, op.M, n_out, op.tiles, out, [&](int64_t begin, int64_t end, float* yp) {
+  return gemm::linear_into("bf16_linear", x, op.M, n_out, op.tiles, out, [&](Claims& tiles, float* yp) {
     run_tiles(
-        op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
+        op, tiles, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
         [](int64_t, int, int, int64_t, int64_t) {});
   });
 }
@@ -554,8 +554,8 @@ std::tuple<at::Tensor, at::Tensor> bf16_linear_log_softmax_topk(const at::Tensor
   static_assert(kCols == gemm::kCols && kAmxRows <= gemm::kBlockRows);
   return gemm::linear_log_softmax_topk(
       who, x, op.M, n_out, op.tiles, k, banned, std::string(op.kern.name) != "portable",
-      [&](int64_t begin, int64_t end, float* block, auto after) {
-        run_tiles(op, begin, end, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
+      [&](Claims& tiles, float* block, auto after) {
+        run_tiles(op, tiles, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
       });
 }
 

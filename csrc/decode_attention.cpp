@@ -6,6 +6,7 @@
 // K/V may be float32 or bfloat16 (half the bytes: these loops are bound by reading K/V); rows are widened
 // to float32 as they are read (once per task when several query rows share them), all arithmetic is float32.
 #include "decode_attention.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -232,7 +233,7 @@ struct OutView {  // the (B, H, Tq, Dh) output, unit stride on Dh
   int64_t sb, sh, st;
 };
 
-// Contiguous ranges of the B·H (sentence, head) tasks, one per thread, of about equal work (keys × query rows, plus a
+// Contiguous ranges of the B·H (sentence, head) tasks, one per part, of about equal work (keys × query rows, plus a
 // little per task) rather than equal counts: the rows of a continuous batch sit at different positions, the oldest
 // cohorts first, and equal counts gave one thread the long rows (decoder steps ~20% slower per row than offline).
 std::vector<int64_t> balanced_ranges(const std::vector<int64_t>& lengths, int64_t H, int64_t Tq, int64_t parts) {
@@ -262,54 +263,57 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
   // bfloat16 K/V read by several query rows (beams in cross-attention): widened once per task into float32
   // rows in L1 rather than once per query row (the widening costs more than the multiply-adds)
   const TaskFn<float> fast_wide = std::is_same_v<T, at::BFloat16> && Tq > 1 ? register_task<float>(Dh) : nullptr;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B * H));
+  // a few parts a thread, so a thread done early can take some of another's (parallel.h)
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, B * H));
   const std::vector<int64_t> bounds = balanced_ranges(lengths, H, Tq, parts);
   const auto source = [&](int64_t b, int64_t j) { return rows ? rows[b * Tk + j] : b; };  // the batch row of key j
-  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
+  parallel_claims(parts, [&](Claims& mine) {
     std::vector<float> scores, row_buf(Dh), wide;
     std::vector<const float*> q_rows(Tq), k_wide, v_wide;
     std::vector<const T*> k_rows, v_rows;
-    for (int64_t task = bounds[part_begin]; task < bounds[part_end]; ++task) {
-      const int64_t b = task / H, h = task % H, n = lengths[b];
-      float* ob = o.data + b * o.sb + h * o.sh;
-      if (n == 0 || fast == nullptr) {  // no keys: zeros (never in decoding: a source has at least EOS); the
-        for (int64_t i = 0; i < Tq; ++i) std::fill_n(ob + i * o.st, Dh, 0.f);  // generic loop accumulates
-        if (n == 0) continue;
-      }
-      scores.resize(Tq * n);
-      k_rows.resize(n), v_rows.resize(n);
-      for (int64_t j = 0; j < n; ++j) {
-        k_rows[j] = kv.row(source(b, j), h, j), v_rows[j] = vv.row(source(b, j), h, j);
-      }
-      for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
-      if (rows != nullptr) {  // a decoder step's K/V, through the row table: this task's V, the next task's K
-        prefetch_rows(v_rows, Dh);
-        if (task + 1 < bounds[part_end]) {
-          const int64_t nb = (task + 1) / H, nh = (task + 1) % H;
-          for (int64_t j = 0; j < lengths[nb]; ++j) prefetch_row(kv.row(source(nb, j), nh, j), Dh);
+    for (int64_t part; mine.next(part);) {
+      for (int64_t task = bounds[part]; task < bounds[part + 1]; ++task) {
+        const int64_t b = task / H, h = task % H, n = lengths[b];
+        float* ob = o.data + b * o.sb + h * o.sh;
+        if (n == 0 || fast == nullptr) {  // no keys: zeros (never in decoding: a source has at least EOS); the
+          for (int64_t i = 0; i < Tq; ++i) std::fill_n(ob + i * o.st, Dh, 0.f);  // generic loop accumulates
+          if (n == 0) continue;
         }
-      }
-      if (fast_wide != nullptr) {
-        wide.resize(2 * n * Dh), k_wide.resize(n), v_wide.resize(n);
+        scores.resize(Tq * n);
+        k_rows.resize(n), v_rows.resize(n);
         for (int64_t j = 0; j < n; ++j) {
-          k_wide[j] = load(k_rows[j], wide.data() + j * Dh, Dh, kern);
-          v_wide[j] = load(v_rows[j], wide.data() + (n + j) * Dh, Dh, kern);
+          k_rows[j] = kv.row(source(b, j), h, j), v_rows[j] = vv.row(source(b, j), h, j);
         }
-        fast_wide(q_rows.data(), k_wide.data(), v_wide.data(), n, Tq, scale, scores.data(), ob, o.st);
-        continue;
-      }
-      if (fast != nullptr) {
-        fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob, o.st);
-        continue;
-      }
-      for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
-        const float* kj = load(k_rows[j], row_buf.data(), Dh, kern);
-        for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(q_rows[i], kj, Dh) * scale;
-      }
-      for (int64_t i = 0; i < Tq; ++i) softmax_inplace(scores.data() + i * n, n);
-      for (int64_t j = 0; j < n; ++j) {
-        const float* vj = load(v_rows[j], row_buf.data(), Dh, kern);
-        for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * o.st, Dh);
+        for (int64_t i = 0; i < Tq; ++i) q_rows[i] = qv.row(b, h, i);
+        if (rows != nullptr) {  // a decoder step's K/V, through the row table: this task's V, the next task's K
+          prefetch_rows(v_rows, Dh);
+          if (task + 1 < bounds[part + 1]) {
+            const int64_t nb = (task + 1) / H, nh = (task + 1) % H;
+            for (int64_t j = 0; j < lengths[nb]; ++j) prefetch_row(kv.row(source(nb, j), nh, j), Dh);
+          }
+        }
+        if (fast_wide != nullptr) {
+          wide.resize(2 * n * Dh), k_wide.resize(n), v_wide.resize(n);
+          for (int64_t j = 0; j < n; ++j) {
+            k_wide[j] = load(k_rows[j], wide.data() + j * Dh, Dh, kern);
+            v_wide[j] = load(v_rows[j], wide.data() + (n + j) * Dh, Dh, kern);
+          }
+          fast_wide(q_rows.data(), k_wide.data(), v_wide.data(), n, Tq, scale, scores.data(), ob, o.st);
+          continue;
+        }
+        if (fast != nullptr) {
+          fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob, o.st);
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {  // one pass over the keys serves every query row
+          const float* kj = load(k_rows[j], row_buf.data(), Dh, kern);
+          for (int64_t i = 0; i < Tq; ++i) scores[i * n + j] = kern.dot(q_rows[i], kj, Dh) * scale;
+        }
+        for (int64_t i = 0; i < Tq; ++i) softmax_inplace(scores.data() + i * n, n);
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vj = load(v_rows[j], row_buf.data(), Dh, kern);
+          for (int64_t i = 0; i < Tq; ++i) kern.axpy(scores[i * n + j], vj, ob + i * o.st, Dh);
+        }
       }
     }
   });

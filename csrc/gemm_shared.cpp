@@ -14,19 +14,32 @@ namespace gemm {
 
 namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// A lane's Σexp(x − offset) is kept against an offset that rises only when a logit exceeds it by more than this (so
+// exp(x − offset) ≤ e^16, and a sum of 58k such terms stays far below float32's range), not at every new max: a
+// part's lanes start empty, and rising at each new max took a rescale (and a mispredicted branch) on most of a
+// part's first blocks — 16 parts cost the output layer ~10% that way.
+constexpr float kLaneSlack = 16.f;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// exp(x) for x ≤ kLaneSlack: exp_nonpositive_short's range reduction, polynomial and vscalefps hold above 0 too.
+__attribute__((target("avx512f"))) inline __m512 exp_short(__m512 x) { return exp_nonpositive_short(x); }
+#endif
 }  // namespace
 
-TopKState::TopKState(int64_t rows, int64_t k)
-    : k(k), lane_max(rows * 16, kNegInf), lane_sum(rows * 16, 0.f), best_value(rows * k), best_id(rows * k),
-      count(rows, 0) {}
+TopKState::TopKState(int64_t rows, int64_t k) : k(k), best_value(rows * k), best_id(rows * k), count(rows, 0) {}
+
+LaneSums::LaneSums(int64_t parts, int64_t rows)
+    : rows(rows), size(parts * rows * 16), offset(size, kNegInf), sum(size, 0.f) {}
 
 void TopKState::offer(int64_t row, float v, int64_t id) {
   float* bv = best_value.data() + row * k;
   int64_t* bi = best_id.data() + row * k;
   int64_t& n = count[row];
-  if (n == k && !(v > bv[k - 1])) return;
+  const auto beats = [&](int64_t j) { return v > bv[j] || (v == bv[j] && id < bi[j]); };  // (a NaN beats none)
+  if (n == k && !beats(k - 1)) return;
   int64_t pos = n < k ? n++ : k - 1;
-  for (; pos > 0 && bv[pos - 1] < v; --pos) bv[pos] = bv[pos - 1], bi[pos] = bi[pos - 1];
+  for (; pos > 0 && beats(pos - 1); --pos) bv[pos] = bv[pos - 1], bi[pos] = bi[pos - 1];
   bv[pos] = v, bi[pos] = id;
 }
 
@@ -80,26 +93,26 @@ void absorb_portable(const float* y, int rows, int64_t m0, int64_t n0, int64_t w
                      TopKState& st) {
   for (int r = 0; r < rows; ++r) {
     const int64_t row = m0 + r;
-    float& mx = st.lane_max[row * 16];
+    float& off = st.lane_offset[row * 16];
     float& sum = st.lane_sum[row * 16];
     for (int64_t c = 0; c < width; ++c) {
       const float v = y[r * kCols + c];
-      if (v > mx) sum *= std::exp(mx - v), mx = v;
-      sum += std::exp(v - mx);
+      if (v > off + kLaneSlack) sum *= std::exp(off - v), off = v;
+      sum += std::exp(v - off);
       if (!(banned >> c & 1)) st.offer(row, v, n0 + c);
     }
   }
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The logits of row r that beat the row's threshold, offered in column order (ids increasing, for the ties).
+// The logits of row r that reach the row's threshold, offered in column order.
 __attribute__((target("avx512f"))) inline void offer_hits(const float* yr, int64_t row, int64_t n0, int64_t width,
                                                           uint64_t banned, TopKState& st) {
   for (int j = 0; j < 4 && 16 * j < width; ++j) {
     const int64_t left = width - 16 * j;
     const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
     __mmask16 hit = _mm512_mask_cmp_ps_mask(valid & ~__mmask16(banned >> (16 * j)), _mm512_loadu_ps(yr + 16 * j),
-                                            _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ);
+                                            _mm512_set1_ps(st.threshold(row)), _CMP_GE_OQ);
     for (; hit; hit &= hit - 1) {
       const int lane = __builtin_ctz(hit);
       st.offer(row, yr[16 * j + lane], n0 + 16 * j + lane);
@@ -112,27 +125,28 @@ __attribute__((target("avx512f"))) void absorb_partial(const float* y, int rows,
                                                        uint64_t banned, TopKState& st) {
   for (int r = 0; r < rows; ++r) {
     const int64_t row = m0 + r;
-    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
+    __m512 off = _mm512_loadu_ps(st.lane_offset + row * 16), sum = _mm512_loadu_ps(st.lane_sum + row * 16);
     for (int j = 0; j < 4 && 16 * j < width; ++j) {
       const int64_t left = width - 16 * j;
       const __mmask16 valid = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
       const __m512 v = _mm512_maskz_loadu_ps(valid, y + r * kCols + 16 * j);
-      const __mmask16 up = _mm512_mask_cmp_ps_mask(valid, v, mx, _CMP_GT_OQ);
+      const __mmask16 up =
+          _mm512_mask_cmp_ps_mask(valid, v, _mm512_add_ps(off, _mm512_set1_ps(kLaneSlack)), _CMP_GT_OQ);
       if (up) {
-        const __m512 new_mx = _mm512_mask_mov_ps(mx, up, v);
-        sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive_short(_mm512_sub_ps(mx, new_mx)));
-        mx = new_mx;
+        const __m512 raised = _mm512_mask_mov_ps(off, up, v);
+        sum = _mm512_mask_mul_ps(sum, up, sum, exp_short(_mm512_sub_ps(off, raised)));
+        off = raised;
       }
-      sum = _mm512_mask_add_ps(sum, valid, sum, exp_nonpositive_short(_mm512_sub_ps(v, mx)));
+      sum = _mm512_mask_add_ps(sum, valid, sum, exp_short(_mm512_sub_ps(v, off)));
     }
-    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
-    _mm512_storeu_ps(st.lane_sum.data() + row * 16, sum);
+    _mm512_storeu_ps(st.lane_offset + row * 16, off);
+    _mm512_storeu_ps(st.lane_sum + row * 16, sum);
     offer_hits(y + r * kCols, row, n0, width, banned, st);
   }
 }
 
-// A full 64-column block, per row: one max over its four vectors decides whether a lane's running max rises
-// (rescaling its sum once) and whether any logit can beat the row's k-th best; the four exps are independent
+// A full 64-column block, per row: one max over its four vectors decides whether a lane's offset rises (rescaling
+// its sum once) and whether any logit can reach the row's k-th best; the four exps are independent
 // (summed pairwise), where a group-at-a-time loop chained each on the previous group's max and sum and asked
 // for the threshold four times.
 __attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, int64_t m0, int64_t n0,
@@ -144,48 +158,87 @@ __attribute__((target("avx512f"))) void absorb_avx512(const float* y, int rows, 
     const __m512 v0 = _mm512_loadu_ps(yr), v1 = _mm512_loadu_ps(yr + 16);
     const __m512 v2 = _mm512_loadu_ps(yr + 32), v3 = _mm512_loadu_ps(yr + 48);
     const __m512 top = _mm512_max_ps(_mm512_max_ps(v0, v1), _mm512_max_ps(v2, v3));
-    __m512 mx = _mm512_loadu_ps(st.lane_max.data() + row * 16), sum = _mm512_loadu_ps(st.lane_sum.data() + row * 16);
-    const __mmask16 up = _mm512_cmp_ps_mask(top, mx, _CMP_GT_OQ);
-    if (up) {  // a lane's max rises (often at first, rarely later): its sum is rescaled to the new max
-      const __m512 new_mx = _mm512_mask_mov_ps(mx, up, top);
-      sum = _mm512_mask_mul_ps(sum, up, sum, exp_nonpositive_short(_mm512_sub_ps(mx, new_mx)));
-      mx = new_mx;
+    __m512 off = _mm512_loadu_ps(st.lane_offset + row * 16), sum = _mm512_loadu_ps(st.lane_sum + row * 16);
+    const __mmask16 up = _mm512_cmp_ps_mask(top, _mm512_add_ps(off, _mm512_set1_ps(kLaneSlack)), _CMP_GT_OQ);
+    if (up) {  // a lane's offset rises (at a part's first block, rarely later): its sum is rescaled to it
+      const __m512 raised = _mm512_mask_mov_ps(off, up, top);
+      sum = _mm512_mask_mul_ps(sum, up, sum, exp_short(_mm512_sub_ps(off, raised)));
+      off = raised;
     }
-    const __m512 e01 = _mm512_add_ps(exp_nonpositive_short(_mm512_sub_ps(v0, mx)),
-                                     exp_nonpositive_short(_mm512_sub_ps(v1, mx)));
-    const __m512 e23 = _mm512_add_ps(exp_nonpositive_short(_mm512_sub_ps(v2, mx)),
-                                     exp_nonpositive_short(_mm512_sub_ps(v3, mx)));
-    _mm512_storeu_ps(st.lane_max.data() + row * 16, mx);
-    _mm512_storeu_ps(st.lane_sum.data() + row * 16, _mm512_add_ps(sum, _mm512_add_ps(e01, e23)));
-    if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(st.threshold(row)), _CMP_GT_OQ))
+    const __m512 e01 = _mm512_add_ps(exp_short(_mm512_sub_ps(v0, off)), exp_short(_mm512_sub_ps(v1, off)));
+    const __m512 e23 = _mm512_add_ps(exp_short(_mm512_sub_ps(v2, off)), exp_short(_mm512_sub_ps(v3, off)));
+    _mm512_storeu_ps(st.lane_offset + row * 16, off);
+    _mm512_storeu_ps(st.lane_sum + row * 16, _mm512_add_ps(sum, _mm512_add_ps(e01, e23)));
+    if (_mm512_cmp_ps_mask(top, _mm512_set1_ps(st.threshold(row)), _CMP_GE_OQ))
       offer_hits(yr, row, n0, width, banned, st);
   }
 }
 #endif
 
-// One row's merge (see merge_rows).
-void merge_row(const std::vector<TopKState>& states, int64_t row, float* out_value, int64_t* out_id) {
+// Σ over the parts' lanes of lane_sum · exp(lane_offset − mx): in double, one lane at a time (the portable twin).
+double lane_terms_portable(const LaneSums& lanes, int64_t row, float mx) {
+  double sum = 0;
+  for (size_t i = row * 16; i < static_cast<size_t>(lanes.size); i += lanes.rows * 16)
+    for (int l = 0; l < 16; ++l) {
+      const float lane_sum = lanes.sum[i + l];  // 0 for a lane that saw no column
+      if (lane_sum > 0) sum += lane_sum * std::exp(double(lanes.offset[i + l]) - mx);
+    }
+  return sum;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same, a part's 16 lanes at once (float32 terms, ~2e-7 relative each, summed per lane, then in double).
+__attribute__((target("avx512f"))) double lane_terms_avx512(const LaneSums& lanes, int64_t row, float mx) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 top = _mm512_set1_ps(mx);
+  for (size_t i = row * 16; i < static_cast<size_t>(lanes.size); i += lanes.rows * 16) {
+    const __m512 s = _mm512_loadu_ps(lanes.sum.data() + i);
+    const __mmask16 seen = _mm512_cmp_ps_mask(s, _mm512_setzero_ps(), _CMP_GT_OQ);
+    sum = _mm512_mask3_fmadd_ps(s, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(lanes.offset.data() + i), top)), sum,
+                                seen);
+  }
+  alignas(64) float terms[16];
+  _mm512_store_ps(terms, sum);
+  double total = 0;
+  for (float v : terms) total += v;
+  return total;
+}
+#endif
+
+// One row's merge (see merge_rows): the log-sum-exp, then the k best of the threads' lists (each best first) by
+// taking the best head k times.
+void merge_row(const LaneSums& lanes, const std::vector<TopKState>& states, int64_t row, bool vectorized,
+               std::vector<int64_t>& heads, float* out_value, int64_t* out_id) {
   const int64_t k = states.front().k;
   float mx = kNegInf;
-  for (const TopKState& st : states)
-    for (int l = 0; l < 16; ++l) mx = std::max(mx, st.lane_max[row * 16 + l]);
-  double sum = 0;
-  for (const TopKState& st : states)
-    for (int l = 0; l < 16; ++l) {
-      const float lane_sum = st.lane_sum[row * 16 + l];  // 0 for a lane that saw no column
-      if (lane_sum > 0) sum += lane_sum * std::exp(double(st.lane_max[row * 16 + l]) - mx);
-    }
+  for (size_t i = row * 16; i < static_cast<size_t>(lanes.size); i += lanes.rows * 16)
+    for (int l = 0; l < 16; ++l) mx = std::max(mx, lanes.offset[i + l]);
+#if defined(__x86_64__) && defined(__GNUC__)
+  const double sum = vectorized ? lane_terms_avx512(lanes, row, mx) : lane_terms_portable(lanes, row, mx);
+#else
+  const double sum = lane_terms_portable(lanes, row, mx);
+#endif
   const float log_sum = mx + static_cast<float>(std::log(sum));
-  std::vector<std::pair<float, int64_t>> cands;
-  for (const TopKState& st : states)
-    for (int64_t j = 0; j < st.count[row]; ++j) cands.emplace_back(st.best_value[row * k + j], st.best_id[row * k + j]);
+  std::fill(heads.begin(), heads.end(), 0);
+  int64_t taken = 0;
+  for (; taken < k; ++taken) {
+    int64_t from = -1;
+    float best = 0;
+    int64_t best_id = 0;
+    for (size_t t = 0; t < states.size(); ++t) {
+      const TopKState& st = states[t];
+      if (heads[t] == st.count[row]) continue;
+      const float v = st.best_value[row * k + heads[t]];
+      const int64_t id = st.best_id[row * k + heads[t]];
+      if (from < 0 || v > best || (v == best && id < best_id)) from = static_cast<int64_t>(t), best = v, best_id = id;
+    }
+    if (from < 0) break;
+    ++heads[from];
+    out_value[taken] = best - log_sum, out_id[taken] = best_id;
+  }
   // a NaN logit is never offered (no comparison holds), so a row of NaN (a hidden state gone NaN) has too few
-  TORCH_CHECK(static_cast<int64_t>(cands.size()) >= k && std::isfinite(log_sum), "output layer: row ", row,
+  TORCH_CHECK(taken == k && std::isfinite(log_sum), "output layer: row ", row,
               " has NaN logits (the decoder's hidden state is not finite)");
-  std::partial_sort(cands.begin(), cands.begin() + k, cands.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  });
-  for (int64_t j = 0; j < k; ++j) out_value[j] = cands[j].first - log_sum, out_id[j] = cands[j].second;
 }
 
 }  // namespace
@@ -197,9 +250,15 @@ AbsorbFn pick_absorb(bool vectorized) {
   return absorb_portable;
 }
 
-void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* values, int64_t* ids) {
+void merge_rows(const LaneSums& lanes, const std::vector<TopKState>& states, int64_t rows, float* values,
+                int64_t* ids, bool vectorized) {
   const int64_t k = states.front().k;
-  for (int64_t row = 0; row < rows; ++row) merge_row(states, row, values + row * k, ids + row * k);
+#if defined(__x86_64__) && defined(__GNUC__)
+  vectorized = vectorized && __builtin_cpu_supports("avx512f");
+#endif
+  std::vector<int64_t> heads(states.size());
+  for (int64_t row = 0; row < rows; ++row)
+    merge_row(lanes, states, row, vectorized, heads, values + row * k, ids + row * k);
 }
 
 }  // namespace gemm

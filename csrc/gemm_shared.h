@@ -8,6 +8,8 @@
 // `absorb`: per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it) and the k
 // best (logit, id) so far take them in; nothing (rows, V) is written.
 #include <torch/extension.h>
+#include "parallel.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -22,8 +24,8 @@ namespace gemm {
 constexpr int64_t kCols = 64;  // the GEMMs' tile width: a block's logits are rows × 64, row stride 64
 constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
 
-// y (M, n_out) float32 (into `out` when given): run(begin, end, y) computes column tiles [begin, end) into y;
-// the threads split the columns, so each streams its share of the weight once.
+// y (M, n_out) float32 (into `out` when given): run(tiles, y) computes a thread's column tiles into y (Claims: a
+// share of its own, and tiles taken from another's end when done, parallel.h), so each weight tile is streamed once.
 template <typename Run>
 at::Tensor linear_into(const char* who, const at::Tensor& x, int64_t M, int64_t n_out, int64_t tiles,
                        const c10::optional<at::Tensor>& out, Run run) {
@@ -37,21 +39,22 @@ at::Tensor linear_into(const char* who, const at::Tensor& x, int64_t M, int64_t 
   }
   if (M == 0) return y;
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) { run(begin, end, yp); });
+  parallel_claims(tiles, [&](Claims& mine) { run(mine, yp); });
   return y;
 }
 
-// One thread's row blocks of column tiles [begin, end) on AMX, each block's epilogue overlapped with the next block's
-// multiply. multiply(t, m0, fetch_next, acc, drain) computes the block of tile t at row m0 into acc (kBlockRows ×
-// kCols sums; fetch_next: the thread's next tile is to be prefetched meanwhile), calling drain(step, steps) between
-// its k-steps; epilogue(acc, m0, n0, width, y, ldy, r0, r1) writes rows [r0, r1) of a block from its sums to y (from
-// out(m0, n0)), then after(m0, r0, rows, n0, width) sees them (as run_tiles). The sums of a block wait in one of two
-// buffers while the next block multiplies and drain finishes their rows a few at a time, so the vector units
-// (dequantization, activation, the fused output layer's log-sum-exp) work while the tile unit multiplies, not after
-// it. Every row gets the operations it would get right after its multiply: the same results, to the bit.
+// One thread's row blocks of its column tiles on AMX, each block's epilogue overlapped with the next block's
+// multiply (across the tiles it steals too). multiply(t, m0, next, acc, drain) computes the block of tile t at row
+// m0 into acc (kBlockRows × kCols sums; next ≥ 0: the thread's next tile, to be prefetched meanwhile),
+// calling drain(step, steps) between its k-steps; epilogue(acc, m0, n0, width, y, ldy, r0, r1) writes rows [r0, r1)
+// of a block from its sums to y (from out(m0, n0)), then after(m0, r0, rows, n0, width) sees them (as run_tiles).
+// The sums of a block wait in one of two buffers while the next block multiplies and drain finishes their rows a few
+// at a time, so the vector units (dequantization, activation, the fused output layer's log-sum-exp) work while the
+// tile unit multiplies, not after it. Every row gets the operations it would get right after its multiply: the same
+// results, to the bit.
 template <typename Acc, typename Multiply, typename Epilogue, typename Out, typename After>
-void overlapped_blocks(int64_t begin, int64_t end, int64_t M, int64_t n_out, Multiply multiply, Epilogue epilogue,
-                       Out out, After after) {
+void overlapped_blocks(Claims& tiles, int64_t M, int64_t n_out, Multiply multiply, Epilogue epilogue, Out out,
+                       After after) {
   alignas(64) Acc acc[2][kBlockRows * kCols];
   int cur = 0;  // the buffer the running multiply stores into; the pending block's is the other
   struct { int64_t t, m0; int rows, done; } pending{0, 0, 0, 0};  // rows 0: none yet
@@ -65,9 +68,9 @@ void overlapped_blocks(int64_t begin, int64_t end, int64_t M, int64_t n_out, Mul
     pending.done = r1;
   };
   auto drain = [&](int64_t step, int64_t steps) { finish_to(static_cast<int>(pending.rows * step / steps)); };
-  for (int64_t t = begin; t < end; ++t)
+  for (int64_t t; tiles.next(t);)
     for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-      multiply(t, m0, m0 == 0 && t + 1 < end, acc[cur], drain);
+      multiply(t, m0, m0 == 0 ? tiles.upcoming() : -1, acc[cur], drain);
       finish_to(kBlockRows);
       pending = {t, m0, static_cast<int>(std::min<int64_t>(kBlockRows, M - m0)), 0};
       cur ^= 1;
@@ -90,19 +93,33 @@ inline int64_t rows_allocated(int64_t M, bool amx) {
   return amx && M > kBlockRows ? (M + kBlockRows - 1) / kBlockRows * kBlockRows : M;
 }
 
-// One thread's running state for each row: per lane a max and Σexp(x − max), and the k best so far, best first.
+// One thread's running state for each row: the lanes of the part it is in — per lane an offset near the max and
+// Σexp(x − offset), kept per part (LaneSums), so a row's log-sum-exp never depends on which thread ran which part —
+// and the k best of every part the thread ran, best first: by value, then the lower id (a thread meets parts out of
+// order).
 struct TopKState {
   int64_t k;
-  std::vector<float> lane_max, lane_sum, best_value;
+  float* lane_offset = nullptr;  // the current part's lanes, rows × 16 each
+  float* lane_sum = nullptr;
+  std::vector<float> best_value;
   std::vector<int64_t> best_id, count;
 
   TopKState(int64_t rows, int64_t k);
-  // ids reach a thread in increasing order, so an equal value stays behind the ones already held (ties go to the
-  // lower id, as log_softmax_topk)
   void offer(int64_t row, float v, int64_t id);
-  // the value a logit must beat to be offered (inline: the absorb asks once per row and block)
+  // the value a logit must reach to be offered (inline: the absorb asks once per row and block): the k-th best held
+  // (an equal logit with a lower id belongs ahead of it), -inf until k are held
   float threshold(int64_t row) const {
     return count[row] == k ? best_value[row * k + k - 1] : -std::numeric_limits<float>::infinity();
+  }
+};
+
+// Every part's lanes: per part, row and lane a running offset and Σexp(x − offset).
+struct LaneSums {
+  int64_t rows, size;  // size: parts × rows × 16
+  std::vector<float> offset, sum;
+  LaneSums(int64_t parts, int64_t rows);
+  void enter(int64_t part, TopKState& st) {  // the state absorbs into this part's lanes
+    st.lane_offset = offset.data() + part * rows * 16, st.lane_sum = sum.data() + part * rows * 16;
   }
 };
 
@@ -118,15 +135,21 @@ std::vector<int64_t> checked_banned(const char* who, const at::Tensor& banned, i
 // Banned columns of the 64 from n0, as bits (banned: sorted ids).
 uint64_t banned_bits(const std::vector<int64_t>& banned, int64_t n0);
 
-// Each row's result from the threads' states: log Σexp over every logit (banned ones too, as after HF's
-// log_softmax + processors), and the k best of all the threads' k best, as log-probs, best first.
-void merge_rows(const std::vector<TopKState>& states, int64_t rows, float* values, int64_t* ids);
+// Each row's result: log Σexp over every logit (banned ones too, as after HF's log_softmax + processors) from the
+// parts' lanes, summed in part order, and the k best of the threads' best, as log-probs, best first (ties to the
+// lower id). vectorized: the log-sum-exp's terms by AVX-512 where the CPU has it.
+void merge_rows(const LaneSums& lanes, const std::vector<TopKState>& states, int64_t rows, float* values,
+                int64_t* ids, bool vectorized);
 
-// The fused pass: one part of the `tiles` column tiles per thread, each with its own state; run_part(begin, end,
-// block, after) runs a GEMM's tiles [begin, end) for every row block into `block` (kBlockRows × kCols floats)
-// and calls after(m0, r0, rows, n0, width) on each: rows [r0, r0 + rows) of the block at m0 are ready in `block`
-// from its row r0 (a pipelined GEMM hands a block over a few rows at a time). Returns each row's k best (log-prob,
-// id).
+// The fused output layer's parts: a fixed count, so its results do not depend on the number of threads, and enough
+// that a thread done early takes whole parts from a slowed one (parallel.h).
+constexpr int64_t kOutputParts = 16;
+
+// The fused pass: the `tiles` column tiles in kOutputParts parts, each with its own lanes, shared by the threads with
+// stealing, each thread with its own k best; run_part(part, block, after) runs a GEMM's tiles of the part (Claims)
+// for every row block into `block` (kBlockRows × kCols floats) and calls after(m0, r0, rows, n0, width) on each:
+// rows [r0, r0 + rows) of the block at m0 are ready in `block` from its row r0 (a pipelined GEMM hands a block over
+// a few rows at a time). Returns each row's k best (log-prob, id).
 template <typename RunPart>
 std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, const at::Tensor& x, int64_t M,
                                                            int64_t n_out, int64_t tiles, int64_t k,
@@ -136,20 +159,23 @@ std::tuple<at::Tensor, at::Tensor> linear_log_softmax_topk(const char* who, cons
   auto values = at::empty({M, k}, x.options().dtype(at::kFloat));
   auto ids = at::empty({M, k}, x.options().dtype(at::kLong));
   if (M == 0) return {values, ids};
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tiles));
-  std::vector<TopKState> states(parts, TopKState(M, k));
+  const int64_t parts = std::min<int64_t>(kOutputParts, tiles);
+  LaneSums lanes(parts, M);
+  std::vector<TopKState> states(at::get_num_threads(), TopKState(M, k));
   const AbsorbFn absorb = pick_absorb(vectorized);
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+  parallel_claims(parts, [&](Claims& mine) {
     alignas(64) float block[kBlockRows * kCols];
-    for (int64_t p = begin; p < end; ++p) {
-      TopKState& st = states[p];
-      run_part(tiles * p / parts, tiles * (p + 1) / parts, block,
+    TopKState& st = states[at::get_thread_num()];
+    for (int64_t p; mine.next(p);) {
+      lanes.enter(p, st);
+      Claims part(tiles * p / parts, tiles * (p + 1) / parts);
+      run_part(part, block,
                [&](int64_t m0, int r0, int rows, int64_t n0, int64_t width) {
                  absorb(block + r0 * kCols, rows, m0 + r0, n0, width, banned_bits(ban, n0), st);
                });
     }
   });
-  merge_rows(states, M, values.data_ptr<float>(), ids.data_ptr<int64_t>());
+  merge_rows(lanes, states, M, values.data_ptr<float>(), ids.data_ptr<int64_t>(), vectorized);
   return {values, ids};
 }
 

@@ -443,15 +443,15 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
 }
 
 template <typename Out, typename After>
-void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after);
+void run_tiles_amx(const Operands& op, Claims& tiles, Out out, After after);
 
-// Tiles [begin, end) of one thread, each for every row block: the block's result goes to out(m0, n0) (a pointer
+// One thread's tiles (Claims, parallel.h), each for every row block: the block's result goes to out(m0, n0) (a pointer
 // and its row stride), then after(m0, 0, rows, n0, width) sees it (gemm_shared.h).
 template <typename Out, typename After>
-void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
-  if (op.kern.tile == nullptr) return run_tiles_amx(op, begin, end, out, after);  // AMX
+void run_tiles(const Operands& op, Claims& tiles, Out out, After after) {
+  if (op.kern.tile == nullptr) return run_tiles_amx(op, tiles, out, after);  // AMX
   const int block = op.kern.rows;
-  for (int64_t t = begin; t < end; ++t) {
+  for (int64_t t; tiles.next(t);) {
     const int64_t n0 = t * kCols, width = std::min(kCols, op.n_out - n0);
     for (int64_t m0 = 0; m0 < op.M; m0 += block) {
       const int rows = static_cast<int>(std::min<int64_t>(block, op.M - m0));
@@ -459,9 +459,9 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
       const Epilogue e{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, op.b ? op.b + n0 : nullptr, width,
                        op.act};
       // the second row block fetches the thread's next tile (its first row block then finds it in L2)
-      const bool fetch_next = m0 == block && t + 1 < end;
+      const int64_t next = m0 == block ? tiles.upcoming() : -1;
       op.kern.tile(op.xqp + m0 * op.Kp, op.Kp, rows, op.wp + t * op.tile_bytes, e,
-                   fetch_next ? op.wp + (t + 1) * op.tile_bytes : nullptr);
+                   next >= 0 ? op.wp + next * op.tile_bytes : nullptr);
       after(m0, 0, rows, n0, width);
     }
   }
@@ -471,11 +471,11 @@ void run_tiles(const Operands& op, int64_t begin, int64_t end, Out out, After af
 // (gemm::overlapped_blocks; A/B, alternated processes on an AMX Xeon: int8 batch 32 beam 4 0.341 -> 0.305 s, median
 // of six rounds' best; the fused output layer at 32 rows 2.2 -> 1.9 ms).
 template <typename Out, typename After>
-void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, After after) {
+void run_tiles_amx(const Operands& op, Claims& tiles, Out out, After after) {
   static_assert(kAmxRows == gemm::kBlockRows);
-  const auto multiply = [&](int64_t t, int64_t m0, bool fetch_next, int32_t* acc, auto& drain) {
+  const auto multiply = [&](int64_t t, int64_t m0, int64_t next, int32_t* acc, auto& drain) {
     const int8_t* w = op.wp + t * op.tile_bytes;
-    multiply_amx(op.xqp + m0 * op.Kp, op.Kp, w, fetch_next ? w + op.tile_bytes : nullptr, acc, drain);
+    multiply_amx(op.xqp + m0 * op.Kp, op.Kp, w, next >= 0 ? op.wp + next * op.tile_bytes : nullptr, acc, drain);
   };
   const auto epilogue = [&](const int32_t* acc, int64_t m0, int64_t n0, int64_t width, float* y, int64_t ldy, int r0,
                             int r1) {
@@ -483,7 +483,7 @@ void run_tiles_amx(const Operands& op, int64_t begin, int64_t end, Out out, Afte
     epilogue_rows(acc, Epilogue{y, ldy, op.sx + m0, op.zp + m0, op.sums + n0, op.sw + n0, b, width, op.act}, r0, r1);
   };
   gemm::amx_begin(op.M);
-  gemm::overlapped_blocks<int32_t>(begin, end, op.M, op.n_out, multiply, epilogue, out, after);
+  gemm::overlapped_blocks<int32_t>(tiles, op.M, op.n_out, multiply, epilogue, out, after);
   gemm::amx_end();
 }
 
@@ -494,9 +494,9 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
                        const c10::optional<at::Tensor>& out, const std::string& kernel,
                        const std::string& activation) {
   const Operands op = prepare("int8_linear", x, packed, colsum, scale, bias, n_out, kernel, activation);
-  return gemm::linear_into("int8_linear", x, op.M, n_out, op.tiles, out, [&](int64_t begin, int64_t end, float* yp) {
+  return gemm::linear_into("int8_linear", x, op.M, n_out, op.tiles, out, [&](Claims& tiles, float* yp) {
     run_tiles(
-        op, begin, end, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
+        op, tiles, [&](int64_t m0, int64_t n0) { return std::pair<float*, int64_t>{yp + m0 * n_out + n0, n_out}; },
         [](int64_t, int, int, int64_t, int64_t) {});
   });
 }
@@ -513,8 +513,8 @@ std::tuple<at::Tensor, at::Tensor> int8_linear_log_softmax_topk(const at::Tensor
   static_assert(kCols == gemm::kCols && kAmxRows <= gemm::kBlockRows && kMaxRows <= gemm::kBlockRows);
   return gemm::linear_log_softmax_topk(
       who, x, op.M, n_out, op.tiles, k, banned, std::string(op.kern.name) != "portable",
-      [&](int64_t begin, int64_t end, float* block, auto after) {
-        run_tiles(op, begin, end, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
+      [&](Claims& tiles, float* block, auto after) {
+        run_tiles(op, tiles, [&](int64_t, int64_t) { return std::pair<float*, int64_t>{block, kCols}; }, after);
       });
 }
 

@@ -138,9 +138,9 @@ def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("b,h", [(1, 1), (7, 3), (40, 2)])
 def test_decode_attention_splits_uneven_rows_across_threads(threads, b, h):
-    """The rows of a continuous batch sit at different positions, the longest first: the tasks are split into one
-    contiguous range of about equal work per thread (more threads than tasks too); each (row, head) is computed once,
-    as float64 attention says."""
+    """The rows of a continuous batch sit at different positions, the longest first: the tasks are split into
+    contiguous parts of about equal work, a few per thread (more threads than tasks too); each (row, head) is
+    computed once, as float64 attention says."""
     gen = torch.Generator().manual_seed(b * h)
     lengths = torch.randint(1, 60, (b,), generator=gen).sort(descending=True).values
     lengths[-1] = 1
