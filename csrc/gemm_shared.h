@@ -5,12 +5,11 @@
 // The fused output layer: at a decoder step
 // the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were written to memory, then
 // read back by the log-softmax + top-k. Instead a GEMM hands each row block's logits, still in an L1 buffer, to
-// `absorb`: per row a running log-sum-exp (16 lanes: a running max and the sum of exp relative to it) and the k
-// best (logit, id) so far take them in; nothing (rows, V) is written.
+// `absorb`: per row a running log-sum-exp (16 lanes: an offset near the lane's max and the sum of exp relative to
+// it) and the k best (logit, id) so far take them in; nothing (rows, V) is written.
 #include <torch/extension.h>
-#include "parallel.h"
 
-#include <ATen/Parallel.h>
+#include "parallel.h"
 
 #include <algorithm>
 #include <cstdint>
