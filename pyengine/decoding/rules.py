@@ -53,8 +53,9 @@ class HFBeamState:
 
     def done(self, opts: DecodeOptions) -> torch.Tensor:
         """(B,) sentences whose finished set can no longer change."""
-        full = self.fin_flag.all(dim=1) if opts.early_stopping is True else torch.zeros_like(self.open)
-        return ~self.open | full
+        if opts.early_stopping is True:
+            return ~self.open | self.fin_flag.all(dim=1)
+        return ~self.open
 
     def results(self, rows: torch.Tensor, opts: DecodeOptions, eos: int) -> list[tuple[int, list[Hypothesis]]]:
         """(caller's sentence, n-best) of these batch rows: four reads from the device, however many finished."""

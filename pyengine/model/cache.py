@@ -68,7 +68,8 @@ def step_positions(spans: list[Span], tokens: int, device: torch.device) -> tupl
     end = max(s.position for s in spans) + tokens
     if len(spans) == 1:
         return torch.full((spans[0].rows,), spans[0].position, device=device), end
-    return torch.cat([torch.full((s.rows,), s.position, device=device) for s in spans]), end
+    # one tensor from one list (a server's batch has a span per cohort: a full + cat each cost more)
+    return torch.tensor([s.position for s in spans for _ in range(s.rows)], device=device), end
 
 
 def grown(tensor: torch.Tensor, sizes: dict[int, int], zero: bool = False,
@@ -135,6 +136,7 @@ class KVCache:
         self.rows_index = self.lengths = self.write_rows = self.positions = None
         self.end = 0
         self._block: tuple[int, int] | None = None  # (first physical row, position) when one slice takes the write
+        self._arange = torch.arange(0, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -168,15 +170,25 @@ class KVCache:
         self.positions, self.end = step_positions(spans, tokens, self.device)
         if self.end > self.physical.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {self.end} > capacity {self.physical.shape[4]}")
-        for s in spans:
-            self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = \
-                write_rows[s.start: s.start + s.rows, None]
+        if tokens == 1:  # every row's one position in one scatter (not a write per cohort)
+            rows = write_rows.numel()
+            self.origin.index_put_((self._batch_rows(rows), self.positions), write_rows)
+        else:
+            for s in spans:
+                self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = \
+                    write_rows[s.start: s.start + s.rows, None]
         self.rows_index = self.origin[: write_rows.numel(), : self.end].contiguous()
         self.write_rows, self.lengths = write_rows, self.positions + tokens
         self.length = self.end  # no live row has written past this step's widest (a finished long one may have)
         self._block = None if first_row is None or len(spans) != 1 else (first_row, spans[0].position)
         if self._block is None and tokens > 1:
             raise ValueError("a block of several tokens per row is written by rows in one run at one position")
+
+    def _batch_rows(self, n: int) -> torch.Tensor:
+        """0..n-1 (kept: every step needs it)."""
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+        return self._arange[:n]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (N, H, T, Dh) of this step into the physical rows → the layer's (P, H, T_max, Dh) key and value
