@@ -31,7 +31,7 @@ def decode_offline(engine, sources: list[tuple[list[int], object]], batch: int) 
     import torch
 
     from pyengine.decoding import Runtime, RuntimeStats
-    stats, row_steps, cfg = RuntimeStats(), 0, engine.config
+    stats, row_steps, live, cfg = RuntimeStats(), 0, 0, engine.config
     start = time.perf_counter()
     for opts in dict.fromkeys(o for _, o in sources):
         ids = sorted((s for s, o in sources if o is opts), key=len)
@@ -41,9 +41,10 @@ def decode_offline(engine, sources: list[tuple[list[int], object]], batch: int) 
             runtime.admit(ids[i: i + batch], list(range(len(ids[i: i + batch]))))
             while runtime.cohorts:
                 row_steps += runtime.rows
+                live += 1
                 runtime.step()
             runtime.release()
-    return report(stats, row_steps, 0, time.perf_counter() - start)
+    return report(stats, row_steps, live, time.perf_counter() - start)
 
 
 def decode_staggered(engine, sources: list[tuple[list[int], object]], batch: int, cohort: int) -> dict:

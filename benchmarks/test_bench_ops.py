@@ -203,7 +203,7 @@ def test_decode_step_batch32_beam4(benchmark, opus_engines, dtype):
 def test_beam_step_bookkeeping(benchmark):
     """Search bookkeeping of one step at batch 32, beam 4 (outside the model's forward; HF's rules, in C++)."""
     from pyengine.config import DecodeOptions
-    from pyengine.decoding.rules import HFBeamState
+    from pyengine.decoding.hf_beam import HFBeamState
     opts = DecodeOptions(beam_size=4, max_decoding_length=64)
     state = HFBeamState(32, 4, 64, torch.device("cpu"), "loop")
     cand_logp, cand_ids = torch.topk(torch.log_softmax(torch.randn(ROWS, V), -1), 8, dim=-1)

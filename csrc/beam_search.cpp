@@ -1,8 +1,10 @@
 // One beam-search step: Hugging Face's candidate, length-penalty and stopping rules. C = max(2, 1 + end ids) x beam
 // candidates per sentence (HF's beams_to_keep: with several end ids more candidates may end, and beam of them must
 // still run). Its Python specification is
-// tests/reference_search.hf_beam_step; tests compare every field, step after step. Ties between equal scores go
-// to the lower index (candidate position, or finished before new), in the specification and both versions here.
+// tests/reference_search.hf_beam_step; tests compare every field, step after step, and a state whose sentences are at
+// different steps (cohorts joined into one search state: each sentence's own length, `steps`) against stepping each
+// cohort apart. Ties between equal scores go to the lower index (candidate position, or finished before new), in the
+// specification and both versions here.
 //
 // On CPU tensors a loop per sentence ("loop"): a step touches a few dozen numbers per sentence, and the same rule
 // as ~55 ATen ops costs more in dispatch than in arithmetic (~250 µs a call, and a running batch makes a call per
@@ -56,9 +58,14 @@ bool is_end(int64_t token, const std::vector<int64_t>& ends) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
     const at::Tensor& cand_logp, const at::Tensor& cand_ids, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
+    at::Tensor steps, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
   const int64_t b = run_scores.size(0), k = run_scores.size(1), width = run_hist.size(2);
   const int64_t per_row = cand_logp.size(1), c = candidates(k, ends);
+  const auto lengths = steps + 1;  // each sentence's hypothesis length after this step
+  // x / lengths^p per sentence, the power in double and rounded to the scores' type (as x / scalar rounds it)
+  const auto penalized = [&](const at::Tensor& x, const at::Tensor& len) {
+    return x / at::pow(len.to(at::kDouble), length_penalty).to(x.scalar_type()).unsqueeze(1);
+  };
 
   // a sentence's best C over beam x vocab, from its rows' own best candidates
   auto acc = (cand_logp.view({b, k, per_row}) + run_scores.unsqueeze(2)).view({b, k * per_row});
@@ -66,9 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
   auto parent = at::div(top_pos, per_row, "floor");
   auto token = cand_ids.reshape({b, k * per_row}).gather(1, top_pos);
   auto cand_hist = run_hist.gather(1, expand_rows(parent, width));
-  cand_hist.select(2, step).copy_(token);
+  cand_hist.scatter_(2, steps.view({b, 1, 1}).expand({b, c, 1}), token.unsqueeze(2));
   auto hits = at::isin(token, at::tensor(ends, token.options()));
-  if (step + 1 >= width) hits.fill_(true);  // the length limit ends every candidate
+  hits.logical_or_(lengths.ge(width).unsqueeze(1));  // the length limit ends every candidate
 
   // the best K that did not finish keep running
   auto running = top_scores + hits.to(at::kFloat) * kExcluded;
@@ -79,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
   auto next_token = token.gather(1, keep);
 
   // finished candidates among the first K compete for the finished set, length-normalized
-  auto cand = top_scores / std::pow(static_cast<double>(step + 1), length_penalty);
+  auto cand = penalized(top_scores, lengths);
   if (early_stopping == 1) cand = cand + fin_flag.all(1, true).to(at::kFloat) * kExcluded;
   cand = cand + open.logical_not().unsqueeze(1).to(at::kFloat) * kExcluded;
   auto first_k = at::zeros({c}, hits.options());
@@ -90,14 +97,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
   auto pick = std::get<1>(top(merged, k));
   fin_scores.copy_(merged.gather(1, pick));
   fin_hist.copy_(at::cat({fin_hist, cand_hist}, 1).gather(1, expand_rows(pick, width)));
-  fin_len.copy_(at::cat({fin_len, at::full({b, c}, step + 1, fin_len.options())}, 1).gather(1, pick));
+  fin_len.copy_(at::cat({fin_len, lengths.unsqueeze(1).expand({b, c})}, 1).gather(1, pick));
   fin_flag.copy_(at::cat({fin_flag, just_finished}, 1).gather(1, pick));
 
   // HF's heuristic: can the best running hypothesis still beat the worst finished one?
-  const int64_t best_len = (early_stopping == 2 && length_penalty > 0) ? width : step + 1;
-  auto best = run_scores.slice(1, 0, 1) / std::pow(static_cast<double>(best_len), length_penalty);
+  const auto best_len = (early_stopping == 2 && length_penalty > 0) ? at::full_like(lengths, width) : lengths;
+  auto best = penalized(run_scores.slice(1, 0, 1), best_len);
   auto worst = at::where(fin_flag, fin_scores.amin(1, true), at::scalar_tensor(kExcluded, fin_scores.options()));
   open.logical_and_(best.gt(worst).any(1));
+  steps.add_(1);
 
   auto rows = (next_parent + at::arange(b, next_parent.options()).unsqueeze(1) * k).view(-1);
   return {rows, next_token.reshape(-1), parent, pick};
@@ -106,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_aten(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
     const at::Tensor& cand_logp_in, const at::Tensor& cand_ids_in, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
-  for (const at::Tensor* t : {&run_scores, &run_hist, &fin_scores, &fin_hist, &fin_len, &fin_flag, &open})
+    at::Tensor steps, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends) {
+  for (const at::Tensor* t : {&run_scores, &run_hist, &fin_scores, &fin_hist, &fin_len, &fin_flag, &open, &steps})
     TORCH_CHECK(t->is_contiguous(), "beam_step: the state tensors must be contiguous");
   TORCH_CHECK(run_scores.scalar_type() == at::kFloat && fin_scores.scalar_type() == at::kFloat &&
                   run_hist.scalar_type() == at::kLong && fin_hist.scalar_type() == at::kLong &&
@@ -127,9 +135,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
   bool *fin_f = fin_flag.data_ptr<bool>(), *open_p = open.data_ptr<bool>();
   int64_t *rows_p = rows.data_ptr<int64_t>(), *next_p = next.data_ptr<int64_t>();
   int64_t *parent_p = parents.data_ptr<int64_t>(), *pick_p = picks.data_ptr<int64_t>();
-  const float denom = static_cast<float>(std::pow(static_cast<double>(step + 1), length_penalty));
-  const int64_t best_len = (early_stopping == 2 && length_penalty > 0) ? W : step + 1;
-  const float best_denom = static_cast<float>(std::pow(static_cast<double>(best_len), length_penalty));
+  int64_t* steps_p = steps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)  // all checked before any sentence's state changes
+    TORCH_CHECK(steps_p[b] >= 0 && steps_p[b] < W, "beam_step: step ", steps_p[b], " outside the history of ", W);
 
   std::vector<float> acc(K * P), running(C), cand(C), merged(K + C);
   std::vector<int64_t> idx, top_pos(C), token(C), keep(K), pick(K), old_len(K);
@@ -137,6 +145,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
   std::vector<float> old_scores(K);
   std::vector<char> hits(C), just(C), old_flag(K);
   for (int64_t b = 0; b < B; ++b) {
+    const int64_t step = steps_p[b];
+    const float denom = static_cast<float>(std::pow(static_cast<double>(step + 1), length_penalty));
+    const int64_t best_len = (early_stopping == 2 && length_penalty > 0) ? W : step + 1;
+    const float best_denom = static_cast<float>(std::pow(static_cast<double>(best_len), length_penalty));
     // a sentence's best C over beam x vocab, from its rows' own best candidates
     for (int64_t r = 0; r < K; ++r)
       for (int64_t c = 0; c < P; ++c) acc[r * P + c] = logp[(b * K + r) * P + c] + run_s[b * K + r];
@@ -191,6 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
     bool beatable = false;
     for (int64_t j = 0; j < K; ++j) beatable = beatable || best > (fin_f[b * K + j] ? worst : kExcludedF);
     open_p[b] = open_p[b] && beatable;
+    steps_p[b] = step + 1;
   }
   return {rows, next, parents, picks};
 }
@@ -199,13 +212,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step_loop(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
     const at::Tensor& cand_logp, const at::Tensor& cand_ids, at::Tensor run_scores, at::Tensor run_hist,
     at::Tensor fin_scores, at::Tensor fin_hist, at::Tensor fin_len, at::Tensor fin_flag, at::Tensor open,
-    int64_t step, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends,
+    at::Tensor steps, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends,
     const std::string& impl) {
   TORCH_CHECK(run_scores.dim() == 2 && run_hist.dim() == 3, "run_scores (B, K) and run_hist (B, K, T) expected");
   const int64_t b = run_scores.size(0), k = run_scores.size(1), width = run_hist.size(2);
   TORCH_CHECK(cand_logp.dim() == 2 && cand_logp.size(0) == b * k && cand_ids.sizes() == cand_logp.sizes(),
               "candidates must be (B*K, C) for run_scores (B, K)");
-  TORCH_CHECK(step >= 0 && step < width, "step ", step, " outside the history of ", width);
+  TORCH_CHECK(steps.dim() == 1 && steps.size(0) == b && steps.scalar_type() == at::kLong &&
+                  steps.device() == run_scores.device(),
+              "beam_step: steps must be (B,) int64 on the state's device, one per sentence");
   TORCH_CHECK(!ends.empty(), "beam_step: no end id");
   TORCH_CHECK(candidates(k, ends) <= cand_logp.size(1) * k, "beam_step: ", cand_logp.size(1), " candidates per row ",
               "are fewer than the ", candidates(k, ends), " per sentence the rule takes");
@@ -213,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
   const bool loop = impl == "loop" || (impl == "auto" && run_scores.is_cpu());
   TORCH_CHECK(!loop || run_scores.is_cpu(), "beam_step: the loop runs on CPU tensors");
   return (loop ? beam_step_loop : beam_step_aten)(cand_logp, cand_ids, run_scores, run_hist, fin_scores, fin_hist,
-                                                   fin_len, fin_flag, open, step, length_penalty, early_stopping, ends);
+                                                   fin_len, fin_flag, open, steps, length_penalty, early_stopping,
+                                                   ends);
 }
 
 }  // namespace pyengine

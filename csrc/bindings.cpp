@@ -37,7 +37,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "One HF-rule beam-search step over max(2, 1 + len(ends)) x beam candidates; updates the state in place.",
         pybind11::arg("cand_logp"), pybind11::arg("cand_ids"), pybind11::arg("run_scores"), pybind11::arg("run_hist"),
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
-        pybind11::arg("open"), pybind11::arg("step"), pybind11::arg("length_penalty"),
+        pybind11::arg("open"), pybind11::arg("steps"), pybind11::arg("length_penalty"),
         pybind11::arg("early_stopping"), pybind11::arg("ends"), pybind11::arg("impl") = "auto");
   m.def("decode_attention", &pyengine::decode_attention, nogil,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",

@@ -13,7 +13,7 @@ from .batching import decode_memory_bytes, is_out_of_memory, plan_batches, resto
 from .config import DTYPES, DecodeOptions, EngineConfig, ModelConfig, options_key, resolve_dtype  # noqa: F401 (re-exported)
 from .decoding import Hypothesis, RuntimeStats, decode, rules_for
 from .decoding.alternatives import alternatives
-from .decoding.strategies import prompt_options, prompt_prefix
+from .decoding.prompt import prompt_options, prompt_prefix
 from .documents import Detection, Documents
 from .errors import BatchMemoryError, InputError, OptionError, PyEngineError
 from .loaders import load_model

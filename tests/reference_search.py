@@ -8,7 +8,7 @@ import torch
 
 from pyengine.config import DecodeOptions
 from pyengine.decoding.processors import NEG
-from pyengine.decoding.rules import HFBeamState
+from pyengine.decoding.hf_beam import HFBeamState
 from pyengine.model import ForcedDecoder
 
 

@@ -12,7 +12,7 @@ import pyengine
 from conftest import ARCHS, build_marian, random_sources
 from pyengine.config import DecodeOptions
 from pyengine import _C
-from pyengine.decoding.rules import EARLY_STOPPING_CODES, HFBeamState
+from pyengine.decoding.hf_beam import EARLY_STOPPING_CODES, HFBeamState
 from reference_search import beam_search, hf_beam_step
 
 FIELDS = ("run_scores", "run_hist", "fin_scores", "fin_hist", "fin_len", "fin_flag", "open")
@@ -42,13 +42,14 @@ def test_cpp_step_equals_reference(early_stopping, length_penalty, ends, ties, i
         cand_logp, cand_ids = torch.topk(logp, width, dim=-1)
         before = copy.deepcopy(ref.__dict__)
         out_cpp = _C.beam_step(cand_logp, cand_ids, cpp.run_scores, cpp.run_hist, cpp.fin_scores, cpp.fin_hist,
-                               cpp.fin_len, cpp.fin_flag, cpp.open, step, float(length_penalty),
+                               cpp.fin_len, cpp.fin_flag, cpp.open, cpp.steps, float(length_penalty),
                                EARLY_STOPPING_CODES[early_stopping], list(ends), impl=impl)
         out_ref = hf_beam_step(ref, cand_logp, cand_ids, step, opts, eos)
         assert torch.equal(out_cpp[0], out_ref[0]) and torch.equal(out_cpp[1], out_ref[1]), f"step {step}"
         assert torch.equal(out_cpp[2], ref.last_parent) and torch.equal(out_cpp[3], ref.last_pick), f"step {step}"
         for name in FIELDS:
             assert torch.equal(getattr(cpp, name), getattr(ref, name)), f"{name} at step {step}"
+        assert cpp.steps.tolist() == [step + 1] * b  # each sentence's count, advanced in place
         assert not all(torch.equal(before[n], getattr(ref, n)) for n in FIELDS)  # the state did move
 
 
@@ -57,13 +58,61 @@ def test_beam_step_refuses_bad_arguments():
     logp, ids = torch.zeros(6, 6), torch.zeros(6, 6, dtype=torch.long)
     with pytest.raises(RuntimeError, match="impl is auto, loop or aten"):
         _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,
-                     state.fin_flag, state.open, 0, 1.0, 0, [0], impl="fast")
+                     state.fin_flag, state.open, state.steps, 1.0, 0, [0], impl="fast")
     with pytest.raises(RuntimeError, match="outside the history"):
         _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,
-                     state.fin_flag, state.open, 8, 1.0, 0, [0])
+                     state.fin_flag, state.open, torch.tensor([0, 8]), 1.0, 0, [0])
+    assert state.steps.tolist() == [0, 0] and torch.equal(state.open, torch.ones(2, dtype=torch.bool))  # untouched
+    with pytest.raises(RuntimeError, match="one per sentence"):
+        _C.beam_step(logp, ids, state.run_scores, state.run_hist, state.fin_scores, state.fin_hist, state.fin_len,
+                     state.fin_flag, state.open, torch.zeros(3, dtype=torch.long), 1.0, 0, [0])
     with pytest.raises(RuntimeError, match="fewer than the 9 per sentence"):  # two end ids: 3 × beam candidates
         _C.beam_step(logp[:, :2], ids[:, :2], state.run_scores, state.run_hist, state.fin_scores, state.fin_hist,
-                     state.fin_len, state.fin_flag, state.open, 0, 1.0, 0, [0, 1])
+                     state.fin_len, state.fin_flag, state.open, state.steps, 1.0, 0, [0, 1])
+
+
+@pytest.mark.parametrize("impl", ["loop", "aten"])
+@pytest.mark.parametrize("early_stopping,length_penalty", [(False, 0.6), ("never", 2.0), (True, 1.0)])
+def test_sentences_at_different_steps_share_a_state(impl, early_stopping, length_penalty):
+    """Cohorts that started at different steps, absorbed into one state (a running batch's merged cohorts): one C++
+    step over all, each sentence at its own step, equals the specification stepping each cohort apart at its own
+    step (every field, parent rows and next tokens); the sentences at the length limit end there."""
+    k, vocab, max_len, eos = 3, 40, 10, 0
+    opts = DecodeOptions(beam_size=k, length_penalty=length_penalty, early_stopping=early_stopping,
+                         max_decoding_length=max_len)
+    gen = torch.Generator().manual_seed(7)
+
+    def candidates(rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(3 * torch.randn(rows, vocab, generator=gen), -1)
+        logp[:, eos] += 1.0
+        return torch.topk(logp, 2 * k, dim=-1)
+
+    groups = []  # (sentences, step): a cohort's reference state run to its step
+    for b, steps in ((2, 0), (3, 4), (1, max_len - 1), (2, 6)):
+        state = HFBeamState(b, k, max_len, torch.device("cpu"), impl)
+        for step in range(steps):
+            hf_beam_step(state, *candidates(b * k), step, opts, eos)
+        state.steps.fill_(steps)
+        groups.append((state, steps))
+    merged = copy.deepcopy(groups[0][0])
+    offset = groups[0][0].sentence.shape[0]
+    for state, _ in groups[1:]:
+        merged.absorb(copy.deepcopy(state), offset)
+        offset += state.sentence.shape[0]
+    cands = [candidates(state.sentence.shape[0] * k) for state, _ in groups]
+    rows, nxt = merged.step(torch.cat([c[0] for c in cands]), torch.cat([c[1] for c in cands]), -1, opts, eos)
+    at = 0
+    for (state, steps), (logp, ids) in zip(groups, cands):
+        b = state.sentence.shape[0]
+        ref_rows, ref_next = hf_beam_step(state, logp, ids, steps, opts, eos)
+        part = slice(at * k, (at + b) * k)
+        assert torch.equal(rows[part], ref_rows + at * k) and torch.equal(nxt[part], ref_next), f"step {steps}"
+        for name in FIELDS:
+            assert torch.equal(getattr(merged, name)[at: at + b], getattr(state, name)), f"{name} at step {steps}"
+        assert merged.steps[at: at + b].tolist() == [steps + 1] * b
+        if steps == max_len - 1:  # every candidate ends at the limit: the finished set is full
+            assert bool(merged.fin_flag[at: at + b].all())
+        at += b
 
 
 def test_whole_search_equals_the_reference_search(tmp_path):

@@ -29,7 +29,7 @@ OPTION_SETS = {
 
 def decode_staggered(engine, sources: list[list[int]], opts, seed: int, every: int = 2, stats=None):
     """Admit the sources in cohorts of 1-4, a cohort every `every` steps, until all finish: their n-best
-    and the most cohorts that shared a step."""
+    and the most positions that shared a step (cohorts, or runs of one cohort's search state: Beam.absorb)."""
     rng = random.Random(seed)
     cfg = engine.config
     batch = Runtime(engine.model, engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id,
@@ -42,7 +42,7 @@ def decode_staggered(engine, sources: list[list[int]], opts, seed: int, every: i
                 n = rng.randint(1, 4)
                 take, waiting = waiting[:n], waiting[n:]
                 batch.admit([sources[i] for i in take], take)
-            cohorts_at_once = max(cohorts_at_once, len(batch.cohorts))
+            cohorts_at_once = max(cohorts_at_once, sum(len(c.strategy.spans(0)) for c in batch.cohorts))
             results.update(batch.step())
             step += 1
     return [results[i] for i in range(len(sources))], cohorts_at_once
@@ -75,6 +75,25 @@ def test_default_model_real_text_staggered(default_engine):
     assert [h[0].tokens for h in got] == [a.tokens[0] for a in alone]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_joined_cohorts_reach_the_length_limit_at_their_own_steps(dtype):
+    """Cohorts joined into one search state (fused output layer, HF rules) with a length limit every sentence hits:
+    a run takes HF's forced EOS at its own last step and ends there while the runs admitted later go on; each
+    sentence's tokens and scores are those of translating it alone."""
+    engine = pyengine.Engine.load("default", dtype=dtype)
+    texts = sample_lines()[60:80]
+    options = dict(beam_size=3, num_hypotheses=2, max_decoding_length=5, length_penalty=0.7)
+    ids, opts = engine.prepare(texts, **options)
+    assert opts.forced_eos
+    stats = pyengine.decoding.RuntimeStats()
+    got, runs = decode_staggered(engine, ids, opts, seed=11, every=1, stats=stats)
+    assert runs >= 3 and stats.joined >= 4
+    for text, hyps in zip(texts, got):
+        alone = engine.translate_batch([text], **options)[0]
+        assert [h.tokens for h in hyps] == alone.tokens
+        torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(alone.scores), rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def default_engine():
     return pyengine.Engine.load("default")
@@ -98,6 +117,8 @@ def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
         assert [h.tokens for h in hyps] == a.tokens
         torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(a.scores), rtol=0, atol=1e-5)
     assert set(stats.decoder_steps) == set(engine.stats.decoder_steps) == {engine.backends["decoder_step"]}
+    # beam cohorts joined one search state where the output layer is fused (Runtime._host_for), else stayed apart
+    assert (stats.joined > 0) == (beam > 1 and engine.backends["output_layer"] == "fused-topk")
     assert set(stats.outputs) - {"none"} == set(engine.stats.outputs) - {"none"}
     want = {"int8": ("cpp-int8", "fused-topk"), "bfloat16": ("cpp-bf16", "fused-topk"),
             "float32": ("python-layers", "logits")}[dtype]
@@ -285,7 +306,7 @@ def test_a_batch_reads_nothing_of_the_buffers_it_reuses(dtype):
     starts on them (no fresh pages to fault in): with NaN in every pooled buffer the next call translates exactly as
     the first did (it reads only what it wrote), and it took and gave back the same tensors."""
     engine = pyengine.Engine.load("default", dtype=dtype)
-    texts = sample_lines()[60:72]
+    texts = sample_lines()[60:80]
     options = dict(beam_size=4, num_hypotheses=2, max_decoding_length=40)
     first = engine.translate_batch(texts, **options)
     pool = engine.model.buffer_pool

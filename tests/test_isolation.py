@@ -33,7 +33,20 @@ def default_engine():
                                      dict(beam_size=2, return_attention=True, max_decoding_length=20)],
                          ids=["greedy", "beam3", "beam2-attention"])
 def test_dropped_sentences_free_their_rows_and_the_others_decode_as_alone(marian_dir, options):
-    engine = pyengine.Engine.load(marian_dir)
+    drop_while_decoding(pyengine.Engine.load(marian_dir), options)
+
+
+def test_dropped_sentences_of_joined_cohorts_leave_the_others_as_alone():
+    """The same with cohorts joined into one search state (int8: fused output layer): dropping sentences of
+    several runs keeps each run's rows and steps right."""
+    stats = drop_while_decoding(pyengine.Engine.load("default", dtype="int8"),
+                                dict(beam_size=3, num_hypotheses=2, max_decoding_length=20))
+    assert stats.joined >= 2
+
+
+def drop_while_decoding(engine, options: dict):
+    """Cohorts of 4 admitted every other step, the oldest and newest live sentence dropped every third step: the
+    rows and slots freed, every other sentence decoded as alone; returns the runtime's stats."""
     sources = random_sources(16, engine.config.src_vocab_size, seed=5)
     opts, cfg = engine.options(**options), engine.config
     batch = Runtime(engine.model, engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
@@ -59,6 +72,7 @@ def test_dropped_sentences_free_their_rows_and_the_others_decode_as_alone(marian
     for i, hyps in results.items():
         alone = engine.generate([sources[i]], **options)[0]
         assert [h.tokens for h in hyps] == alone.tokens
+    return batch.stats
 
 
 def wait_until(condition, timeout: float = 60.0) -> None:

@@ -140,6 +140,9 @@ def test_load_on_loopback_64_clients_and_graceful_shutdown(dtype, workers):
         assert sum(per_worker.values()) == counted(metrics, "pyengine_sentences_total")[""]
         assert labelled(metrics, "pyengine_decoder_steps_total") == {backends["decoder_step"]}
         assert backends["output_layer"] in labelled(metrics, "pyengine_output_layer_total")
+        # cohorts admitted while others ran joined their search state where the output layer is fused (runs.py)
+        joined = counted(metrics, "pyengine_joined_cohorts_total")[""]
+        assert (joined > 0) == (backends["output_layer"] == "fused-topk"), joined
 
         # graceful shutdown: requests in flight finish with their answers, then the process exits 0 (each forced to
         # its 48 steps, so that they are still decoding when /health is first asked on any machine)

@@ -42,3 +42,11 @@ def finalize(hyps: list[Hypothesis], opts: DecodeOptions, rescore: bool = True) 
         for h in hyps:
             h.attention = None
     return hyps
+
+
+def split_end(rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(a hypothesis's `length` token rows, the end token's row or None): the row after them, where one was written."""
+    if rows is None:
+        return None, None
+    end = rows[length] if rows.shape[0] > length and bool(rows[length].sum() > 0) else None
+    return rows[:length], end

@@ -24,6 +24,7 @@ from ..model.transformer import Transformer
 from .hypothesis import Hypothesis, StepCallback
 from .processors import StepBuffers, forced_eos_candidates
 from .rules import BeamRules, rules_for
+from .runs import can_join, join, moved
 from .strategies import Beam, Greedy, Need, new_strategy
 
 
@@ -50,6 +51,13 @@ class Cohort:
     def sentences(self) -> int:
         return self.strategy.sentences
 
+    def absorb(self, other: "Cohort") -> None:
+        """`other`'s sentences join this cohort's search state (runs.join), after its own."""
+        join(self.strategy, other.strategy)
+        self.tags += other.tags
+        self.lengths += other.lengths
+        self.slots += other.slots
+
     def keep(self, sentences: list[int]) -> list[int]:
         """Keep these sentences' cache rows (in this order); returns the rows of the others, now free."""
         kept = set(sentences)
@@ -65,6 +73,7 @@ class RuntimeStats:
 
     steps: int = 0  # decoder steps (a step whose cohorts all end on a forced EOS runs none: not counted)
     cohorts: int = 0
+    joined: int = 0  # cohorts admitted into a running cohort's search state (runs.join)
     decoder_steps: collections.Counter = field(default_factory=collections.Counter)  # by DecoderStep name
     outputs: collections.Counter = field(default_factory=collections.Counter)  # "fused-topk" / "logits" / "none"
     seconds: collections.Counter = field(default_factory=collections.Counter)  # admit / decoder / output / search
@@ -132,8 +141,16 @@ class Runtime:
         beam = strategy.rows // len(ids)
         slots = self.cache.reserve(strategy.rows, strategy.cache_len)
         self.cache.append(strategy.rows)
-        self.cohorts.append(Cohort(strategy, list(tags), lengths, [slots[i: i + beam] for i in range(0, len(slots), beam)]))
-        self.cohorts[-1].snapshot()
+        cohort = Cohort(strategy, list(tags), lengths, [slots[i: i + beam] for i in range(0, len(slots), beam)])
+        host = self._host_for(strategy)
+        if host is None:
+            self.cohorts.append(cohort)
+        else:
+            self._place_after(host, cohort)
+            host.absorb(cohort)
+            self.stats.joined += 1
+        for c in self.cohorts:
+            c.snapshot()
         self._write_rows = None
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
@@ -141,6 +158,24 @@ class Runtime:
                                        self.model.buffer_pool)
         self.stats.seconds["admit"] += time.perf_counter() - start
         self.stats.cohorts += 1
+
+    def _host_for(self, strategy: Greedy | Beam) -> Cohort | None:
+        """The running cohort whose search state the newcomers can join (the oldest), if any: beam cohorts whose
+        rules do not depend on the step (runs.py), with the fused output layer (no per-batch shortlist)."""
+        if not isinstance(strategy, Beam) or not self.model.output.fuses_topk or self.memory.vocab is not None:
+            return None
+        return next((c for c in self.cohorts if isinstance(c.strategy, Beam) and can_join(c.strategy, strategy)), None)
+
+    def _place_after(self, host: Cohort, cohort: Cohort) -> None:
+        """Move the newcomers' rows and sentences (appended last) to right after the host's, in the cache's row table
+        and the memory: a cohort's rows stay one run of batch rows."""
+        at = self.cohorts.index(host) + 1
+        if at == len(self.cohorts):
+            return
+        rows_at, sentences_at = sum(c.rows for c in self.cohorts[:at]), sum(c.sentences for c in self.cohorts[:at])
+        rows, sentences = self.rows, self.sentences
+        self.cache.select(moved(rows_at, rows, cohort.rows, self.device))
+        self.memory.select(moved(sentences_at, sentences, cohort.sentences, self.device))
 
     def release(self) -> None:
         """The batch is done (no cohort left, none to come): its cache, memory and step buffers go to the model's pool
@@ -166,9 +201,10 @@ class Runtime:
         """One decoder step over every row; returns (tag, n-best) of each sentence that finished."""
         if not self.cohorts:
             return []
-        spans, start = [], 0
+        segments, spans, start = [], [], 0  # each cohort's rows; the rows at each position
         for c in self.cohorts:
-            spans.append(Span(start, c.rows, c.strategy.position))
+            segments.append(Span(start, c.rows, c.strategy.position))
+            spans += c.strategy.spans(start)
             start += c.rows
         tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
                   torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
@@ -183,9 +219,9 @@ class Runtime:
             self.cache.begin_step(spans, write_rows, first_row=first_row)
         x = None if skip else self.model.decoder_hidden(tokens, self.cache, self.memory, att_out)[:, -1]
         t1 = time.perf_counter()
-        outputs = self._outputs(x, needs, spans)
+        outputs = self._outputs(x, needs, segments)
         t2 = time.perf_counter()
-        finished = self._advance(outputs, spans, None if att_out is None else alignment(att_out[0], self.opts))
+        finished = self._advance(outputs, segments, None if att_out is None else alignment(att_out[0], self.opts))
         seconds, stats = self.stats.seconds, self.stats
         seconds["decoder"] += t1 - t0
         seconds["output"] += t2 - t1

@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from ..config import DecodeOptions
-from .hypothesis import Hypothesis, StepCallback, finalize
+from ..model.cache import Span
+from .hypothesis import Hypothesis, StepCallback, finalize, split_end
+from .prompt import decoder_prompt
 from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, ending, forced_final_eos,
                          fused_bans, log_probs, needs_history, sample_tokens, topk_rows)
 from .rules import BeamRules, RecordedBeamState
+from .runs import Runs, forced_last
 
 if TYPE_CHECKING:
     from ..model.backends import Ops
@@ -47,23 +50,6 @@ class Need:
 
 
 NOTHING, LOGITS = Need("nothing"), Need("logits")
-
-
-def decoder_prompt(start_id: int, prefix: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
-    """(rows, 1 + P): the start token, then the forced target prefix if any."""
-    start = torch.full((rows, 1), start_id, dtype=torch.long, device=device)
-    return start if prefix is None or prefix.shape[1] == 0 else torch.cat([start, prefix.to(device)], dim=1)
-
-
-def prompt_options(opts: DecodeOptions, prefix_length: int) -> DecodeOptions:
-    """The options of sentences with a target prefix of this length: a forced first token (a target language)
-    then leads the prompt instead of being forced at the first step, as in HF."""
-    return opts.replace(forced_bos_token=None) if prefix_length and opts.forced_bos_token is not None else opts
-
-
-def prompt_prefix(opts: DecodeOptions, prefix: list[int]) -> list[int]:
-    """The forced target tokens of a sentence with this prefix (see prompt_options)."""
-    return [opts.forced_bos_token] + prefix if prefix and opts.forced_bos_token is not None else prefix
 
 
 class Strategy:
@@ -104,6 +90,10 @@ class Strategy:
             self.tokens = self.prompt[:, self.position].repeat_interleave(self.rows // self.prompt.shape[0])
             return True
         return False
+
+    def spans(self, start: int) -> list[Span]:
+        """The batch rows of this cohort (from `start`) by the position they decode at."""
+        return [Span(start, self.rows, self.position)]
 
     def biasing(self, step: int) -> bool:
         return self.bias is not None and self.bias.active(step)
@@ -266,6 +256,23 @@ class Beam(Strategy):
         # per finished hypothesis, by decoder position
         self.fin_att = None if self.att is None else \
             torch.zeros(batch, opts.beam_size, self.cache_len, self.att.shape[2], device=device)
+        self.runs: Runs | None = None  # sentences at different steps (cohorts absorbed), else one step for all
+
+    def set_runs(self, runs: list[list[int]]) -> None:
+        """[sentences, step] of its runs, in row order (runs.join)."""
+        self.runs = Runs.of(runs)
+        if self.runs is None:  # one step for all again
+            self.step = self.position = next(step for n, step in runs if n)
+
+    def spans(self, start: int) -> list[Span]:
+        return super().spans(start) if self.runs is None else self.runs.spans(start, self.opts.beam_size)
+
+    def need(self) -> Need:
+        """With runs, every step's need but the forced EOS of a run's last step (made in advance) is the top-k
+        without the suppressed ids (shares_state: no step-dependent ban)."""
+        if self.runs is None:
+            return super().need()
+        return Need("topk", self.width, tuple(self.opts.suppress_tokens))
 
     def advance(self, logits: torch.Tensor | None, buffers: StepBuffers, att_rows: torch.Tensor | None = None,
                 chosen: tuple[torch.Tensor, torch.Tensor] | None = None) -> Selection:
@@ -281,7 +288,7 @@ class Beam(Strategy):
             if needs_history(opts) else None
         drawn = None  # (rows, next tokens) where the rules' beam sampling took the step
         if chosen is not None:
-            cand_logp, cand_ids = chosen
+            cand_logp, cand_ids = chosen if self.runs is None else forced_last(self, *chosen, buffers.vocab)
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
             cand_logp, cand_ids = forced_final_eos(logits, eos)
         elif opts.sampling:  # the rules' own beam sampling
@@ -305,7 +312,9 @@ class Beam(Strategy):
             cand = self.att[:, :position].view(b, k, position, -1)[beams, state.last_parent]
             self.fin_att[:, :, :position] = torch.cat([self.fin_att[:, :, :position], cand], dim=1)[beams, state.last_pick]
         done = state.done(opts)
-        if step + 1 >= opts.max_decoding_length:
+        if self.runs is not None:  # (a run at the length limit is done: every candidate ended, none runs on)
+            self.runs.advance()
+        elif step + 1 >= opts.max_decoding_length:
             done = torch.ones_like(done)
         if self.on_step is not None:
             for row, sentence in enumerate(state.sentence.tolist()):
@@ -328,6 +337,8 @@ class Beam(Strategy):
                 self.done = True
                 return Selection(rows[:0], sentences, tuple(finished))
             state.keep(sentences)
+            if self.runs is not None:
+                self.set_runs(self.runs.kept(sentences.tolist()))
             self.prompt = self.prompt[sentences]
             if self.fin_att is not None:
                 self.fin_att = self.fin_att[sentences]
@@ -355,6 +366,8 @@ class Beam(Strategy):
                             device=self.tokens.device)
         rows = (keep[:, None] * k + torch.arange(k, device=keep.device)).view(-1)
         self.state.keep(keep)
+        if self.runs is not None and keep.numel():
+            self.set_runs(self.runs.kept(keep.tolist()))
         self.prompt = self.prompt[keep]
         if self.fin_att is not None:
             self.fin_att, self.att = self.fin_att[keep], self.att[rows]
@@ -373,14 +386,6 @@ class Beam(Strategy):
     def sentences(self) -> int:
         """How many sentences are still decoding (a shape: no read from the device)."""
         return self.state.sentence.shape[0]
-
-
-def split_end(rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(a hypothesis's `length` token rows, the end token's row or None): the row after them, where one was written."""
-    if rows is None:
-        return None, None
-    end = rows[length] if rows.shape[0] > length and bool(rows[length].sum() > 0) else None
-    return rows[:length], end
 
 
 def new_strategy(batch: int, opts: DecodeOptions, rules: BeamRules, start_id: int, eos_id: int,

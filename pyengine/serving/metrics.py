@@ -45,6 +45,8 @@ class _WorkerCollector:
                                   s.target_tokens),
                                  ("decode_steps", "Decoder steps run", s.steps),
                                  ("cohorts", "Cohorts admitted (sentences encoded together)", s.cohorts),
+                                 ("joined_cohorts", "Cohorts admitted into a running cohort's search state",
+                                  s.joined),
                                  ("evictions", "Cohorts evicted and retried after running out of memory",
                                   s.evictions),
                                  ("cancelled_sentences", "Sentences taken out of the queue or the batch because "

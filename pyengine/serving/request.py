@@ -14,7 +14,7 @@ import torch
 from ..config import DecodeOptions
 from ..decoding import RuntimeStats
 from ..decoding.runtime import shares_batch
-from ..decoding.strategies import prompt_options, prompt_prefix
+from ..decoding.prompt import prompt_options, prompt_prefix
 from ..engine import Translation
 from ..errors import BatchMemoryError, PyEngineError
 
