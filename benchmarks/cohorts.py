@@ -3,12 +3,13 @@ server-style, in one process, one worker thread, alternated.
 
 - `offline`: length-sorted batches of `--batch` sentences, each one cohort run to the end (`translate`'s way);
 - `staggered`: in their arrival order, a cohort of `--cohort` sentences admitted whenever the running batch holds at
-  most `--batch` − `--cohort` (the server's way under closed-loop clients: cohorts at different positions, each with
-  its own search state, sentences joining as others finish).
+  most `--batch` − `--cohort` (the server's way under closed-loop clients: cohorts at different positions, sentences
+  joining as others finish; a beam cohort joins the search state of a running one of its options where it can,
+  decoding/runs.py, else keeps its own).
 
 Both run the same decoder step, output layer and search rules over the same sentences, so what differs is what the
-cohorts cost: per-cohort search bookkeeping every step, rows at scattered positions and cache rows, encoder calls per
-cohort. Reported per mode: the median wall seconds, the runtime's own parts (admit, decoder, output, search), steps,
+cohorts cost: search bookkeeping per search state every step, rows at scattered positions and cache rows, encoder
+calls per cohort. "cohorts/step" counts the search states live a step. Reported per mode: the median wall seconds, the runtime's own parts (admit, decoder, output, search), steps,
 row-steps and cohorts per step, and the ratio staggered / offline. With `--mixed`, every other cohort runs at the
 model's default options (LibreTranslate's `/translate`) and the others at beam 2 (the load's `/v1`), as in
 `benchmarks.load`, so one batch holds two beam widths. JSON goes to benchmarks/results/cohorts-*.json.
