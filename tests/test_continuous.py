@@ -113,6 +113,10 @@ def test_every_dtype_staggered_as_alone_on_the_same_path(dtype, beam):
     engine.stats = pyengine.decoding.RuntimeStats()
     alone = [engine.translate_batch([t], beam_size=beam, num_hypotheses=beam, max_decoding_length=48)[0]
              for t in texts]
+    # alone, a beam cohort's first step ran on beam 0's rows (fused output layer); staggered, the joined cohorts'
+    # first steps ran every row: the tokens and scores below are the same either way
+    fused_beam = beam > 1 and engine.backends["output_layer"] == "fused-topk"
+    assert (engine.stats.lead_steps == len(texts)) == fused_beam and stats.lead_steps <= 1
     for hyps, a in zip(got, alone):
         assert [h.tokens for h in hyps] == a.tokens
         torch.testing.assert_close(torch.tensor([h.score for h in hyps]), torch.tensor(a.scores), rtol=0, atol=1e-5)

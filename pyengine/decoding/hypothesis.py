@@ -50,3 +50,20 @@ def split_end(rows: torch.Tensor | None, length: int) -> tuple[torch.Tensor | No
         return None, None
     end = rows[length] if rows.shape[0] > length and bool(rows[length].sum() > 0) else None
     return rows[:length], end
+
+
+def alignment(probs: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
+    """The attention a hypothesis keeps from a step's per-head weights (N, H, T, S): the mean of the first
+    `alignment_heads` heads (0: all, as HF's averaged cross-attention; 1: the first head, the alignment of CTranslate2's
+    converted models and of Marian)."""
+    return probs[:, : opts.alignment_heads or None].mean(dim=1)
+
+
+def trimmed(hyps: list[Hypothesis], length: int) -> list[Hypothesis]:
+    """Attention over the sentence's own source tokens, not its cohort's padding."""
+    for h in hyps:
+        if h.attention is not None:
+            h.attention = h.attention[:, :length]
+        if h.end_attention is not None:
+            h.end_attention = h.end_attention[:length]
+    return hyps

@@ -21,49 +21,12 @@ from ..config import DecodeOptions
 from ..errors import InputError
 from ..model.cache import Span
 from ..model.transformer import Transformer
-from .hypothesis import Hypothesis, StepCallback
+from .cohort import Cohort
+from .hypothesis import Hypothesis, StepCallback, alignment, trimmed
 from .processors import StepBuffers, forced_eos_candidates
 from .rules import BeamRules, rules_for
-from .runs import can_join, join, moved
+from .runs import can_join, moved
 from .strategies import Beam, Greedy, Need, new_strategy
-
-
-@dataclass
-class Cohort:
-    """Sentences admitted together: their strategy, the caller's tag and source length of each sentence, and
-    the cache rows of each live sentence (its beams'), in the order of its batch rows."""
-
-    strategy: Greedy | Beam
-    tags: list[Any]
-    lengths: list[int]
-    slots: list[list[int]]
-    rows_before: int = 0  # rows and sentences in the batch before the step (selections index them)
-    sentences_before: int = 0
-
-    def snapshot(self) -> None:
-        self.rows_before, self.sentences_before = self.rows, self.sentences
-
-    @property
-    def rows(self) -> int:
-        return self.strategy.rows
-
-    @property
-    def sentences(self) -> int:
-        return self.strategy.sentences
-
-    def absorb(self, other: "Cohort") -> None:
-        """`other`'s sentences join this cohort's search state (runs.join), after its own."""
-        join(self.strategy, other.strategy)
-        self.tags += other.tags
-        self.lengths += other.lengths
-        self.slots += other.slots
-
-    def keep(self, sentences: list[int]) -> list[int]:
-        """Keep these sentences' cache rows (in this order); returns the rows of the others, now free."""
-        kept = set(sentences)
-        freed = [slot for i, rows in enumerate(self.slots) if i not in kept for slot in rows]
-        self.slots = [self.slots[i] for i in sentences]
-        return freed
 
 
 @dataclass
@@ -74,6 +37,7 @@ class RuntimeStats:
     steps: int = 0  # decoder steps (a step whose cohorts all end on a forced EOS runs none: not counted)
     cohorts: int = 0
     joined: int = 0  # cohorts admitted into a running cohort's search state (runs.join)
+    lead_steps: int = 0  # first beam steps run on beam 0's rows alone (Runtime._step_beam_leads)
     decoder_steps: collections.Counter = field(default_factory=collections.Counter)  # by DecoderStep name
     outputs: collections.Counter = field(default_factory=collections.Counter)  # "fused-topk" / "logits" / "none"
     seconds: collections.Counter = field(default_factory=collections.Counter)  # admit / decoder / output / search
@@ -209,6 +173,8 @@ class Runtime:
         tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
                   torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
         needs = [c.strategy.need() for c in self.cohorts]
+        if self._first_beam_step(needs):
+            return self._step_beam_leads(needs[0])
         att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
         t0 = time.perf_counter()
         # every cohort's last step forced (it ends with it) and no attention asked: no decoder step (its K/V would
@@ -229,6 +195,41 @@ class Runtime:
         if not skip:
             stats.steps += 1
             stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
+        return finished
+
+    def _first_beam_step(self, needs: list[Need]) -> bool:
+        """Whether this step is a lone beam cohort's first, from the fused output layer: its sentences' beams are
+        the same row (one token, one position, one memory; only beam 0 is live), so one row each does."""
+        if len(self.cohorts) != 1 or needs[0].kind != "topk":
+            return False
+        s = self.cohorts[0].strategy
+        return isinstance(s, Beam) and s.runs is None and s.step == 0 and s.forced == 0 and s.att is None \
+            and s.opts.beam_size > 1 and self.model.output.fuses_topk and self.memory.vocab is None
+
+    def _step_beam_leads(self, need: Need) -> list[tuple[Any, list[Hypothesis]]]:
+        """A lone beam cohort's first step on beam 0's rows: their K/V at position 0, which every beam's row table
+        then points at (the beams' own rows take positions 1.. as the rows are reordered), and their candidates
+        repeated for each beam (the others' scores are -inf: they choose nothing)."""
+        cohort, t0 = self.cohorts[0], time.perf_counter()
+        k, sentences = cohort.strategy.opts.beam_size, cohort.sentences
+        write_rows, _ = self._rows_written(1)
+        leads = write_rows[::k]
+        self.cache.begin_step([Span(0, sentences, 0)], leads)
+        x = self.model.decoder_hidden(cohort.strategy.tokens[::k, None], self.cache, self.memory)[:, -1]
+        self.cache.origin[: sentences * k, 0] = leads.repeat_interleave(k)
+        t1 = time.perf_counter()
+        logp, ids = self.model.output.topk(x, need.k, list(need.banned))
+        chosen = (logp.repeat_interleave(k, dim=0), ids.repeat_interleave(k, dim=0))
+        t2 = time.perf_counter()
+        finished = self._advance([chosen], [Span(0, sentences * k, 0)], None)
+        seconds, stats = self.stats.seconds, self.stats
+        seconds["decoder"] += t1 - t0
+        seconds["output"] += t2 - t1
+        seconds["search"] += time.perf_counter() - t2
+        stats.steps += 1
+        stats.decoder_steps[self.model.step.name] += 1
+        stats.outputs["fused-topk"] += 1
+        stats.lead_steps += 1
         return finished
 
     def _rows_written(self, spans: int) -> tuple[torch.Tensor, int | None]:
@@ -359,23 +360,6 @@ def shares_batch(opts: DecodeOptions, shortlist) -> bool:
 def as_index(parts: list, device: torch.device) -> torch.Tensor:
     """One index tensor from ranges and tensors, in order."""
     return torch.cat([torch.arange(p.start, p.stop, device=device) if isinstance(p, range) else p for p in parts])
-
-
-def alignment(probs: torch.Tensor, opts: DecodeOptions) -> torch.Tensor:
-    """The attention a hypothesis keeps from a step's per-head weights (N, H, T, S): the mean of the first
-    `alignment_heads` heads (0: all, as HF's averaged cross-attention; 1: the first head, the alignment of CTranslate2's
-    converted models and of Marian)."""
-    return probs[:, : opts.alignment_heads or None].mean(dim=1)
-
-
-def trimmed(hyps: list[Hypothesis], length: int) -> list[Hypothesis]:
-    """Attention over the sentence's own source tokens, not its cohort's padding."""
-    for h in hyps:
-        if h.attention is not None:
-            h.attention = h.attention[:, :length]
-        if h.end_attention is not None:
-            h.end_attention = h.end_attention[:length]
-    return hyps
 
 
 def decode(model: Transformer, rules: BeamRules, ids: list[list[int]], opts: DecodeOptions, device: torch.device,
