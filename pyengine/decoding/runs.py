@@ -85,10 +85,6 @@ class Runs:
                 joined.append([n, step])
         return Runs(joined) if len(joined) > 1 else None
 
-    @property
-    def single_step(self) -> int:
-        return self.runs[0][1]
-
     def spans(self, start: int, beam: int) -> list[Span]:
         """The batch rows of each run (from `start`) and the position they decode at (no prefix: their step)."""
         out = []

@@ -113,8 +113,7 @@ class Runtime:
             self._place_after(host, cohort)
             host.absorb(cohort)
             self.stats.joined += 1
-        for c in self.cohorts:
-            c.snapshot()
+        (cohort if host is None else host).snapshot()  # (the others' rows and sentences are as they were)
         self._write_rows = None
         capacity = 0 if self.buffers is None else self.buffers.capacity
         if capacity < self.rows:
@@ -165,6 +164,9 @@ class Runtime:
         """One decoder step over every row; returns (tag, n-best) of each sentence that finished."""
         if not self.cohorts:
             return []
+        needs = [c.strategy.need() for c in self.cohorts]
+        if self._first_beam_step(needs):
+            return self._step_beam_leads(needs[0])
         segments, spans, start = [], [], 0  # each cohort's rows; the rows at each position
         for c in self.cohorts:
             segments.append(Span(start, c.rows, c.strategy.position))
@@ -172,9 +174,6 @@ class Runtime:
             start += c.rows
         tokens = (self.cohorts[0].strategy.tokens if len(self.cohorts) == 1 else
                   torch.cat([c.strategy.tokens for c in self.cohorts]))[:, None]
-        needs = [c.strategy.need() for c in self.cohorts]
-        if self._first_beam_step(needs):
-            return self._step_beam_leads(needs[0])
         att_out = [] if self.cohorts[0].strategy.att is not None else None  # one option set: all or none
         t0 = time.perf_counter()
         # every cohort's last step forced (it ends with it) and no attention asked: no decoder step (its K/V would
@@ -188,14 +187,19 @@ class Runtime:
         outputs = self._outputs(x, needs, segments)
         t2 = time.perf_counter()
         finished = self._advance(outputs, segments, None if att_out is None else alignment(att_out[0], self.opts))
+        self._count(t0, t1, t2, None if skip else self.model.step.name if att_out is None else "python-layers")
+        return finished
+
+    def _count(self, t0: float, t1: float, t2: float, decoder_step: str | None) -> None:
+        """A step's seconds (decoder from t0, output from t1, search from t2 to now) and the decoder step it ran
+        (None: none ran)."""
         seconds, stats = self.stats.seconds, self.stats
         seconds["decoder"] += t1 - t0
         seconds["output"] += t2 - t1
         seconds["search"] += time.perf_counter() - t2
-        if not skip:
+        if decoder_step is not None:
             stats.steps += 1
-            stats.decoder_steps[self.model.step.name if att_out is None else "python-layers"] += 1
-        return finished
+            stats.decoder_steps[decoder_step] += 1
 
     def _first_beam_step(self, needs: list[Need]) -> bool:
         """Whether this step is a lone beam cohort's first, from the fused output layer: its sentences' beams are
@@ -216,20 +220,15 @@ class Runtime:
         leads = write_rows[::k]
         self.cache.begin_step([Span(0, sentences, 0)], leads)
         x = self.model.decoder_hidden(cohort.strategy.tokens[::k, None], self.cache, self.memory)[:, -1]
-        self.cache.origin[: sentences * k, 0] = leads.repeat_interleave(k)
+        self.cache.point(0, leads.repeat_interleave(k))
         t1 = time.perf_counter()
         logp, ids = self.model.output.topk(x, need.k, list(need.banned))
         chosen = (logp.repeat_interleave(k, dim=0), ids.repeat_interleave(k, dim=0))
         t2 = time.perf_counter()
         finished = self._advance([chosen], [Span(0, sentences * k, 0)], None)
-        seconds, stats = self.stats.seconds, self.stats
-        seconds["decoder"] += t1 - t0
-        seconds["output"] += t2 - t1
-        seconds["search"] += time.perf_counter() - t2
-        stats.steps += 1
-        stats.decoder_steps[self.model.step.name] += 1
-        stats.outputs["fused-topk"] += 1
-        stats.lead_steps += 1
+        self._count(t0, t1, t2, self.model.step.name)
+        self.stats.outputs["fused-topk"] += 1
+        self.stats.lead_steps += 1
         return finished
 
     def _rows_written(self, spans: int) -> tuple[torch.Tensor, int | None]:

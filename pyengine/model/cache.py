@@ -184,6 +184,11 @@ class KVCache:
         if self._block is None and tokens > 1:
             raise ValueError("a block of several tokens per row is written by rows in one run at one position")
 
+    def point(self, position: int, physical: torch.Tensor) -> None:
+        """Batch rows 0..n-1 read `position` from these n physical rows (rows that hold the same keys and values
+        there, as a beam's first step leaves its beams: written once, by the first)."""
+        self.origin[: physical.numel(), position] = physical
+
     def _batch_rows(self, n: int) -> torch.Tensor:
         """0..n-1 (kept: every step needs it)."""
         if self._arange.numel() < n:
