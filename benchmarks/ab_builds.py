@@ -81,13 +81,33 @@ def paired_ratios(base: list[float], new: list[float]) -> float:
     return statistics.median(b / n for b, n in zip(base, new))
 
 
+def paired_arguments(parser: argparse.ArgumentParser, case: str, rounds: int) -> None:
+    """The arguments of a paired A/B (this module's and benchmarks.ab_options')."""
+    parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8"))
+    parser.add_argument("--case", default=case, choices=sorted(CASES))
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def paired_rounds(engines: dict, run, rounds: int) -> tuple[dict, dict]:
+    """Each round times one call of each engine ("base", "new"), in ABBA order; the seconds of each call and its
+    parts (engine.stats), per engine. run(name) makes the call."""
+    seconds = {name: [] for name in engines}
+    parts = {name: [] for name in engines}
+    for i in range(rounds):
+        for name in ("base", "new") if i % 2 == 0 else ("new", "base"):
+            engines[name].stats.seconds.clear()
+            start = time.perf_counter()
+            run(name)
+            seconds[name].append(time.perf_counter() - start)
+            parts[name].append(dict(engines[name].stats.seconds))
+    return seconds, parts
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="the revision to compare the working tree's build with (e.g. HEAD)")
-    parser.add_argument("--dtype", default="int8", choices=("float32", "bfloat16", "int8"))
-    parser.add_argument("--case", default="beam4_b32", choices=sorted(CASES))
-    parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    paired_arguments(parser, "beam4_b32", 16)
     parser.add_argument("--json", type=Path, help="also write each round's seconds (and parts) here")
     args = parser.parse_args(argv)
 
@@ -115,15 +135,7 @@ def main(argv=None) -> int:
         return engines[name].generate(src, beam_size=beam, max_decoding_length=n, min_decoding_length=n)
 
     tokens = {name: [t.tokens for t in run(name)] for name in engines}  # (and a warm-up)
-    seconds = {name: [] for name in engines}
-    parts = {name: [] for name in engines}
-    for i in range(args.rounds):
-        for name in ("base", "new") if i % 2 == 0 else ("new", "base"):
-            engines[name].stats.seconds.clear()
-            start = time.perf_counter()
-            run(name)
-            seconds[name].append(time.perf_counter() - start)
-            parts[name].append(dict(engines[name].stats.seconds))
+    seconds, parts = paired_rounds(engines, run, args.rounds)
     use("new")
     for name in engines:
         print(f"{name:4s} median {statistics.median(seconds[name]):.4f} s, min {min(seconds[name]):.4f} s")

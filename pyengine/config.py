@@ -305,10 +305,12 @@ class EngineConfig:
     # in two and retried, as is one whose allocation fails. None: no cap
     max_memory_mb: float | None = None
     max_beam_size: int | None = None  # beam_size refused above it (a server's bound on one request's cost); None: none
+    huge_pages: bool = True  # the packed weights copied onto 2 MiB pages where the kernel grants them (model/pages.py)
 
     def __post_init__(self) -> None:
         integer(self, "max_batch_tokens", 1)
         integer(self, "max_batch_size", 1)
+        flag(self, "huge_pages")
         if self.max_beam_size is not None:
             integer(self, "max_beam_size", 1)
         if self.max_memory_mb is not None:

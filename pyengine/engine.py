@@ -47,8 +47,9 @@ class Engine:
         # every implementation choice, made once at load
         self.documents = Documents(self)  # sentence splitting, markup, language detection
         self.backends = {**model.ops.report, "encoder": model.encoder_stack.name, "decoder_step": model.step.name,
-                         "output_layer": "fused-topk" if model.output.fuses_topk else "logits",
-                         "search_rules": self.rules.name, "markup_alignment": self.documents.alignment_method}
+                         "output_layer": "fused-topk" if model.output.fuses_topk else "logits", "search_rules":
+                         self.rules.name, "markup_alignment": self.documents.alignment_method, "weight_pages":
+                         model.weight_pages}
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",
@@ -71,7 +72,7 @@ class Engine:
         loaded = load_model(resolve_model_path(path))
         with torch.device("meta"):
             model = Transformer(loaded.config, ops)
-        load_weights(model, loaded.state, engine_config.dtype, device)
+        load_weights(model, loaded.state, engine_config.dtype, device, engine_config.huge_pages)
         model.eval()
         return cls(model, loaded.config, loaded.defaults, loaded.tokenizer, engine_config, loaded.source,
                    loaded.extra.get("tokenizer_note", ""), loaded.extra.get("shortlist"))

@@ -10,6 +10,7 @@ with log-softmax + top-k: the logits are never written).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,15 @@ class LinearMethod:
     def activation_name(self) -> str:
         """What engine.backends reports for a linear layer with a fused activation."""
         return self.name
+
+    def packed_tensor(self, w: Any) -> torch.Tensor | None:
+        """The record's packed weight, where a copy placed elsewhere can stand in for it (pages.place_weights:
+        pyengine's own GEMMs read it by pointer); None for records a library owns."""
+        return None
+
+    def with_packed(self, w: Any, packed: torch.Tensor) -> Any:
+        """The record with `packed` (an equal copy of its packed_tensor) in its place."""
+        raise NotImplementedError
 
 
 class FloatLinear(LinearMethod):
@@ -217,6 +227,13 @@ class Int8Linear(LinearMethod):
                     packs[engine] = torch.ops.quantized.linear_prepack(qweight, bias)
         return LibraryInt8Weight(packs, q.shape[0])
 
+    def packed_tensor(self, w: Any) -> torch.Tensor | None:
+        return w.packed if self.own_kernel else None
+
+    def with_packed(self, w: Any, packed: torch.Tensor) -> Any:
+        from .. import _C
+        return _C.Int8Weight(packed, w.colsum, w.scale, w.bias, w.n)
+
     def apply(self, x: torch.Tensor, w: Any, out: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         if self.own_kernel and (act == "none" or act in FUSED_ACTIVATIONS):
@@ -280,6 +297,12 @@ class Bf16Linear(LinearMethod):
             from .. import _C
             packed = _C.bf16_pack(weight.detach())
         return Bf16Weight(packed, bias, weight.shape[0], weight.shape[1])
+
+    def packed_tensor(self, w: Bf16Weight) -> torch.Tensor | None:
+        return w.packed if self.kernel != "library" else None
+
+    def with_packed(self, w: Bf16Weight, packed: torch.Tensor) -> Bf16Weight:
+        return dataclasses.replace(w, packed=packed)
 
     def apply(self, x: torch.Tensor, w: Bf16Weight, out: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
         if x.shape[-1] != w.k:  # the packed weight knows K only to its padding

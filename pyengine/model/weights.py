@@ -7,14 +7,17 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from .linear import Linear, OutputLayer
+from .linear import Linear, LinearMethod, OutputLayer
+from .pages import place_weights
 from .step import choose_encoder, choose_step
 from .transformer import POSITION_TABLES, Transformer
 
 
-def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                 huge_pages: bool = True) -> None:
     """Assign every parameter from `state` (our names); missing, extra or mis-shaped tensors are errors. Then
-    pack the linear layers and choose the decoder step (the model is ready to decode)."""
+    pack the linear layers (on huge pages where asked and granted: pages.py) and choose the decoder step (the model
+    is ready to decode)."""
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -37,8 +40,20 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torc
         else model.lm_head.weight
     model.output = OutputLayer(weight.detach(), model.final_logits_bias.detach() if cfg.final_logits_bias else None,
                                method)
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack(method)
-    model.step = choose_step(model)
+    linears = [module for module in model.modules() if isinstance(module, Linear)]
+    for module in linears:
+        module.pack(method)
+    model.weight_pages = "off (huge_pages=False)" if not huge_pages else \
+        f"default ({device.type})" if device.type != "cpu" else \
+        place_weights(packed_records([*linears, model.output], method))
+    model.step = choose_step(model)  # (after place_weights: the C++ layers hold the placed tensors)
     model.encoder_stack = choose_encoder(model)
+
+
+def packed_records(holders: list, method: LinearMethod) -> list:
+    """(packed tensor, rebind) of each holder (a Linear or the OutputLayer) whose record pyengine's own GEMMs read:
+    rebind(tensor) gives the holder a record with that tensor in its place."""
+    def rebind(holder):
+        return lambda placed: setattr(holder, "packed", method.with_packed(holder.packed, placed))
+
+    return [(method.packed_tensor(h.packed), rebind(h)) for h in holders if method.packed_tensor(h.packed) is not None]
