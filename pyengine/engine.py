@@ -49,7 +49,7 @@ class Engine:
         self.backends = {**model.ops.report, "encoder": model.encoder_stack.name, "decoder_step": model.step.name,
                          "output_layer": "fused-topk" if model.output.fuses_topk else "logits", "search_rules":
                          self.rules.name, "markup_alignment": self.documents.alignment_method, "weight_pages":
-                         model.weight_pages}
+                         model.weight_pages.pages}
 
     @classmethod
     def load(cls, path: str | Path = "default", device: str | torch.device = "cpu",

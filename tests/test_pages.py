@@ -69,11 +69,10 @@ def test_report_matches_the_kernel(model_dir):
         gained = huge_total() - before
     finally:
         gc.enable()
-    report = engine.backends["weight_pages"]
-    assert report.startswith("2 MiB: "), report
-    huge_mb, total_mb = int(report.split()[2]), int(report.split()[4])
-    assert huge_mb >= 2 and huge_mb <= total_mb
-    assert gained >= huge_mb * 1e6 - 1e6  # the process gained at least what the report claims (MB rounded)
+    placement = engine.model.weight_pages
+    assert engine.backends["weight_pages"] == placement.pages == "2 MiB", placement
+    assert 2 << 20 <= placement.huge_bytes <= placement.total_bytes
+    assert gained >= placement.huge_bytes  # the process gained at least what the report claims
 
 
 def test_without_transparent_huge_pages_nothing_moves(model_dir, tmp_path, monkeypatch):
@@ -87,7 +86,7 @@ def test_without_transparent_huge_pages_nothing_moves(model_dir, tmp_path, monke
     monkeypatch.setattr(pages, "THP_SETTING", tmp_path / "missing")
     assert pages.thp_setting() == "unavailable"
     assert pages.place_weights([(torch.ones(4), lambda t: pytest.fail("rebound"))]) == \
-        "4 KiB: transparent huge pages are unavailable"
+        pages.Placement("4 KiB: transparent huge pages are unavailable")
 
 
 def test_float_weights_and_bad_option(model_dir):

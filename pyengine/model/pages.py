@@ -7,11 +7,13 @@ on 2 MiB pages wherever the kernel grants them (transparent huge pages "always" 
 step. Measured paired in one process (docs/performance.md): batch 1 greedy 2-6% faster, beam 4 ~3% (int8, bf16).
 
 Which pages the weights got is read back from /proc/self/smaps, never assumed, and reported
-(`engine.backends["weight_pages"]`). Nothing else changes: the same bytes, the same kernels.
+(`engine.backends["weight_pages"]`; the bytes: `engine.model.weight_pages`). Nothing else changes: the same bytes,
+the same kernels.
 """
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,14 +58,25 @@ def huge_bytes(buffer: torch.Tensor) -> int:
     return 0
 
 
-def place_weights(records: list[tuple[torch.Tensor, callable]]) -> str:
+@dataclass(frozen=True)
+class Placement:
+    """Where the packed weights went: `pages` as engine.backends reports it ("2 MiB" where the kernel granted huge
+    pages to any of them, else "4 KiB: why", "off ...", "default: ..."), and how many of their bytes are on huge
+    pages (the kernel's count: it may differ by a page between two loads of one model)."""
+
+    pages: str
+    huge_bytes: int = 0
+    total_bytes: int = 0
+
+
+def place_weights(records: list[tuple[torch.Tensor, callable]]) -> Placement:
     """Copy each packed weight into one huge-page buffer, handing each its new tensor (`rebind(tensor)`); returns
-    what the pages turned out to be, as engine.backends reports it. records: (packed tensor, rebind)."""
+    what the pages turned out to be. records: (packed tensor, rebind)."""
     if not records:
-        return "default: no packed weights of pyengine's own GEMMs"
+        return Placement("default: no packed weights of pyengine's own GEMMs")
     setting = thp_setting()
     if setting not in ("always", "madvise") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return f"4 KiB: transparent huge pages are {setting}"
+        return Placement(f"4 KiB: transparent huge pages are {setting}")
     offsets, total = [], 0
     for tensor, _ in records:
         offsets.append(total)
@@ -76,5 +89,4 @@ def place_weights(records: list[tuple[torch.Tensor, callable]]) -> str:
         placed.copy_(tensor)
         rebind(placed)
     huge = min(max(huge_bytes(buffer) - before, 0), total)
-    return f"2 MiB: {huge / 1e6:.0f} of {total / 1e6:.0f} MB" if huge else \
-        f"4 KiB: no huge pages granted (transparent huge pages: {setting})"
+    return Placement("2 MiB" if huge else f"4 KiB: none granted (transparent huge pages: {setting})", huge, total)

@@ -249,7 +249,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         self.step = None  # the DecoderStep, chosen at load
-        self.weight_pages = "default"  # the packed weights' pages, as placed at load (pages.place_weights)
+        self.weight_pages = None  # where the packed weights went at load (pages.Placement)
         self.encoder_stack = None  # how the encoder layers run (step.LayerStack or step.CppStack), chosen at load
         self.output = None  # the OutputLayer, built at load
         self.buffer_pool = BufferPool()  # what finished batches leave for the next (recycle)

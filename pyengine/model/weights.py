@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .linear import Linear, LinearMethod, OutputLayer
-from .pages import place_weights
+from .pages import Placement, place_weights
 from .step import choose_encoder, choose_step
 from .transformer import POSITION_TABLES, Transformer
 
@@ -43,8 +43,8 @@ def load_weights(model: Transformer, state: dict[str, torch.Tensor], dtype: torc
     linears = [module for module in model.modules() if isinstance(module, Linear)]
     for module in linears:
         module.pack(method)
-    model.weight_pages = "off (huge_pages=False)" if not huge_pages else \
-        f"default ({device.type})" if device.type != "cpu" else \
+    model.weight_pages = Placement("off (huge_pages=False)") if not huge_pages else \
+        Placement(f"default ({device.type})") if device.type != "cpu" else \
         place_weights(packed_records([*linears, model.output], method))
     model.step = choose_step(model)  # (after place_weights: the C++ layers hold the placed tensors)
     model.encoder_stack = choose_encoder(model)
