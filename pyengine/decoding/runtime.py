@@ -281,8 +281,12 @@ class Runtime:
                 seg = segments[i]
                 span = slice(seg.start, seg.start + seg.rows) if rows is None else slice(at, at + seg.rows)
                 k = needs[i].k
-                out[i] = result[span] if key == "logits" else \
-                    (result[0][span, :k].contiguous(), result[1][span, :k].contiguous())
+                if key == "logits":
+                    out[i] = result[span]
+                elif span == slice(0, result[0].shape[0]) and k == result[0].shape[1]:  # (a lone cohort's)
+                    out[i] = result
+                else:
+                    out[i] = (result[0][span, :k].contiguous(), result[1][span, :k].contiguous())
                 at += seg.rows
         return out
 

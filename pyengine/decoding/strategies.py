@@ -180,7 +180,9 @@ class Greedy(Strategy):
         if self.bias is not None:
             self.bias.follow(None, nxt, step)
         ends = opts.end_ids(eos)
-        done = ending(nxt, opts, eos) | (step + 1 >= opts.max_decoding_length)
+        done = ending(nxt, opts, eos)
+        if step + 1 >= opts.max_decoding_length:
+            done.fill_(True)
         if self.on_step is not None:
             self.step_logp[:, step] = gained
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):

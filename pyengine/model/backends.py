@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BackendError, OptionError
-from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear
+from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear, banned_ids
 
 SMALL_QUERY = 16  # query rows at or under which attention uses explicit matmuls instead of SDPA
 CPP_KV_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes the fused C++ step attention reads
@@ -116,7 +116,7 @@ def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
 def cpp_log_softmax_topk(logits: torch.Tensor, k: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """pyengine's C++ log-softmax + top-k (csrc/softmax_topk.cpp): CPU tensors."""
     from .. import _C
-    return _C.log_softmax_topk(logits, k, torch.tensor(banned, dtype=torch.long))
+    return _C.log_softmax_topk(logits, k, banned_ids(banned))
 
 
 class TritonKernels:

@@ -170,7 +170,10 @@ class KVCache:
         self.positions, self.end = step_positions(spans, tokens, self.device)
         if self.end > self.physical.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {self.end} > capacity {self.physical.shape[4]}")
-        if tokens == 1:  # every row's one position in one scatter (not a write per cohort)
+        if tokens == 1 and len(spans) == 1:  # one position: a column of the table (a strided copy, no scatter)
+            s = spans[0]
+            self.origin[s.start: s.start + s.rows, s.position].copy_(write_rows[s.start: s.start + s.rows])
+        elif tokens == 1:  # every row's one position in one scatter (not a write per cohort)
             rows = write_rows.numel()
             self.origin.index_put_((self._batch_rows(rows), self.positions), write_rows)
         else:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import warnings
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -70,6 +72,17 @@ class LibraryInt8Weight:
 
     packs: dict
     n: int
+
+
+@functools.lru_cache(maxsize=64)
+def _banned_ids(banned: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(banned, dtype=torch.long)
+
+
+def banned_ids(banned: Sequence[int]) -> torch.Tensor:
+    """Banned token ids as the C++ output layers read them (int64, CPU; never written): one tensor per distinct
+    list, since every step of a search asks for the same few."""
+    return _banned_ids(tuple(banned))
 
 
 class LinearMethod:
@@ -254,7 +267,7 @@ class Int8Linear(LinearMethod):
             return super().apply_topk(x, w, k, banned)
         from .. import _C
         return _C.int8_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum,
-                                               w.scale, w.bias, w.n, k, torch.tensor(banned, dtype=torch.long),
+                                               w.scale, w.bias, w.n, k, banned_ids(banned),
                                                kernel=self.kernel)
 
 
@@ -329,7 +342,7 @@ class Bf16Linear(LinearMethod):
             raise ValueError(f"linear_candidates: input width {x.shape[-1]}, the layer takes {w.k}")
         from .. import _C
         return _C.bf16_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.bias, w.n,
-                                               k, torch.tensor(banned, dtype=torch.long), kernel=self.kernel)
+                                               k, banned_ids(banned), kernel=self.kernel)
 
 
 class Linear(nn.Module):

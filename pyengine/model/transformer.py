@@ -279,7 +279,11 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if end > cfg.max_positions:
             raise ValueError(f"position {end} exceeds the model's {cfg.max_positions} positions")
-        x = table(ids) * cfg.embed_scale
+        # the lookup, scale and position add in place on the lookup's own output (at a decoder step these few small
+        # ops are much of the step's Python time: the module call and advanced indexing cost more than index_select)
+        x = nn.functional.embedding(ids, table.weight)
+        if cfg.embed_scale != 1:
+            x.mul_(cfg.embed_scale)
         if positions is None or ids.shape[1] == 1:  # (a decoder step: one token per row, no arange)
             pos = None if positions is None else positions[:, None]
         else:
@@ -288,10 +292,13 @@ class Transformer(nn.Module):
             first = torch.arange(ids.shape[1], device=ids.device)[None, :] == 0 if pos is None else pos == 0
             x = x.masked_fill(first[:, :, None], 0)
         positions_table = getattr(self, f"{side}_positions") if cfg.positions == "learned" else self.sin_positions
+        offset = cfg.position_offset
         if pos is None:
-            x = x + positions_table[cfg.position_offset: cfg.position_offset + ids.shape[1]]
+            x.add_(positions_table[offset: offset + ids.shape[1]])
+        elif ids.shape[1] == 1:
+            x.add_(positions_table.index_select(0, positions if offset == 0 else positions + offset)[:, None])
         else:
-            x = x + positions_table[pos + cfg.position_offset]
+            x.add_(positions_table[pos + offset])
         if cfg.embedding_norm:
             norm = getattr(self, f"{side}_embed_norm")
             x = self.ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
