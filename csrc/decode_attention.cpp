@@ -228,6 +228,10 @@ inline void prefetch_rows(const std::vector<const T*>& rows, int64_t n) {
 template <typename T>
 View<T> view_of(const at::Tensor& t) { return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)}; }
 
+// Multiply-adds (keys × heads × query rows × head size) under which a step's attention runs on the calling thread:
+// a parallel region costs ~1.5-2 µs here, about what 64k multiply-adds of scattered rows take on one core.
+constexpr int64_t kAloneWork = int64_t{1} << 16;
+
 struct OutView {  // the (B, H, Tq, Dh) output, unit stride on Dh
   float* data;
   int64_t sb, sh, st;
@@ -263,8 +267,12 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
   // bfloat16 K/V read by several query rows (beams in cross-attention): widened once per task into float32
   // rows in L1 rather than once per query row (the widening costs more than the multiply-adds)
   const TaskFn<float> fast_wide = std::is_same_v<T, at::BFloat16> && Tq > 1 ? register_task<float>(Dh) : nullptr;
-  // a few parts a thread, so a thread done early can take some of another's (parallel.h)
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, B * H));
+  // a few parts a thread, so a thread done early can take some of another's (parallel.h); one part, run by the
+  // calling thread, when the whole attention is smaller than a parallel region costs (a sentence's step at batch 1)
+  int64_t keys = 0;
+  for (const int64_t n : lengths) keys += std::min(n, Tk);
+  const bool alone = keys * H * Tq * Dh < kAloneWork;
+  const int64_t parts = alone ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads() * 4, B * H));
   const std::vector<int64_t> bounds = balanced_ranges(lengths, H, Tq, parts);
   const auto source = [&](int64_t b, int64_t j) { return rows ? rows[b * Tk + j] : b; };  // the batch row of key j
   parallel_claims(parts, [&](Claims& mine) {
@@ -332,6 +340,22 @@ void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::T
     attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, rows, B, H, Tq, Tk, Dh,
            s, o);
   }
+}
+
+void decode_attention_layer(const at::Tensor& q, const at::Tensor& kv, int64_t layer, int64_t Tk,
+                            const std::vector<int64_t>& lengths, double scale, const int64_t* rows,
+                            const at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3);
+  const OutView o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
+  const float s = static_cast<float>(scale);
+  const int64_t at = layer * kv.stride(0), sb = kv.stride(2), sh = kv.stride(3), st = kv.stride(4);
+  const auto run = [&](auto* base) {  // keys at [layer, 0], values at [layer, 1]: (P, H, T_max, Dh) each
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
+    attend(view_of<float>(q), View<T>{base + at, sb, sh, st}, View<T>{base + at + kv.stride(1), sb, sh, st}, lengths,
+           rows, B, H, Tq, Tk, Dh, s, o);
+  };
+  if (kv.scalar_type() == at::kFloat) run(kv.data_ptr<float>());
+  else run(kv.data_ptr<at::BFloat16>());
 }
 
 std::vector<int64_t> key_lengths(const c10::optional<at::Tensor>& kv_lengths, int64_t B, int64_t Tk) {

@@ -23,6 +23,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out);
 
+// decode_attention_into on the keys and values of layer `layer` of a (L, 2, P, H, T_max, Dh) cache or memory
+// tensor (float32 or bfloat16, unit stride on Dh), their first Tk positions, read in place: a decoder step took
+// eight select/narrow views a layer for them, ~0.7 µs each through the dispatcher; this builds none.
+void decode_attention_layer(const at::Tensor& q, const at::Tensor& kv, int64_t layer, int64_t Tk,
+                            const std::vector<int64_t>& lengths, double scale, const int64_t* rows,
+                            const at::Tensor& out);
+
 // Keys per sentence: kv_lengths (B,) clamped to [0, Tk], or Tk for every sentence when it is None.
 std::vector<int64_t> key_lengths(const c10::optional<at::Tensor>& kv_lengths, int64_t B, int64_t Tk);
 

@@ -54,23 +54,24 @@ ToBf16Fn pick_to_bf16() {
   return to_bf16_portable;
 }
 
-// This step's K and V (the 2nd and 3rd thirds of each qkv row r) into physical row write_rows[r] of the cache at
-// positions[r]. kv (2, P, H, T_max, Dh) float32 or bfloat16 with a unit stride on Dh.
-void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tensor& kv, const int64_t* write_rows,
-              const int64_t* positions) {
+// This step's K and V (the 2nd and 3rd thirds of each qkv row r) into physical row write_rows[r] of layer `layer`'s
+// cache at positions[r]. cache (L, 2, P, H, T_max, Dh) float32 or bfloat16 with a unit stride on Dh.
+void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tensor& cache, int64_t layer,
+              const int64_t* write_rows, const int64_t* positions) {
   const int64_t D = H * Dh;
-  const bool bf16 = kv.scalar_type() == at::kBFloat16;
+  const bool bf16 = cache.scalar_type() == at::kBFloat16;
   const ToBf16Fn convert = pick_to_bf16();
-  char* base = static_cast<char*>(kv.data_ptr());
-  const int64_t item = kv.element_size();
+  const int64_t item = cache.element_size();
+  char* base = static_cast<char*>(cache.data_ptr()) + item * layer * cache.stride(0);
+  const at::IntArrayRef stride = cache.strides().slice(1);  // (2, P, H, T_max, Dh) of the layer
   // threads from 16 rows, as the layer norm and the quantization around it
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     for (int64_t which = 0; which < 2; ++which)
       for (int64_t r = begin; r < end; ++r)
         for (int64_t h = 0; h < H; ++h) {
           const float* src = qkv + r * 3 * D + (which + 1) * D + h * Dh;
-          char* dst = base + item * (which * kv.stride(0) + write_rows[r] * kv.stride(1) + h * kv.stride(2) +
-                                     positions[r] * kv.stride(3));
+          char* dst = base + item * (which * stride[0] + write_rows[r] * stride[1] + h * stride[2] +
+                                     positions[r] * stride[3]);
           if (bf16) convert(src, reinterpret_cast<uint16_t*>(dst), Dh);
           else std::memcpy(dst, src, Dh * sizeof(float));
         }
@@ -136,20 +137,16 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
     for (const StepWeight* w : {&layer.qkv, &layer.self_out, &layer.cross_q, &layer.cross_out, &layer.fc1, &layer.fc2})
       TORCH_CHECK(w->index() == layers[0].qkv.index(), "decoder_step: every linear must have one weight type (",
                   "int8 or bf16: the kernel names one of them)");
-    const at::Tensor kv_cache = cache.select(0, l);  // (2, P, H, T_max, Dh)
-
     // self-attention: this step's K/V into the cache, then the query against every position so far
     linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps), layer.qkv, qkv, kernel);
-    write_kv(qkv.data_ptr<float>(), N, H, Dh, kv_cache, dst_ptr, pos_ptr);
-    decode_attention_into(self_q, kv_cache.select(0, 0).narrow(2, 0, T), kv_cache.select(0, 1).narrow(2, 0, T),
-                          self_len, scale, row_ptr, self_ctx);
+    write_kv(qkv.data_ptr<float>(), N, H, Dh, cache, static_cast<int64_t>(l), dst_ptr, pos_ptr);
+    decode_attention_layer(self_q, cache, static_cast<int64_t>(l), T, self_len, scale, row_ptr, self_ctx);
     linear_into(ctx, layer.self_out, y, kernel);
     residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
 
     // encoder-decoder attention: beams are extra query rows of their sentence (one K/V read serves them all)
     linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps), layer.cross_q, h, kernel);
-    const at::Tensor mem = memory.select(0, l);
-    decode_attention_into(cross_q, mem.select(0, 0), mem.select(0, 1), cross_len, scale, memory_ptr, cross_ctx);
+    decode_attention_layer(cross_q, memory, static_cast<int64_t>(l), S, cross_len, scale, memory_ptr, cross_ctx);
     linear_into(ctx, layer.cross_out, y, kernel);
     residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps);
 
