@@ -327,32 +327,34 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
   });
 }
 
+// attend on q (B, H, Tq, Dh) and k/v views of Tk keys, into out: what both entry points below share.
+template <typename T>
+void attend_into(const at::Tensor& q, const View<T>& k, const View<T>& v, int64_t Tk,
+                 const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out) {
+  const OutView o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
+  attend(view_of<float>(q), k, v, lengths, rows, q.size(0), q.size(1), q.size(2), Tk, q.size(3),
+         static_cast<float>(scale), o);
+}
+
 }  // namespace
 
 void decode_attention_into(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                            const std::vector<int64_t>& lengths, double scale, const int64_t* rows, const at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3), Tk = k.size(2);
-  const OutView o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
-  const float s = static_cast<float>(scale);
   if (k.scalar_type() == at::kFloat) {
-    attend(view_of<float>(q), view_of<float>(k), view_of<float>(v), lengths, rows, B, H, Tq, Tk, Dh, s, o);
+    attend_into(q, view_of<float>(k), view_of<float>(v), k.size(2), lengths, scale, rows, out);
   } else {
-    attend(view_of<float>(q), view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), lengths, rows, B, H, Tq, Tk, Dh,
-           s, o);
+    attend_into(q, view_of<at::BFloat16>(k), view_of<at::BFloat16>(v), k.size(2), lengths, scale, rows, out);
   }
 }
 
 void decode_attention_layer(const at::Tensor& q, const at::Tensor& kv, int64_t layer, int64_t Tk,
                             const std::vector<int64_t>& lengths, double scale, const int64_t* rows,
                             const at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Dh = q.size(3);
-  const OutView o{out.data_ptr<float>(), out.stride(0), out.stride(1), out.stride(2)};
-  const float s = static_cast<float>(scale);
   const int64_t at = layer * kv.stride(0), sb = kv.stride(2), sh = kv.stride(3), st = kv.stride(4);
   const auto run = [&](auto* base) {  // keys at [layer, 0], values at [layer, 1]: (P, H, T_max, Dh) each
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(base)>>;
-    attend(view_of<float>(q), View<T>{base + at, sb, sh, st}, View<T>{base + at + kv.stride(1), sb, sh, st}, lengths,
-           rows, B, H, Tq, Tk, Dh, s, o);
+    using T = std::remove_pointer_t<decltype(base)>;
+    attend_into(q, View<T>{base + at, sb, sh, st}, View<T>{base + at + kv.stride(1), sb, sh, st}, Tk, lengths, scale,
+                rows, out);
   };
   if (kv.scalar_type() == at::kFloat) run(kv.data_ptr<float>());
   else run(kv.data_ptr<at::BFloat16>());

@@ -171,8 +171,7 @@ class KVCache:
         if self.end > self.physical.shape[4]:
             raise RuntimeError(f"KV cache overflow: position {self.end} > capacity {self.physical.shape[4]}")
         if tokens == 1 and len(spans) == 1:  # one position: a column of the table (a strided copy, no scatter)
-            s = spans[0]
-            self.origin[s.start: s.start + s.rows, s.position].copy_(write_rows[s.start: s.start + s.rows])
+            self.point(spans[0].position, write_rows[spans[0].start: spans[0].start + spans[0].rows], spans[0].start)
         elif tokens == 1:  # every row's one position in one scatter (not a write per cohort)
             rows = write_rows.numel()
             self.origin.index_put_((self._batch_rows(rows), self.positions), write_rows)
@@ -187,10 +186,11 @@ class KVCache:
         if self._block is None and tokens > 1:
             raise ValueError("a block of several tokens per row is written by rows in one run at one position")
 
-    def point(self, position: int, physical: torch.Tensor) -> None:
-        """Batch rows 0..n-1 read `position` from these n physical rows (rows that hold the same keys and values
-        there, as a beam's first step leaves its beams: written once, by the first)."""
-        self.origin[: physical.numel(), position] = physical
+    def point(self, position: int, physical: torch.Tensor, start: int = 0) -> None:
+        """Batch rows start..start+n-1 read `position` from these n physical rows (where this step writes them, or
+        rows that hold the same keys and values there, as a beam's first step leaves its beams: written once, by the
+        first)."""
+        self.origin[start: start + physical.numel(), position] = physical
 
     def _batch_rows(self, n: int) -> torch.Tensor:
         """0..n-1 (kept: every step needs it)."""

@@ -56,4 +56,5 @@ def packed_records(holders: list, method: LinearMethod) -> list:
     def rebind(holder):
         return lambda placed: setattr(holder, "packed", method.with_packed(holder.packed, placed))
 
-    return [(method.packed_tensor(h.packed), rebind(h)) for h in holders if method.packed_tensor(h.packed) is not None]
+    tensors = [(method.packed_tensor(h.packed), h) for h in holders]
+    return [(tensor, rebind(h)) for tensor, h in tensors if tensor is not None]
