@@ -134,14 +134,90 @@ __attribute__((target("avx512f"))) void softmax_avx512(float* row, int64_t n) {
   }
 }
 
-// One (sentence, head) task with Dh = 16·NV held in registers: a query row's NV vectors stay in registers over
-// its keys, scored 16 keys at a time (one vector of 16 scores, reduce16), the softmax is vectorized, and an
-// output row is accumulated in registers over the keys and stored once (the generic path below loads and
-// stores the output row for every key).
+// The dot products of a query row (NV vectors in registers) with keys k[0..m), m ≤ 16: lane j holds key j's (0 past m).
+template <typename T, int NV>
+__attribute__((target("avx512f"))) inline __m512 scores16(const __m512* qr, const T* const* k, int64_t m) {
+  __m512 acc[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    if (jj >= m) {
+      acc[jj] = _mm512_setzero_ps();
+      continue;
+    }
+    __m512 a = _mm512_mul_ps(qr[0], load16(k[jj]));
+    for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qr[u], load16(k[jj] + 16 * u), a);
+    acc[jj] = a;
+  }
+  return reduce16(acc);
+}
+
+// R query rows of a task over n ≤ 64 keys, together: each row's scores stay in registers (four vectors of 16 keys),
+// the rows' softmaxes run stage by stage side by side (one row's max → exp → sum → 1/sum is a chain of dependent
+// instructions; R independent chains fill the pipeline where one row at a time waited on each), and each value row
+// is loaded once for all R rows. The operations of each row are softmax_avx512's and the loop's below, in their
+// order: the same results, to the bit.
+template <typename T, int NV, int R>
+__attribute__((target("avx512f"))) void rows_together(const float* const* q, const T* const* k, const T* const* v,
+                                                     int64_t n, float scale, float* out, int64_t out_stride) {
+  constexpr int kChunks = 4;
+  const int chunks = static_cast<int>((n + 15) / 16);
+  const __m512 sc = _mm512_set1_ps(scale), low = _mm512_set1_ps(-INFINITY);
+  __m512 s[R][kChunks];
+  for (int r = 0; r < R; ++r) {
+    __m512 qr[NV];
+    for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[r] + 16 * u);
+    for (int c = 0; c < chunks; ++c) {
+      const int64_t j0 = 16 * c, m = std::min<int64_t>(16, n - j0);
+      s[r][c] = _mm512_mul_ps(scores16<T, NV>(qr, k + j0, m), sc);
+    }
+  }
+  __m512 top[R], sum[R];
+  for (int r = 0; r < R; ++r) {
+    __m512 mx = low;
+    for (int c = 0; c < chunks; ++c) mx = _mm512_max_ps(mx, _mm512_mask_mov_ps(low, first(n - 16 * c), s[r][c]));
+    top[r] = mx;
+  }
+  for (int r = 0; r < R; ++r) top[r] = _mm512_set1_ps(_mm512_reduce_max_ps(top[r]));
+  for (int r = 0; r < R; ++r) sum[r] = _mm512_setzero_ps();
+  for (int c = 0; c < chunks; ++c)
+    for (int r = 0; r < R; ++r) {
+      const __mmask16 live = first(n - 16 * c);
+      s[r][c] = _mm512_maskz_mov_ps(live, exp_nonpositive(_mm512_sub_ps(_mm512_maskz_mov_ps(live, s[r][c]), top[r])));
+      sum[r] = _mm512_add_ps(sum[r], s[r][c]);
+    }
+  alignas(64) float p[R][16 * kChunks];
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum[r]));
+    for (int c = 0; c < chunks; ++c) _mm512_store_ps(p[r] + 16 * c, _mm512_mul_ps(s[r][c], inv));
+  }
+  __m512 o[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) o[r][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v[j];
+    for (int u = 0; u < NV; ++u) {
+      const __m512 vv = load16(vj + 16 * u);
+      for (int r = 0; r < R; ++r) o[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(p[r][j]), vv, o[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + r * out_stride + 16 * u, o[r][u]);
+}
+
+// One (sentence, head) task with Dh = 16·NV held in registers (rows_together up to 64 keys): a query row's NV
+// vectors stay in registers over its keys, scored 16 keys at a time (one vector of 16 scores, reduce16), the softmax
+// is vectorized, and an output row is accumulated in registers over the keys and stored once (the generic path
+// below loads and stores the output row for every key).
 template <typename T, int NV>
 __attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* const* k, const T* const* v,
                                                       int64_t n, int64_t tq, float scale, float* scores, float* out,
                                                       int64_t out_stride) {
+  if (n <= 64) {  // rows_together: four rows at a time (two of 128 wide: their sums fill 16 registers)
+    constexpr int R = NV <= 4 ? 4 : 2;
+    int64_t i = 0;
+    for (; i + R <= tq; i += R) rows_together<T, NV, R>(q + i, k, v, n, scale, out + i * out_stride, out_stride);
+    for (; i < tq; ++i) rows_together<T, NV, 1>(q + i, k, v, n, scale, out + i * out_stride, out_stride);
+    return;
+  }
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < tq; ++i) {
     __m512 qr[NV];
@@ -149,18 +225,7 @@ __attribute__((target("avx512f"))) void task_registers(const float* const* q, co
     float* row = scores + i * n;
     for (int64_t j0 = 0; j0 < n; j0 += 16) {
       const int64_t m = std::min<int64_t>(16, n - j0);
-      __m512 acc[16];
-      for (int jj = 0; jj < 16; ++jj) {
-        if (jj >= m) {
-          acc[jj] = _mm512_setzero_ps();
-          continue;
-        }
-        const T* kj = k[j0 + jj];
-        __m512 a = _mm512_mul_ps(qr[0], load16(kj));
-        for (int u = 1; u < NV; ++u) a = _mm512_fmadd_ps(qr[u], load16(kj + 16 * u), a);
-        acc[jj] = a;
-      }
-      _mm512_mask_storeu_ps(row + j0, first(m), _mm512_mul_ps(reduce16(acc), sc));
+      _mm512_mask_storeu_ps(row + j0, first(m), _mm512_mul_ps(scores16<T, NV>(qr, k + j0, m), sc));
     }
     softmax_avx512(row, n);
     __m512 o[NV];

@@ -121,16 +121,17 @@ def test_decode_attention_through_a_row_index(head_dim, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [64, 12])  # register-blocked, generic loops
-def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype):
-    """The encoder's use: every token a query row over up to 40 keys, ragged lengths (keys scored 16 at a time:
-    whole blocks, a tail, fewer keys than a block), against float64."""
+@pytest.mark.parametrize("head_dim", [64, 128, 12])  # register-blocked (rows 4 or 2 at a time up to 64 keys), generic
+@pytest.mark.parametrize("s, key_lengths", [(40, (40, 33, 16, 5)), (70, (70, 64, 17, 1))])  # (past 64: a row at a time)
+def test_decode_attention_many_keys_and_query_rows(head_dim, kv_dtype, s, key_lengths):
+    """The encoder's use: every token a query row over up to 70 keys, ragged lengths (keys scored 16 at a time:
+    whole blocks, a tail, fewer keys than a block; query rows in groups and a remainder), against float64."""
     gen = torch.Generator().manual_seed(7 * head_dim)
-    b, h, s = 4, 2, 40
+    b, h = 4, 2
     qkv = torch.randn(b, s, 3, h, head_dim, generator=gen) * 2
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, S, Dh) views, as the encoder passes them
     k, v = k.to(kv_dtype), v.to(kv_dtype)
-    lengths = torch.tensor([40, 33, 16, 5])
+    lengths = torch.tensor(key_lengths)
     out = _C.decode_attention(q, k, v, lengths, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), attention_f64(q, k, v, lengths, head_dim ** -0.5), rtol=0, atol=2e-5)
 
