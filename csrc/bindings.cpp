@@ -103,6 +103,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),
         pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
         pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");
+  m.def("write_kv", &pyengine::write_kv, nogil,
+        "Each row's K and V (kv (N, 2D) float32) into cache[layer, :, rows[i], :, positions[i]] (float32 or bf16).",
+        pybind11::arg("kv"), pybind11::arg("cache"), pybind11::arg("layer"), pybind11::arg("rows"),
+        pybind11::arg("positions"));
   pybind11::class_<pyengine::EncoderLayer>(m, "EncoderLayer",
                                            "An encoder layer's weights (Int8Weight or Bf16Weight linears) for encoder_stack.")
       .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight out, pyengine::StepWeight fc1,

@@ -54,10 +54,10 @@ ToBf16Fn pick_to_bf16() {
   return to_bf16_portable;
 }
 
-// This step's K and V (the 2nd and 3rd thirds of each qkv row r) into physical row write_rows[r] of layer `layer`'s
+// Row r's K (D values from src + r·ld) and V (the D after them) into physical row write_rows[r] of layer `layer`'s
 // cache at positions[r]. cache (L, 2, P, H, T_max, Dh) float32 or bfloat16 with a unit stride on Dh.
-void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tensor& cache, int64_t layer,
-              const int64_t* write_rows, const int64_t* positions) {
+void write_kv_rows(const float* src, int64_t ld, int64_t N, int64_t H, int64_t Dh, const at::Tensor& cache,
+                   int64_t layer, const int64_t* write_rows, const int64_t* positions) {
   const int64_t D = H * Dh;
   const bool bf16 = cache.scalar_type() == at::kBFloat16;
   const ToBf16Fn convert = pick_to_bf16();
@@ -69,11 +69,11 @@ void write_kv(const float* qkv, int64_t N, int64_t H, int64_t Dh, const at::Tens
     for (int64_t which = 0; which < 2; ++which)
       for (int64_t r = begin; r < end; ++r)
         for (int64_t h = 0; h < H; ++h) {
-          const float* src = qkv + r * 3 * D + (which + 1) * D + h * Dh;
+          const float* from = src + r * ld + which * D + h * Dh;
           char* dst = base + item * (which * stride[0] + write_rows[r] * stride[1] + h * stride[2] +
                                      positions[r] * stride[3]);
-          if (bf16) convert(src, reinterpret_cast<uint16_t*>(dst), Dh);
-          else std::memcpy(dst, src, Dh * sizeof(float));
+          if (bf16) convert(from, reinterpret_cast<uint16_t*>(dst), Dh);
+          else std::memcpy(dst, from, Dh * sizeof(float));
         }
   });
 }
@@ -139,7 +139,7 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
                   "int8 or bf16: the kernel names one of them)");
     // self-attention: this step's K/V into the cache, then the query against every position so far
     linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps), layer.qkv, qkv, kernel);
-    write_kv(qkv.data_ptr<float>(), N, H, Dh, cache, static_cast<int64_t>(l), dst_ptr, pos_ptr);
+    write_kv_rows(qkv.data_ptr<float>() + D, 3 * D, N, H, Dh, cache, static_cast<int64_t>(l), dst_ptr, pos_ptr);
     decode_attention_layer(self_q, cache, static_cast<int64_t>(l), T, self_len, scale, row_ptr, self_ctx);
     linear_into(ctx, layer.self_out, y, kernel);
     residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
@@ -155,6 +155,29 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
                  layer.activation, kernel);
   }
   return x;
+}
+
+void write_kv(const at::Tensor& kv, const at::Tensor& cache, int64_t layer, const at::Tensor& rows,
+              const at::Tensor& positions) {
+  TORCH_CHECK(cache.device().is_cpu() && cache.dim() == 6 && cache.size(1) == 2 && cache.stride(5) == 1 &&
+                  (cache.scalar_type() == at::kFloat || cache.scalar_type() == at::kBFloat16),
+              "write_kv: cache must be a float32 or bfloat16 (L, 2, P, H, T, Dh) CPU tensor, unit stride on Dh");
+  const int64_t H = cache.size(3), Dh = cache.size(5), D = H * Dh;
+  TORCH_CHECK(kv.device().is_cpu() && kv.scalar_type() == at::kFloat && kv.dim() == 2 && kv.is_contiguous() &&
+                  kv.size(1) == 2 * D,
+              "write_kv: kv must be a contiguous float32 (N, ", 2 * D, ") CPU tensor (each row's K, then its V)");
+  TORCH_CHECK(layer >= 0 && layer < cache.size(0), "write_kv: layer ", layer, " outside the cache's ", cache.size(0));
+  const int64_t N = kv.size(0);
+  const at::Tensor r = rows.to(at::kLong).contiguous(), t = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(r.numel() == N && t.numel() == N, "write_kv: one row and one position per kv row");
+  const int64_t* rp = r.data_ptr<int64_t>();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < cache.size(2), "write_kv: row ", rp[i], " outside the cache's ", cache.size(2));
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < cache.size(4), "write_kv: position ", tp[i], " outside the cache's ",
+                cache.size(4));
+  }
+  write_kv_rows(kv.data_ptr<float>(), 2 * D, N, H, Dh, cache, layer, rp, tp);
 }
 
 }  // namespace pyengine

@@ -49,4 +49,10 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
                         const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
                         const std::string& kernel);
 
+// Each row's K and V (kv (N, 2·D) float32: K, then V) into physical row rows[i] of layer `layer` of a (L, 2, P, H, T,
+// Dh) cache or memory, at position positions[i], in its dtype (float32, or bfloat16 rounded as PyTorch rounds):
+// the encoder memory's write, one pass where indexed assignment took ~0.6 ns an element.
+void write_kv(const at::Tensor& kv, const at::Tensor& cache, int64_t layer, const at::Tensor& rows,
+              const at::Tensor& positions);
+
 }  // namespace pyengine

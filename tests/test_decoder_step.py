@@ -151,3 +151,37 @@ def test_a_layer_of_mixed_weight_types_is_refused():
         _C.DecoderLayer(bf16, bf16, bf16, bf16, bf16, _C.Int8Weight(*_C.int8_pack(w.to(torch.int8)), torch.ones(64),
                                                                      None, 64),
                         norms, 1e-5, False, "relu", 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_equals_indexed_assignment(dtype):
+    """_C.write_kv (the encoder memory's write) against PyTorch's indexed assignment with its own rounding to bf16:
+    every row's K and V at its slot and position, nothing else touched."""
+    gen = torch.Generator().manual_seed(3)
+    layers, slots, heads, width, head_dim, tokens = 3, 5, 4, 7, 16, 11
+    kv = torch.randn(tokens, 2 * heads * head_dim, generator=gen)
+    rows = torch.randint(0, slots, (tokens,), generator=gen)
+    positions = torch.randperm(slots * width, generator=gen)[:tokens] % width  # (row, position) pairs may repeat
+    pairs = sorted({(int(r), int(p)) for r, p in zip(rows, positions)})
+    keep = [next(i for i in range(tokens) if (int(rows[i]), int(positions[i])) == pair) for pair in pairs]
+    kv, rows, positions = kv[keep], rows[keep], positions[keep]  # one writer per place: the result is defined
+    memory = torch.randn(layers, 2, slots, heads, width, head_dim, generator=gen).to(dtype)
+    expected = memory.clone()
+    expected[1][:, rows, :, positions] = kv.view(-1, 2, heads, head_dim).to(dtype)
+    _C.write_kv(kv, memory, 1, rows, positions)
+    assert torch.equal(memory, expected)
+
+
+def test_write_kv_refuses_bad_arguments():
+    memory = torch.zeros(2, 2, 3, 2, 4, 8)
+    kv = torch.randn(2, 32)
+    with pytest.raises(RuntimeError, match="row 3 outside"):
+        _C.write_kv(kv, memory, 0, torch.tensor([0, 3]), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="position 4 outside"):
+        _C.write_kv(kv, memory, 0, torch.tensor([0, 1]), torch.tensor([4, 1]))
+    with pytest.raises(RuntimeError, match="layer 2 outside"):
+        _C.write_kv(kv, memory, 2, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="kv must be"):
+        _C.write_kv(kv[:, :16], memory, 0, torch.tensor([0, 1]), torch.tensor([0, 1]))
+    with pytest.raises(RuntimeError, match="one row and one position"):
+        _C.write_kv(kv, memory, 0, torch.tensor([0]), torch.tensor([0, 1]))

@@ -334,9 +334,7 @@ class Transformer(nn.Module):
         hidden = self.encode_ragged(torch.tensor([t for x in ids for t in x], device=device), ragged)
         token_slots = torch.tensor(slots, device=device)[torch.div(ragged.index, ragged.width, rounding_mode="floor")]
         for i, layer in enumerate(self.decoder_layers):
-            attn = layer.cross_attn
-            kv = attn.kv(hidden).view(-1, 2, attn.heads, attn.head_dim)  # (T, 2, H, Dh)
-            memory.kv[i][:, token_slots, :, ragged.positions] = kv.to(memory.kv.dtype)
+            memory.write(i, layer.cross_attn.kv(hidden), token_slots, ragged.positions)  # (T, 2·D): K, then V
         memory.append(slots, lengths, allowed)
 
     # -- decoder -------------------------------------------------------------------------------
