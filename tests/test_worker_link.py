@@ -166,7 +166,9 @@ def test_serve_runs_its_front_end_in_a_child_that_ends_with_the_worker(engine):
 
 def test_sigint_finishes_requests_in_flight(engine):
     """Ctrl-C (SIGINT to the worker process, which passes it on once): the request in flight gets its answer."""
-    slow = {**OPTS, "max_decoding_length": 48, "min_decoding_length": 48}
+    # long enough that both requests are in flight together (at 48 positions, ~0.1 s, one could finish before
+    # /health, answered between the workers' rounds, saw the other start)
+    slow = {**OPTS, "max_decoding_length": 160, "min_decoding_length": 160}
     want = engine.translate_batch(["Open the file."], **slow)[0].hypotheses[0]
     answers: list = []
     with ServerProcess("default", threads=2) as server:
@@ -204,7 +206,9 @@ def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(eng
     """A service manager's stop (SIGTERM to every process of the service, systemd's default): both workers' requests in
     flight get their answers, then the server exits cleanly. With 2 threads a worker, the forked worker decodes in a
     thread of its own with a new OpenMP team (in its main thread the parent's team, gone with the fork, would hang)."""
-    slow = {**OPTS, "max_decoding_length": 48, "min_decoding_length": 48}
+    # long enough that both requests are in flight together (at 48 positions, ~0.1 s, one could finish before
+    # /health, answered between the workers' rounds, saw the other start)
+    slow = {**OPTS, "max_decoding_length": 160, "min_decoding_length": 160}
     texts = ["Open the file.", "Save your changes?"]
     want = [t.hypotheses[0] for t in engine.translate_batch(texts, **slow)]
     answers: dict = {}
