@@ -81,23 +81,33 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("packed", &pyengine::Bf16Weight::packed)
       .def_readonly("bias", &pyengine::Bf16Weight::bias)
       .def_readonly("n", &pyengine::Bf16Weight::n);
+  pybind11::class_<pyengine::FloatWeight>(m, "FloatWeight",
+                                          "A float32 linear layer's weight as FloatLinear runs it (oneDNN's prepacked "
+                                          "copy where it has one).")
+      .def(pybind11::init([](at::Tensor weight, c10::optional<at::Tensor> packed, c10::optional<at::Tensor> bias,
+                             int64_t n) { return pyengine::FloatWeight{weight, packed, bias, n}; }),
+           pybind11::arg("weight"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n"))
+      .def_readonly("n", &pyengine::FloatWeight::n);
   pybind11::class_<pyengine::DecoderLayer>(m, "DecoderLayer",
-                                           "A decoder layer's weights (Int8Weight or Bf16Weight linears) for decoder_step.")
+                                           "A decoder layer's weights (Int8Weight, Bf16Weight or FloatWeight "
+                                           "linears) for decoder_step.")
       .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight self_out, pyengine::StepWeight cross_q,
                              pyengine::StepWeight cross_out, pyengine::StepWeight fc1, pyengine::StepWeight fc2,
                              std::vector<at::Tensor> norms, double eps, bool pre_norm, std::string activation,
-                             int64_t heads) {
+                             int64_t heads, bool aten_norm) {
              TORCH_CHECK(norms.size() == 6, "DecoderLayer: six layer-norm tensors (w, b of self, cross, ffn)");
              TORCH_CHECK(activation == "relu" || activation == "swish" || activation == "gelu",
                          "DecoderLayer: activation must be relu, swish or gelu, not ", activation);
              for (const auto* w : {&self_out, &cross_q, &cross_out, &fc1, &fc2})
                TORCH_CHECK(w->index() == qkv.index(), "DecoderLayer: every linear must have one weight type");
              return pyengine::DecoderLayer{qkv, self_out, cross_q, cross_out, fc1, fc2, norms[0], norms[1],
-                                           norms[2], norms[3], norms[4], norms[5], eps, pre_norm, activation, heads};
+                                           norms[2], norms[3], norms[4], norms[5], eps, pre_norm, activation, heads,
+                                           aten_norm};
            }),
            pybind11::arg("qkv"), pybind11::arg("self_out"), pybind11::arg("cross_q"), pybind11::arg("cross_out"),
            pybind11::arg("fc1"), pybind11::arg("fc2"), pybind11::arg("norms"), pybind11::arg("eps"),
-           pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"));
+           pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"),
+           pybind11::arg("aten_norm") = false);
   m.def("decoder_step", &pyengine::decoder_step, nogil,
         "One decoder step of every layer with int8 or bf16 linears (an indirect KV cache, a position per row), in C++.",
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),

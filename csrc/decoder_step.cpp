@@ -80,6 +80,25 @@ void write_kv_rows(const float* src, int64_t ld, int64_t N, int64_t H, int64_t D
 
 }  // namespace
 
+at::Tensor float_linear(const at::Tensor& x, const FloatWeight& w, const std::string& activation) {
+  if (w.packed.has_value()) {  // FloatLinear's oneDNN path: (attr, algorithm) as linear.ONEDNN_ACTIVATIONS names them
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                 c10::string_view, c10::List<c10::optional<at::Scalar>>,
+                                                 c10::optional<c10::string_view>)>();
+    const bool act = activation != "none";
+    return op.call(x, *w.packed, w.bias, act ? activation : std::string("none"), c10::List<c10::optional<at::Scalar>>(),
+                   c10::string_view(activation == "gelu" ? "none" : ""));
+  }
+  at::Tensor y = at::linear(x, w.weight, w.bias);
+  if (activation == "relu") return at::relu(y);
+  if (activation == "swish") return at::silu(y);
+  if (activation == "gelu") return at::gelu(y);
+  TORCH_CHECK(activation == "none", "float_linear: activation must be none, relu, swish or gelu, not ", activation);
+  return y;
+}
+
 at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tensor& x_in, const at::Tensor& cache,
                         const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
                         const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,
@@ -138,21 +157,24 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
       TORCH_CHECK(w->index() == layers[0].qkv.index(), "decoder_step: every linear must have one weight type (",
                   "int8 or bf16: the kernel names one of them)");
     // self-attention: this step's K/V into the cache, then the query against every position so far
-    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps), layer.qkv, qkv, kernel);
+    const bool aten = layer.aten_norm;
+    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps, aten), layer.qkv,
+                qkv, kernel);
     write_kv_rows(qkv.data_ptr<float>() + D, 3 * D, N, H, Dh, cache, static_cast<int64_t>(l), dst_ptr, pos_ptr);
     decode_attention_layer(self_q, cache, static_cast<int64_t>(l), T, self_len, scale, row_ptr, self_ctx);
     linear_into(ctx, layer.self_out, y, kernel);
-    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
+    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps, aten);
 
     // encoder-decoder attention: beams are extra query rows of their sentence (one K/V read serves them all)
-    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps), layer.cross_q, h, kernel);
+    linear_into(sublayer_input(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps, aten),
+                layer.cross_q, h, kernel);
     decode_attention_layer(cross_q, memory, static_cast<int64_t>(l), S, cross_len, scale, memory_ptr, cross_ctx);
     linear_into(ctx, layer.cross_out, y, kernel);
-    residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps);
+    residual(x, y, layer.cross_norm_w, layer.cross_norm_b, layer.pre_norm, layer.eps, aten);
 
     // feed-forward (relu/swish in the first GEMM's epilogue)
     feed_forward(x, h, y, f, layer.fc1, layer.fc2, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps,
-                 layer.activation, kernel);
+                 layer.activation, kernel, aten);
   }
   return x;
 }

@@ -21,8 +21,20 @@ struct Bf16Weight {
   int64_t n;
 };
 
+// One linear layer's float32 weight as FloatLinear runs it: oneDNN's prepacked copy (mkldnn._linear_pointwise, the
+// activation fused) where the method made one, else PyTorch's linear on the (N, K) weight.
+struct FloatWeight {
+  at::Tensor weight;
+  c10::optional<at::Tensor> packed;
+  c10::optional<at::Tensor> bias;
+  int64_t n;
+};
+
 // A decoder linear in one of the weight types the native step runs (every linear of a model has the same type).
-using StepWeight = std::variant<Int8Weight, Bf16Weight>;
+using StepWeight = std::variant<Int8Weight, Bf16Weight, FloatWeight>;
+
+// act(x·Wᵀ + b) of a float32 weight, the operations FloatLinear.apply runs (relu, swish or gelu; "none").
+at::Tensor float_linear(const at::Tensor& x, const FloatWeight& w, const std::string& activation);
 
 // One Transformer decoder layer (self-attention, encoder-decoder attention, FFN; post- or pre-norm): what a decoder
 // step needs, collected once at load.
@@ -33,11 +45,12 @@ struct DecoderLayer {
   bool pre_norm;
   std::string activation;  // relu, swish (fused into fc1) or gelu
   int64_t heads;
+  bool aten_norm;  // the layer norms as PyTorch's layer_norm (the model's Ops say which; float32 models), else ours
 };
 
 // One decoder step of every layer for N rows (one new token each, row r at positions[r]), in C++: the same
 // operations, in the same order, as pyengine.model.transformer.DecoderLayer with int8 or bf16 linears (the
-// linear methods' own kernels), without a Python call per op. x (N, D) float32; cache (L, 2, P, H, T_max, Dh) the
+// linear methods' own kernels) or float32 ones (FloatLinear's), without a Python call per op. x (N, D) float32; cache (L, 2, P, H, T_max, Dh) the
 // indirect KV cache: row r writes this step's K/V into physical row write_rows[r] at positions[r] and reads key
 // j < positions[r] + 1 from physical row rows[r, j] (rows (N, T), T = max position + 1); memory
 // (L, 2, P', H, S, Dh) the encoder K/V in slots, key j of sentence b read from slot memory_rows[b, j]

@@ -17,7 +17,7 @@ from pyengine import _C
 from pyengine.config import DecodeOptions, ModelConfig
 from pyengine.decoding import Runtime, rules_for
 from pyengine.model import Transformer, load_weights, resolve_ops
-from pyengine.model.linear import amx_available, bf16_kernels, vnni_available
+from pyengine.model.linear import Linear, amx_available, bf16_kernels, vnni_available
 from pyengine.model.backends import CPP_ATTENTION_KEYS
 from pyengine.model.step import CppStack, CppStep, LayerStack, LayerStep
 from pyengine.model.transformer import Ragged
@@ -25,7 +25,9 @@ from pyengine.model.transformer import Ragged
 KERNELS = {"int8": (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else []),
            "bf16": list(bf16_kernels())}
 CASES = [(kind, kernel) for kind, kernels in KERNELS.items() for kernel in kernels]
-DTYPE = {"int8": "int8", "bf16": "bfloat16"}
+# the step also runs float32 linears (FloatLinear's operations from C++): oneDNN's prepacked weight, or PyTorch's linear
+STEP_CASES = CASES + [("float32", "onednn"), ("float32", "library")]
+DTYPE = {"int8": "int8", "bf16": "bfloat16", "float32": "float32"}
 
 
 def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, beam: int = 2) -> list[torch.Tensor]:
@@ -50,7 +52,15 @@ def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, be
 
 
 def _use_kernel(model, kind: str, kernel: str) -> None:
-    """The same packed weights run by another of pyengine's kernels of their type (they share one layout)."""
+    """The same packed weights run by another of pyengine's kernels of their type (they share one layout); float32:
+    the weights packed again for oneDNN or not (the step only: the encoder stays in Python)."""
+    if kind == "float32":
+        model.ops.linear.onednn = kernel == "onednn"
+        for module in model.modules():
+            if isinstance(module, Linear):  # (a FloatWeight keeps the float weight and bias it was packed from)
+                module.packed = model.ops.linear.pack(module.packed.weight, module.packed.bias)
+        model.step = CppStep(model, kind, kernel)
+        return
     model.ops.linear.kernel = kernel
     model.step = CppStep(model, kind, kernel)
     model.encoder_stack = CppStack(model, kind, kernel)
@@ -62,7 +72,8 @@ def _prenorm_model(kind: str, kernel: str):
                       pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
                       normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
                       shared_embeddings=True, tie_output=True, final_logits_bias=False)
-    model = Transformer(cfg, resolve_ops("torch", torch.device("cpu"), weights=kind))
+    weights = "float" if kind == "float32" else kind
+    model = Transformer(cfg, resolve_ops("torch", torch.device("cpu"), weights=weights))
     gen = torch.Generator().manual_seed(4)
     state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
              for name, p in model.named_parameters()}
@@ -81,8 +92,7 @@ def _model(arch: str, kind: str, kernel: str, tmp_path):
     return model
 
 
-@pytest.mark.skipif(not CASES, reason="no C++ decoder step here: neither AVX512-VNNI nor AVX-512")
-@pytest.mark.parametrize("kind,kernel", CASES)
+@pytest.mark.parametrize("kind,kernel", STEP_CASES)
 @pytest.mark.parametrize("arch", [*sorted(ARCHS), "amx-shaped", "pre-norm"])
 def test_cpp_decoder_step_equals_the_python_layers(arch, kind, kernel, tmp_path, monkeypatch):
     """The C++ step (all layers in one call) runs the Python layers' operations in their order: the decoder's

@@ -13,9 +13,9 @@ from typing import Protocol
 
 import torch
 
-from .backends import CPP_ATTENTION_KEYS
+from .backends import CPP_ATTENTION_KEYS, torch_add_layer_norm
 from .cache import KVCache, RecurrentCache
-from .linear import Bf16Linear, Int8Linear
+from .linear import Bf16Linear, FloatLinear, Int8Linear
 from .memory import Memory
 
 
@@ -42,8 +42,9 @@ class LayerStep:
 
 class CppStep:
     """Every decoder layer of one step in one C++ call (`_C.decoder_step`), on the int8 or bf16 weights of
-    pyengine's own GEMMs: no Python call per operation (int8, batch 1 decode 100 -> ~50-75 ms, batch 32 greedy 258
-    -> 230 ms when it was introduced). Blocks of several tokens per row and steps that must return the
+    pyengine's own GEMMs or float32 ones (FloatLinear's operations, its layer norms PyTorch's where the model's Ops
+    use them): no Python call per operation (int8, batch 1 decode 100 -> ~50-75 ms, batch 32 greedy 258 -> 230 ms when
+    it was introduced). Blocks of several tokens per row and steps that must return the
     cross-attention weights run the Python layers, which compute the same operations (tested equal to the bit)."""
 
     def __init__(self, model, kind: str, kernel: str) -> None:
@@ -53,7 +54,8 @@ class CppStep:
             *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.cross_attn.q, l.cross_attn.out, l.ffn.fc1,
                             l.ffn.fc2),
             norm_tensors(l.self_attn_norm, l.cross_attn_norm, l.ffn_norm),
-            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.decoder_layers]
+            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads,
+            aten_norm=model.ops.add_layer_norm is torch_add_layer_norm) for l in model.decoder_layers]
         self.layer_step = LayerStep()
 
     def __call__(self, model, x: torch.Tensor, cache: KVCache, memory: Memory,
@@ -102,22 +104,31 @@ class CppStack:
         return _C.encoder_stack(self.layers, x.contiguous(), ragged.lengths.tolist(), kernel=self.kernel)
 
 
-def native_kind(model) -> tuple[str, str] | None:
+def native_kind(model, step: bool = False) -> tuple[str, str] | None:
     """("int8" or "bf16", the kernel) where the model's linears are pyengine's own int8 or bf16 GEMM (what the C++
-    step and stack run on); None otherwise."""
+    step and stack run on); for the step (`step`), also ("float32", "auto") for float32 linears on the CPU
+    (FloatLinear's operations, called from C++); None otherwise."""
     linear = model.ops.linear
     if isinstance(linear, Int8Linear) and linear.own_kernel:
         return "int8", linear.kernel
     if isinstance(linear, Bf16Linear) and linear.kernel != "library":
         return "bf16", linear.kernel
+    if step and type(linear) is FloatLinear:
+        weight = model.decoder_layers[0].self_attn.qkv.packed.weight if model.decoder_layers else None
+        if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            return "float32", "auto"
     return None
 
 
 def native_weights(kind: str, *linears) -> list:
-    """The linears' packed weights as the C++ layers take them (an Int8Weight as packed; a Bf16Weight record)."""
+    """The linears' packed weights as the C++ layers take them (an Int8Weight as packed; a Bf16Weight or FloatWeight
+    record)."""
     from .. import _C
     if kind == "int8":
         return [linear.packed for linear in linears]
+    if kind == "float32":
+        return [_C.FloatWeight(l.packed.weight, l.packed.onednn, l.packed.bias, l.packed.weight.shape[0])
+                for l in linears]
     return [_C.Bf16Weight(linear.packed.packed, linear.packed.bias, linear.packed.n) for linear in linears]
 
 
@@ -133,9 +144,9 @@ def choose_encoder(model) -> LayerStack | CppStack:
 
 
 def choose_step(model) -> DecoderStep:
-    """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM (native_kind) and its decoder
-    layers self-attention; the Python layers otherwise."""
-    native = native_kind(model)
+    """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM or float32 on the CPU
+    (native_kind) and its decoder layers self-attention; the Python layers otherwise."""
+    native = native_kind(model, step=True)
     if native is None or model.cfg.decoder_self != "attention":
         return LayerStep()
     return CppStep(model, *native)
