@@ -113,6 +113,24 @@ def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
                              weight.float().contiguous(), bias.float().contiguous(), eps)
 
 
+def torch_write_kv(store: torch.Tensor, layer: int, kv: torch.Tensor, rows: torch.Tensor,
+                   positions: torch.Tensor) -> None:
+    """Token t's keys and values (kv (T, 2·H·Dh): K, then V) into layer `layer` of a (L, 2, P, H, S, Dh) cache or
+    encoder memory at row rows[t], position positions[t], in its dtype (indexed assignment: any device)."""
+    heads, head_dim = store.shape[3], store.shape[5]
+    store[layer][:, rows, :, positions] = kv.view(-1, 2, heads, head_dim).to(store.dtype)
+
+
+def cpp_write_kv(store: torch.Tensor, layer: int, kv: torch.Tensor, rows: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+    """torch_write_kv in one C++ pass (`_C.write_kv`) for float32 K/V into float32 or bf16 storage: indexed assignment
+    cost as much as the K/V projections (int8, 32 sentences of 24 tokens: 2.9 ms against 2.7 ms for the six GEMMs)."""
+    if kv.dtype != torch.float32 or store.dtype not in CPP_KV_DTYPES:  # (a float16 model's memory)
+        return torch_write_kv(store, layer, kv, rows, positions)
+    from .. import _C
+    _C.write_kv(kv.contiguous(), store, layer, rows, positions)
+
+
 def cpp_log_softmax_topk(logits: torch.Tensor, k: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """pyengine's C++ log-softmax + top-k (csrc/softmax_topk.cpp): CPU tensors."""
     from .. import _C
@@ -146,6 +164,7 @@ class Ops:
     log_softmax_topk: LogSoftmaxTopk  # a search's candidates from (N, V) float32 logits (csrc/softmax_topk.h)
     beam_step: str  # HF beam step in C++: "loop" over CPU tensors, or "aten" (any device: what a GPU runs)
     cache_dtype: torch.dtype  # attention K/V storage (self-attention cache and encoder memory)
+    write_kv: Callable  # a layer's K/V rows into that storage (torch_write_kv's signature)
     report: dict[str, str] = field(default_factory=dict)
 
 
@@ -186,8 +205,10 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     kernels = _triton_kernels(device)
     linear = TritonLinear()
     return Ops(linear, kernels.attention, kernels.add_layer_norm, kernels.log_softmax_topk, "aten", cache,
+               torch_write_kv,
                {"attention": "triton", "add_layer_norm": "triton", "linear": linear.name,
-                "linear_act": linear.activation_name, "log_softmax_topk": "triton", "beam_step": "aten"})
+                "linear_act": linear.activation_name, "log_softmax_topk": "triton", "beam_step": "aten",
+                "write_kv": "torch"})
 
 
 def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device: torch.device) -> Ops:
@@ -195,10 +216,12 @@ def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device:
     cpu = device.type == "cpu"
     topk, topk_name = (cpp_log_softmax_topk, "cpp") if cpu else (_triton_kernels(device).log_softmax_topk, "triton")
     beam_step = "loop" if cpu else "aten"
-    return Ops(linear, torch_attention, norm, topk, beam_step, cache,
+    write_kv, write_name = (cpp_write_kv, "cpp") if cpu else (torch_write_kv, "torch")
+    return Ops(linear, torch_attention, norm, topk, beam_step, cache, write_kv,
                {"attention": "torch", "add_layer_norm": "cpp" if norm is cpp_add_layer_norm else "torch",
                 "linear": linear.name,
-                "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step})
+                "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step,
+                "write_kv": write_name})
 
 
 def check_device(device: torch.device) -> None:

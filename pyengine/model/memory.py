@@ -59,18 +59,6 @@ class Memory:
         """Room for `sentences` slots of `width` source positions (growing copies the slots in use)."""
         self.kv = grown(self.kv, {2: sentences, 4: width}, keep={2: self.pool.capacity})
 
-    def write(self, layer: int, kv: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Token t's keys and values (kv (T, 2·H·Dh): K, then V) into layer `layer` at slot slots[t], position
-        positions[t], in the memory's dtype. On the CPU one C++ pass (`_C.write_kv`): indexed assignment cost as much
-        as the K/V projection itself (int8, 32 sentences of 24 tokens: 2.9 ms against 2.7 ms for the six GEMMs)."""
-        if self.kv.device.type == "cpu" and kv.dtype == torch.float32 and self.kv.dtype in (torch.float32,
-                                                                                            torch.bfloat16):
-            from .. import _C
-            _C.write_kv(kv.contiguous(), self.kv, layer, slots, positions)
-            return
-        heads, head_dim = self.kv.shape[3], self.kv.shape[5]
-        self.kv[layer][:, slots, :, positions] = kv.view(-1, 2, heads, head_dim).to(self.kv.dtype)
-
     def append(self, slots: list[int], lengths: list[int], allowed: torch.Tensor | None = None) -> None:
         """The sentences written at these slots join the batch after the current ones."""
         self.slots += slots

@@ -113,9 +113,9 @@ def native_kind(model, step: bool = False) -> tuple[str, str] | None:
         return "int8", linear.kernel
     if isinstance(linear, Bf16Linear) and linear.kernel != "library":
         return "bf16", linear.kernel
-    if step and type(linear) is FloatLinear:
-        weight = model.decoder_layers[0].self_attn.qkv.packed.weight if model.decoder_layers else None
-        if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+    if step and type(linear) is FloatLinear and model.decoder_layers:
+        weight = model.decoder_layers[0].ffn.fc1.packed.weight  # (every decoder layer has its feed-forward)
+        if weight.dtype == torch.float32 and weight.device.type == "cpu":
             return "float32", "auto"
     return None
 
@@ -146,7 +146,9 @@ def choose_encoder(model) -> LayerStack | CppStack:
 def choose_step(model) -> DecoderStep:
     """The C++ step where the model's linears are pyengine's own int8 or bf16 GEMM or float32 on the CPU
     (native_kind) and its decoder layers self-attention; the Python layers otherwise."""
+    if model.cfg.decoder_self != "attention":
+        return LayerStep()
     native = native_kind(model, step=True)
-    if native is None or model.cfg.decoder_self != "attention":
+    if native is None:
         return LayerStep()
     return CppStep(model, *native)

@@ -334,7 +334,7 @@ class Transformer(nn.Module):
         hidden = self.encode_ragged(torch.tensor([t for x in ids for t in x], device=device), ragged)
         token_slots = torch.tensor(slots, device=device)[torch.div(ragged.index, ragged.width, rounding_mode="floor")]
         for i, layer in enumerate(self.decoder_layers):
-            memory.write(i, layer.cross_attn.kv(hidden), token_slots, ragged.positions)  # (T, 2·D): K, then V
+            self.ops.write_kv(memory.kv, i, layer.cross_attn.kv(hidden), token_slots, ragged.positions)
         memory.append(slots, lengths, allowed)
 
     # -- decoder -------------------------------------------------------------------------------
