@@ -109,7 +109,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("pre_norm"), pybind11::arg("activation"), pybind11::arg("heads"),
            pybind11::arg("aten_norm") = false);
   m.def("decoder_step", &pyengine::decoder_step, nogil,
-        "One decoder step of every layer with int8 or bf16 linears (an indirect KV cache, a position per row), in C++.",
+        "One decoder step of every layer with int8, bf16 or float32 linears (an indirect KV cache, a position per "
+        "row), in C++.",
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("cache"), pybind11::arg("positions"),
         pybind11::arg("write_rows"), pybind11::arg("rows"), pybind11::arg("memory"), pybind11::arg("memory_rows"),
         pybind11::arg("src_lengths"), pybind11::arg("kernel") = "auto");

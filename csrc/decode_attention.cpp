@@ -155,10 +155,12 @@ __attribute__((target("avx512f"))) inline __m512 scores16(const __m512* qr, cons
 // instructions; R independent chains fill the pipeline where one row at a time waited on each), and each value row
 // is loaded once for all R rows. The operations of each row are softmax_avx512's and the loop's below, in their
 // order: the same results, to the bit.
+constexpr int kChunks = 4;                    // vectors of 16 scores a row holds in registers
+constexpr int64_t kTogetherKeys = 16 * kChunks;  // rows_together's keys at most
+
 template <typename T, int NV, int R>
 __attribute__((target("avx512f"))) void rows_together(const float* const* q, const T* const* k, const T* const* v,
                                                      int64_t n, float scale, float* out, int64_t out_stride) {
-  constexpr int kChunks = 4;
   const int chunks = static_cast<int>((n + 15) / 16);
   const __m512 sc = _mm512_set1_ps(scale), low = _mm512_set1_ps(-INFINITY);
   __m512 s[R][kChunks];
@@ -211,7 +213,7 @@ template <typename T, int NV>
 __attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* const* k, const T* const* v,
                                                       int64_t n, int64_t tq, float scale, float* scores, float* out,
                                                       int64_t out_stride) {
-  if (n <= 64) {  // rows_together: four rows at a time (two of 128 wide: their sums fill 16 registers)
+  if (n <= kTogetherKeys) {  // rows_together: four rows at a time (two of 128 wide: their sums fill 16 registers)
     constexpr int R = NV <= 4 ? 4 : 2;
     int64_t i = 0;
     for (; i + R <= tq; i += R) rows_together<T, NV, R>(q + i, k, v, n, scale, out + i * out_stride, out_stride);

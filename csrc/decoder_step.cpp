@@ -78,24 +78,39 @@ void write_kv_rows(const float* src, int64_t ld, int64_t N, int64_t H, int64_t D
   });
 }
 
+// Refuses a row or position outside the (L, 2, P, H, T_max, Dh) cache that rows[r], positions[r] write into (both
+// cache writes check here); the highest position + 1.
+int64_t checked_places(const char* who, const int64_t* rows, const int64_t* positions, int64_t N,
+                       const at::Tensor& cache) {
+  int64_t end = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    TORCH_CHECK(positions[r] >= 0 && positions[r] < cache.size(4), who, ": position ", positions[r],
+                " outside the cache's ", cache.size(4));
+    TORCH_CHECK(rows[r] >= 0 && rows[r] < cache.size(2), who, ": write row ", rows[r], " outside the cache's ",
+                cache.size(2));
+    end = std::max(end, positions[r] + 1);
+  }
+  return end;
+}
+
 }  // namespace
 
 at::Tensor float_linear(const at::Tensor& x, const FloatWeight& w, const std::string& activation) {
+  TORCH_CHECK(activation == "none" || activation == "relu" || activation == "swish" || activation == "gelu",
+              "float_linear: activation must be none, relu, swish or gelu, not ", activation);
   if (w.packed.has_value()) {  // FloatLinear's oneDNN path: (attr, algorithm) as linear.ONEDNN_ACTIVATIONS names them
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                                  c10::string_view, c10::List<c10::optional<at::Scalar>>,
                                                  c10::optional<c10::string_view>)>();
-    const bool act = activation != "none";
-    return op.call(x, *w.packed, w.bias, act ? activation : std::string("none"), c10::List<c10::optional<at::Scalar>>(),
+    return op.call(x, *w.packed, w.bias, activation, c10::List<c10::optional<at::Scalar>>(),
                    c10::string_view(activation == "gelu" ? "none" : ""));
   }
   at::Tensor y = at::linear(x, w.weight, w.bias);
   if (activation == "relu") return at::relu(y);
   if (activation == "swish") return at::silu(y);
   if (activation == "gelu") return at::gelu(y);
-  TORCH_CHECK(activation == "none", "float_linear: activation must be none, relu, swish or gelu, not ", activation);
   return y;
 }
 
@@ -119,14 +134,7 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
   TORCH_CHECK(pos.numel() == N && dst.numel() == N, "decoder_step: one position and one write row per row");
   const int64_t* pos_ptr = pos.data_ptr<int64_t>();
   const int64_t* dst_ptr = dst.data_ptr<int64_t>();
-  int64_t T = 0;
-  for (int64_t r = 0; r < N; ++r) {
-    TORCH_CHECK(pos_ptr[r] >= 0 && pos_ptr[r] < cache.size(4), "decoder_step: position ", pos_ptr[r],
-                " outside the cache");
-    TORCH_CHECK(dst_ptr[r] >= 0 && dst_ptr[r] < cache.size(2), "decoder_step: write row ", dst_ptr[r],
-                " outside the cache");
-    T = std::max(T, pos_ptr[r] + 1);
-  }
+  const int64_t T = checked_places("decoder_step", dst_ptr, pos_ptr, N, cache);
   const int64_t H = layers[0].heads, Dh = D / H, S = memory.size(4), beam = N / B;
   TORCH_CHECK(H * Dh == D && cache.size(3) == H && cache.size(5) == Dh && memory.size(3) == H && memory.size(5) == Dh,
               "decoder_step: cache and memory must have ", H, " heads of ", Dh);
@@ -155,7 +163,7 @@ at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tenso
     TORCH_CHECK(layer.heads == H, "decoder_step: every layer must have ", H, " heads");
     for (const StepWeight* w : {&layer.qkv, &layer.self_out, &layer.cross_q, &layer.cross_out, &layer.fc1, &layer.fc2})
       TORCH_CHECK(w->index() == layers[0].qkv.index(), "decoder_step: every linear must have one weight type (",
-                  "int8 or bf16: the kernel names one of them)");
+                  "int8, bf16 or float32)");
     // self-attention: this step's K/V into the cache, then the query against every position so far
     const bool aten = layer.aten_norm;
     linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps, aten), layer.qkv,
@@ -194,11 +202,7 @@ void write_kv(const at::Tensor& kv, const at::Tensor& cache, int64_t layer, cons
   TORCH_CHECK(r.numel() == N && t.numel() == N, "write_kv: one row and one position per kv row");
   const int64_t* rp = r.data_ptr<int64_t>();
   const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N; ++i) {
-    TORCH_CHECK(rp[i] >= 0 && rp[i] < cache.size(2), "write_kv: row ", rp[i], " outside the cache's ", cache.size(2));
-    TORCH_CHECK(tp[i] >= 0 && tp[i] < cache.size(4), "write_kv: position ", tp[i], " outside the cache's ",
-                cache.size(4));
-  }
+  checked_places("write_kv", rp, tp, N, cache);
   write_kv_rows(kv.data_ptr<float>(), 2 * D, N, H, Dh, cache, layer, rp, tp);
 }
 
