@@ -43,29 +43,40 @@ def patch_sources(setup_py: str, bindings: str) -> tuple[str, str]:
     return setup_py.replace('"pyengine._C"', f'"pyengine.{BASE_MODULE}"'), patched_bindings
 
 
-def build_revision(rev: str) -> Path:
-    """The revision's extension, built (once per commit) in a worktree under benchmarks/.cache; its path."""
+def revision_tree(rev: str, prefix: str) -> tuple[str, Path]:
+    """A git worktree of the revision under benchmarks/.cache (made once per commit and prefix); its commit, path."""
     commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
-    tree = CACHE / f"ab-{commit[:12]}"
+    tree = CACHE / f"{prefix}-{commit[:12]}"
     if not tree.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True,
                        capture_output=True)
-    if f'"pyengine.{BASE_MODULE}"' not in (tree / "setup.py").read_text():  # (also after a run stopped here)
-        setup_py, bindings = patch_sources((tree / "setup.py").read_text(), (tree / "csrc/bindings.cpp").read_text())
-        (tree / "setup.py").write_text(setup_py)
-        (tree / "csrc/bindings.cpp").write_text(bindings)
-    built = sorted((tree / "pyengine").glob(f"{BASE_MODULE}.*.so"))
+    return commit, tree
+
+
+def build_extension(tree: Path, module: str, rev: str) -> Path:
+    """The tree's extension pyengine.<module>, built in place unless already there; its path."""
+    built = sorted((tree / "pyengine").glob(f"{module}.*.so"))
     if not built:
-        print(f"building {rev} ({commit[:12]}) in {tree} ...", file=sys.stderr)
+        print(f"building {rev} in {tree} ...", file=sys.stderr)
         log = tree / "build.log"
         with log.open("w") as out:
             done = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, stdout=out,
                                   stderr=subprocess.STDOUT)
-        built = sorted((tree / "pyengine").glob(f"{BASE_MODULE}.*.so"))
+        built = sorted((tree / "pyengine").glob(f"{module}.*.so"))
         if done.returncode != 0 or not built:
-            raise SystemExit(f"ab_builds: building {rev} failed; see {log}")
+            raise SystemExit(f"building {rev} failed; see {log}")
     return built[0]
+
+
+def build_revision(rev: str) -> Path:
+    """The revision's extension as pyengine._Cab, built (once per commit) in a worktree under benchmarks/.cache."""
+    _, tree = revision_tree(rev, "ab")
+    if f'"pyengine.{BASE_MODULE}"' not in (tree / "setup.py").read_text():  # (also after a run stopped here)
+        setup_py, bindings = patch_sources((tree / "setup.py").read_text(), (tree / "csrc/bindings.cpp").read_text())
+        (tree / "setup.py").write_text(setup_py)
+        (tree / "csrc/bindings.cpp").write_text(bindings)
+    return build_extension(tree, BASE_MODULE, rev)
 
 
 def load_extension(path: Path) -> ModuleType:

@@ -86,3 +86,15 @@ def test_ab_builds_rewrites_this_trees_extension_to_load_beside_it():
         patch_sources(setup_py, bindings.replace('(m, "DecoderLayer",', '(m,\n "DecoderLayer",'))
     with pytest.raises(SystemExit, match="setup.py"):
         patch_sources(setup_py.replace('"pyengine._C"', '"pyengine.core"'), bindings)
+
+
+def test_ab_checkouts_takes_pyengine_runs_of_compare_only():
+    """benchmarks.ab_checkouts runs compare's worker for SYSTEM:CASE pairs: pyengine's systems and compare's cases
+    are taken; another engine's system (its checkout-independent speed), an unknown case or a bare system refused."""
+    import argparse
+    from benchmarks.ab_checkouts import parse_run
+    assert parse_run("pyengine-int8:beam4_b32") == ("pyengine-int8", "beam4_b32")
+    assert parse_run("pyengine-bf16:greedy_b1") == ("pyengine-bf16", "greedy_b1")
+    for bad in ("ct2-int8:beam4_b32", "pyengine-int8:beam5_b32", "pyengine-int8", "pyengine-int4:greedy_b1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected SYSTEM:CASE"):
+            parse_run(bad)
