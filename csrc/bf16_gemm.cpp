@@ -253,17 +253,19 @@ struct FmaTile {
 // then even) per accumulator, where the FMA tile takes two FMAs and two shifts of the weight: half the instructions
 // per product (measured: batch 32 decoding 1.7x faster on Zen 4). The terms are read as bf16 bits, a k pair
 // broadcast as one 32-bit word.
+// No software prefetch of the next tile: on Zen 4 the hardware prefetchers stream the weights better alone — with the
+// weights on 2 MiB pages (pages.py) a batch-1 call 1.22x faster than with the FMA tile's burst of 64 prefetches a
+// k-chunk, which there made huge pages 0.86x of 4 KiB ones; as fast on 4 KiB pages (docs/performance.md).
 #define PYENGINE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 template <int R>
 struct DotTile {
   PYENGINE_AVX512_BF16 static void run(const Split& a, int64_t m0, const uint16_t* w, const Epilogue& e,
-                                       const uint16_t* next) {
+                                       const uint16_t*) {
     const int64_t Kp = a.Kp;
     __m512 c[R][4];
     zero_tile<R>(c);
     for (int64_t ch = 0; ch < Kp; ch += kChunk) {
-      prefetch_chunk(next, ch);
       for (const uint16_t* term : {a.hi16, a.lo16}) {
         const uint16_t* t = term + m0 * Kp;
         for (int64_t k = ch; k < ch + kChunk; k += 2) {
