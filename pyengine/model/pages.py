@@ -4,7 +4,9 @@ A decoder step streams every packed weight once: at batch 1 that is ~50 MB (int8
 from L3. On 4 KiB pages that is 12-25 thousand pages a step, far more than the TLB holds, and each miss walks the
 page tables (in a VM, two sets of them). Copied into one anonymous mapping advised MADV_HUGEPAGE, the weights sit
 on 2 MiB pages wherever the kernel grants them (transparent huge pages "always" or "madvise"): ~50-100 pages a
-step. Measured paired in one process (docs/performance.md): batch 1 greedy 2-6% faster, beam 4 ~3% (int8, bf16).
+step. Measured paired in one process (docs/performance.md): on the Intel Xeon batch 1 greedy 2-6% faster, beam 4
+~3% (int8, bf16); on the AMD EPYC (Zen 4) batch 1 7-12% (int8) and 11% (bf16, once its register tile left the
+prefetching to the hardware: with its burst of software prefetches huge pages had made it 14% slower).
 
 Which pages the weights got is read back from /proc/self/smaps, never assumed, and reported
 (`engine.backends["weight_pages"]`; the bytes: `engine.model.weight_pages`). Nothing else changes: the same bytes,
