@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .ab_builds import build_extension, paired_ratios, revision_tree
-from .compare import CACHE, CASES, RESULTS, ROOT, SYSTEMS, prepare_model
+from .compare import CACHE, CASES, RESULTS, ROOT, SYSTEMS, WorkerFailed, prepare_model, run_worker
 
 
 def parse_run(text: str) -> tuple[str, str]:
@@ -41,16 +40,6 @@ def share_models(tree: Path) -> None:
             link.symlink_to(model)
 
 
-def worker_seconds(tree: Path, system: str, case: str, threads: int, repeats: int) -> list[float]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--worker", system, case, "--threads",
-                           str(threads), "--repeats", str(repeats)], cwd=tree, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{system} {case} in {tree} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("rev", help="the revision to compare the working tree with")
@@ -68,13 +57,14 @@ def main(argv=None) -> int:
     checkouts = {"base": tree, "new": ROOT}
     results = []
     for system, case in args.runs:
-        fastest = {name: [] for name in checkouts}
         runs = {name: [] for name in checkouts}
         for i in range(args.rounds):
             for name in ("base", "new") if i % 2 == 0 else ("new", "base"):
-                seconds = worker_seconds(checkouts[name], system, case, args.threads, args.repeats)
-                runs[name].append(seconds)
-                fastest[name].append(min(seconds))
+                try:
+                    runs[name].append(run_worker(checkouts[name], system, case, args.threads, args.repeats)["seconds"])
+                except WorkerFailed as failed:
+                    raise SystemExit(str(failed)) from None
+        fastest = {name: [min(seconds) for seconds in runs[name]] for name in checkouts}
         ratio = paired_ratios(fastest["base"], fastest["new"])
         rounds = " ".join(f"{b / n:.3f}" for b, n in zip(fastest["base"], fastest["new"]))
         print(f"{system:14s} {case:11s} working tree over {args.rev}: {ratio:.3f} (rounds {rounds})")

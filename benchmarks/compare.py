@@ -249,6 +249,23 @@ def weight_bytes(case: str, system: str) -> float:
 
 
 # -- driver -------------------------------------------------------------------------------------
+class WorkerFailed(RuntimeError):
+    """A worker process exited with an error (the message holds the tail of its stderr)."""
+
+
+def run_worker(checkout: Path, system: str, case: str, threads: int, repeats: int, device: str = "cpu") -> dict:
+    """One system and case timed by the worker of the checkout at `checkout` (this tree's, or another revision's:
+    benchmarks.ab_checkouts), in a process of its own with `threads` OpenMP threads; the worker's result."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--worker", system, case, "--threads",
+                           str(threads), "--repeats", str(repeats), "--device", device],
+                          cwd=checkout, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise WorkerFailed(f"{system} {case} in {checkout} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -268,8 +285,6 @@ def main(argv=None) -> int:
     args.cases = args.cases or [c for c in CASES if not (cuda and c == "corpus_beam4")]
 
     prepare_model()
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    env.pop("TRITON_INTERPRET", None)
     runs: dict[tuple[str, str], list[float]] = {}
     checks: dict[tuple[str, str], dict] = {}
     measure_floor = gpu_floor if cuda else lambda: machine_floor(args.threads)
@@ -278,14 +293,11 @@ def main(argv=None) -> int:
         for case in args.cases:
             systems = args.systems if rnd % 2 == 0 else list(reversed(args.systems))  # alternate the order
             for system in systems:
-                proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--worker", system, case,
-                                       "--threads", str(args.threads), "--repeats", str(args.repeats),
-                                       "--device", args.device],
-                                      cwd=ROOT, env=env, capture_output=True, text=True)
-                if proc.returncode:
-                    print(f"{system} {case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                try:
+                    res = run_worker(ROOT, system, case, args.threads, args.repeats, args.device)
+                except WorkerFailed as failed:
+                    print(failed, file=sys.stderr)
                     continue
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
                 runs.setdefault((system, case), []).extend(res["seconds"])
                 checks[(system, case)] = res
                 print(f"round {rnd + 1} {case:<13} {system:<14} {min(res['seconds']):8.3f} s", file=sys.stderr)
