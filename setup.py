@@ -26,8 +26,10 @@ def extension():
     cpp = sorted(glob.glob("csrc/*.cpp"))
     # -fopenmp: at::parallel_for is inlined into our sources and is serial without it.
     # -ffp-contract=off: a scalar a*b+c is never fused into an FMA behind our back, so a loop the compiler
-    # vectorizes with an alignment peel rounds every element alike (else results depended on addresses)
-    args = {"cxx": ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]}
+    # vectorizes with an alignment peel rounds every element alike (else results depended on addresses).
+    # -std=c++20: what torch's headers are written for (its own default). -g1: line tables for profilers, not
+    # the full debug info of torch's headers that Python's -g asks for (half of a file's compile time).
+    args = {"cxx": ["-O3", "-std=c++20", "-g1", "-fopenmp", "-ffp-contract=off"]}
     link = ["-fopenmp"]
     return CppExtension("pyengine._C", cpp, extra_compile_args=args, extra_link_args=link)
 

@@ -1,5 +1,6 @@
 // pyengine._C: the C++ side of the engine: the functions of csrc/*.cpp, nothing else.
-#include <torch/extension.h>
+#include <torch/python.h>  // pybind11 and its Tensor casters (not all of <torch/extension.h>)
+#include <torch/version.h>
 
 #include "beam_search.h"
 #include "bf16_gemm.h"

@@ -16,6 +16,7 @@
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>  // mkldnn::_linear_pointwise, called by its schema
 
 #include <algorithm>
 #include <cmath>

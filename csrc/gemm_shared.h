@@ -7,7 +7,7 @@
 // read back by the log-softmax + top-k. Instead a GEMM hands each row block's logits, still in an L1 buffer, to
 // `absorb`: per row a running log-sum-exp (16 lanes: an offset near the lane's max and the sum of exp relative to
 // it) and the k best (logit, id) so far take them in; nothing (rows, V) is written.
-#include <torch/extension.h>
+#include "aten.h"
 
 #include "parallel.h"
 

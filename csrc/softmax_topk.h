@@ -1,5 +1,5 @@
 #pragma once
-#include <torch/extension.h>
+#include "aten.h"
 
 #include <tuple>
 
