@@ -63,6 +63,7 @@ training:
   attention_dropout: [0.0]
   world_size: 1
   gpu_ranks: []
+  num_workers: 0  # (the batches made in the trainer's process: two loader processes on 2 cores took 2x as long)
 """
 
 
