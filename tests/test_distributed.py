@@ -51,6 +51,12 @@ def corpus() -> list[str]:
     return lines
 
 
+@pytest.fixture(scope="module")
+def reference(engine, corpus) -> list[str]:
+    """The corpus translated by the engine in this process (what every distributed run must give)."""
+    return engine.translate(corpus)
+
+
 def translator_handles() -> list:
     """The handles the driver's Ray Data executor holds to its translator actors (they have no name to look up)."""
     import gc
@@ -79,20 +85,20 @@ def serve_replicas() -> list:
     return handles
 
 
-def test_dataset_translation_equals_the_engine(cluster, engine, corpus):
+def test_dataset_translation_equals_the_engine(cluster, corpus, reference):
     from pyengine.distributed import translate_dataset
 
     rows = corpus + [None]  # a row the engine refuses: its error, the others translated
     ds = ray.data.from_items([{"text": t, "id": i} for i, t in enumerate(rows)])
     out = translate_dataset(ds, workers=2, threads=1, batch_size=32).take_all()
     assert [r["id"] for r in out] == list(range(len(rows)))  # the caller's order
-    assert [r["translation"] for r in out[:-1]] == engine.translate(corpus)
+    assert [r["translation"] for r in out[:-1]] == reference
     assert out[-1]["translation"] is None and "expected str, got NoneType" in out[-1]["error"]
     with pytest.raises(pyengine.OptionError, match="unknown decoding option"):
         translate_dataset(ds, beam_sise=2)
 
 
-def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, engine, corpus):
+def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, corpus, reference):
     from pyengine.distributed import translate_dataset
 
     ds = ray.data.from_items([{"text": t, "id": i} for i, t in enumerate(corpus)])
@@ -111,7 +117,7 @@ def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, engine, corp
             killed.append(pids[-1])
     assert len(killed) == 2
     assert [r["id"] for r in rows] == list(range(len(corpus)))
-    assert [r["translation"] for r in rows] == engine.translate(corpus)
+    assert [r["translation"] for r in rows] == reference
 
 
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
