@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _C
 from ..config import DecodeOptions
 from .hypothesis import Hypothesis
 from .processors import NEG
@@ -37,7 +38,6 @@ class HFBeamState:
         """Each row's best (log-prob, token) candidates → (parent row per new row (B·K,), next token (B·K,)).
         Each sentence's length is its own count (`steps`, advanced here), not `step`: sentences of cohorts that
         started at different steps share this state (`absorb`)."""
-        from .. import _C
         rows, nxt, self.last_parent, self.last_pick = _C.beam_step(
             cand_logp, cand_ids, self.run_scores, self.run_hist, self.fin_scores, self.fin_hist, self.fin_len,
             self.fin_flag, self.open, self.steps, float(opts.length_penalty), EARLY_STOPPING_CODES[opts.early_stopping],

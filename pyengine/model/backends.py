@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import _C
 from ..errors import BackendError, OptionError
 from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear, banned_ids
 
@@ -69,7 +70,6 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_length
         # the fused C++ loop, one task per (sentence, head): a step's query sees every key given (one new
         # token); B·H tiny GEMMs cost more in dispatch (measured 7x slower at batch 1, 1.3x at 128 rows),
         # and the CPU flash kernel is slower for short sources (encoder, 32 × 24 tokens: 3.2x)
-        from .. import _C
         k, v = k[:, :, :tk], v[:, :, :tk]  # physical buffers are longer than the keys read
         if k.dtype == torch.float16:
             k, v = k.float(), v.float()
@@ -108,7 +108,6 @@ def cpp_add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     """pyengine's C++ residual + layer norm (csrc/layer_norm.cpp), float32: the one the C++ decoder steps run, so the
     Python layers and those steps agree to the bit; at a step's few rows it is faster than ATen's add +
     layer_norm, whose dispatch dominates there (2.4x at 32 rows, 1.5x at 128: `pytest benchmarks/`)."""
-    from .. import _C
     return _C.add_layer_norm(x.float().contiguous(), None if residual is None else residual.float().contiguous(),
                              weight.float().contiguous(), bias.float().contiguous(), eps)
 
@@ -127,13 +126,11 @@ def cpp_write_kv(store: torch.Tensor, layer: int, kv: torch.Tensor, rows: torch.
     cost as much as the K/V projections (int8, 32 sentences of 24 tokens: 2.9 ms against 2.7 ms for the six GEMMs)."""
     if kv.dtype != torch.float32 or store.dtype not in CPP_KV_DTYPES:  # (a float16 model's memory)
         return torch_write_kv(store, layer, kv, rows, positions)
-    from .. import _C
     _C.write_kv(kv.contiguous(), store, layer, rows, positions)
 
 
 def cpp_log_softmax_topk(logits: torch.Tensor, k: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """pyengine's C++ log-softmax + top-k (csrc/softmax_topk.cpp): CPU tensors."""
-    from .. import _C
     return _C.log_softmax_topk(logits, k, banned_ids(banned))
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _C  # (at module level: an import in a step's call cost ~20 us there, its caches cold)
 from ..errors import OptionError
 from ..quant import quantize_rows
 
@@ -185,13 +186,11 @@ def int8_engines() -> tuple[str, ...]:
 
 def vnni_available() -> bool:
     """The CPU has AVX512-VNNI, which pyengine's own int8 GEMM (csrc/int8_gemm.cpp) runs on."""
-    from .. import _C
     return bool(_C.build_info()["avx512_vnni"])
 
 
 def amx_available() -> bool:
     """The CPU has AMX-INT8 and the OS grants its tile state: pyengine's int8 GEMM runs its AMX tile."""
-    from .. import _C
     return bool(_C.build_info()["amx_int8"])
 
 
@@ -227,7 +226,6 @@ class Int8Linear(LinearMethod):
         q, scale = quantize_rows(weight)
         bias = None if bias is None else bias.float().contiguous()
         if self.own_kernel:
-            from .. import _C
             packed, colsum = _C.int8_pack(q)  # int8 column tiles; int32 column sums (for the zero points)
             return _C.Int8Weight(packed, colsum, scale.contiguous(), bias, q.shape[0])
         packs = {}
@@ -244,13 +242,11 @@ class Int8Linear(LinearMethod):
         return w.packed if self.own_kernel else None
 
     def with_packed(self, w: Any, packed: torch.Tensor) -> Any:
-        from .. import _C
         return _C.Int8Weight(packed, w.colsum, w.scale, w.bias, w.n)
 
     def apply(self, x: torch.Tensor, w: Any, out: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float().contiguous()
         if self.own_kernel and (act == "none" or act in FUSED_ACTIVATIONS):
-            from .. import _C
             y = _C.int8_linear(flat, w.packed, w.colsum, w.scale, w.bias, w.n, out, kernel=self.kernel, activation=act)
             return y.view(*x.shape[:-1], w.n) if out is None else out
         if self.own_kernel:  # gelu: after the GEMM
@@ -265,7 +261,6 @@ class Int8Linear(LinearMethod):
     def apply_topk(self, x: torch.Tensor, w: Any, k: int, banned: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.own_kernel:
             return super().apply_topk(x, w, k, banned)
-        from .. import _C
         return _C.int8_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.colsum,
                                                w.scale, w.bias, w.n, k, banned_ids(banned),
                                                kernel=self.kernel)
@@ -273,7 +268,6 @@ class Int8Linear(LinearMethod):
 
 def bf16_kernels() -> tuple[str, ...]:
     """pyengine's own bf16 GEMM kernels this CPU runs (csrc/bf16_gemm.cpp), fastest first."""
-    from .. import _C
     info = _C.build_info()
     return tuple(k for k, key in (("amx", "amx_bf16"), ("avx512bf16", "avx512_bf16"), ("avx512", "avx512"))
                  if info[key])
@@ -307,7 +301,6 @@ class Bf16Linear(LinearMethod):
         if self.kernel == "library":
             packed = weight.detach().bfloat16().float()
         else:
-            from .. import _C
             packed = _C.bf16_pack(weight.detach())
         return Bf16Weight(packed, bias, weight.shape[0], weight.shape[1])
 
@@ -331,7 +324,6 @@ class Bf16Linear(LinearMethod):
         if act != "none" and act not in FUSED_ACTIVATIONS:  # gelu: after the GEMM
             y = activation(self.apply(x, w), act)
             return y if out is None else out.copy_(y.view(out.shape))
-        from .. import _C
         y = _C.bf16_linear(flat, w.packed, w.bias, w.n, out, kernel=self.kernel, activation=act)
         return y.view(*x.shape[:-1], w.n) if out is None else out
 
@@ -340,7 +332,6 @@ class Bf16Linear(LinearMethod):
             return super().apply_topk(x, w, k, banned)
         if x.shape[-1] != w.k:
             raise ValueError(f"linear_candidates: input width {x.shape[-1]}, the layer takes {w.k}")
-        from .. import _C
         return _C.bf16_linear_log_softmax_topk(x.reshape(-1, x.shape[-1]).float().contiguous(), w.packed, w.bias, w.n,
                                                k, banned_ids(banned), kernel=self.kernel)
 

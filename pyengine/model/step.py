@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .. import _C
 from .backends import CPP_ATTENTION_KEYS, torch_add_layer_norm
 from .cache import KVCache, RecurrentCache
 from .linear import Bf16Linear, FloatLinear, Int8Linear
@@ -48,7 +49,6 @@ class CppStep:
     cross-attention weights run the Python layers, which compute the same operations (tested equal to the bit)."""
 
     def __init__(self, model, kind: str, kernel: str) -> None:
-        from .. import _C
         self.name, self.kernel = f"cpp-{kind}", kernel
         self.layers = [_C.DecoderLayer(
             *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.cross_attn.q, l.cross_attn.out, l.ffn.fc1,
@@ -63,7 +63,6 @@ class CppStep:
         n, t, d = x.shape
         if t != 1 or attention_out is not None:
             return self.layer_step(model, x, cache, memory, attention_out)
-        from .. import _C
         w = memory.width
         _, rows, lengths = memory.step_view()  # a row per sentence (its beams fold into it), or per decoder row
         out = _C.decoder_step(self.layers, x.view(n, d), cache.physical, cache.positions, cache.write_rows,
@@ -89,7 +88,6 @@ class CppStack:
     Python layers, whose attention is PyTorch's there."""
 
     def __init__(self, model, kind: str, kernel: str) -> None:
-        from .. import _C
         self.name, self.kernel = f"cpp-{kind}", kernel
         self.layers = [_C.EncoderLayer(
             *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.ffn.fc1, l.ffn.fc2),
@@ -100,7 +98,6 @@ class CppStack:
     def __call__(self, model, x: torch.Tensor, ragged) -> torch.Tensor:
         if ragged.width > CPP_ATTENTION_KEYS or x.dtype != torch.float32:
             return self.layer_stack(model, x, ragged)
-        from .. import _C
         return _C.encoder_stack(self.layers, x.contiguous(), ragged.lengths.tolist(), kernel=self.kernel)
 
 
@@ -123,7 +120,6 @@ def native_kind(model, step: bool = False) -> tuple[str, str] | None:
 def native_weights(kind: str, *linears) -> list:
     """The linears' packed weights as the C++ layers take them (an Int8Weight as packed; a Bf16Weight or FloatWeight
     record)."""
-    from .. import _C
     if kind == "int8":
         return [linear.packed for linear in linears]
     if kind == "float32":
