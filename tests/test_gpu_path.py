@@ -8,6 +8,7 @@ finish, however many.
 from __future__ import annotations
 
 import collections
+import sys
 import traceback
 
 import pytest
@@ -77,7 +78,10 @@ def test_backends_report_every_op_of_the_cuda_step(gpu_engine):
 @pytest.mark.parametrize("beam", [1, 3])
 def test_step_path_runs_no_cpu_kernel_and_reads_the_host_once_per_step(gpu_engine, beam, monkeypatch):
     calls = CallsOfC(_C)
-    monkeypatch.setattr(pyengine, "_C", calls)  # what `from .. import _C` in the step path finds
+    monkeypatch.setattr(pyengine, "_C", calls)  # what a `from .. import _C` in a call finds
+    for module in [m for name, m in sys.modules.items() if name.startswith("pyengine.")]:
+        if getattr(module, "_C", None) is _C:  # and the modules that imported it at their top
+            monkeypatch.setattr(module, "_C", calls)
     opts = gpu_engine.options(beam_size=beam, max_decoding_length=9)
     cfg = gpu_engine.config
     batch = Runtime(gpu_engine.model, gpu_engine.rules, opts, torch.device("cpu"), cfg.decoder_start_id, cfg.eos_id)
