@@ -6,6 +6,7 @@
 #include "bf16_gemm.h"
 #include "decode_attention.h"
 #include "decoder_step.h"
+#include "embedding.h"
 #include "encoder_stack.h"
 #include "int8_gemm.h"
 #include "layer_norm.h"
@@ -48,6 +49,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "LN(x + residual) (LN(x) when residual is None) over the last dim of contiguous float32 CPU tensors.",
         pybind11::arg("x"), pybind11::arg("residual"), pybind11::arg("weight"), pybind11::arg("bias"),
         pybind11::arg("eps"), pybind11::arg("portable") = false);
+  m.def("embed_rows", &pyengine::embed_rows, nogil,
+        "table[ids]·scale + positions_table[positions + offset], one token a row (float32 CPU; zero_start: Marian's "
+        "zero first decoder input).",
+        pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale"), pybind11::arg("positions_table"),
+        pybind11::arg("positions"), pybind11::arg("offset"), pybind11::arg("zero_start"));
   m.def("int8_kernel_name", &pyengine::int8_kernel_name,
         "The tile int8_linear runs for `kernel` on rows × k activations: amx, vnni or portable.",
         pybind11::arg("kernel"), pybind11::arg("rows"), pybind11::arg("k"));

@@ -1,7 +1,7 @@
 """The C++ decoding kernels of pyengine._C against independent references: the fused log-softmax + top-k
 against float64 PyTorch math, the fused decode-step
 attention against float64 softmax(q·kᵀ)·v (also through an indirect cache's row index, and as the encoder
-calls it), the residual + layer norm against float64. (The GPU's top-k is the Triton kernel: tests/test_topk_kernel.py.)"""
+calls it), the residual + layer norm against float64, the step's embedding against PyTorch's float32 ops and float64. (The GPU's top-k is the Triton kernel: tests/test_topk_kernel.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -214,6 +214,37 @@ def test_decode_attention_refuses_bad_inputs():
     with pytest.raises(RuntimeError, match="one entry per sentence"):
         _C.decode_attention(q, k, k, torch.tensor([5]), 1.0)
 
+
+
+@pytest.mark.parametrize("scale, offset, zero_start", [(1.0, 0, False), (22.627416997969522, 2, False), (16.0, 0, True)])
+def test_embed_rows_equals_the_lookup_scale_and_position_add(scale, offset, zero_start):
+    """_C.embed_rows against PyTorch's float32 ops in the same order (each product and sum rounded): equal to the bit;
+    and against float64 math within float32 rounding."""
+    g = torch.Generator().manual_seed(offset)
+    table, pos_table = torch.randn(1000, 96, generator=g), torch.randn(40, 96, generator=g)
+    ids, positions = torch.randint(0, 1000, (37,), generator=g), torch.randint(0, 40 - offset, (37,), generator=g)
+    positions[:3] = 0
+    out = _C.embed_rows(table, ids, scale, pos_table, positions, offset, zero_start)
+    looked = table[ids] * torch.tensor(scale, dtype=torch.float32)
+    if zero_start:
+        looked[positions == 0] = 0
+    assert torch.equal(out, looked + pos_table[positions + offset])
+    kept = (positions != 0) if zero_start else torch.ones(37, dtype=torch.bool)
+    exact = table.double()[ids] * scale * kept[:, None] + pos_table.double()[positions + offset]
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-5)
+
+
+def test_embed_rows_refuses_bad_inputs():
+    table, pos = torch.randn(10, 8), torch.randn(6, 8)
+    ids, positions = torch.tensor([1, 2]), torch.tensor([0, 5])
+    with pytest.raises(RuntimeError, match="token id 10 outside the table's 10"):
+        _C.embed_rows(table, torch.tensor([1, 10]), 1.0, pos, positions, 0, False)
+    with pytest.raises(RuntimeError, match="position 6 outside the table's 6"):
+        _C.embed_rows(table, ids, 1.0, pos, positions, 1, False)
+    with pytest.raises(RuntimeError, match="float32"):
+        _C.embed_rows(table.double(), ids, 1.0, pos, positions, 0, False)
+    with pytest.raises(RuntimeError, match="int64"):
+        _C.embed_rows(table, ids.int(), 1.0, pos, positions, 0, False)
 
 
 def _longest_hold(call) -> tuple[float, float]:

@@ -6,6 +6,7 @@ because every operation in them is tested against float64 math elsewhere (tests/
 test_csrc_kernels.py); the engine's tokens against the training libraries' decoders: the parity tests."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -150,6 +151,37 @@ def test_cpp_encoder_stack_equals_the_python_layers(arch, kind, kernel, tmp_path
         x = torch.randn(CPP_ATTENTION_KEYS + 4, model.cfg.d_model, generator=gen)  # layers alone, embedded tokens given)
         assert torch.equal(model.encoder_stack(model, x, long), LayerStack()(model, x, long))
         assert calls == [kernel]  # the long source ran the Python layers
+
+
+@pytest.mark.parametrize("zero_start, offset, positions, norm", [(False, 0, "sinusoidal_half", False),
+                                                                 (True, 0, "sinusoidal_half", False),
+                                                                 (False, 2, "learned", True)])
+def test_step_embedding_in_one_cpp_pass_equals_the_aten_calls(zero_start, offset, positions, norm):
+    """A step's (and the encoder's) embedding, one token a row at its own position, through the backend's C++ pass
+    (`_C.embed_rows`) and through ATen's calls (`_embed_ops`): equal to the bit, Marian's zero first decoder input,
+    BART's learned positions at offset 2 and embedding layer norm included."""
+    cfg = ModelConfig(d_model=24, encoder_layers=1, decoder_layers=1, encoder_heads=3, decoder_heads=3,
+                      encoder_ffn_dim=40, decoder_ffn_dim=36, src_vocab_size=50, tgt_vocab_size=50, activation="relu",
+                      pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
+                      positions=positions, position_offset=offset, zero_start_embedding=zero_start,
+                      embedding_norm=norm, shared_embeddings=True)
+    ops = resolve_ops("torch", torch.device("cpu"))
+    assert ops.report["embed_rows"] == "cpp"
+    model = Transformer(cfg, ops)
+    gen = torch.Generator().manual_seed(offset)
+    state = {name: torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
+    load_weights(model, state, torch.float32, torch.device("cpu"))
+    ids = torch.randint(0, 50, (9, 1), generator=gen)
+    at = torch.tensor([0, 3, 0, 7, 1, 61, 2, 0, 5])  # rows at their own positions, some at 0
+    for side in ("src", "tgt"):
+        native = model._embed(model.src_embed, ids, side, at, 62)
+        model.ops = dataclasses.replace(ops, embed_rows=None)
+        try:
+            aten = model._embed(model.src_embed, ids, side, at, 62)
+        finally:
+            model.ops = ops
+        assert torch.equal(native, aten), side
+        assert not torch.equal(native[1], native[3])  # (tokens at positions 3 and 7: the rows were embedded)
 
 
 def test_a_layer_of_mixed_weight_types_is_refused():

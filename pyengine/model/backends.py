@@ -129,6 +129,17 @@ def cpp_write_kv(store: torch.Tensor, layer: int, kv: torch.Tensor, rows: torch.
     _C.write_kv(kv.contiguous(), store, layer, rows, positions)
 
 
+def cpp_embed_rows(table: torch.Tensor, ids: torch.Tensor, scale: float, positions_table: torch.Tensor,
+                   positions: torch.Tensor, offset: int, zero_start: bool) -> torch.Tensor:
+    """table[ids]·scale + positions_table[positions + offset] (N, D) in one C++ pass (`_C.embed_rows`: float32 CPU
+    tables; the same roundings in the same order as Transformer._embed_ops): at a decoder step ATen's embedding, mul_,
+    index_select and add_ took ~0.1 ms, their code and the table's rows cold after the step's weights streamed (a
+    batch-1 call 1.01-1.02x faster, batch 32 within 1%: benchmarks/results/ab-embed-rows-20261207-021215.json)."""
+    ids = ids if ids.dtype == torch.long else ids.long()
+    positions = positions if positions.dtype == torch.long else positions.long()
+    return _C.embed_rows(table, ids, scale, positions_table, positions, offset, zero_start)
+
+
 def cpp_log_softmax_topk(logits: torch.Tensor, k: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """pyengine's C++ log-softmax + top-k (csrc/softmax_topk.cpp): CPU tensors."""
     return _C.log_softmax_topk(logits, k, banned_ids(banned))
@@ -163,6 +174,9 @@ class Ops:
     cache_dtype: torch.dtype  # attention K/V storage (self-attention cache and encoder memory)
     write_kv: Callable  # a layer's K/V rows into that storage (torch_write_kv's signature)
     report: dict[str, str] = field(default_factory=dict)
+    # tokens one a row at their own positions → embedding·scale + position (cpp_embed_rows's signature); None: the
+    # model's ATen calls (Transformer._embed_ops)
+    embed_rows: Callable | None = None
 
 
 def cache_dtype_for(device: torch.device, dtype: torch.dtype, weights: str) -> torch.dtype:
@@ -190,35 +204,37 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
     if weights == "bf16":
         if dtype != torch.float32 or backend != "torch" or device.type != "cpu":
             raise OptionError("bf16 weights run on the CPU with float32 activations (dtype='bfloat16' sets them)")
-        return _torch_ops(Bf16Linear(), cpp_add_layer_norm, cache, device)
+        return _torch_ops(Bf16Linear(), cpp_add_layer_norm, cache, device, dtype)
     if weights == "int8":
         if dtype != torch.float32:
             raise OptionError("int8 weights run with float32 activations; use dtype='int8' (or dtype=float32)")
         if backend != "torch" or device.type != "cpu":
             raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
-        return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache, device)
+        return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache, device, dtype)
     if backend == "torch":
-        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache, device)
+        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache, device, dtype)
     kernels = _triton_kernels(device)
     linear = TritonLinear()
     return Ops(linear, kernels.attention, kernels.add_layer_norm, kernels.log_softmax_topk, "aten", cache,
                torch_write_kv,
                {"attention": "triton", "add_layer_norm": "triton", "linear": linear.name,
                 "linear_act": linear.activation_name, "log_softmax_topk": "triton", "beam_step": "aten",
-                "write_kv": "torch"})
+                "write_kv": "torch", "embed_rows": "torch"})
 
 
-def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device: torch.device) -> Ops:
+def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device: torch.device,
+               dtype: torch.dtype) -> Ops:
     """PyTorch (and pyengine's C++ on the CPU); on a GPU the candidates' top-k is the Triton kernel."""
     cpu = device.type == "cpu"
     topk, topk_name = (cpp_log_softmax_topk, "cpp") if cpu else (_triton_kernels(device).log_softmax_topk, "triton")
     beam_step = "loop" if cpu else "aten"
     write_kv, write_name = (cpp_write_kv, "cpp") if cpu else (torch_write_kv, "torch")
+    embed = cpp_embed_rows if cpu and dtype == torch.float32 else None  # (float32 tables)
     return Ops(linear, torch_attention, norm, topk, beam_step, cache, write_kv,
                {"attention": "torch", "add_layer_norm": "cpp" if norm is cpp_add_layer_norm else "torch",
                 "linear": linear.name,
                 "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step,
-                "write_kv": write_name})
+                "write_kv": write_name, "embed_rows": "torch" if embed is None else "cpp"}, embed)
 
 
 def check_device(device: torch.device) -> None:

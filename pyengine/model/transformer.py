@@ -279,29 +279,39 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if end > cfg.max_positions:
             raise ValueError(f"position {end} exceeds the model's {cfg.max_positions} positions")
-        # the lookup, scale and position add in place on the lookup's own output (at a decoder step these few small
-        # ops are much of the step's Python time: the module call and advanced indexing cost more than index_select)
+        positions_table = getattr(self, f"{side}_positions") if cfg.positions == "learned" else self.sin_positions
+        offset, zero_start = cfg.position_offset, side == "tgt" and cfg.zero_start_embedding
+        if ids.shape[1] == 1 and positions is not None and self.ops.embed_rows is not None:
+            # one token a row, each at its own position (a decoder step; the encoder's tokens): the backend's one pass
+            x = self.ops.embed_rows(table.weight, ids.view(-1), cfg.embed_scale, positions_table, positions, offset,
+                                    zero_start)[:, None]
+        else:
+            x = self._embed_ops(table, ids, positions, positions_table, offset, zero_start)
+        if cfg.embedding_norm:
+            norm = getattr(self, f"{side}_embed_norm")
+            x = self.ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
+        return x
+
+    def _embed_ops(self, table: nn.Embedding, ids: torch.Tensor, positions: torch.Tensor | None,
+                   positions_table: torch.Tensor, offset: int, zero_start: bool) -> torch.Tensor:
+        """_embed in ATen calls (any device and dtype): the lookup, scale and position add in place on the lookup's
+        own output (the module call and advanced indexing cost more than index_select)."""
         x = nn.functional.embedding(ids, table.weight)
-        if cfg.embed_scale != 1:
-            x.mul_(cfg.embed_scale)
-        if positions is None or ids.shape[1] == 1:  # (a decoder step: one token per row, no arange)
+        if self.cfg.embed_scale != 1:
+            x.mul_(self.cfg.embed_scale)
+        if positions is None or ids.shape[1] == 1:  # (one token per row: no arange)
             pos = None if positions is None else positions[:, None]
         else:
             pos = positions[:, None] + torch.arange(ids.shape[1], device=ids.device)
-        if side == "tgt" and cfg.zero_start_embedding:  # Marian starts decoding from a zero vector (plus position 0)
+        if zero_start:  # Marian starts decoding from a zero vector (plus position 0)
             first = torch.arange(ids.shape[1], device=ids.device)[None, :] == 0 if pos is None else pos == 0
             x = x.masked_fill(first[:, :, None], 0)
-        positions_table = getattr(self, f"{side}_positions") if cfg.positions == "learned" else self.sin_positions
-        offset = cfg.position_offset
         if pos is None:
             x.add_(positions_table[offset: offset + ids.shape[1]])
         elif ids.shape[1] == 1:
             x.add_(positions_table.index_select(0, positions if offset == 0 else positions + offset)[:, None])
         else:
             x.add_(positions_table[pos + offset])
-        if cfg.embedding_norm:
-            norm = getattr(self, f"{side}_embed_norm")
-            x = self.ops.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps)
         return x
 
     # -- encoder -------------------------------------------------------------------------------
