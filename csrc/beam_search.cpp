@@ -232,4 +232,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
                                                    ends);
 }
 
+std::tuple<at::Tensor, at::Tensor, bool> greedy_step(const at::Tensor& logp, const at::Tensor& ids, at::Tensor scores,
+                                                     at::Tensor history, int64_t step, const std::vector<int64_t>& ends,
+                                                     bool last) {
+  TORCH_CHECK(logp.dim() == 2 && ids.sizes() == logp.sizes() && logp.size(1) >= 1 && logp.is_cpu() && ids.is_cpu() &&
+                  logp.scalar_type() == at::kFloat && ids.scalar_type() == at::kLong,
+              "greedy_step: candidates (N, k >= 1), float32 log-probs and int64 ids on the CPU expected");
+  const int64_t n = logp.size(0);
+  TORCH_CHECK(scores.dim() == 1 && scores.size(0) == n && scores.scalar_type() == at::kFloat && scores.is_contiguous() &&
+                  history.dim() == 2 && history.size(0) == n && history.scalar_type() == at::kLong &&
+                  history.is_contiguous() && scores.is_cpu() && history.is_cpu(),
+              "greedy_step: scores (N,) float32 and history (N, T) int64, contiguous CPU tensors, expected");
+  TORCH_CHECK(step >= 0 && step < history.size(1), "greedy_step: step ", step, " outside the history of ",
+              history.size(1));
+  const int64_t width = history.size(1), lp_stride = logp.stride(0), id_stride = ids.stride(0);
+  const float* lp = logp.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* score = scores.data_ptr<float>();
+  int64_t* hist = history.data_ptr<int64_t>();
+  at::Tensor next = at::empty({n}, ids.options()), done = at::empty({n}, ids.options().dtype(at::kBool));
+  int64_t* next_p = next.data_ptr<int64_t>();
+  bool* done_p = done.data_ptr<bool>();
+  bool any = false;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t token = id[r * id_stride];
+    next_p[r] = token;
+    score[r] = score[r] + lp[r * lp_stride];
+    hist[r * width + step] = token;
+    done_p[r] = last || std::find(ends.begin(), ends.end(), token) != ends.end();
+    any = any || done_p[r];
+  }
+  return {next, done, any};
+}
+
 }  // namespace pyengine

@@ -20,4 +20,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> beam_step(
     at::Tensor steps, double length_penalty, int64_t early_stopping, const std::vector<int64_t>& ends,
     const std::string& impl = "auto");
 
+// One greedy step's bookkeeping over CPU tensors, Greedy.advance's ATen calls in one pass: per row r the chosen
+// token is ids[r, 0] (its log-prob logp[r, 0]: the best of the row's candidates); scores[r] += that log-prob
+// (float32), history[r, step] = the token (both in place); the row ends when its token is one of `ends`, or every row
+// does when `last`. Returns (the tokens (N,) int64, which rows end (N,) bool, whether any does).
+std::tuple<at::Tensor, at::Tensor, bool> greedy_step(const at::Tensor& logp, const at::Tensor& ids, at::Tensor scores,
+                                                     at::Tensor history, int64_t step, const std::vector<int64_t>& ends,
+                                                     bool last);
+
 }  // namespace pyengine

@@ -41,6 +41,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("fin_scores"), pybind11::arg("fin_hist"), pybind11::arg("fin_len"), pybind11::arg("fin_flag"),
         pybind11::arg("open"), pybind11::arg("steps"), pybind11::arg("length_penalty"),
         pybind11::arg("early_stopping"), pybind11::arg("ends"), pybind11::arg("impl") = "auto");
+  m.def("greedy_step", &pyengine::greedy_step, nogil,
+        "One greedy step's bookkeeping (CPU): the chosen tokens (column 0) into scores and history in place; "
+        "(tokens, rows that end, whether any does).",
+        pybind11::arg("logp"), pybind11::arg("ids"), pybind11::arg("scores"), pybind11::arg("history"),
+        pybind11::arg("step"), pybind11::arg("ends"), pybind11::arg("last"));
   m.def("decode_attention", &pyengine::decode_attention, nogil,
         "softmax(q·kᵀ·scale)·v for a decoder step's few query rows per (sentence, head), fused (CPU, float32).",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("kv_lengths"), pybind11::arg("scale"),

@@ -1,6 +1,7 @@
 """pyengine._C.beam_step (C++) against its Python specification (tests/reference_search.hf_beam_step): identical
 state and outputs, step after step, on random candidates; and whole searches of the engine against a reference
-search that recomputes every beam's prefix from scratch each step (tests/reference_search.beam_search)."""
+search that recomputes every beam's prefix from scratch each step (tests/reference_search.beam_search). And
+pyengine._C.greedy_step, a greedy step's bookkeeping, against the same in ATen calls."""
 from __future__ import annotations
 
 import copy
@@ -128,3 +129,35 @@ def test_whole_search_equals_the_reference_search(tmp_path):
         ref = beam_search(engine.model, s_ids, opts, cfg.decoder_start_id, cfg.eos_id)
         assert got.tokens == [t for t, _ in ref]
         torch.testing.assert_close(torch.tensor(got.scores), torch.tensor([sc for _, sc in ref]), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("ends, last", [((2,), False), ((2, 5, 7), False), ((2,), True)])
+def test_greedy_step_equals_the_aten_calls(ends, last):
+    """pyengine._C.greedy_step (a greedy step's bookkeeping in one pass) against the same bookkeeping in ATen calls
+    (record_choice's other path, what a GPU runs): the tokens, the rows that end, the scores and history it updates
+    in place, equal to the bit; the candidates (N, 3) read in their column 0."""
+    from pyengine.decoding.processors import record_choice
+
+    g = torch.Generator().manual_seed(len(ends) + 2 * last)
+    n, width, step = 9, 6, 4
+    logp, ids = -torch.rand(n, 3, generator=g) * 5, torch.randint(0, 10, (n, 3), generator=g)
+    ids[0, 0], ids[1, 0] = ends[-1], 3  # a row that ends, and one that does not (3 ends none)
+    scores, history = torch.randn(n, generator=g), torch.randint(0, 10, (n, width), generator=g)
+    opts = DecodeOptions(max_decoding_length=step + 1 if last else width, end_token=ends if len(ends) > 1 else None)
+    got_scores, got_history = scores.clone(), history.clone()
+    got = record_choice(logp, ids, got_scores, got_history, step, opts, 2, loop=True)
+    want = record_choice(logp, ids, scores, history, step, opts, 2, loop=False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] is True and want[2] is True
+    assert torch.equal(got_scores, scores) and torch.equal(got_history, history)
+    assert bool(got[1][1]) == last and torch.equal(got_history[:, step], ids[:, 0])
+
+
+def test_greedy_step_refuses_bad_arguments():
+    logp, ids = torch.zeros(2, 1), torch.zeros(2, 1, dtype=torch.long)
+    scores, history = torch.zeros(2), torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="step 4 outside the history of 4"):
+        _C.greedy_step(logp, ids, scores, history, 4, [2], False)
+    with pytest.raises(RuntimeError, match="int64 ids"):
+        _C.greedy_step(logp, ids.int(), scores, history, 0, [2], False)
+    with pytest.raises(RuntimeError, match="scores \\(N,\\) float32"):
+        _C.greedy_step(logp, ids, scores.double(), history, 0, [2], False)

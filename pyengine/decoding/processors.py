@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .. import _C
 from ..config import DecodeOptions
 
 if TYPE_CHECKING:
@@ -102,6 +103,24 @@ def ending(tokens: torch.Tensor, opts: DecodeOptions, eos: int) -> torch.Tensor:
     """Which of these tokens end a hypothesis (the model's `eos`, or end_token's one or several ids)."""
     ends = opts.end_ids(eos)
     return tokens == ends[0] if len(ends) == 1 else torch.isin(tokens, torch.tensor(ends, device=tokens.device))
+
+
+def record_choice(logp: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor, history: torch.Tensor, step: int,
+                  opts: DecodeOptions, eos: int, loop: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """A greedy step's bookkeeping: each row's chosen token (ids (N, k)'s column 0) and its log-prob (logp's) into
+    `scores` and `history` (column `step`) in place → (the tokens, which rows end, whether any does). loop: one C++
+    pass over CPU tensors (`_C.greedy_step`, the search ops' "loop", as the beam step's), else these ATen calls (any
+    device), which at a decoder step run with their code cold (~8 of them)."""
+    last = step + 1 >= opts.max_decoding_length  # (every row ends at the length limit)
+    if loop:
+        return _C.greedy_step(logp, ids, scores, history, step, opts.end_ids(eos), last)
+    nxt = ids[:, 0]
+    scores += logp[:, 0]
+    history[:, step] = nxt
+    done = ending(nxt, opts, eos)
+    if last:
+        done.fill_(True)
+    return nxt, done, bool(done.any())
 
 
 def fused_bans(step: int, opts: DecodeOptions, eos: int) -> list[int] | None:

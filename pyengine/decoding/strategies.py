@@ -17,8 +17,8 @@ from ..config import DecodeOptions
 from ..model.cache import Span
 from .hypothesis import Hypothesis, StepCallback, finalize, split_end
 from .prompt import decoder_prompt
-from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, ending, forced_final_eos,
-                         fused_bans, log_probs, needs_history, sample_tokens, topk_rows)
+from .processors import (PrefixBias, StepBuffers, apply_processors, candidates, forced_final_eos, fused_bans,
+                         log_probs, needs_history, record_choice, sample_tokens, topk_rows)
 from .rules import BeamRules, RecordedBeamState
 from .runs import Runs, forced_last
 
@@ -138,6 +138,7 @@ class Greedy(Strategy):
             raise ValueError("sampling needs a torch.Generator")
         super().__init__(batch, 1, opts, rules, start_id, eos_id, device, src_width, on_step, prefix, ops)
         self.generator = generator
+        self.loop = ops.beam_step == "loop"  # the search's bookkeeping in C++ over CPU tensors (record_choice)
         self.sentence = torch.arange(batch, device=device)  # cohort index of each row
         self.history = torch.zeros(batch, opts.max_decoding_length, dtype=torch.long, device=device)
         self.scores = torch.zeros(batch, dtype=torch.float32, device=device)
@@ -156,10 +157,9 @@ class Greedy(Strategy):
         seqs = torch.cat([self.prompt, self.history[:, :step]], dim=1) if needs_history(opts) else None
         biased = self.biasing(step)
         if chosen is not None:
-            nxt, gained = chosen[1][:, 0], chosen[0][:, 0]
+            cand_logp, cand_ids = chosen  # (N, k): each row's best first
         elif self.rules.forces_final_eos and step + 1 >= opts.max_decoding_length:
-            final_logp, final = forced_final_eos(logits, eos)
-            nxt, gained = final[:, 0], final_logp[:, 0]
+            cand_logp, cand_ids = forced_final_eos(logits, eos)
         elif opts.sampling or fused_bans(step, opts, eos) is None or biased or self.rules.processors_on_logits:
             if self.rules.processors_on_logits:  # CTranslate2: the processors shape the logits, the softmax follows
                 processed = apply_processors(logits, step, opts, eos, seqs)
@@ -171,26 +171,22 @@ class Greedy(Strategy):
                 self.bias.apply(logp, step)
                 processed = logp
             nxt = sample_tokens(processed, opts, self.generator) if opts.sampling else topk_rows(processed, 1)[1][:, 0]
-            gained = logp.gather(1, nxt[:, None])[:, 0]
+            cand_logp, cand_ids = logp.gather(1, nxt[:, None]), nxt[:, None]
         else:  # the best logit among the allowed tokens is the argmax of the processed scores
-            best_logp, best = candidates(logits, 1, step, opts, eos, buffers, seqs, self.topk)
-            nxt, gained = best[:, 0], best_logp[:, 0]
-        self.scores += gained
-        self.history[:, step] = nxt
+            cand_logp, cand_ids = candidates(logits, 1, step, opts, eos, buffers, seqs, self.topk)
+        nxt, done, any_done = record_choice(cand_logp, cand_ids, self.scores, self.history, step, opts, eos,
+                                            self.loop)
         if self.bias is not None:
             self.bias.follow(None, nxt, step)
         ends = opts.end_ids(eos)
-        done = ending(nxt, opts, eos)
-        if step + 1 >= opts.max_decoding_length:
-            done.fill_(True)
         if self.on_step is not None:
-            self.step_logp[:, step] = gained
+            self.step_logp[:, step] = cand_logp[:, 0]
             for row, (sentence, finished) in enumerate(zip(self.sentence.tolist(), done.tolist())):
                 toks = self.history[row, : step + 1].tolist()
                 self.on_step(sentence, self.prompt[row, 1:].tolist() + (toks[:-1] if toks[-1] in ends else toks),
                              finished, self.step_logp[row, : step + 1].tolist())
         self.tokens = nxt
-        if not bool(done.any()):
+        if not any_done:
             return Selection(None, None)
         finished = []
         done_rows = done.nonzero()[:, 0]
