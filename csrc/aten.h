@@ -1,7 +1,7 @@
 #pragma once
 // The parts of ATen the kernels use: the Tensor class, at::parallel_for and the per-operator headers of the
 // functions they call. Not <torch/extension.h> (all of libtorch's C++ API and pybind11), which took ~30 s of
-// every file's compile at -O3; only bindings.cpp, the Python module, includes it.
+// every file's compile at -O3; bindings.cpp, the Python module, includes <torch/python.h> for pybind11.
 #include <ATen/Parallel.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
