@@ -9,6 +9,7 @@
 #include "embedding.h"
 #include "encoder_stack.h"
 #include "int8_gemm.h"
+#include "kv_table.h"
 #include "layer_norm.h"
 #include "softmax_topk.h"
 
@@ -59,6 +60,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "zero first decoder input).",
         pybind11::arg("table"), pybind11::arg("ids"), pybind11::arg("scale"), pybind11::arg("positions_table"),
         pybind11::arg("positions"), pybind11::arg("offset"), pybind11::arg("zero_start"));
+  m.def("kv_step_table", &pyengine::kv_step_table, nogil,
+        "The KV cache's row table at a step of rows 0..n-1 at one position: origin[r, position] = write_rows[r]; "
+        "(positions (n,), origin[:n, :end] copied).",
+        pybind11::arg("origin"), pybind11::arg("write_rows"), pybind11::arg("position"), pybind11::arg("end"));
+  m.def("kv_select", &pyengine::kv_select, nogil,
+        "origin[:n, :length] = origin[rows, :length] in place (n = len(rows); gathered before written).",
+        pybind11::arg("origin"), pybind11::arg("rows"), pybind11::arg("length"));
   m.def("int8_kernel_name", &pyengine::int8_kernel_name,
         "The tile int8_linear runs for `kernel` on rows × k activations: amx, vnni or portable.",
         pybind11::arg("kernel"), pybind11::arg("rows"), pybind11::arg("k"));

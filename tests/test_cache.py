@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from pyengine import _C
 from pyengine.model.backends import gather_rows
 from pyengine.model.cache import KVCache, SlotAllocator, Span
 from pyengine.model.memory import Memory
@@ -27,16 +28,19 @@ def test_slot_allocator_takes_the_lowest_free_and_grows_only_when_short():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_kv_cache_rows_read_what_they_wrote(dtype, seed):
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("admissions", [(0, 2, 3, 7, 8), (0,)])
+def test_kv_cache_rows_read_what_they_wrote(dtype, seed, native, admissions):
     """Cohorts of sentences × beam 2: each sentence's beams write its own rows; beams take histories of their
-    own sentence's beams; finished sentences free their rows, which later cohorts take."""
+    own sentence's beams; finished sentences free their rows, which later cohorts take. native: the row table
+    kept by _C.kv_step_table / _C.kv_select (a lone cohort's steps: admissions (0,)), else by ATen."""
     rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
-    cache = KVCache(LAYERS, HEADS, DH, dtype, torch.device("cpu"))
+    cache = KVCache(LAYERS, HEADS, DH, dtype, torch.device("cpu"), native=native)
     cohorts = []  # [sentence rows (per sentence: its 2 physical rows), position]; batch rows in this order
     history: list[list[list[torch.Tensor]]] = []  # per batch row, per layer: its written (2, H, Dh) K/V by position
     reused = False
     for step in range(14):
-        if step in (0, 2, 3, 7, 8):  # admissions: a cohort of 1-3 sentences × beam 2 at position 0
+        if step in admissions:  # admitted: a cohort of 1-3 sentences × beam 2 at position 0
             sentences = rng.randint(1, 3)
             slots = cache.reserve(2 * sentences, 16)
             reused |= min(slots) < cache.slots.capacity - 2 * sentences
@@ -81,7 +85,7 @@ def test_kv_cache_rows_read_what_they_wrote(dtype, seed):
         cache.select(torch.tensor(keep, dtype=torch.long))
         history = [[list(h) for h in history[r]] for r in keep]
         cohorts = kept_cohorts
-    assert reused, "the scenario must reuse freed rows"
+    assert reused or len(admissions) == 1, "the scenario must reuse freed rows"
 
 
 def test_kv_cache_block_write_for_one_run_at_one_position():
@@ -95,6 +99,19 @@ def test_kv_cache_block_write_for_one_run_at_one_position():
     assert torch.equal(gather_rows(keys, cache.rows_index), k) and torch.equal(gather_rows(values, cache.rows_index), v)
     with pytest.raises(ValueError, match="one run at one position"):
         cache.begin_step([Span(0, 3, 4)], torch.tensor(rows), tokens=2)
+
+
+def test_kv_table_ops_refuse_rows_and_positions_outside_the_table():
+    origin = torch.zeros(4, 6, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="7 positions outside the table's 6"):
+        _C.kv_step_table(origin, torch.tensor([1, 2]), 6, 7)
+    with pytest.raises(RuntimeError, match="5 rows, the table holds 4"):
+        _C.kv_step_table(origin, torch.arange(5), 0, 1)
+    with pytest.raises(RuntimeError, match="row 4 outside 0..3"):
+        _C.kv_select(origin, torch.tensor([0, 4]), 3)
+    with pytest.raises(RuntimeError, match="int64"):
+        _C.kv_select(origin, torch.tensor([0, 1], dtype=torch.int32), 3)
+    assert torch.equal(origin, torch.zeros(4, 6, dtype=torch.long))  # refused before anything was written
 
 
 def test_memory_slots_hold_each_sentence_until_it_leaves():

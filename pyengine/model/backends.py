@@ -170,8 +170,8 @@ class Ops:
     attention: Callable
     add_layer_norm: Callable
     log_softmax_topk: LogSoftmaxTopk  # a search's candidates from (N, V) float32 logits (csrc/softmax_topk.h)
-    beam_step: str  # the search steps' bookkeeping (HF's beam step, greedy's record_choice): "loop", a C++ pass over
-    # CPU tensors, or "aten" (any device: what a GPU runs)
+    beam_step: str  # the search steps' bookkeeping (HF's beam step, greedy's record_choice, the KV cache's row
+    # table): "loop", a C++ pass over CPU tensors, or "aten" (any device: what a GPU runs)
     cache_dtype: torch.dtype  # attention K/V storage (self-attention cache and encoder memory)
     write_kv: Callable  # a layer's K/V rows into that storage (torch_write_kv's signature)
     report: dict[str, str] = field(default_factory=dict)

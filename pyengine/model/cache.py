@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .. import _C
+
 
 class SlotAllocator:
     """Slots (physical rows, or encoder-memory slots) from a pool that grows only when too few are free: the
@@ -122,10 +124,13 @@ class KVCache:
 
     After begin_step: rows_index (N, end) — key j of batch row r is physical row rows_index[r, j]; lengths (N,) —
     the keys row r sees; write_rows / positions (N,) — where each row writes (the C++ step writes them itself).
+
+    `native`: the row table's bookkeeping of a step (a lone span's column, a reorder) by `_C.kv_step_table` and
+    `_C.kv_select`, one call each where ATen takes 4-6 (the Ops' `beam_step == "loop"`: CPU tensors).
     """
 
     def __init__(self, layers: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 buffer: torch.Tensor | None = None):
+                 buffer: torch.Tensor | None = None, native: bool = False):
         # `buffer`: a physical buffer of this shape but for P and T (a BufferPool's), grown from as from an empty one
         self.physical = buffer if buffer is not None else \
             torch.zeros(layers, 2, 0, heads, 0, head_dim, dtype=dtype, device=device)
@@ -133,8 +138,9 @@ class KVCache:
         self.slots = SlotAllocator()
         self.rows = 0  # batch rows
         self.length = 0  # positions the live rows have filled (the widest, as of the last step)
-        self.rows_index = self.lengths = self.write_rows = self.positions = None
-        self.end = 0
+        self.rows_index = self.write_rows = self.positions = None
+        self.end, self._tokens, self._lengths = 0, 1, None
+        self.native = native
         self._block: tuple[int, int] | None = None  # (first physical row, position) when one slice takes the write
         self._arange = torch.arange(0, device=self.device)
 
@@ -167,24 +173,39 @@ class KVCache:
                    first_row: int | None = None) -> None:
         """This step's rows: batch row r writes `tokens` positions from its span's into physical row write_rows[r].
         first_row: given when the rows are first_row.. in one run at one position (then written by slices)."""
-        self.positions, self.end = step_positions(spans, tokens, self.device)
-        if self.end > self.physical.shape[4]:
-            raise RuntimeError(f"KV cache overflow: position {self.end} > capacity {self.physical.shape[4]}")
-        if tokens == 1 and len(spans) == 1:  # one position: a column of the table (a strided copy, no scatter)
-            self.point(spans[0].position, write_rows[spans[0].start: spans[0].start + spans[0].rows], spans[0].start)
-        elif tokens == 1:  # every row's one position in one scatter (not a write per cohort)
-            rows = write_rows.numel()
-            self.origin.index_put_((self._batch_rows(rows), self.positions), write_rows)
+        end = max(s.position for s in spans) + tokens
+        if end > self.physical.shape[4]:
+            raise RuntimeError(f"KV cache overflow: position {end} > capacity {self.physical.shape[4]}")
+        self.end, self._tokens, self._lengths = end, tokens, None
+        if self.native and tokens == 1 and spans == [Span(0, write_rows.numel(), end - 1)]:  # every row's one column
+            self.positions, self.rows_index = _C.kv_step_table(self.origin, write_rows, end - 1, end)
         else:
-            for s in spans:
-                self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = \
-                    write_rows[s.start: s.start + s.rows, None]
-        self.rows_index = self.origin[: write_rows.numel(), : self.end].contiguous()
-        self.write_rows, self.lengths = write_rows, self.positions + tokens
+            self.positions = step_positions(spans, tokens, self.device)[0]
+            self._write_table(spans, write_rows, tokens)
+            self.rows_index = self.origin[: write_rows.numel(), : end].contiguous()
+        self.write_rows = write_rows
         self.length = self.end  # no live row has written past this step's widest (a finished long one may have)
         self._block = None if first_row is None or len(spans) != 1 else (first_row, spans[0].position)
         if self._block is None and tokens > 1:
             raise ValueError("a block of several tokens per row is written by rows in one run at one position")
+
+    def _write_table(self, spans: list[Span], write_rows: torch.Tensor, tokens: int) -> None:
+        """Where each row's positions of this step are: into the row table."""
+        if tokens == 1 and len(spans) == 1:  # one position: a column of the table (a strided copy, no scatter)
+            self.point(spans[0].position, write_rows[spans[0].start: spans[0].start + spans[0].rows], spans[0].start)
+        elif tokens == 1:  # every row's one position in one scatter (not a write per cohort)
+            self.origin.index_put_((self._batch_rows(write_rows.numel()), self.positions), write_rows)
+        else:
+            for s in spans:
+                self.origin[s.start: s.start + s.rows, s.position: s.position + tokens] = \
+                    write_rows[s.start: s.start + s.rows, None]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) the keys each row sees at this step (made when first asked: the C++ step does not)."""
+        if self._lengths is None:
+            self._lengths = self.positions + self._tokens
+        return self._lengths
 
     def point(self, position: int, physical: torch.Tensor, start: int = 0) -> None:
         """Batch rows start..start+n-1 read `position` from these n physical rows (where this step writes them, or
@@ -215,7 +236,10 @@ class KVCache:
     def select(self, rows: torch.Tensor) -> None:
         """Keep batch rows in the given order (beam reorder and finished-row dropping in one gather)."""
         n = rows.numel()
-        self.origin[:n, : self.length] = self.origin[:, : self.length].index_select(0, rows)  # gathered first
+        if self.native:
+            _C.kv_select(self.origin, rows, self.length)
+        else:
+            self.origin[:n, : self.length] = self.origin[:, : self.length].index_select(0, rows)  # gathered first
         self.rows = n
 
 

@@ -355,7 +355,8 @@ class Transformer(nn.Module):
         if cfg.decoder_self == "ssru":
             return RecurrentCache(cfg.decoder_layers, cfg.d_model, device)
         return KVCache(cfg.decoder_layers, cfg.decoder_heads, cfg.d_model // cfg.decoder_heads, self.ops.cache_dtype,
-                       device, self.buffer_pool.take("kv-cache") if pooled else None)
+                       device, self.buffer_pool.take("kv-cache") if pooled else None,
+                       native=self.ops.beam_step == "loop")
 
     def recycle(self, cache: KVCache | RecurrentCache, memory: Memory) -> None:
         """A finished batch's cache and memory buffers go to the pool new_cache / new_memory(pooled=True) take from."""
