@@ -196,6 +196,23 @@ __attribute__((target("avx512f"))) inline void scores16_rows(const float* const*
   }
 }
 
+// scores16 of R query rows with keys k[0..m), m ≤ 16: bfloat16 keys by scores16_rows (each key row widened once for
+// the R rows); float32 keys row by row, each query in registers (a float32 key row reloaded from L1 costs less than
+// the groups' transposes). The same results either way, to the bit.
+template <typename T, int NV, int R>
+__attribute__((target("avx512f"))) inline void scores_of_rows(const float* const* q, const T* const* k, int64_t m,
+                                                             __m512* s) {
+  if constexpr (R == 1 || std::is_same_v<T, float>) {
+    for (int r = 0; r < R; ++r) {
+      __m512 qr[NV];
+      for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[r] + 16 * u);
+      s[r] = scores16<T, NV>(qr, k, m);
+    }
+  } else {
+    scores16_rows<T, NV, R>(q, k, m, s);
+  }
+}
+
 // R query rows of a task over n ≤ 64 keys, together: each row's scores stay in registers (four vectors of 16 keys),
 // the rows' softmaxes run stage by stage side by side (one row's max → exp → sum → 1/sum is a chain of dependent
 // instructions; R independent chains fill the pipeline where one row at a time waited on each), and each value row
@@ -210,22 +227,10 @@ __attribute__((target("avx512f"))) void rows_together(const float* const* q, con
   const int chunks = static_cast<int>((n + 15) / 16);
   const __m512 sc = _mm512_set1_ps(scale), low = _mm512_set1_ps(-INFINITY);
   __m512 s[R][kChunks];
-  if constexpr (R == 1 || std::is_same_v<T, float>) {  // (a float32 key row reloaded from L1 costs less than the
-    for (int r = 0; r < R; ++r) {                         // groups' transposes: each row's scores16 as it was)
-      __m512 qr[NV];
-      for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[r] + 16 * u);
-      for (int c = 0; c < chunks; ++c) {
-        const int64_t j0 = 16 * c, m = std::min<int64_t>(16, n - j0);
-        s[r][c] = _mm512_mul_ps(scores16<T, NV>(qr, k + j0, m), sc);
-      }
-    }
-  } else {
-    for (int c = 0; c < chunks; ++c) {
-      const int64_t j0 = 16 * c, m = std::min<int64_t>(16, n - j0);
-      __m512 rows[R];
-      scores16_rows<T, NV, R>(q, k + j0, m, rows);
-      for (int r = 0; r < R; ++r) s[r][c] = _mm512_mul_ps(rows[r], sc);
-    }
+  for (int c = 0; c < chunks; ++c) {
+    __m512 rows[R];
+    scores_of_rows<T, NV, R>(q, k + 16 * c, std::min<int64_t>(16, n - 16 * c), rows);
+    for (int r = 0; r < R; ++r) s[r][c] = _mm512_mul_ps(rows[r], sc);
   }
   __m512 top[R], sum[R];
   for (int r = 0; r < R; ++r) {
@@ -260,40 +265,51 @@ __attribute__((target("avx512f"))) void rows_together(const float* const* q, con
     for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + r * out_stride + 16 * u, o[r][u]);
 }
 
-// One (sentence, head) task with Dh = 16·NV held in registers (rows_together up to 64 keys): a query row's NV
-// vectors stay in registers over its keys, scored 16 keys at a time (one vector of 16 scores, reduce16), the softmax
-// is vectorized, and an output row is accumulated in registers over the keys and stored once (the generic path
-// below loads and stores the output row for every key).
+// R query rows of a task over any number of keys: scored 16 keys at a time into `scores` (R rows of n), each row's
+// softmax (softmax_avx512), then each value row loaded once for the R rows' outputs, accumulated in registers.
+template <typename T, int NV, int R>
+__attribute__((target("avx512f"))) void rows_in_memory(const float* const* q, const T* const* k, const T* const* v,
+                                                      int64_t n, float scale, float* scores, float* out,
+                                                      int64_t out_stride) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - j0);
+    __m512 rows[R];
+    scores_of_rows<T, NV, R>(q, k + j0, m, rows);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores + r * n + j0, first(m), _mm512_mul_ps(rows[r], sc));
+  }
+  for (int r = 0; r < R; ++r) softmax_avx512(scores + r * n, n);
+  __m512 o[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) o[r][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v[j];
+    for (int u = 0; u < NV; ++u) {
+      const __m512 vv = load16(vj + 16 * u);
+      for (int r = 0; r < R; ++r) o[r][u] = _mm512_fmadd_ps(_mm512_set1_ps(scores[r * n + j]), vv, o[r][u]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + r * out_stride + 16 * u, o[r][u]);
+}
+
+// One (sentence, head) task with Dh = 16·NV: its query rows four at a time (two of 128 wide: their sums fill 16
+// registers), the rest one at a time, each group's scores in registers up to 64 keys (rows_together), in `scores`
+// past them (rows_in_memory); each key and value row read once for the group (the generic path below loads and
+// stores an output row for every key).
 template <typename T, int NV>
 __attribute__((target("avx512f"))) void task_registers(const float* const* q, const T* const* k, const T* const* v,
                                                       int64_t n, int64_t tq, float scale, float* scores, float* out,
                                                       int64_t out_stride) {
-  if (n <= kTogetherKeys) {  // rows_together: four rows at a time (two of 128 wide: their sums fill 16 registers)
-    constexpr int R = NV <= 4 ? 4 : 2;
-    int64_t i = 0;
+  constexpr int R = NV <= 4 ? 4 : 2;
+  int64_t i = 0;
+  if (n <= kTogetherKeys) {
     for (; i + R <= tq; i += R) rows_together<T, NV, R>(q + i, k, v, n, scale, out + i * out_stride, out_stride);
     for (; i < tq; ++i) rows_together<T, NV, 1>(q + i, k, v, n, scale, out + i * out_stride, out_stride);
     return;
   }
-  const __m512 sc = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < tq; ++i) {
-    __m512 qr[NV];
-    for (int u = 0; u < NV; ++u) qr[u] = _mm512_loadu_ps(q[i] + 16 * u);
-    float* row = scores + i * n;
-    for (int64_t j0 = 0; j0 < n; j0 += 16) {
-      const int64_t m = std::min<int64_t>(16, n - j0);
-      _mm512_mask_storeu_ps(row + j0, first(m), _mm512_mul_ps(scores16<T, NV>(qr, k + j0, m), sc));
-    }
-    softmax_avx512(row, n);
-    __m512 o[NV];
-    for (int u = 0; u < NV; ++u) o[u] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-      const T* vj = v[j];
-      const __m512 p = _mm512_set1_ps(row[j]);
-      for (int u = 0; u < NV; ++u) o[u] = _mm512_fmadd_ps(p, load16(vj + 16 * u), o[u]);
-    }
-    for (int u = 0; u < NV; ++u) _mm512_storeu_ps(out + i * out_stride + 16 * u, o[u]);
-  }
+  for (; i + R <= tq; i += R) rows_in_memory<T, NV, R>(q + i, k, v, n, scale, scores, out + i * out_stride, out_stride);
+  for (; i < tq; ++i) rows_in_memory<T, NV, 1>(q + i, k, v, n, scale, scores, out + i * out_stride, out_stride);
 }
 
 template <typename T>
@@ -386,11 +402,6 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
             const OutView& o) {
   const Kernels kern = pick_kernels();
   const TaskFn<T> fast = register_task<T>(Dh);
-  // bfloat16 K/V read by several query rows (beams in cross-attention) past rows_together's 64 keys: widened once
-  // per task into float32 rows in L1 rather than once per query row (the widening costs more than the
-  // multiply-adds). Up to 64 keys rows_together reads each key and value row once for all its query rows, widening
-  // as it loads: no pass of its own (int8 beam 4, 24 source tokens: cross-attention 1.4-1.5x faster)
-  const TaskFn<float> fast_wide = std::is_same_v<T, at::BFloat16> && Tq > 1 ? register_task<float>(Dh) : nullptr;
   // a few parts a thread, so a thread done early can take some of another's (parallel.h); one part, run by the
   // calling thread, when the whole attention is smaller than a parallel region costs (a sentence's step at batch 1)
   int64_t keys = 0;
@@ -400,8 +411,8 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
   const std::vector<int64_t> bounds = balanced_ranges(lengths, H, Tq, parts);
   const auto source = [&](int64_t b, int64_t j) { return rows ? rows[b * Tk + j] : b; };  // the batch row of key j
   parallel_claims(parts, [&](Claims& mine) {
-    std::vector<float> scores, row_buf(Dh), wide;
-    std::vector<const float*> q_rows(Tq), k_wide, v_wide;
+    std::vector<float> scores, row_buf(Dh);
+    std::vector<const float*> q_rows(Tq);
     std::vector<const T*> k_rows, v_rows;
     for (int64_t part; mine.next(part);) {
       for (int64_t task = bounds[part]; task < bounds[part + 1]; ++task) {
@@ -423,15 +434,6 @@ void attend(const View<float>& qv, const View<T>& kv, const View<T>& vv, const s
             const int64_t nb = (task + 1) / H, nh = (task + 1) % H;
             for (int64_t j = 0; j < lengths[nb]; ++j) prefetch_row(kv.row(source(nb, j), nh, j), Dh);
           }
-        }
-        if (fast_wide != nullptr && n > kTogetherKeys) {
-          wide.resize(2 * n * Dh), k_wide.resize(n), v_wide.resize(n);
-          for (int64_t j = 0; j < n; ++j) {
-            k_wide[j] = load(k_rows[j], wide.data() + j * Dh, Dh, kern);
-            v_wide[j] = load(v_rows[j], wide.data() + (n + j) * Dh, Dh, kern);
-          }
-          fast_wide(q_rows.data(), k_wide.data(), v_wide.data(), n, Tq, scale, scores.data(), ob, o.st);
-          continue;
         }
         if (fast != nullptr) {
           fast(q_rows.data(), k_rows.data(), v_rows.data(), n, Tq, scale, scores.data(), ob, o.st);
