@@ -279,6 +279,8 @@ __attribute__((target("avx512f"))) void rows_in_memory(const float* const* q, co
     for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(scores + r * n + j0, first(m), _mm512_mul_ps(rows[r], sc));
   }
   for (int r = 0; r < R; ++r) softmax_avx512(scores + r * n, n);
+  // (rows_together's value loop, written out again: one helper serving both, inlined, measured 3-6% slower with
+  // the K/V in cache at one query row, the same results)
   __m512 o[R][NV];
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < NV; ++u) o[r][u] = _mm512_setzero_ps();
