@@ -87,6 +87,24 @@ def load_extension(path: Path) -> ModuleType:
     return module
 
 
+def swap_extension(module: ModuleType) -> None:
+    """Make `module` the extension pyengine calls: the package attribute, sys.modules, and the `_C` that each pyengine
+    module imported at module level (from 8517376 on; swapping the package attribute alone then left every call on
+    the working tree's build, and each pairing compared that build with itself)."""
+    sys.modules["pyengine"]._C = sys.modules["pyengine._C"] = module
+    for name, loaded in list(sys.modules.items()):
+        if name.startswith("pyengine.") and isinstance(getattr(loaded, "_C", None), ModuleType):
+            loaded._C = module
+
+
+def check_runs_own_build(engine, module: ModuleType, name: str) -> None:
+    """Refuse a pairing whose engine's native decoder step was made by the other build (a reference to the
+    extension that swap_extension missed)."""
+    layers = getattr(engine.model.step, "layers", None)
+    if layers and not isinstance(layers[0], module.DecoderLayer):
+        raise SystemExit(f"ab_builds: the {name} engine's decoder layers are not its build's ({module.__name__})")
+
+
 def paired_ratios(base: list[float], new: list[float]) -> float:
     """The median over rounds of base time / new time (above 1: the working tree is faster)."""
     return statistics.median(b / n for b, n in zip(base, new))
@@ -133,13 +151,14 @@ def main(argv=None) -> int:
     src = sources(args.case)
     modules = {"base": base_module, "new": new_module}
 
-    def use(name: str) -> None:  # pyengine's code imports _C at call time: from the package attribute
-        pyengine._C = sys.modules["pyengine._C"] = modules[name]
+    def use(name: str) -> None:
+        swap_extension(modules[name])
 
     engines = {}
     for name in modules:
         use(name)
         engines[name] = pyengine.Engine.load(model_dir, dtype=args.dtype, max_batch_size=32)
+        check_runs_own_build(engines[name], modules[name], name)
 
     def run(name: str) -> list:
         use(name)

@@ -88,6 +88,28 @@ def test_ab_builds_rewrites_this_trees_extension_to_load_beside_it():
         patch_sources(setup_py.replace('"pyengine._C"', '"pyengine.core"'), bindings)
 
 
+def test_ab_builds_swaps_the_extension_every_pyengine_module_calls():
+    """benchmarks.ab_builds' base engine runs the base build: the `_C` each pyengine module imported at module level
+    is swapped with the package attribute (swapping the attribute alone paired the working tree's build with itself),
+    and back."""
+    import importlib
+    import types
+    from benchmarks.ab_builds import swap_extension
+    for module in ("pyengine.decoding.processors", "pyengine.model.cache", "pyengine.model.step"):
+        importlib.import_module(module)  # (modules that call the extension)
+    real = sys.modules["pyengine._C"]
+    holders = [m for n, m in sys.modules.items() if n.startswith("pyengine.") and getattr(m, "_C", None) is real]
+    names = {m.__name__ for m in holders}
+    assert {"pyengine.model.step", "pyengine.model.linear", "pyengine.model.cache", "pyengine.decoding.processors"} <= names
+    fake = types.ModuleType("pyengine._Cab")
+    try:
+        swap_extension(fake)
+        assert sys.modules["pyengine"]._C is fake and all(m._C is fake for m in holders)
+    finally:
+        swap_extension(real)
+    assert sys.modules["pyengine"]._C is real and all(m._C is real for m in holders)
+
+
 def test_ab_checkouts_takes_pyengine_runs_of_compare_only():
     """benchmarks.ab_checkouts runs compare's worker for SYSTEM:CASE pairs: pyengine's systems and compare's cases
     are taken; another engine's system (its checkout-independent speed), an unknown case or a bare system refused."""
