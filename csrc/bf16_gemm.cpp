@@ -65,7 +65,6 @@ float from_bf16(uint16_t b) {
 struct Split {
   int64_t Kp;
   bool bits;
-  at::Tensor hi, lo;
   const uint16_t* hi16 = nullptr;
   const uint16_t* lo16 = nullptr;
   const float* hi32 = nullptr;
@@ -109,20 +108,18 @@ __attribute__((target("avx512f"))) void split_row_avx512(const float* x, int64_t
 
 using SplitRowFn = void (*)(const float*, int64_t, int64_t, uint16_t*, uint16_t*);
 
-// x's rows split by `split_row`; rows past M (read only by a partial AMX block, whose extra sums are never stored)
-// are zeroed, the rest written whole.
-Split split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, bool bits, SplitRowFn split_row) {
+// x's rows split by `split_row` into hi and lo ((Mp, Kp) each, bf16 bits or float32 by `bits`); rows past M (read
+// only by a partial AMX block, whose extra sums are never stored) are zeroed, the rest written whole.
+Split split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, bool bits, SplitRowFn split_row,
+                 void* hi, void* lo) {
   Split s{Kp, bits};
-  auto opts = at::TensorOptions().dtype(bits ? at::kBFloat16 : at::kFloat);
-  s.hi = at::empty({Mp, Kp}, opts);
-  s.lo = at::empty({Mp, Kp}, opts);
   const int64_t item = bits ? 2 : 4;
-  std::memset(static_cast<char*>(s.hi.data_ptr()) + M * Kp * item, 0, (Mp - M) * Kp * item);
-  std::memset(static_cast<char*>(s.lo.data_ptr()) + M * Kp * item, 0, (Mp - M) * Kp * item);
-  uint16_t* hi16 = bits ? reinterpret_cast<uint16_t*>(s.hi.data_ptr()) : nullptr;
-  uint16_t* lo16 = bits ? reinterpret_cast<uint16_t*>(s.lo.data_ptr()) : nullptr;
-  float* hi32 = bits ? nullptr : s.hi.data_ptr<float>();
-  float* lo32 = bits ? nullptr : s.lo.data_ptr<float>();
+  std::memset(static_cast<char*>(hi) + M * Kp * item, 0, (Mp - M) * Kp * item);
+  std::memset(static_cast<char*>(lo) + M * Kp * item, 0, (Mp - M) * Kp * item);
+  uint16_t* hi16 = bits ? static_cast<uint16_t*>(hi) : nullptr;
+  uint16_t* lo16 = bits ? static_cast<uint16_t*>(lo) : nullptr;
+  float* hi32 = bits ? nullptr : static_cast<float*>(hi);
+  float* lo32 = bits ? nullptr : static_cast<float*>(lo);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint16_t> h(bits ? 0 : Kp), l(bits ? 0 : Kp);
@@ -480,9 +477,11 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
   if (bias) TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n_out && bias->is_contiguous(),
                         who, ": bias must be float32 (N,)");
   const Kernel kern = pick_kernel(who, kernel);
+  const int64_t Mp = gemm::rows_allocated(M, kern.tile == nullptr);
+  const int64_t term_bytes = round_up(Mp * Kp * (kern.bits ? 2 : 4), 64);
+  uint8_t* terms = gemm::thread_scratch(2 * term_bytes);
   return {M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, kern,
-          split_rows(x.data_ptr<float>(), M, gemm::rows_allocated(M, kern.tile == nullptr), K, Kp, kern.bits,
-                     kern.split_row),
+          split_rows(x.data_ptr<float>(), M, Mp, K, Kp, kern.bits, kern.split_row, terms, terms + term_bytes),
           reinterpret_cast<const uint16_t*>(packed.data_ptr()), bias ? bias->data_ptr<float>() : nullptr, act};
 }
 
@@ -532,8 +531,10 @@ std::tuple<at::Tensor, at::Tensor> bf16_split(const at::Tensor& x, const std::st
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               "bf16_split: x must be a contiguous float32 (M, K) CPU tensor");
   const int64_t M = x.size(0), K = x.size(1);
-  const Split s = split_rows(x.data_ptr<float>(), M, M, K, K, true, pick_kernel("bf16_split", kernel).split_row);
-  return {s.hi, s.lo};
+  at::Tensor hi = at::empty({M, K}, x.options().dtype(at::kBFloat16)), lo = at::empty_like(hi);
+  split_rows(x.data_ptr<float>(), M, M, K, K, true, pick_kernel("bf16_split", kernel).split_row, hi.data_ptr(),
+             lo.data_ptr());
+  return {hi, lo};
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,

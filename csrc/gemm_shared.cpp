@@ -1,4 +1,5 @@
-// The fused output layer's shared part (gemm_shared.h): the running log-sum-exp + top-k state and its merge.
+// What the int8 and bf16 GEMMs share (gemm_shared.h): the activation scratch, and the fused output layer's running
+// log-sum-exp + top-k state and its merge.
 #include "gemm_shared.h"
 #include "vec_math.h"
 
@@ -7,6 +8,7 @@
 #endif
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace pyengine {
@@ -26,6 +28,22 @@ constexpr float kLaneSlack = 16.f;
 __attribute__((target("avx512f"))) inline __m512 exp_short(__m512 x) { return exp_nonpositive_short(x); }
 #endif
 }  // namespace
+
+uint8_t* thread_scratch(size_t bytes) {
+  struct Buffer {
+    uint8_t* data = nullptr;
+    size_t size = 0;
+    ~Buffer() { std::free(data); }
+  };
+  static thread_local Buffer buffer;
+  if (bytes > buffer.size || buffer.data == nullptr) {
+    std::free(buffer.data);
+    buffer.size = std::max<size_t>((bytes + 63) / 64 * 64, 64);
+    buffer.data = static_cast<uint8_t*>(std::aligned_alloc(64, buffer.size));
+    TORCH_CHECK(buffer.data != nullptr, "GEMM: could not allocate ", buffer.size, " bytes of scratch");
+  }
+  return buffer.data;
+}
 
 TopKState::TopKState(int64_t rows, int64_t k) : k(k), best_value(rows * k), best_id(rows * k), count(rows, 0) {}
 

@@ -21,6 +21,13 @@ namespace pyengine {
 namespace gemm {
 
 constexpr int64_t kCols = 64;  // the GEMMs' tile width: a block's logits are rows × 64, row stride 64
+
+// At least `bytes` (64-byte aligned) of the calling thread's buffer for one GEMM call's activation operands (the int8
+// GEMM's quantized rows, scales and zero points; the bf16 GEMM's two split terms), grown as needed and reused: they
+// were at::empty tensors, two or three a call at ~1 µs each, and a decoder step makes 36 calls (paired by
+// benchmarks.ab_builds, int8 batch 1: 1.036x and 1.064x, its decoder 1.087x and 1.115x; bf16 batch 1 1.007x; batch 32
+// 0.999-1.006x). One call's operands at a time per thread: a GEMM uses them before its thread prepares another.
+uint8_t* thread_scratch(size_t bytes);
 constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
 
 // y (M, n_out) float32 (into `out` when given): run(tiles, y) computes a thread's column tiles into y (Claims: a

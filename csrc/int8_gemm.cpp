@@ -392,7 +392,6 @@ namespace {
 struct Operands {
   int64_t M, K, Kp, n_out, tiles, tile_bytes;
   Kernels kern;
-  at::Tensor xq, row_scale, zero_point;  // owners of the pointers below
   const uint8_t* xqp;
   const float* sx;
   const int32_t* zp;
@@ -425,15 +424,15 @@ Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed,
                         who, ": bias must be float32 (N,)");
   Operands op{M, K, Kp, n_out, (n_out + kCols - 1) / kCols, Kp * kCols, pick_kernels(who, kernel, M, Kp)};
   const int64_t Mp = gemm::rows_allocated(M, op.kern.tile == nullptr);
-  op.xq = at::empty({Mp, Kp}, x.options().dtype(at::kByte));
-  std::memset(op.xq.data_ptr<uint8_t>() + M * Kp, 0, (Mp - M) * Kp);
-  op.row_scale = at::empty({M}, x.options());
-  op.zero_point = at::empty({M}, x.options().dtype(at::kInt));
-  quantize_rows_u8(op.kern, x.data_ptr<float>(), M, K, Kp, op.xq.data_ptr<uint8_t>(), op.row_scale.data_ptr<float>(),
-                   op.zero_point.data_ptr<int32_t>());
-  op.xqp = op.xq.data_ptr<uint8_t>();
-  op.sx = op.row_scale.data_ptr<float>();
-  op.zp = op.zero_point.data_ptr<int32_t>();
+  const int64_t xq_bytes = round_up(Mp * Kp, 64), scale_bytes = round_up(M * 4, 64);
+  uint8_t* xq = gemm::thread_scratch(xq_bytes + 2 * scale_bytes);  // rows, then scales, then zero points
+  std::memset(xq + M * Kp, 0, (Mp - M) * Kp);
+  float* sx = reinterpret_cast<float*>(xq + xq_bytes);
+  int32_t* zp = reinterpret_cast<int32_t*>(xq + xq_bytes + scale_bytes);
+  quantize_rows_u8(op.kern, x.data_ptr<float>(), M, K, Kp, xq, sx, zp);
+  op.xqp = xq;
+  op.sx = sx;
+  op.zp = zp;
   op.wp = packed.data_ptr<int8_t>();
   op.sums = colsum.data_ptr<int32_t>();
   op.sw = scale.data_ptr<float>();
