@@ -61,7 +61,7 @@ float from_bf16(uint16_t b) {
 }
 
 // x's two bf16 terms for the rows a kernel reads: bf16 bits (AMX) or their float32 values (the others),
-// (Mp, Kp) each, zero past K and past M.
+// (Mp, Kp) each, zero past K and past M; in memory the caller owns (a GEMM's: gemm::thread_scratch).
 struct Split {
   int64_t Kp;
   bool bits;

@@ -36,7 +36,7 @@ uint8_t* thread_scratch(size_t bytes) {
     ~Buffer() { std::free(data); }
   };
   static thread_local Buffer buffer;
-  if (bytes > buffer.size || buffer.data == nullptr) {
+  if (bytes > buffer.size || buffer.data == nullptr || (buffer.size > kScratchKept && bytes <= kScratchKept)) {
     std::free(buffer.data);
     buffer.size = std::max<size_t>((bytes + 63) / 64 * 64, 64);
     buffer.data = static_cast<uint8_t*>(std::aligned_alloc(64, buffer.size));

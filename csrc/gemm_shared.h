@@ -21,14 +21,17 @@ namespace pyengine {
 namespace gemm {
 
 constexpr int64_t kCols = 64;  // the GEMMs' tile width: a block's logits are rows × 64, row stride 64
+constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
 
 // At least `bytes` (64-byte aligned) of the calling thread's buffer for one GEMM call's activation operands (the int8
-// GEMM's quantized rows, scales and zero points; the bf16 GEMM's two split terms), grown as needed and reused: they
+// GEMM's quantized rows, scales and zero points; the bf16 GEMM's two split terms), reused from call to call: they
 // were at::empty tensors, two or three a call at ~1 µs each, and a decoder step makes 36 calls (paired by
 // benchmarks.ab_builds, int8 batch 1: 1.036x and 1.064x, its decoder 1.087x and 1.115x; bf16 batch 1 1.007x; batch 32
-// 0.999-1.006x). One call's operands at a time per thread: a GEMM uses them before its thread prepares another.
+// 0.999-1.006x). Up to kScratchKept bytes stay allocated between calls; a larger buffer (an encoder's long batch) is
+// given back at the next smaller request rather than held. One call's operands at a time per thread: a GEMM uses
+// them before its thread prepares another.
+constexpr size_t kScratchKept = size_t{4} << 20;
 uint8_t* thread_scratch(size_t bytes);
-constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
 
 // y (M, n_out) float32 (into `out` when given): run(tiles, y) computes a thread's column tiles into y (Claims: a
 // share of its own, and tiles taken from another's end when done, parallel.h), so each weight tile is streamed once.

@@ -86,6 +86,15 @@ def test_each_kernel_within_float32_summation_of_float64(kernel, m, k, n, activa
     assert ((y - ref).abs() <= bound + 1e-30).all(), f"max excess {((y - ref).abs() - bound).max().item():.3g}"
 
 
+@pytest.mark.parametrize("kernel", ORDERED)
+def test_calls_of_other_sizes_in_turn_leave_nothing_stale(kernel):
+    """A call's split terms live in a buffer its thread reuses (gemm::thread_scratch), given back past 4 MB: calls
+    that grow and shrink it in turn (600 × 1024 rows as float32 terms: 4.9 MB), each to the bit of the order."""
+    for m, k, n in [(5, 100, 70), (600, 1024, 64), (1, 64, 64), (7, 33, 65), (600, 1024, 64), (3, 2048, 64)]:
+        x, w, _ = _inputs(m, k, n, seed=m + k + n)
+        assert torch.equal(_C.bf16_linear(x, _C.bf16_pack(w), None, n, kernel=kernel), _ordered_reference(x, w))
+
+
 def test_the_bound_rejects_a_one_term_gemm():
     """The check above can fail: plain bf16 activations (hi only) fall outside it on these inputs."""
     for m, k, n in SHAPES[1:5]:  # (the first has only a zero row)

@@ -112,6 +112,31 @@ def test_own_kernel_against_float64_math_of_its_scheme(rows, k, n, tile, activat
     assert _C.int8_kernel_name(tile, rows, k) == expect
 
 
+@pytest.mark.parametrize("tile", TILES)
+def test_a_call_does_not_depend_on_what_earlier_calls_left(tile):
+    """A call's quantized rows live in a buffer its thread reuses (gemm::thread_scratch), given back past 4 MB
+    (2100 × 2048 rows: 4.3 MB): each call, made again in reverse order after a call of the largest shape on other
+    values, gives the same bits as the first time (whose correctness the float64 tests above hold)."""
+    shapes = [(3, 37, 70), (2100, 2048, 64), (5, 36, 64), (40, 192, 130), (1, 8, 3), (7, 64, 64)]
+    calls = {}
+    for rows, k, n in shapes:
+        gen = torch.Generator().manual_seed(rows + k + n)
+        x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+        q, scale = quantize_rows(torch.randn(n, k, generator=gen))
+        packed, colsum = _C.int8_pack(q)
+        calls[(rows, k, n)] = lambda x=x, packed=packed, colsum=colsum, scale=scale, n=n: _C.int8_linear(
+            x, packed, colsum, scale, None, n, kernel=tile)
+    first = {shape: call() for shape, call in calls.items()}
+    big = calls[(2100, 2048, 64)]
+    other = torch.randn(2100, 2048) * 100  # other values through the largest buffer
+    q, scale = quantize_rows(torch.randn(64, 2048))
+    packed, colsum = _C.int8_pack(q)
+    for shape in reversed(shapes):
+        _C.int8_linear(other, packed, colsum, scale, None, 64, kernel=tile)
+        assert torch.equal(calls[shape](), first[shape]), shape
+    assert not torch.equal(big(), _C.int8_linear(other, packed, colsum, scale, None, 64, kernel=tile))
+
+
 @pytest.mark.skipif(not amx_available(), reason="no AMX-INT8 on this CPU")
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
 @pytest.mark.parametrize("rows, k, n", [(7, 64, 64), (12, 512, 1000), (16, 512, 1536), (17, 2048, 100),
