@@ -206,19 +206,21 @@ def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(eng
     """A service manager's stop (SIGTERM to every process of the service, systemd's default): both workers' requests in
     flight get their answers, then the server exits cleanly. With 2 threads a worker, the forked worker decodes in a
     thread of its own with a new OpenMP team (in its main thread the parent's team, gone with the fork, would hang)."""
-    # long enough that both requests are in flight together (at 48 positions, ~0.1 s, one could finish before
-    # /health, answered between the workers' rounds, saw the other start)
-    slow = {**OPTS, "max_decoding_length": 160, "min_decoding_length": 160}
+    # Both requests must be seen in flight together. /health's answer can lag ~0.5 s (each worker answers between
+    # its steps; 2 workers x 2 threads share the 2 cores), so each request holds 8 sentences for 250 positions (both
+    # in flight for >= 1.4 s here); at 160 positions and one sentence (~0.5 s) a fresh-clone CI run saw them never
+    # both running.
+    slow, copies = {**OPTS, "max_decoding_length": 250, "min_decoding_length": 250}, 8
     texts = ["Open the file.", "Save your changes?"]
     want = [t.hypotheses[0] for t in engine.translate_batch(texts, **slow)]
     answers: dict = {}
     with ServerProcess("default", threads=threads, extra=["--workers", "2"]) as server:
         clients = [threading.Thread(target=lambda t=t: answers.__setitem__(t, post(
-            server.url + "/v1/translate", {"texts": [t], "options": slow}, 120))) for t in texts]
+            server.url + "/v1/translate", {"texts": [t] * copies, "options": slow}, 120))) for t in texts]
         for t in clients:
             t.start()
         deadline = time.monotonic() + 30
-        while get_json(server.url + "/health")["running"] < 2:  # one request at each worker
+        while get_json(server.url + "/health")["running"] < 2 * copies:  # one request at each worker
             assert time.monotonic() < deadline, "the requests never started"
             time.sleep(0.01)
         children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent(int(p)) == server.proc.pid]
@@ -227,7 +229,8 @@ def test_sigterm_to_every_process_of_two_workers_finishes_requests_in_flight(eng
         for t in clients:
             t.join(120)
         assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
-    assert {t: body["translations"][0]["translation"] for t, (_, body) in answers.items()} == dict(zip(texts, want))
+    got = {t: [x["translation"] for x in body["translations"]] for t, (_, body) in answers.items()}
+    assert got == {t: [w] * copies for t, w in zip(texts, want)}
 
 
 def get_json(url: str) -> dict:
