@@ -166,16 +166,17 @@ def test_serve_runs_its_front_end_in_a_child_that_ends_with_the_worker(engine):
 
 def test_sigint_finishes_requests_in_flight(engine):
     """Ctrl-C (SIGINT to the worker process, which passes it on once): the request in flight gets its answer."""
-    # long enough that both requests are in flight together (at 48 positions, ~0.1 s, one could finish before
-    # /health, answered between the workers' rounds, saw the other start)
-    slow = {**OPTS, "max_decoding_length": 160, "min_decoding_length": 160}
+    slow = {**OPTS, "max_decoding_length": 250, "min_decoding_length": 250}  # in flight for ~0.5 s
     want = engine.translate_batch(["Open the file."], **slow)[0].hypotheses[0]
     answers: list = []
     with ServerProcess("default", threads=2) as server:
         t = threading.Thread(target=lambda: answers.append(
             post(server.url + "/v1/translate", {"texts": ["Open the file."], "options": slow}, 120)))
         t.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while get_json(server.url + "/health")["running"] < 1:  # the signal comes while it decodes
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
         server.proc.send_signal(signal.SIGINT)
         t.join(120)
         assert server.proc.wait(60) == 0, server.read_log().decode()[-2000:]
