@@ -20,6 +20,7 @@
 // result does not depend on its batch. bf16 subnormals (which AMX reads as zero) are flushed to zero when the
 // weights are packed and the activations split.
 #include "bf16_gemm.h"
+#include "float_tile.h"
 #include "gemm_shared.h"
 #include "vec_math.h"
 
@@ -135,20 +136,8 @@ Split split_rows(const float* x, int64_t M, int64_t Mp, int64_t K, int64_t Kp, b
   return s;
 }
 
-// What a tile writes: y[m, n] = act(acc[m, n] + b[n]) for its rows and `width` columns.
-struct Epilogue {
-  float* y;           // row m0, column n0
-  int64_t ldy;
-  const float* b;     // bias from n0, or nullptr
-  int64_t width;      // ≤ 64
-  Activation act;
-};
-
-float activate(float v, Activation act) {
-  if (act == Activation::kRelu) return std::max(v, 0.f);
-  if (act == Activation::kSwish) return v / (1.f + std::exp(-v));
-  return v;
-}
+using float_tile::Epilogue;
+using float_tile::activate;
 
 // Scalar twin (any CPU; the reference the tests hold the others to).
 void tile_portable(const Split& a, int64_t m0, int rows, const uint16_t* w, const Epilogue& e, const uint16_t*) {
@@ -175,40 +164,16 @@ void tile_portable(const Split& a, int64_t m0, int rows, const uint16_t* w, cons
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define PYENGINE_AVX512 __attribute__((target("avx512f,avx512bw")))
+using float_tile::store_group;
+using float_tile::store_tile;
+using float_tile::zero_tile;
 
-// Columns j·16..j·16+15 of a tile: act(acc + b), masked to the tile's width.
-PYENGINE_AVX512 void store_group(const Epilogue& e, int r, int j, __m512 acc) {
-  const int64_t left = e.width - 16 * j;
-  if (left <= 0) return;
-  const __mmask16 mask = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-  __m512 y = e.b ? _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, e.b + 16 * j)) : acc;
-  if (e.act == Activation::kRelu) y = _mm512_max_ps(y, _mm512_setzero_ps());
-  if (e.act == Activation::kSwish) y = silu(y);
-  _mm512_mask_storeu_ps(e.y + r * e.ldy + 16 * j, mask, y);
-}
-
-// The register tiles' common parts: R rows × 64 columns in R × 4 accumulators, zeroed, then a 32-wide chunk of k
-// at a time (the next tile's same 4 KB prefetched into L2 first), stored through the epilogue.
-template <int R>
-PYENGINE_AVX512 void zero_tile(__m512 (&c)[R][4]) {
-#pragma GCC unroll 6
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) c[r][j] = _mm512_setzero_ps();
-}
-
+// The register tiles (R rows × 64 columns in R × 4 accumulators, float_tile.h) take a 32-wide chunk of k at a time;
+// the FMA tile first requests the next tile's same 4 KB into L2.
 PYENGINE_AVX512 void prefetch_chunk(const uint16_t* next, int64_t ch) {
   if (next == nullptr) return;
   const char* ahead = reinterpret_cast<const char*>(next + ch * kCols);
   for (int line = 0; line < 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
-}
-
-template <int R>
-PYENGINE_AVX512 void store_tile(const Epilogue& e, __m512 (&c)[R][4]) {
-#pragma GCC unroll 4
-  for (int j = 0; j < 4; ++j)
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) store_group(e, r, j, c[r][j]);
 }
 
 // A weight vector (16 columns × a k pair) gives its even and odd k as float32 (bf16 bits shifted up, exact), each

@@ -8,6 +8,7 @@
 #include "decoder_step.h"
 #include "embedding.h"
 #include "encoder_stack.h"
+#include "f32_gemm.h"
 #include "int8_gemm.h"
 #include "kv_table.h"
 #include "layer_norm.h"
@@ -108,9 +109,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              int64_t n) { return pyengine::FloatWeight{weight, packed, bias, n}; }),
            pybind11::arg("weight"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n"))
       .def_readonly("n", &pyengine::FloatWeight::n);
+  pybind11::class_<pyengine::F32Weight>(m, "F32Weight", "A float32 linear layer's weight as f32_linear reads it.")
+      .def(pybind11::init([](at::Tensor packed, c10::optional<at::Tensor> bias, int64_t n) {
+             return pyengine::F32Weight{packed, bias, n};
+           }),
+           pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n"))
+      .def_readonly("n", &pyengine::F32Weight::n);
   pybind11::class_<pyengine::DecoderLayer>(m, "DecoderLayer",
-                                           "A decoder layer's weights (Int8Weight, Bf16Weight or FloatWeight "
-                                           "linears) for decoder_step.")
+                                           "A decoder layer's weights (Int8Weight, Bf16Weight, FloatWeight or "
+                                           "F32Weight linears) for decoder_step.")
       .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight self_out, pyengine::StepWeight cross_q,
                              pyengine::StepWeight cross_out, pyengine::StepWeight fc1, pyengine::StepWeight fc2,
                              std::vector<at::Tensor> norms, double eps, bool pre_norm, std::string activation,
@@ -171,6 +178,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("activation") = "none");
   m.def("bf16_linear_log_softmax_topk", &pyengine::bf16_linear_log_softmax_topk, nogil,
         "Each row's k best (log-prob, column) of x·Wᵀ + bias with bfloat16 W (as bf16_linear), the logits never "
+        "written; banned columns count in the normalizer but are never candidates.",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"),
+        pybind11::arg("banned"), pybind11::arg("kernel") = "auto");
+  m.def("f32_kernel_name", &pyengine::f32_kernel_name,
+        "The tile f32_linear runs for `kernel` on this CPU: avx512 or portable.", pybind11::arg("kernel"));
+  m.def("f32_pack", &pyengine::f32_pack, nogil, "Pack (N, K) float32 weights for f32_linear.", pybind11::arg("w"));
+  m.def("f32_linear", &pyengine::f32_linear, nogil,
+        "act(x·Wᵀ + bias) with float32 W and x, each output one FMA chain over k (AVX-512 or portable; CPU).",
+        pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"),
+        pybind11::arg("out") = pybind11::none(), pybind11::arg("kernel") = "auto",
+        pybind11::arg("activation") = "none");
+  m.def("f32_linear_log_softmax_topk", &pyengine::f32_linear_log_softmax_topk, nogil,
+        "Each row's k best (log-prob, column) of x·Wᵀ + bias with float32 W (as f32_linear), the logits never "
         "written; banned columns count in the normalizer but are never candidates.",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("bias"), pybind11::arg("n_out"), pybind11::arg("k"),
         pybind11::arg("banned"), pybind11::arg("kernel") = "auto");

@@ -30,8 +30,15 @@ struct FloatWeight {
   int64_t n;
 };
 
+// One linear layer's float32 weight as f32_linear reads it (F32Linear.pack's record, packed by f32_pack).
+struct F32Weight {
+  at::Tensor packed;
+  c10::optional<at::Tensor> bias;
+  int64_t n;
+};
+
 // A decoder linear in one of the weight types the native step runs (every linear of a model has the same type).
-using StepWeight = std::variant<Int8Weight, Bf16Weight, FloatWeight>;
+using StepWeight = std::variant<Int8Weight, Bf16Weight, FloatWeight, F32Weight>;
 
 // act(x·Wᵀ + b) of a float32 weight, the operations FloatLinear.apply runs (relu, swish or gelu; "none").
 at::Tensor float_linear(const at::Tensor& x, const FloatWeight& w, const std::string& activation);
@@ -49,13 +56,13 @@ struct DecoderLayer {
 };
 
 // One decoder step of every layer for N rows (one new token each, row r at positions[r]), in C++: the same operations,
-// in the same order, as pyengine.model.transformer.DecoderLayer with int8 or bf16 linears (the linear methods' own
-// kernels) or float32 ones (FloatLinear's), without a Python call per op. x (N, D) float32; cache (L, 2, P, H, T_max,
-// Dh) the indirect KV cache: row r writes this step's K/V into physical row write_rows[r] at positions[r] and reads key
-// j < positions[r] + 1 from physical row rows[r, j] (rows (N, T), T = max position + 1); memory (L, 2, P', H, S, Dh)
-// the encoder K/V in slots, key j of sentence b read from slot memory_rows[b, j] (memory_rows (B, S)), src_lengths
-// (B,), the N rows being B sentences × N/B beams. kernel: the linears' kernel (int8_linear's or bf16_linear's, the one
-// the Python layers use, so that both agree). Returns the last layer's output (N, D).
+// in the same order, as pyengine.model.transformer.DecoderLayer with int8, bf16 or float32 linears (the linear methods'
+// own kernels) or PyTorch's float32 ones (FloatLinear's), without a Python call per op. x (N, D) float32; cache (L, 2,
+// P, H, T_max, Dh) the indirect KV cache: row r writes this step's K/V into physical row write_rows[r] at positions[r]
+// and reads key j < positions[r] + 1 from physical row rows[r, j] (rows (N, T), T = max position + 1); memory (L, 2,
+// P', H, S, Dh) the encoder K/V in slots, key j of sentence b read from slot memory_rows[b, j] (memory_rows (B, S)),
+// src_lengths (B,), the N rows being B sentences × N/B beams. kernel: the linears' kernel (int8_linear's, bf16_linear's
+// or f32_linear's, the one the Python layers use, so that both agree). Returns the last layer's output (N, D).
 at::Tensor decoder_step(const std::vector<DecoderLayer>& layers, const at::Tensor& x, const at::Tensor& cache,
                         const at::Tensor& positions, const at::Tensor& write_rows, const at::Tensor& rows,
                         const at::Tensor& memory, const at::Tensor& memory_rows, const at::Tensor& src_lengths,

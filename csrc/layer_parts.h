@@ -4,6 +4,7 @@
 // the Python layers run.
 #include "bf16_gemm.h"
 #include "decoder_step.h"
+#include "f32_gemm.h"
 #include "int8_gemm.h"
 #include "layer_norm.h"
 
@@ -12,13 +13,15 @@
 
 namespace pyengine {
 
-// act(x·Wᵀ + b) into `out` with the weight's own kernel (int8_linear or bf16_linear).
+// act(x·Wᵀ + b) into `out` with the weight's own kernel (int8_linear, bf16_linear or f32_linear; FloatLinear's).
 inline void linear_into(const at::Tensor& x, const StepWeight& weight, const at::Tensor& out, const std::string& kernel,
                         const std::string& activation = "none") {
   if (const auto* w = std::get_if<Int8Weight>(&weight)) {
     int8_linear(x, w->packed, w->colsum, w->scale, w->bias, w->n, out, kernel, activation);
   } else if (const auto* f = std::get_if<FloatWeight>(&weight)) {
     out.copy_(float_linear(x, *f, activation));
+  } else if (const auto* g = std::get_if<F32Weight>(&weight)) {
+    f32_linear(x, g->packed, g->bias, g->n, out, kernel, activation);
   } else {
     const auto& b = std::get<Bf16Weight>(weight);
     bf16_linear(x, b.packed, b.bias, b.n, out, kernel, activation);
