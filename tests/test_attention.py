@@ -14,9 +14,14 @@ from conftest import ARCHS, build_marian, random_sources
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def model_path(tmp_path_factory):
+    return build_marian(tmp_path_factory.mktemp("att"), **ARCHS["swish-shared"])
+
+
+@pytest.fixture(scope="module")
+def pair(model_path):
     from transformers import MarianMTModel
-    path = build_marian(tmp_path_factory.mktemp("att"), **ARCHS["swish-shared"])
+    path = model_path
     hf = MarianMTModel.from_pretrained(path, attn_implementation="eager").eval()  # sdpa returns no weights
     return pyengine.Engine.load(path), hf
 
@@ -49,6 +54,20 @@ def test_attention_of_each_hypothesis_matches_hf(pair, beam, nbest):
         for tokens, att in zip(g.tokens, g.attention):
             ours = torch.tensor(att, dtype=torch.float64).view(len(tokens), len(source))
             torch.testing.assert_close(ours, hf_attention(hf, cfg, source, tokens), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_asking_for_attention_changes_no_token_or_score(model_path, dtype):
+    """In every dtype: a step that returns attention runs the Python layers (the C++ step's operations, equal to the
+    bit) and takes its candidates from the same output layer as a plain step (the fused log-softmax + top-k where the
+    linears are pyengine's own), so the scores are the same bits."""
+    engine = pyengine.Engine.load(model_path, dtype=dtype)
+    src = random_sources(9, engine.config.src_vocab_size, seed=11)
+    for beam in (1, 4):
+        got = engine.generate(src, beam_size=beam, num_hypotheses=2 if beam > 1 else 1, max_decoding_length=14,
+                              return_attention=True)
+        plain = engine.generate(src, beam_size=beam, num_hypotheses=2 if beam > 1 else 1, max_decoding_length=14)
+        assert [(g.tokens, g.scores) for g in got] == [(p.tokens, p.scores) for p in plain]
 
 
 def test_attention_with_a_target_prefix_covers_the_prefix_tokens(pair):

@@ -117,8 +117,9 @@ class Strategy:
     def bans(self) -> list[int] | None:
         """The ids this step's choice excludes, when excluding is all the processors do (fused_bans)."""
         opts = self.opts
-        if opts.sampling or self.att is not None or \
-                (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or self.biasing(self.step):
+        # (asking for attention changes nothing here: its steps take the same fused candidates, the same bits)
+        if opts.sampling or (self.rules.forces_final_eos and self.step + 1 >= opts.max_decoding_length) or \
+                self.biasing(self.step):
             return None
         bans = fused_bans(self.step, opts, self.eos)
         return None if bans and self.rules.processors_on_logits else bans  # (the fused layer keeps them in the softmax)
