@@ -18,17 +18,21 @@ from pyengine import _C
 from pyengine.config import DecodeOptions, ModelConfig
 from pyengine.decoding import Runtime, rules_for
 from pyengine.model import Transformer, load_weights, resolve_ops
-from pyengine.model.linear import Linear, amx_available, bf16_kernels, vnni_available
+from pyengine.model import backends
 from pyengine.model.backends import CPP_ATTENTION_KEYS
+from pyengine.model.f32_linear import f32_available
+from pyengine.model.linear import FloatLinear, Linear, amx_available, bf16_kernels, vnni_available
 from pyengine.model.step import CppStack, CppStep, LayerStack, LayerStep
 from pyengine.model.transformer import Ragged
 
 KERNELS = {"int8": (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else []),
            "bf16": list(bf16_kernels())}
 CASES = [(kind, kernel) for kind, kernels in KERNELS.items() for kernel in kernels]
-# the step also runs float32 linears (FloatLinear's operations from C++): oneDNN's prepacked weight, or PyTorch's linear
-STEP_CASES = CASES + [("float32", "onednn"), ("float32", "library")]
-DTYPE = {"int8": "int8", "bf16": "bfloat16", "float32": "float32"}
+# the step also runs float32 linears: pyengine's own float32 GEMM (F32Linear, the CPU's float32 where it has AVX-512;
+# its portable loop anywhere), and FloatLinear's operations from C++ (oneDNN's prepacked weight, or PyTorch's linear)
+STEP_CASES = CASES + [("f32", k) for k in (["avx512"] if f32_available() else []) + ["portable"]] + \
+    [("float32", "onednn"), ("float32", "library")]
+DTYPE = {"int8": "int8", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
 
 
 def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, beam: int = 2) -> list[torch.Tensor]:
@@ -53,18 +57,19 @@ def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, be
 
 
 def _use_kernel(model, kind: str, kernel: str) -> None:
-    """The same packed weights run by another of pyengine's kernels of their type (they share one layout); float32:
-    the weights packed again for oneDNN or not (the step only: the encoder stays in Python)."""
+    """The same packed weights run by another of pyengine's kernels of their type (they share one layout); float32
+    (FloatLinear, float_linear_for): the weights packed again for oneDNN or not. float32 weights: the step only (the
+    encoder stays in Python)."""
     if kind == "float32":
         model.ops.linear.onednn = kernel == "onednn"
         for module in model.modules():
             if isinstance(module, Linear):  # (a FloatWeight keeps the float weight and bias it was packed from)
                 module.packed = model.ops.linear.pack(module.packed.weight, module.packed.bias)
-        model.step = CppStep(model, kind, kernel)
-        return
-    model.ops.linear.kernel = kernel
+    else:
+        model.ops.linear.kernel = kernel
     model.step = CppStep(model, kind, kernel)
-    model.encoder_stack = CppStack(model, kind, kernel)
+    if kind not in ("float32", "f32"):
+        model.encoder_stack = CppStack(model, kind, kernel)
 
 
 def _prenorm_model(kind: str, kernel: str):
@@ -73,7 +78,7 @@ def _prenorm_model(kind: str, kernel: str):
                       pad_id=1, eos_id=2, decoder_start_id=2, max_positions=64, embed_scale=math.sqrt(24),
                       normalize_before=True, encoder_final_norm=True, decoder_final_norm=True, layer_norm_eps=1e-5,
                       shared_embeddings=True, tie_output=True, final_logits_bias=False)
-    weights = "float" if kind == "float32" else kind
+    weights = "float" if kind in ("float32", "f32") else kind
     model = Transformer(cfg, resolve_ops("torch", torch.device("cpu"), weights=weights))
     gen = torch.Generator().manual_seed(4)
     state = {name: (1.0 if name.endswith("norm.weight") else 0.0) + 0.3 * torch.randn(p.shape, generator=gen)
@@ -83,8 +88,11 @@ def _prenorm_model(kind: str, kernel: str):
     return model
 
 
-def _model(arch: str, kind: str, kernel: str, tmp_path):
-    """The test's model of `arch` (a Marian shape, or pre-norm) with `kind` weights run by `kernel`."""
+def _model(arch: str, kind: str, kernel: str, tmp_path, monkeypatch):
+    """The test's model of `arch` (a Marian shape, or pre-norm) with `kind` weights run by `kernel`; float32: with
+    PyTorch's linears (FloatLinear), not the engine's own float32 GEMM."""
+    if kind == "float32":
+        monkeypatch.setattr(backends, "float_linear_for", lambda device, dtype: FloatLinear())
     if arch == "pre-norm":
         return _prenorm_model(kind, kernel)
     path = build_marian(tmp_path, **(AMX_ARCH if arch == "amx-shaped" else ARCHS[arch]))
@@ -100,7 +108,7 @@ def test_cpp_decoder_step_equals_the_python_layers(arch, kind, kernel, tmp_path,
     output at every step of a running batch is equal to the bit, post-norm (swish, relu, gelu) and pre-norm,
     with cohorts at different positions and beams reordered; with each of pyengine's kernels for the weight type
     (the AMX-shaped model's rows run AMX tiles where the kernel is amx)."""
-    model = _model(arch, kind, kernel, tmp_path)
+    model = _model(arch, kind, kernel, tmp_path, monkeypatch)
     assert isinstance(model.step, CppStep) and model.step.name == f"cpp-{kind}"
     gen = torch.Generator().manual_seed(1)
     cohorts = [[torch.randint(3, 40, (n,), generator=gen).tolist() + [model.cfg.eos_id] for n in lengths]
@@ -130,7 +138,7 @@ def test_cpp_encoder_stack_equals_the_python_layers(arch, kind, kernel, tmp_path
     """The C++ encoder stack (all layers in one call) runs the Python layers' operations in their order: a cohort of
     ragged sources (1 to 20 tokens) encodes equal to the bit, post-norm (swish, relu, gelu) and pre-norm, with each
     of pyengine's kernels for the weight type; sources past CPP_ATTENTION_KEYS tokens run the Python layers."""
-    model = _model(arch, kind, kernel, tmp_path)
+    model = _model(arch, kind, kernel, tmp_path, monkeypatch)
     assert isinstance(model.encoder_stack, CppStack) and model.encoder_stack.name == f"cpp-{kind}"
     gen = torch.Generator().manual_seed(2)
     lengths = [7, 1, 20, 4, 13]

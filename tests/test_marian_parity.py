@@ -147,7 +147,9 @@ def test_forced_eos_step_matches_hf_without_the_output_layer(pair, beam):
         assert all(len(t) == 11 for t in ours[i].tokens)  # 12 generated, the forced EOS last
         if scores is not None:
             assert torch.allclose(torch.tensor(ours[i].scores), scores[i], atol=ATOL, rtol=0), f"sentence {i}"
-    assert engine.stats.outputs == {"logits": 11, "none": 1}  # one cohort: 11 steps with logits, the last none
+    # one cohort: 11 steps with the output layer (fused with the top-k where the linears are pyengine's own), the last
+    # none
+    assert engine.stats.outputs == {engine.backends["output_layer"]: 11, "none": 1}
     assert sum(engine.stats.decoder_steps.values()) == engine.stats.steps == 11
 
 

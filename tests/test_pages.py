@@ -14,11 +14,14 @@ import pyengine
 from conftest import build_marian, random_sources
 from pyengine.errors import OptionError
 from pyengine.model import pages
+from pyengine.model.f32_linear import f32_available
 from pyengine.model.linear import Linear, amx_available, bf16_kernels, vnni_available
 
-OWN_DTYPES = (["int8"] if amx_available() or vnni_available() else []) + (["bfloat16"] if bf16_kernels() else [])
-pytestmark = pytest.mark.skipif(not OWN_DTYPES, reason="neither of pyengine's own int8 or bf16 GEMMs runs here")
-VOCAB = 6000  # with d_model 384: 2.3 MB of int8 (4.6 MB of bf16) output layer, ~5 (~10) MB of packed weights
+OWN_DTYPES = (["int8"] if amx_available() or vnni_available() else []) + (["bfloat16"] if bf16_kernels() else []) + \
+    (["float32"] if f32_available() else [])
+pytestmark = pytest.mark.skipif(not OWN_DTYPES, reason="none of pyengine's own int8, bf16 or float32 GEMMs runs here")
+# with d_model 384: 2.3 MB of int8 (4.6 MB of bf16, 9.2 MB of float32) output layer, ~5 (~10, ~20) MB of packed weights
+VOCAB = 6000
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +93,13 @@ def test_without_transparent_huge_pages_nothing_moves(model_dir, tmp_path, monke
 
 
 def test_float_weights_and_bad_option(model_dir):
-    assert pyengine.Engine.load(model_dir).backends["weight_pages"] == \
-        "default: no packed weights of pyengine's own GEMMs"
+    """float32 weights are placed where pyengine's own float32 GEMM runs them (AVX-512), else left to PyTorch."""
+    engine = pyengine.Engine.load(model_dir)
+    if f32_available():
+        assert engine.backends["weight_pages"] == "2 MiB" or engine.backends["weight_pages"].startswith("4 KiB: ")
+        assert engine.model.weight_pages.total_bytes >= 4 * VOCAB * 384  # the output layer's float32 weight at least
+    else:
+        assert engine.backends["weight_pages"] == "default: no packed weights of pyengine's own GEMMs"
     with pytest.raises(OptionError, match="huge_pages must be true or false"):
         pyengine.Engine.load(model_dir, dtype=OWN_DTYPES[0], huge_pages="yes")
 

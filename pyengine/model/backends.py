@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .. import _C
 from ..errors import BackendError, OptionError
+from .f32_linear import F32Linear, f32_available
 from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear, banned_ids
 
 SMALL_QUERY = 16  # query rows at or under which attention uses explicit matmuls instead of SDPA
@@ -213,7 +214,7 @@ def resolve_ops(backend: str, device: torch.device, dtype: torch.dtype = torch.f
             raise OptionError(f"dtype='int8' runs on the CPU with backend='torch' (asked: {backend} on {device.type})")
         return _torch_ops(Int8Linear(), cpp_add_layer_norm, cache, device, dtype)
     if backend == "torch":
-        return _torch_ops(FloatLinear(onednn_usable(device, dtype)), torch_add_layer_norm, cache, device, dtype)
+        return _torch_ops(float_linear_for(device, dtype), torch_add_layer_norm, cache, device, dtype)
     kernels = _triton_kernels(device)
     linear = TritonLinear()
     return Ops(linear, kernels.attention, kernels.add_layer_norm, kernels.log_softmax_topk, "aten", cache,
@@ -248,6 +249,14 @@ def check_device(device: torch.device) -> None:
         raise BackendError(f"device={str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     if device.type not in ("cpu", "cuda"):
         raise BackendError(f"device type {device.type!r} is not supported; use 'cpu' or 'cuda'")
+
+
+def float_linear_for(device: torch.device, dtype: torch.dtype) -> LinearMethod:
+    """float32 on a CPU with AVX-512: pyengine's own GEMM (F32Linear); other float dtypes and CPUs: PyTorch's
+    (oneDNN's prepacked layout where it has one)."""
+    if device.type == "cpu" and dtype == torch.float32 and f32_available():
+        return F32Linear()
+    return FloatLinear(onednn_usable(device, dtype))
 
 
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:

@@ -16,6 +16,7 @@ import torch
 from .. import _C
 from .backends import CPP_ATTENTION_KEYS, torch_add_layer_norm
 from .cache import KVCache, RecurrentCache
+from .f32_linear import F32Linear
 from .linear import Bf16Linear, FloatLinear, Int8Linear
 from .memory import Memory
 
@@ -103,13 +104,16 @@ class CppStack:
 
 def native_kind(model, step: bool = False) -> tuple[str, str] | None:
     """("int8" or "bf16", the kernel) where the model's linears are pyengine's own int8 or bf16 GEMM (what the C++
-    step and stack run on); for the step (`step`), also ("float32", "auto") for float32 linears on the CPU
-    (FloatLinear's operations, called from C++); None otherwise."""
+    step and stack run on); for the step (`step`), also ("f32", the kernel) for its own float32 GEMM (F32Linear) and
+    ("float32", "auto") for PyTorch's float32 linears on the CPU (FloatLinear's operations, called from C++); None
+    otherwise."""
     linear = model.ops.linear
     if isinstance(linear, Int8Linear) and linear.own_kernel:
         return "int8", linear.kernel
     if isinstance(linear, Bf16Linear) and linear.kernel != "library":
         return "bf16", linear.kernel
+    if step and isinstance(linear, F32Linear):  # (the encoder's Python layers norm as PyTorch does: float32 models')
+        return "f32", linear.kernel
     if step and type(linear) is FloatLinear and model.decoder_layers:
         weight = model.decoder_layers[0].ffn.fc1.packed.weight  # (every decoder layer has its feed-forward)
         if weight.dtype == torch.float32 and weight.device.type == "cpu":
@@ -122,6 +126,8 @@ def native_weights(kind: str, *linears) -> list:
     record)."""
     if kind == "int8":
         return [linear.packed for linear in linears]
+    if kind == "f32":
+        return [_C.F32Weight(l.packed.packed, l.packed.bias, l.packed.n) for l in linears]
     if kind == "float32":
         return [_C.FloatWeight(l.packed.weight, l.packed.onednn, l.packed.bias, l.packed.weight.shape[0])
                 for l in linears]
