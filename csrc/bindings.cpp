@@ -146,23 +146,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kv"), pybind11::arg("cache"), pybind11::arg("layer"), pybind11::arg("rows"),
         pybind11::arg("positions"));
   pybind11::class_<pyengine::EncoderLayer>(m, "EncoderLayer",
-                                           "An encoder layer's weights (Int8Weight or Bf16Weight linears) for encoder_stack.")
+                                           "An encoder layer's weights (Int8Weight, Bf16Weight or F32Weight linears) for "
+                                           "encoder_stack.")
       .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight out, pyengine::StepWeight fc1,
                              pyengine::StepWeight fc2, std::vector<at::Tensor> norms, double eps, bool pre_norm,
-                             std::string activation, int64_t heads) {
+                             std::string activation, int64_t heads, bool aten_norm) {
              TORCH_CHECK(norms.size() == 4, "EncoderLayer: four layer-norm tensors (w, b of self, ffn)");
              TORCH_CHECK(activation == "relu" || activation == "swish" || activation == "gelu",
                          "EncoderLayer: activation must be relu, swish or gelu, not ", activation);
+             TORCH_CHECK(!std::holds_alternative<pyengine::FloatWeight>(qkv),
+                         "EncoderLayer: PyTorch's float32 linears run the Python layers");
              for (const auto* w : {&out, &fc1, &fc2})
                TORCH_CHECK(w->index() == qkv.index(), "EncoderLayer: every linear must have one weight type");
-             return pyengine::EncoderLayer{qkv, out, fc1, fc2, norms[0], norms[1], norms[2], norms[3], eps, pre_norm,
-                                           activation, heads};
+             return pyengine::EncoderLayer{qkv,      out,      fc1,      fc2,        norms[0], norms[1], norms[2],
+                                           norms[3], eps,      pre_norm, activation, heads,    aten_norm};
            }),
            pybind11::arg("qkv"), pybind11::arg("out"), pybind11::arg("fc1"), pybind11::arg("fc2"),
            pybind11::arg("norms"), pybind11::arg("eps"), pybind11::arg("pre_norm"), pybind11::arg("activation"),
-           pybind11::arg("heads"));
+           pybind11::arg("heads"), pybind11::arg("aten_norm") = false);
   m.def("encoder_stack", &pyengine::encoder_stack, nogil,
-        "Every encoder layer with int8 or bf16 linears over B sentences' tokens one after the other, in C++.",
+        "Every encoder layer with int8, bf16 or float32 linears over B sentences' tokens one after the other, in C++.",
         pybind11::arg("layers"), pybind11::arg("x"), pybind11::arg("lengths"), pybind11::arg("kernel") = "auto");
   m.def("bf16_kernel_name", &pyengine::bf16_kernel_name,
         "The tile bf16_linear runs for `kernel` on this CPU: amx, avx512bf16, avx512 or portable.", pybind11::arg("kernel"));

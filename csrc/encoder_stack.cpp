@@ -54,16 +54,17 @@ at::Tensor encoder_stack(const std::vector<EncoderLayer>& layers, const at::Tens
   };
   for (const EncoderLayer& layer : layers) {
     TORCH_CHECK(layer.heads == H, "encoder_stack: every layer must have ", H, " heads");
-    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps), layer.qkv, qkv,
-                kernel);
+    const bool aten = layer.aten_norm;
+    linear_into(sublayer_input(x, h, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps, aten), layer.qkv,
+                qkv, kernel);
     move_rows(qkv, padded, 3 * D, true);
     decode_attention_into(q, k, v, lengths, scale, nullptr, out);
     move_rows(ctx, padded_ctx, D, false);
     linear_into(ctx, layer.out, y, kernel);
-    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps);
+    residual(x, y, layer.self_norm_w, layer.self_norm_b, layer.pre_norm, layer.eps, aten);
 
     feed_forward(x, h, y, f, layer.fc1, layer.fc2, layer.ffn_norm_w, layer.ffn_norm_b, layer.pre_norm, layer.eps,
-                 layer.activation, kernel);
+                 layer.activation, kernel, aten);
   }
   return x;
 }

@@ -27,11 +27,11 @@ from pyengine.model.transformer import Ragged
 
 KERNELS = {"int8": (["amx"] if amx_available() else []) + (["vnni"] if vnni_available() else []),
            "bf16": list(bf16_kernels())}
+# pyengine's own float32 GEMM (F32Linear: the CPU's float32 where it has AVX-512), its tile and its portable loop
+KERNELS["f32"] = ["avx512", "portable"] if f32_available() else []
 CASES = [(kind, kernel) for kind, kernels in KERNELS.items() for kernel in kernels]
-# the step also runs float32 linears: pyengine's own float32 GEMM (F32Linear, the CPU's float32 where it has AVX-512;
-# its portable loop anywhere), and FloatLinear's operations from C++ (oneDNN's prepacked weight, or PyTorch's linear)
-STEP_CASES = CASES + [("f32", k) for k in (["avx512"] if f32_available() else []) + ["portable"]] + \
-    [("float32", "onednn"), ("float32", "library")]
+# the step also runs PyTorch's float32 linears, FloatLinear's operations from C++ (oneDNN's prepacked weight, or not)
+STEP_CASES = CASES + [("float32", "onednn"), ("float32", "library")]
 DTYPE = {"int8": "int8", "bf16": "bfloat16", "float32": "float32", "f32": "float32"}
 
 
@@ -58,8 +58,8 @@ def _running_batch_outputs(model, cohorts: list[list[list[int]]], steps: int, be
 
 def _use_kernel(model, kind: str, kernel: str) -> None:
     """The same packed weights run by another of pyengine's kernels of their type (they share one layout); float32
-    (FloatLinear, float_linear_for): the weights packed again for oneDNN or not. float32 weights: the step only (the
-    encoder stays in Python)."""
+    (FloatLinear, float_linear_for): the weights packed again for oneDNN or not, the step only (the encoder stays in
+    Python)."""
     if kind == "float32":
         model.ops.linear.onednn = kernel == "onednn"
         for module in model.modules():
@@ -68,7 +68,7 @@ def _use_kernel(model, kind: str, kernel: str) -> None:
     else:
         model.ops.linear.kernel = kernel
     model.step = CppStep(model, kind, kernel)
-    if kind not in ("float32", "f32"):
+    if kind != "float32":
         model.encoder_stack = CppStack(model, kind, kernel)
 
 

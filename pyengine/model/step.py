@@ -83,9 +83,10 @@ class LayerStack:
 
 
 class CppStack:
-    """Every encoder layer in one C++ call (`_C.encoder_stack`) on the int8 or bf16 weights of pyengine's own GEMMs:
-    the Python layers' operations in their order, equal to the bit, without their ~30 Python calls a layer (which a
-    server's small cohorts paid about as much as for the arithmetic). Sources over CPP_ATTENTION_KEYS tokens run the
+    """Every encoder layer in one C++ call (`_C.encoder_stack`) on the int8, bf16 or float32 weights of pyengine's own
+    GEMMs: the Python layers' operations in their order (their layer norm: PyTorch's for float32 models), equal to the
+    bit, without their ~30 Python calls a layer (which a server's small cohorts paid about as much as for the
+    arithmetic). Sources over CPP_ATTENTION_KEYS tokens run the
     Python layers, whose attention is PyTorch's there."""
 
     def __init__(self, model, kind: str, kernel: str) -> None:
@@ -93,7 +94,8 @@ class CppStack:
         self.layers = [_C.EncoderLayer(
             *native_weights(kind, l.self_attn.qkv, l.self_attn.out, l.ffn.fc1, l.ffn.fc2),
             norm_tensors(l.self_attn_norm, l.ffn_norm),
-            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads) for l in model.encoder_layers]
+            l.self_attn_norm.eps, l.pre_norm, l.ffn.activation, l.self_attn.heads,
+            aten_norm=model.ops.add_layer_norm is torch_add_layer_norm) for l in model.encoder_layers]
         self.layer_stack = LayerStack()
 
     def __call__(self, model, x: torch.Tensor, ragged) -> torch.Tensor:
@@ -103,16 +105,15 @@ class CppStack:
 
 
 def native_kind(model, step: bool = False) -> tuple[str, str] | None:
-    """("int8" or "bf16", the kernel) where the model's linears are pyengine's own int8 or bf16 GEMM (what the C++
-    step and stack run on); for the step (`step`), also ("f32", the kernel) for its own float32 GEMM (F32Linear) and
-    ("float32", "auto") for PyTorch's float32 linears on the CPU (FloatLinear's operations, called from C++); None
-    otherwise."""
+    """("int8", "bf16" or "f32", the kernel) where the model's linears are pyengine's own int8, bf16 or float32 GEMM
+    (what the C++ step and stack run on); for the step (`step`), also ("float32", "auto") for PyTorch's float32 linears
+    on the CPU (FloatLinear's operations, called from C++); None otherwise."""
     linear = model.ops.linear
     if isinstance(linear, Int8Linear) and linear.own_kernel:
         return "int8", linear.kernel
     if isinstance(linear, Bf16Linear) and linear.kernel != "library":
         return "bf16", linear.kernel
-    if step and isinstance(linear, F32Linear):  # (the encoder's Python layers norm as PyTorch does: float32 models')
+    if isinstance(linear, F32Linear):
         return "f32", linear.kernel
     if step and type(linear) is FloatLinear and model.decoder_layers:
         weight = model.decoder_layers[0].ffn.fc1.packed.weight  # (every decoder layer has its feed-forward)
@@ -140,7 +141,7 @@ def norm_tensors(*norms) -> list[torch.Tensor]:
 
 
 def choose_encoder(model) -> LayerStack | CppStack:
-    """The C++ stack where the model's linears are pyengine's own int8 or bf16 GEMM (native_kind)."""
+    """The C++ stack where the model's linears are pyengine's own int8, bf16 or float32 GEMM (native_kind)."""
     native = native_kind(model)
     return LayerStack() if native is None else CppStack(model, *native)
 
