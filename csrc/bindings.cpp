@@ -146,8 +146,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("kv"), pybind11::arg("cache"), pybind11::arg("layer"), pybind11::arg("rows"),
         pybind11::arg("positions"));
   pybind11::class_<pyengine::EncoderLayer>(m, "EncoderLayer",
-                                           "An encoder layer's weights (Int8Weight, Bf16Weight or F32Weight linears) for "
-                                           "encoder_stack.")
+                                           "An encoder layer's weights (Int8Weight, Bf16Weight or F32Weight "
+                                           "linears) for encoder_stack.")
       .def(pybind11::init([](pyengine::StepWeight qkv, pyengine::StepWeight out, pyengine::StepWeight fc1,
                              pyengine::StepWeight fc2, std::vector<at::Tensor> norms, double eps, bool pre_norm,
                              std::string activation, int64_t heads, bool aten_norm) {

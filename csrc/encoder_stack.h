@@ -22,9 +22,10 @@ struct EncoderLayer {
 
 // Every encoder layer in one call over B sentences' tokens one after the other (x (T, D) float32, sentence b's
 // lengths[b] tokens after sentence b-1's: pyengine.model.transformer.Ragged's layout), in C++: the operations of
-// pyengine.model.transformer.EncoderLayer with int8, bf16 or float32 linears, in their order — GEMMs, layer norms and FFN on
-// the T tokens, the attention on them padded to the longest (decode_attention's loop, which the Python layers run
-// for sources of up to 128 tokens). kernel: the linears' kernel, as for decoder_step. Returns the last layer's (T, D).
+// pyengine.model.transformer.EncoderLayer with int8, bf16 or float32 linears, in their order — GEMMs, layer norms and
+// FFN on the T tokens, the attention on them padded to the longest (decode_attention's loop, which the Python layers
+// run for sources of up to 128 tokens). kernel: the linears' kernel, as for decoder_step. Returns the last layer's (T,
+// D).
 at::Tensor encoder_stack(const std::vector<EncoderLayer>& layers, const at::Tensor& x,
                          const std::vector<int64_t>& lengths, const std::string& kernel);
 
