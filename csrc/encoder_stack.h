@@ -24,8 +24,8 @@ struct EncoderLayer {
 // lengths[b] tokens after sentence b-1's: pyengine.model.transformer.Ragged's layout), in C++: the operations of
 // pyengine.model.transformer.EncoderLayer with int8, bf16 or float32 linears, in their order — GEMMs, layer norms and
 // FFN on the T tokens, the attention on them padded to the longest (decode_attention's loop, which the Python layers
-// run for sources of up to 128 tokens). kernel: the linears' kernel, as for decoder_step. Returns the last layer's (T,
-// D).
+// run for sources of up to 128 tokens). kernel: the linears' kernel, as for decoder_step. Returns the last layer's
+// output (T, D).
 at::Tensor encoder_stack(const std::vector<EncoderLayer>& layers, const at::Tensor& x,
                          const std::vector<int64_t>& lengths, const std::string& kernel);
 
