@@ -429,10 +429,7 @@ struct Operands {
 
 Operands prepare(const char* who, const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias,
                  int64_t n_out, const std::string& kernel, const std::string& activation) {
-  Activation act = Activation::kNone;
-  if (activation == "relu") act = Activation::kRelu;
-  else if (activation == "swish") act = Activation::kSwish;
-  else TORCH_CHECK(activation == "none", who, ": activation must be none, relu or swish, not ", activation);
+  const Activation act = gemm::activation_named(who, activation);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
               who, ": x must be a contiguous float32 (M, K) CPU tensor");
   const int64_t M = x.size(0), K = x.size(1), Kp = round_up(K, kChunk);

@@ -1,5 +1,5 @@
-// What the int8 and bf16 GEMMs share (gemm_shared.h): the activation scratch, and the fused output layer's running
-// log-sum-exp + top-k state and its merge.
+// What the int8, bf16 and float32 GEMMs share (gemm_shared.h): the activation argument, the activation scratch, and
+// the fused output layer's running log-sum-exp + top-k state and its merge.
 #include "gemm_shared.h"
 #include "vec_math.h"
 
@@ -28,6 +28,13 @@ constexpr float kLaneSlack = 16.f;
 __attribute__((target("avx512f"))) inline __m512 exp_short(__m512 x) { return exp_nonpositive_short(x); }
 #endif
 }  // namespace
+
+Activation activation_named(const char* who, const std::string& activation) {
+  if (activation == "relu") return Activation::kRelu;
+  if (activation == "swish") return Activation::kSwish;
+  TORCH_CHECK(activation == "none", who, ": activation must be none, relu or swish, not ", activation);
+  return Activation::kNone;
+}
 
 uint8_t* thread_scratch(size_t bytes) {
   struct Buffer {

@@ -1,6 +1,6 @@
 #pragma once
-// What the int8 and bf16 GEMMs share: the pass that writes y, and the output layer fused with log-softmax +
-// top-k.
+// What the int8, bf16 and float32 GEMMs share: their activation argument, the pass that writes y, and the output
+// layer fused with log-softmax + top-k.
 //
 // The fused output layer: at a decoder step
 // the output layer's logits ((rows, V) float32: 7 MB at 32 rows of a 58k vocabulary) were written to memory, then
@@ -9,11 +9,13 @@
 // it) and the k best (logit, id) so far take them in; nothing (rows, V) is written.
 #include "aten.h"
 
+#include "int8_gemm.h"  // Activation
 #include "parallel.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -32,6 +34,9 @@ constexpr int kBlockRows = 16;  // the most rows a GEMM's tile call writes
 // them before its thread prepares another.
 constexpr size_t kScratchKept = size_t{4} << 20;
 uint8_t* thread_scratch(size_t bytes);
+
+// A GEMM's `activation` argument ("none", "relu" or "swish": what its epilogue applies), or an error naming `who`.
+Activation activation_named(const char* who, const std::string& activation);
 
 // y (M, n_out) float32 (into `out` when given): run(tiles, y) computes a thread's column tiles into y (Claims: a
 // share of its own, and tiles taken from another's end when done, parallel.h), so each weight tile is streamed once.
