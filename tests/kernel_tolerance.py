@@ -3,6 +3,7 @@ twice as much as PyTorch's own computation in that precision."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 FP32_RTOL = 1e-5
 
@@ -24,3 +25,18 @@ def check(out: torch.Tensor, ref64: torch.Tensor, torch_lowp: torch.Tensor | Non
         # one rounding of the output (half an ulp at the largest magnitude) is unavoidable for any kernel
         floor = torch.finfo(out.dtype).eps * ref64.abs().max().item() / 2
         assert err <= 2 * max(base, floor), f"{what}: {out.dtype} error {err:.3g} > 2 × PyTorch's {base:.3g}"
+
+
+def check_summation_bound(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, bias: torch.Tensor,
+                          activation: str) -> None:
+    """A float32 GEMM's act(x·Wᵀ + bias) `y` against float64 `ref` = x·Wᵀ (without the bias) within `bound`, float32
+    summation's bound of it (γ_K·Σ|products|), plus the bias add's rounding and, for swish, its slope (≤ 1.1) and the
+    epilogue's own exp and divide (a few ulps)."""
+    ref = ref + bias.double()
+    bound = bound + 2.0 ** -24 * ref.abs()  # the bias add
+    if activation == "relu":
+        ref = ref.clamp(min=0)
+    elif activation == "swish":
+        ref, bound = F.silu(ref), 1.1 * bound + 1e-6 * ref.abs() + 1e-30
+    excess = (y.double() - ref).abs() - bound
+    assert (excess <= 1e-30).all(), f"max excess {excess.max().item():.3g}"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kernel_tolerance import check_summation_bound
 from pyengine import _C
 from pyengine.errors import OptionError
 from pyengine.model.f32_linear import F32Linear, F32Weight, f32_available
@@ -58,15 +59,8 @@ def test_kernels_equal_the_written_out_fma_chain(kernel, m, k, n):
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
 def test_each_kernel_within_float32_summation_of_float64(kernel, m, k, n, activation):
     x, w, b = _inputs(m, k, n, seed=3 * m + n)
-    y = _C.f32_linear(x, _C.f32_pack(w), b, n, kernel=kernel, activation=activation).double()
-    ref, bound = _float64(x, w)
-    ref = ref + b.double()
-    bound = bound + U * ref.abs()  # the bias add
-    if activation == "relu":
-        ref = ref.clamp(min=0)
-    elif activation == "swish":  # |d swish/dy| ≤ 1.1; the epilogue's own exp and divide: a few ulps of |y|
-        ref, bound = F.silu(ref), 1.1 * bound + 1e-6 * ref.abs() + 1e-30
-    assert ((y - ref).abs() <= bound + 1e-30).all(), f"max excess {((y - ref).abs() - bound).max().item():.3g}"
+    y = _C.f32_linear(x, _C.f32_pack(w), b, n, kernel=kernel, activation=activation)
+    check_summation_bound(y, *_float64(x, w), b, activation)
 
 
 def test_the_bound_rejects_a_rounded_weight():
