@@ -17,7 +17,7 @@ from .. import _C
 from ..errors import OptionError
 from .linear import FUSED_ACTIVATIONS, LinearMethod, activation, banned_ids, float_rows
 
-F32_KERNELS = ("avx512", "portable")  # the portable loop: the same FMAs, for tests and CPUs without AVX-512
+F32_KERNELS = ("avx512", "portable")  # the portable loop: the same FMAs on any CPU (the tests; engines pick avx512)
 
 
 def f32_available() -> bool:
