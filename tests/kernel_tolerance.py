@@ -40,3 +40,26 @@ def check_summation_bound(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tenso
         ref, bound = F.silu(ref), 1.1 * bound + 1e-6 * ref.abs() + 1e-30
     excess = (y.double() - ref).abs() - bound
     assert (excess <= 1e-30).all(), f"max excess {excess.max().item():.3g}"
+
+
+# shapes (m, k, n) the float32-activation GEMM tests run: one row, ragged row blocks and tiles, a long k
+GEMM_SHAPES = [(1, 64, 64), (5, 100, 70), (7, 33, 65), (16, 512, 130), (35, 96, 200), (3, 2048, 64)]
+
+
+def gemm_inputs(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (m, k) with rows of different scales, a zero row (padding) and an outlier; w (n, k); bias (n,)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 3
+    x[0] = 0.0  # a zero row (padding)
+    if m > 1:
+        x[1, 0] = 40.0  # an outlier
+    return x, torch.randn(n, k, generator=gen) * 0.1, torch.randn(n, generator=gen)
+
+
+def check_linear_layer(layer, x: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    """A packed Linear on x (9, K) against float64 `ref` (bias included) within `bound`: as (3, 3, K) rows, with relu
+    fused and with gelu (applied after the GEMM: its slope ≤ 1.2, its own rounding a few ulps)."""
+    y = layer(x.view(3, 3, x.shape[1]))
+    assert y.shape == (3, 3, ref.shape[1]) and ((y.reshape(ref.shape).double() - ref).abs() <= bound).all()
+    assert ((layer(x, act="relu").double() - ref.clamp(min=0)).abs() <= bound).all()
+    assert ((layer(x, act="gelu").double() - F.gelu(ref)).abs() <= 1.2 * bound + 1e-6 * ref.abs()).all()

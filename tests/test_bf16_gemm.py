@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_tolerance import check_summation_bound
+from kernel_tolerance import GEMM_SHAPES, check_linear_layer, check_summation_bound, gemm_inputs
 from pyengine import _C
 from pyengine.errors import OptionError
 from pyengine.model.linear import Bf16Linear, Bf16Weight, Linear, bf16_kernels
@@ -51,31 +50,21 @@ def _float64(x: torch.Tensor, w: torch.Tensor, terms: int = 2) -> tuple[torch.Te
     return a @ wb.T, bound
 
 
-def _inputs(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 3
-    x[0] = 0.0  # a zero row (padding)
-    if m > 1:
-        x[1, 0] = 40.0  # an outlier
-    return x, torch.randn(n, k, generator=gen) * 0.1, torch.randn(n, generator=gen)
-
-
-SHAPES = [(1, 64, 64), (5, 100, 70), (7, 33, 65), (16, 512, 130), (35, 96, 200), (3, 2048, 64)]
 
 
 @pytest.mark.parametrize("kernel", ORDERED)
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 def test_ordered_kernels_equal_the_written_out_order(kernel, m, k, n):
-    x, w, _ = _inputs(m, k, n, seed=m + k)
+    x, w, _ = gemm_inputs(m, k, n, seed=m + k)
     y = _C.bf16_linear(x, _C.bf16_pack(w), None, n, kernel=kernel)
     assert torch.equal(y, _ordered_reference(x, w))
 
 
 @pytest.mark.parametrize("kernel", ORDERED + [k for k in OWN if k == "amx"])
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
 def test_each_kernel_within_float32_summation_of_float64(kernel, m, k, n, activation):
-    x, w, b = _inputs(m, k, n, seed=3 * m + n)
+    x, w, b = gemm_inputs(m, k, n, seed=3 * m + n)
     y = _C.bf16_linear(x, _C.bf16_pack(w), b, n, kernel=kernel, activation=activation)
     check_summation_bound(y, *_float64(x, w), b, activation)
 
@@ -85,14 +74,14 @@ def test_calls_of_other_sizes_in_turn_leave_nothing_stale(kernel):
     """A call's split terms live in a buffer its thread reuses (gemm::thread_scratch), given back past 4 MB: calls
     that grow and shrink it in turn (600 × 1024 rows as float32 terms: 4.9 MB), each to the bit of the order."""
     for m, k, n in [(5, 100, 70), (600, 1024, 64), (1, 64, 64), (7, 33, 65), (600, 1024, 64), (3, 2048, 64)]:
-        x, w, _ = _inputs(m, k, n, seed=m + k + n)
+        x, w, _ = gemm_inputs(m, k, n, seed=m + k + n)
         assert torch.equal(_C.bf16_linear(x, _C.bf16_pack(w), None, n, kernel=kernel), _ordered_reference(x, w))
 
 
 def test_the_bound_rejects_a_one_term_gemm():
     """The check above can fail: plain bf16 activations (hi only) fall outside it on these inputs."""
-    for m, k, n in SHAPES[1:5]:  # (the first has only a zero row)
-        x, w, _ = _inputs(m, k, n, seed=m + k)
+    for m, k, n in GEMM_SHAPES[1:5]:  # (the first has only a zero row)
+        x, w, _ = gemm_inputs(m, k, n, seed=m + k)
         one, _ = _float64(x, w, terms=1)
         ref, bound = _float64(x, w)
         assert ((one - ref).abs() > bound).any(), (m, k, n)
@@ -102,7 +91,7 @@ def test_the_bound_rejects_a_one_term_gemm():
 def test_rows_are_independent_of_the_batch(kernel):
     """A row's result is the same alone or among others (so a sentence's translation does not depend on its
     batch): AMX runs at every row count."""
-    x, w, b = _inputs(40, 512, 192, seed=5)
+    x, w, b = gemm_inputs(40, 512, 192, seed=5)
     packed = _C.bf16_pack(w)
     full = _C.bf16_linear(x, packed, b, 192, kernel=kernel)
     for rows in (slice(0, 1), slice(3, 4), slice(7, 13), slice(17, 40)):
@@ -146,7 +135,7 @@ def test_packing_rounds_to_nearest_even_and_takes_bf16_weights():
 
 
 def test_out_buffer_and_empty_input():
-    x, w, b = _inputs(4, 64, 96, seed=1)
+    x, w, b = gemm_inputs(4, 64, 96, seed=1)
     packed = _C.bf16_pack(w)
     out = torch.full((4, 96), float("nan"))
     assert _C.bf16_linear(x, packed, b, 96, out=out) is not None
@@ -155,7 +144,7 @@ def test_out_buffer_and_empty_input():
 
 
 def test_bad_operands_are_named():
-    x, w, _ = _inputs(4, 64, 96, seed=1)
+    x, w, _ = gemm_inputs(4, 64, 96, seed=1)
     packed = _C.bf16_pack(w)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
         _C.bf16_linear(x.double(), packed, None, 96)
@@ -186,21 +175,15 @@ def test_kernel_choice_and_its_errors():
 def test_ops_layers_against_float64(kernel):
     """A Linear packed by Bf16Linear, and its fused activations, every kernel, within the float32 bound of float64
     math."""
-    x, w, b = _inputs(9, 96, 130, seed=4)
+    x, w, b = gemm_inputs(9, 96, 130, seed=4)
     layer = Linear(96, 130)
     layer.weight.data, layer.bias.data = w, b
     layer.pack(Bf16Linear(kernel=kernel))
     assert not hasattr(layer, "weight") and isinstance(layer.packed, Bf16Weight)  # only the bf16 copy is kept
     ref, bound = _float64(x, w)
-    ref, bound = ref + b.double(), bound + U * ref.abs() + 1e-30
-    y = layer(x.view(3, 3, 96))
-    assert y.shape == (3, 3, 130) and ((y.reshape(9, 130).double() - ref).abs() <= bound).all()
-    y = layer(x, act="relu").double()
-    assert ((y - ref.clamp(min=0)).abs() <= bound).all()
+    check_linear_layer(layer, x, ref + b.double(), bound + U * ref.abs() + 1e-30)  # + the bias add
     with pytest.raises(ValueError, match="input width 95, the layer takes 96"):
         layer(x[:, :95])
-    y = layer(x, act="gelu").double()  # applied after the GEMM
-    assert ((y - F.gelu(ref)).abs() <= 1.2 * bound + 1e-6 * ref.abs()).all()
 
 
 def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]):
@@ -215,7 +198,7 @@ def test_fused_output_candidates_against_float64(kernel, rows, k, n, top):
     """The bf16 output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math
     of the two-term scheme, banned ids out of the candidates but in the normalizer (one of them the best logit),
     ragged row blocks and last tile, several column parts (threads) merged; and the unfused path's candidates."""
-    x, w, b = _inputs(rows, k, n, seed=rows * 100 + n)
+    x, w, b = gemm_inputs(rows, k, n, seed=rows * 100 + n)
     x = x * 0.5
     packed = _C.bf16_pack(w)
     logits, _ = _float64(x, w)
@@ -231,7 +214,7 @@ def test_fused_output_candidates_against_float64(kernel, rows, k, n, top):
 
 
 def test_fused_output_candidates_refuses_bad_arguments():
-    x, w, _ = _inputs(3, 36, 70, seed=2)
+    x, w, _ = gemm_inputs(3, 36, 70, seed=2)
     packed = _C.bf16_pack(w)
     with pytest.raises(RuntimeError, match="k=70 outside \\[1, 69\\]"):
         _C.bf16_linear_log_softmax_topk(x, packed, None, 70, 70, torch.tensor([3]))

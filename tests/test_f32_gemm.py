@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_tolerance import check_summation_bound
+from kernel_tolerance import GEMM_SHAPES, check_linear_layer, check_summation_bound, gemm_inputs
 from pyengine import _C
 from pyengine.errors import OptionError
 from pyengine.model.f32_linear import F32Linear, F32Weight, f32_available
@@ -18,16 +17,6 @@ from pyengine.model.linear import Linear
 
 KERNELS = (["avx512"] if f32_available() else []) + ["portable"]
 U = 2.0 ** -24  # float32 unit roundoff
-SHAPES = [(1, 64, 64), (5, 100, 70), (7, 33, 65), (16, 512, 130), (35, 96, 200), (3, 2048, 64)]
-
-
-def _inputs(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen) * 3
-    x[0] = 0.0  # a zero row (padding)
-    if m > 1:
-        x[1, 0] = 40.0  # an outlier
-    return x, torch.randn(n, k, generator=gen) * 0.1, torch.randn(n, generator=gen)
 
 
 def _fma_chain(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -48,24 +37,24 @@ def _float64(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 def test_kernels_equal_the_written_out_fma_chain(kernel, m, k, n):
-    x, w, _ = _inputs(m, k, n, seed=m + k)
+    x, w, _ = gemm_inputs(m, k, n, seed=m + k)
     assert torch.equal(_C.f32_linear(x, _C.f32_pack(w), None, n, kernel=kernel), _fma_chain(x, w))
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
 @pytest.mark.parametrize("activation", ["none", "relu", "swish"])
 def test_each_kernel_within_float32_summation_of_float64(kernel, m, k, n, activation):
-    x, w, b = _inputs(m, k, n, seed=3 * m + n)
+    x, w, b = gemm_inputs(m, k, n, seed=3 * m + n)
     y = _C.f32_linear(x, _C.f32_pack(w), b, n, kernel=kernel, activation=activation)
     check_summation_bound(y, *_float64(x, w), b, activation)
 
 
 def test_the_bound_rejects_a_rounded_weight():
     """The check above can fail: the same GEMM on bf16-rounded weights falls outside it on these inputs."""
-    x, w, _ = _inputs(7, 512, 130, seed=5)
+    x, w, _ = gemm_inputs(7, 512, 130, seed=5)
     ref, bound = _float64(x, w)
     y = _C.f32_linear(x, _C.f32_pack(w.bfloat16().float()), None, 130).double()
     assert ((y - ref).abs() > bound).any()
@@ -74,7 +63,7 @@ def test_the_bound_rejects_a_rounded_weight():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_rows_are_independent_of_the_batch(kernel):
     """A row's result is the same bits alone, in any block of a larger batch, at any position."""
-    x, w, b = _inputs(23, 96, 130, seed=9)
+    x, w, b = gemm_inputs(23, 96, 130, seed=9)
     packed = _C.f32_pack(w)
     whole = _C.f32_linear(x, packed, b, 130, kernel=kernel)
     for i in (0, 5, 6, 22):
@@ -82,7 +71,7 @@ def test_rows_are_independent_of_the_batch(kernel):
 
 
 def test_out_buffer_empty_input_and_bad_operands():
-    x, w, b = _inputs(4, 36, 70, seed=1)
+    x, w, b = gemm_inputs(4, 36, 70, seed=1)
     packed = _C.f32_pack(w)
     out = torch.empty(4, 70)
     assert _C.f32_linear(x, packed, b, 70, out) is not None and torch.equal(out, _C.f32_linear(x, packed, b, 70))
@@ -113,17 +102,13 @@ def test_kernel_choice_and_its_errors():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_ops_layers_against_float64(kernel):
     """A Linear packed by F32Linear, and its activations (relu fused, gelu after), within the float32 bound."""
-    x, w, b = _inputs(9, 96, 130, seed=4)
+    x, w, b = gemm_inputs(9, 96, 130, seed=4)
     layer = Linear(96, 130)
     layer.weight.data, layer.bias.data = w, b
     layer.pack(F32Linear(kernel=kernel))
     assert not hasattr(layer, "weight") and isinstance(layer.packed, F32Weight)  # only the packed copy is kept
     ref, bound = _float64(x, w)
-    ref, bound = ref + b.double(), bound + U * ref.abs() + 1e-30
-    y = layer(x.view(3, 3, 96))
-    assert y.shape == (3, 3, 130) and ((y.reshape(9, 130).double() - ref).abs() <= bound).all()
-    assert ((layer(x, act="relu").double() - ref.clamp(min=0)).abs() <= bound).all()
-    assert ((layer(x, act="gelu").double() - F.gelu(ref)).abs() <= 1.2 * bound + 1e-6 * ref.abs()).all()
+    check_linear_layer(layer, x, ref + b.double(), bound + U * ref.abs() + 1e-30)  # + the bias add
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -132,7 +117,7 @@ def test_fused_output_candidates_against_float64(kernel, rows, k, n, top):
     """The output layer with log-softmax + top-k fused (the logits never written): the k best of float64 math, banned
     ids out of the candidates but in the normalizer (one of them the best logit), ragged row blocks and last tile,
     several column parts (threads) merged; and the unfused path's candidates."""
-    x, w, b = _inputs(rows, k, n, seed=rows * 100 + n)
+    x, w, b = gemm_inputs(rows, k, n, seed=rows * 100 + n)
     x = x * 0.5
     packed = _C.f32_pack(w)
     logits = _float64(x, w)[0] + b.double()
