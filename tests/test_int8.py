@@ -25,14 +25,15 @@ pytestmark = pytest.mark.skipif(not KERNELS, reason="no int8 GEMM on this machin
 
 def _quantization_bound(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
     """|x·wᵀ − x̂·ŵᵀ| ≤ Σ_k |x_k|·Δw + |w_k|·Δx + Δx·Δw, with Δw = s_w/2 (per weight row) and Δx = s_x/2:
-    per activation row (vnni) or per tensor (library), asymmetric over a range holding 0."""
+    per activation row over 255 levels (amx, vnni) or per tensor over 127 (library: reduce_range), asymmetric over
+    a range holding 0."""
     x, w = x.double(), w.double()
     _, s_w = quantize_rows(w)
     dw = s_w.double()[None, :] / 2
     if kernel in ("amx", "vnni"):
         dx = (x.amax(1, keepdim=True).clamp(min=0) - x.amin(1, keepdim=True).clamp(max=0)) / 255 / 2
     else:
-        dx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 255 / 2
+        dx = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127 / 2
     k = x.shape[1]
     return x.abs().sum(1, keepdim=True) * dw + dx * w.abs().sum(1)[None, :] + k * dx * dw
 

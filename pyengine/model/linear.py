@@ -210,8 +210,8 @@ class Int8Linear(LinearMethod):
     pyengine's own GEMM, activations quantized per row (asymmetric uint8), so a row's result does not depend on
     its batch. "amx" runs AMX tiles where the shape suits them (over 6 rows, K a multiple of 64) and the VNNI
     tile elsewhere, equal to it to the bit. kernel="library": PyTorch's dynamic quantized linear, activations
-    quantized per tensor; each weight packed for FBGEMM and oneDNN, and a call picks by its row count
-    (INT8_ONEDNN_ROWS).
+    quantized per tensor to 7 bits (reduce_range: without VNNI, 8 bits overflow the libraries' int16 pair sums);
+    each weight packed for FBGEMM and oneDNN, and a call picks by its row count (INT8_ONEDNN_ROWS).
     """
 
     def __init__(self, kernel: str | None = None) -> None:
@@ -261,7 +261,10 @@ class Int8Linear(LinearMethod):
             y = activation(self.apply(x, w), act)
         else:
             engine = "onednn" if flat.shape[0] > INT8_ONEDNN_ROWS and "onednn" in w.packs else self.engines[0]
-            y = torch.ops.quantized.linear_dynamic(flat, w.packs[engine], False).view(*x.shape[:-1], w.n)
+            # reduce_range: 7-bit activations, as PyTorch's default on x86. Without VNNI (the CPUs this path is for)
+            # FBGEMM and oneDNN add uint8 × int8 products in pairs into int16, which 8-bit activations overflow:
+            # oneDNN's AVX2 GEMM then ran 2.8x over the quantization error bound (tests/test_cpu_isa.py runs it)
+            y = torch.ops.quantized.linear_dynamic(flat, w.packs[engine], True).view(*x.shape[:-1], w.n)
             if act != "none":
                 y = activation(y, act)
         return y if out is None else out.copy_(y.view(out.shape))
