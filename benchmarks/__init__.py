@@ -9,6 +9,17 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# A run as on a CPU with less than this one (benchmarks.compare --as-cpu, tests/test_cpu_isa.py): what each library
+# reads to cap the instructions it uses. pyengine's C++ kernels (avx2: its portable loops, as a CPU without AVX-512
+# runs them), PyTorch's (ATen's dispatch, oneDNN, MKL) and CTranslate2's. FBGEMM has no such switch: it keeps this
+# CPU's best (VNNI where there is VNNI).
+AS_CPU = {
+    "avx2": {"PYENGINE_MAX_CPU_ISA": "portable", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2", "CT2_FORCE_CPU_ISA": "AVX2"},
+    "avx512": {"PYENGINE_MAX_CPU_ISA": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512", "CT2_FORCE_CPU_ISA": "AVX512"},
+}
+
 
 def write_results(kind: str, report: dict) -> Path:
     """benchmarks/results/<kind>-<yyyymmdd-hhmmss>.json, printed as written."""

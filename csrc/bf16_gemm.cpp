@@ -20,6 +20,7 @@
 // result does not depend on its batch. bf16 subnormals (which AMX reads as zero) are flushed to zero when the
 // weights are packed and the activations split.
 #include "bf16_gemm.h"
+#include "cpu_features.h"
 #include "float_tile.h"
 #include "gemm_shared.h"
 #include "vec_math.h"
@@ -32,9 +33,6 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
-#endif
 
 namespace pyengine {
 
@@ -362,35 +360,6 @@ Kernel pick_kernel(const char* who, const std::string& kernel) {
 }
 
 }  // namespace
-
-bool avx512_available() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-bool avx512_bf16_available() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return avx512_available() && __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-bool amx_bf16_available() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool available = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1)) return false;  // AMX-BF16
-    return amx_available();  // AMX-TILE, the OS's tile state and this process's permission (asked there)
-  }();
-  return available;
-#else
-  return false;
-#endif
-}
 
 std::string bf16_kernel_name(const std::string& kernel) {
   return pick_kernel("bf16_kernel_name", kernel).name;

@@ -8,15 +8,6 @@
 
 namespace pyengine {
 
-// True when this CPU has AMX-BF16 and the OS grants this process the tile state.
-bool amx_bf16_available();
-
-// True when this CPU has AVX-512 (F, BW), which the bf16 GEMM's register tile needs.
-bool avx512_available();
-
-// True when it also has AVX512-BF16 (VDPBF16PS), which the faster register tile runs.
-bool avx512_bf16_available();
-
 // Pack weights w (N, K) (float32 or bfloat16; float32 is rounded to bfloat16, to nearest even) for bf16_linear:
 // (ceil(N/64), ceil(K/32)·32·64) bfloat16, in 64-column tiles of k pairs (K is known to its padding only:
 // the callers check an x against the layer's own width).

@@ -4,6 +4,7 @@
 
 #include "beam_search.h"
 #include "bf16_gemm.h"
+#include "cpu_features.h"
 #include "decode_attention.h"
 #include "decoder_step.h"
 #include "embedding.h"
@@ -16,7 +17,8 @@
 
 namespace pyengine {
 
-// Which optional parts were compiled in, so Python can report backends without guessing.
+// What this build contains and which CPU features its kernels use here (cpu_features.h), so Python reports
+// backends without guessing.
 pybind11::dict build_info() {
   pybind11::dict info;
   info["torch_version"] = TORCH_VERSION;
@@ -25,6 +27,9 @@ pybind11::dict build_info() {
   info["amx_bf16"] = amx_bf16_available();
   info["avx512"] = avx512_available();
   info["avx512_bf16"] = avx512_bf16_available();
+  info["cpu_isa"] = cpu_isa();          // the highest level the kernels use here
+  info["cpu_isa_cap"] = cpu_isa_cap();  // PYENGINE_MAX_CPU_ISA ("" when unset)
+  info["cpu_isa_error"] = cpu_isa_error();  // why that cap cannot be used ("" when it can)
   return info;
 }
 

@@ -6,6 +6,7 @@
 // K/V may be float32 or bfloat16 (half the bytes: these loops are bound by reading K/V); rows are widened
 // to float32 as they are read (once per task when several query rows share them), all arithmetic is float32.
 #include "decode_attention.h"
+#include "cpu_features.h"
 #include "parallel.h"
 #include "vec_math.h"
 
@@ -316,7 +317,7 @@ __attribute__((target("avx512f"))) void task_registers(const float* const* q, co
 
 template <typename T>
 TaskFn<T> register_task(int64_t head_dim) {
-  if (!__builtin_cpu_supports("avx512f")) return nullptr;
+  if (!avx512_available()) return nullptr;
   switch (head_dim) {
     case 32: return task_registers<T, 2>;
     case 64: return task_registers<T, 4>;
@@ -341,7 +342,7 @@ struct Kernels {
 
 Kernels pick_kernels() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx512f")) return {dot_avx512, axpy_avx512, widen_avx512};
+  if (avx512_available()) return {dot_avx512, axpy_avx512, widen_avx512};
 #endif
   return {dot_portable, axpy_portable, widen_portable};
 }

@@ -7,6 +7,7 @@
 // weights: 3.9 -> 3.6 ms). Every operation is the one the Python layers run with the same linear method, in the
 // same order (tested equal to them, to the bit).
 #include "decoder_step.h"
+#include "cpu_features.h"
 
 #include "decode_attention.h"
 #include "bf16_gemm.h"
@@ -50,7 +51,7 @@ __attribute__((target("avx512f"))) void to_bf16_avx512(const float* src, uint16_
 using ToBf16Fn = void (*)(const float*, uint16_t*, int64_t);
 ToBf16Fn pick_to_bf16() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx512f")) return to_bf16_avx512;
+  if (avx512_available()) return to_bf16_avx512;
 #endif
   return to_bf16_portable;
 }

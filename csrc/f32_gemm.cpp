@@ -8,7 +8,7 @@
 // The AVX-512 tile and the portable loop compute the same FMAs in the same order: equal to the bit (but for swish's
 // exp).
 #include "f32_gemm.h"
-#include "bf16_gemm.h"  // avx512_available
+#include "cpu_features.h"
 #include "float_tile.h"
 #include "gemm_shared.h"
 

@@ -1,6 +1,7 @@
 // What the int8, bf16 and float32 GEMMs share (gemm_shared.h): the activation argument, the activation scratch, and
 // the fused output layer's running log-sum-exp + top-k state and its merge.
 #include "gemm_shared.h"
+#include "cpu_features.h"
 #include "vec_math.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -270,7 +271,7 @@ void merge_row(const LaneSums& lanes, const std::vector<TopKState>& states, int6
 
 AbsorbFn pick_absorb(bool vectorized) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (vectorized && __builtin_cpu_supports("avx512f")) return absorb_avx512;
+  if (vectorized && avx512_available()) return absorb_avx512;
 #endif
   return absorb_portable;
 }
@@ -279,7 +280,7 @@ void merge_rows(const LaneSums& lanes, const std::vector<TopKState>& states, int
                 int64_t* ids, bool vectorized) {
   const int64_t k = states.front().k;
 #if defined(__x86_64__) && defined(__GNUC__)
-  vectorized = vectorized && __builtin_cpu_supports("avx512f");
+  vectorized = vectorized && avx512_available();
 #endif
   std::vector<int64_t> heads(states.size());
   for (int64_t row = 0; row < rows; ++row)

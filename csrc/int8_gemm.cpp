@@ -12,6 +12,7 @@
 // (Symmetric activations, CTranslate2's choice, leave half the levels unused after ReLU/swish: measured to
 // flip more translations of the test models than the libraries' per-tensor asymmetric rule.)
 #include "int8_gemm.h"
+#include "cpu_features.h"
 #include "gemm_shared.h"
 #include "vec_math.h"
 
@@ -24,13 +25,6 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <cpuid.h>
-#endif
-#if defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 namespace pyengine {
 
@@ -326,35 +320,6 @@ void quantize_rows_u8(const Kernels& kern, const float* x, int64_t M, int64_t K,
 }
 
 }  // namespace
-
-bool vnni_available() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
-
-bool amx_available() {
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-  static const bool available = [] {
-    if (!vnni_available()) return false;
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
-    unsigned lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if (((lo >> 17) & 3) != 3) return false;  // the OS saves tile state (XTILECFG, XTILEDATA)
-    // Linux hands out the tile data state on request only (once per process; oneDNN asks the same)
-    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return available;
-#else
-  return false;
-#endif
-}
 
 std::string int8_kernel_name(const std::string& kernel, int64_t rows, int64_t k) {
   return pick_kernels("int8_kernel_name", kernel, rows, round_up(k, 4)).name;

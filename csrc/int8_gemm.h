@@ -6,12 +6,6 @@
 
 namespace pyengine {
 
-// True when this CPU has AVX512-VNNI (and AVX512F/BW), which the fast int8 tile needs.
-bool vnni_available();
-
-// True when this CPU has AMX-INT8 and the OS grants this process the tile state (asked once, on first call).
-bool amx_available();
-
 // Pack int8 weights q (N, K) (symmetric per output row, pyengine.quant) for int8_linear:
 // returns {packed (ceil(N/64), ceil(K/4)·4·64) int8, column sums (ceil(N/64)·64,) int32}.
 std::vector<at::Tensor> int8_pack(const at::Tensor& q);

@@ -6,6 +6,7 @@
 // Arithmetic: float32, two passes (mean, then the squared deviations: no cancellation), 16 lanes with the
 // tail masked, so every row is computed alike whatever its address (results do not depend on alignment).
 #include "layer_norm.h"
+#include "cpu_features.h"
 
 #include <ATen/Parallel.h>
 
@@ -73,7 +74,7 @@ __attribute__((target("avx512f"))) void row_avx512(const float* x, const float* 
 
 RowFn pick_row(bool portable) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (!portable && __builtin_cpu_supports("avx512f")) return row_avx512;
+  if (!portable && avx512_available()) return row_avx512;
 #endif
   return row_portable;
 }

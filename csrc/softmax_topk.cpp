@@ -3,6 +3,7 @@
 // maxima of 128-wide chunks; the k best values lie in the k chunks with the highest maxima, so only k·128
 // values are ranked.
 #include "softmax_topk.h"
+#include "cpu_features.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -70,7 +71,7 @@ struct Kernels {
 
 Kernels pick_kernels() {
 #ifdef PYENGINE_AVX512
-  if (__builtin_cpu_supports("avx512f")) return {max_avx512, sum_exp_avx512};
+  if (avx512_available()) return {max_avx512, sum_exp_avx512};
 #endif
   return {max_portable, sum_exp_portable};
 }

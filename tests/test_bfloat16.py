@@ -114,13 +114,20 @@ def test_bf16_on_bf16_weights_is_float32(bf16_weights_dir):
 
 
 def test_bf16_batch_invariance(model_dir):
-    """A sentence's bf16 translation does not depend on the batch it is in (the GEMM's rows are independent)."""
+    """A sentence's bf16 translation does not depend on the batch it is in: to the bit on pyengine's own GEMM (its rows
+    are independent); on PyTorch's float32 GEMM (CPUs without AVX-512), whose blocking follows the row count, the
+    tokens, with scores within float32 rounding."""
     engine = pyengine.Engine.load(model_dir, dtype="bfloat16")
+    own = engine.backends["linear"] != "torch-bf16-library"
     src = random_sources(12, engine.config.src_vocab_size, seed=31)
     batch = engine.generate(src, beam_size=2, max_decoding_length=10)
     for i in (0, 5, 11):
         alone = engine.generate([src[i]], beam_size=2, max_decoding_length=10)[0]
-        assert alone.tokens == batch[i].tokens and alone.scores == batch[i].scores
+        assert alone.tokens == batch[i].tokens
+        if own:
+            assert alone.scores == batch[i].scores
+        else:
+            torch.testing.assert_close(torch.tensor(alone.scores), torch.tensor(batch[i].scores), rtol=0, atol=1e-4)
 
 
 def test_auto_dtype_is_bf16_where_the_cpu_has_amx_bf16(monkeypatch):

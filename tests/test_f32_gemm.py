@@ -94,7 +94,11 @@ def test_out_buffer_empty_input_and_bad_operands():
 
 def test_kernel_choice_and_its_errors():
     assert _C.f32_kernel_name("auto") == KERNELS[0] and _C.f32_kernel_name("portable") == "portable"
-    assert F32Linear().name == "f32-avx512"
+    if f32_available():
+        assert F32Linear().name == "f32-avx512"
+    else:  # (engines without AVX-512 run PyTorch's float32 instead: backends.float_linear_for)
+        with pytest.raises(OptionError, match="'avx512' kernel needs a CPU with AVX-512"):
+            F32Linear()
     with pytest.raises(OptionError, match="unknown float32 kernel"):
         F32Linear(kernel="vnni")
 

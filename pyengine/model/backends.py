@@ -236,7 +236,15 @@ def _torch_ops(linear: LinearMethod, norm: Callable, cache: torch.dtype, device:
                {"attention": "torch", "add_layer_norm": "cpp" if norm is cpp_add_layer_norm else "torch",
                 "linear": linear.name,
                 "linear_act": linear.activation_name, "log_softmax_topk": topk_name, "beam_step": beam_step,
-                "write_kv": write_name, "embed_rows": "torch" if embed is None else "cpp"}, embed)
+                "write_kv": write_name, "embed_rows": "torch" if embed is None else "cpp",
+                **({"cpu_isa": cpu_isa()} if cpu else {})}, embed)
+
+
+def cpu_isa() -> str:
+    """What the C++ kernels use of this CPU (csrc/cpu_features.h: portable, avx512, avx512_vnni, avx512_bf16 or amx),
+    and the PYENGINE_MAX_CPU_ISA cap below what the CPU has, when one is set."""
+    info = _C.build_info()
+    return info["cpu_isa"] + (f" (PYENGINE_MAX_CPU_ISA={info['cpu_isa_cap']})" if info["cpu_isa_cap"] else "")
 
 
 def check_device(device: torch.device) -> None:
