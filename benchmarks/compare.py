@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import AS_CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -275,8 +277,14 @@ def main(argv=None) -> int:
     ap.add_argument("--systems", nargs="*", default=None, help="default: the device's systems")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", type=Path, default=RESULTS, help="where the results JSON is written")
+    ap.add_argument("--as-cpu", choices=sorted(AS_CPU), default=None,
+                    help="every system (and the floor) capped as on a CPU with only these instructions (AS_CPU)")
     ap.add_argument("--worker", nargs=2, metavar=("SYSTEM", "CASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    caps = AS_CPU.get(args.as_cpu, {})
+    if any(os.environ.get(name) != value for name, value in caps.items()):  # the libraries read them at load
+        given = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.compare", *given], {**os.environ, **caps})
     if args.worker:
         print(json.dumps(worker(*args.worker, args.threads, args.repeats, args.device)))
         return 0
@@ -331,8 +339,10 @@ def summarize(runs, checks, floor, args) -> dict:
                      "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
                      "runs": secs})
     from benchmarks import cpu_name
-    return {"machine": {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version(),
-                        "device": args.device, **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
+    machine = {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version(), "device": args.device}
+    if args.as_cpu:
+        machine.update(as_cpu=args.as_cpu, caps=AS_CPU[args.as_cpu])
+    return {"machine": {**machine, **floor}, "cases": {c: CASES[c] for c in args.cases}, "results": rows}
 
 
 def print_table(report: dict) -> None:
@@ -343,7 +353,9 @@ def print_table(report: dict) -> None:
               f"{m['fp16_matmul_tflops']:.0f} TFLOP/s, bf16 {m['bf16_matmul_tflops']:.0f}, copy {m['copy_gb_s']:.0f} GB/s")
     else:
         int8 = f", int8 GEMM {m['int8_matmul_tflops']:.2f} TFLOP/s" if "int8_matmul_tflops" in m else ""
-        print(f"\nCPU: {m['cpu']}, {m['threads']} threads. Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
+        capped = f" as a CPU with {m['as_cpu']} only ({m['caps']})" if m.get("as_cpu") else ""
+        print(f"\nCPU: {m['cpu']}{capped}, {m['threads']} threads. "
+              f"Floor: fp32 matmul {m['fp32_matmul_tflops']:.2f} TFLOP/s, "
               f"bf16 matmul {m['bf16_matmul_tflops']:.2f} TFLOP/s{int8}, copy {m['copy_gb_s']:.0f} GB/s")
     baselines = BASELINES[device]
     by = {(r["system"], r["case"]): r for r in report["results"]}

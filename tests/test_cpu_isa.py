@@ -98,3 +98,23 @@ def test_kernel_and_engine_tests_pass_as_on_a_cpu_with_less(cpu):
     assert run.returncode == 0, run.stdout[-6000:]
     passed = int(re.search(r"(\d+) passed", summary).group(1))
     assert passed >= 100, summary  # (not a run that skipped its way to green)
+
+
+def test_compare_as_a_cpu_with_less_runs_itself_capped(monkeypatch):
+    """benchmarks.compare --as-cpu starts itself again with AS_CPU's caps (the libraries read them when they load), so
+    the floor and every system's worker run capped alike."""
+    from benchmarks import compare
+    for name in AS_CPU["avx2"]:
+        monkeypatch.delenv(name, raising=False)
+    calls = []
+
+    def execve(path, argv, env):  # (the real one replaces the process: it never returns)
+        calls.append((argv, env))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(compare.os, "execve", execve)
+    with pytest.raises(SystemExit):
+        compare.main(["--as-cpu", "avx2", "--cases", "greedy_b1"])
+    (argv, env), = calls
+    assert argv[1:] == ["-m", "benchmarks.compare", "--as-cpu", "avx2", "--cases", "greedy_b1"]
+    assert all(env[name] == value for name, value in AS_CPU["avx2"].items())
