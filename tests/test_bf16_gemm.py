@@ -174,16 +174,24 @@ def test_kernel_choice_and_its_errors():
 @pytest.mark.parametrize("kernel", OWN + ["library"])
 def test_ops_layers_against_float64(kernel):
     """A Linear packed by Bf16Linear, and its fused activations, every kernel, within the float32 bound of float64
-    math."""
+    math: of the two-term scheme on pyengine's GEMM; of float32 activations on the library path (CPUs without
+    AVX-512: float32's GEMM on the bf16-rounded weight)."""
     x, w, b = gemm_inputs(9, 96, 130, seed=4)
     layer = Linear(96, 130)
     layer.weight.data, layer.bias.data = w, b
     layer.pack(Bf16Linear(kernel=kernel))
-    assert not hasattr(layer, "weight") and isinstance(layer.packed, Bf16Weight)  # only the bf16 copy is kept
-    ref, bound = _float64(x, w)
+    assert not hasattr(layer, "weight")  # the float parameters released
+    if kernel == "library":
+        assert torch.equal(layer.packed.weight, w.bfloat16().float())  # the rounded weight, float32 in memory
+        wb = w.bfloat16().double()
+        ref, bound = x.double() @ wb.T, 96 * U / (1 - 96 * U) * (x.double().abs() @ wb.abs().T)
+    else:
+        assert isinstance(layer.packed, Bf16Weight)  # only the bf16 copy is kept
+        ref, bound = _float64(x, w)
     check_linear_layer(layer, x, ref + b.double(), bound + U * ref.abs() + 1e-30)  # + the bias add
-    with pytest.raises(ValueError, match="input width 95, the layer takes 96"):
-        layer(x[:, :95])
+    if kernel != "library":
+        with pytest.raises(ValueError, match="input width 95, the layer takes 96"):
+            layer(x[:, :95])
 
 
 def _candidates_reference(logits: torch.Tensor, k: int, banned: list[int]):

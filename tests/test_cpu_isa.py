@@ -73,8 +73,9 @@ def test_a_cap_turns_off_the_features_above_it_and_engines_say_so(cpu):
         assert out[dtype]["text"][0] == "Öffnet die Datei.", out[dtype]  # (the README's example, every path)
     if info["avx512"]:  # (cap avx512 on an AVX-512 CPU: the float32 GEMM and the bf16 FMA tile, no VNNI)
         assert out["float32"]["linear"] == "f32-avx512" and out["bfloat16"]["linear"] == "torch-bf16-avx512"
-    else:  # no AVX-512: PyTorch's float32 (called from the C++ step) and GEMMs on the bf16-rounded weights
-        assert out["float32"]["decoder_step"] == "cpp-float32" and out["bfloat16"]["linear"] == "torch-bf16-library"
+    else:  # no AVX-512: PyTorch's float32, called from the C++ step (bf16: on the bf16-rounded weights)
+        assert out["float32"]["decoder_step"] == out["bfloat16"]["decoder_step"] == "cpp-float32"
+        assert out["bfloat16"]["linear"] == "torch-bf16-library"
     assert out["int8"]["linear"].startswith("torch-int8-") and out["int8"]["decoder_step"] == "python-layers"
 
 

@@ -59,7 +59,7 @@ class FloatWeight:
 
 @dataclass(frozen=True)
 class Bf16Weight:
-    """bfloat16 weight packed for csrc/bf16_gemm.cpp (or bf16-rounded float32 for the library path)."""
+    """bfloat16 weight packed for csrc/bf16_gemm.cpp (the library path holds FloatLinear's record instead)."""
 
     packed: torch.Tensor
     bias: torch.Tensor | None
@@ -291,7 +291,9 @@ class Bf16Linear(LinearMethod):
     it as two bf16 terms (hi = bf16(x), lo = bf16(x − hi)) whose products with the bf16 weight are exact, summed
     in float32 (csrc/bf16_gemm.cpp). kernel: "amx" (AMX-BF16), "avx512bf16" (a VDPBF16PS register tile),
     "avx512" (an FMA register tile, any AVX-512 CPU; equal to avx512bf16 to the bit),
-    or "library" (CPUs without AVX-512: the same terms through PyTorch's float32 GEMM on the bf16-rounded weight).
+    or "library" (CPUs without AVX-512: float32, FloatLinear's GEMM and C++ step, on the bf16-rounded weight — no
+    memory saved, and on a model stored in bf16 exactly float32's arithmetic; its own two-term split through
+    PyTorch's GEMM ran at half float32's speed).
     """
 
     def __init__(self, kernel: str | None = None) -> None:
@@ -305,14 +307,14 @@ class Bf16Linear(LinearMethod):
             raise OptionError(f"the bf16 {self.kernel!r} kernel needs a CPU with {needs[self.kernel]}")
         self.fuses_topk = self.kernel != "library"
         self.name = f"torch-bf16-{self.kernel}"
+        # (no own kernel: float32 on the rounded weight, oneDNN's prepacked GEMM as float32 models run it)
+        self.library = FloatLinear(torch.backends.mkldnn.is_available()) if self.kernel == "library" else None
 
-    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Weight:
+    def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Weight | FloatWeight:
         bias = None if bias is None else bias.float().contiguous()
-        if self.kernel == "library":
-            packed = weight.detach().bfloat16().float()
-        else:
-            packed = _C.bf16_pack(weight.detach())
-        return Bf16Weight(packed, bias, weight.shape[0], weight.shape[1])
+        if self.library is not None:
+            return self.library.pack(weight.detach().bfloat16().float().contiguous(), bias)
+        return Bf16Weight(_C.bf16_pack(weight.detach()), bias, weight.shape[0], weight.shape[1])
 
     def packed_tensor(self, w: Bf16Weight) -> torch.Tensor | None:
         return w.packed if self.kernel != "library" else None
@@ -321,16 +323,11 @@ class Bf16Linear(LinearMethod):
         return dataclasses.replace(w, packed=packed)
 
     def apply(self, x: torch.Tensor, w: Bf16Weight, out: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
+        if self.library is not None:
+            return self.library.apply(x, w, out, act)
         if x.shape[-1] != w.k:  # the packed weight knows K only to its padding
             raise ValueError(f"linear: input width {x.shape[-1]}, the layer takes {w.k}")
         flat = float_rows(x)
-        if self.kernel == "library":
-            hi = flat.bfloat16()
-            y = F.linear(hi.float() + (flat - hi.float()).bfloat16().float(), w.packed, w.bias)
-            y = y.view(*x.shape[:-1], w.n)
-            if act != "none":
-                y = activation(y, act)
-            return y if out is None else out.copy_(y.view(out.shape))
         if act != "none" and act not in FUSED_ACTIVATIONS:  # gelu: after the GEMM
             y = activation(self.apply(x, w), act)
             return y if out is None else out.copy_(y.view(out.shape))

@@ -107,7 +107,7 @@ class CppStack:
 def native_kind(model, step: bool = False) -> tuple[str, str] | None:
     """("int8", "bf16" or "f32", the kernel) where the model's linears are pyengine's own int8, bf16 or float32 GEMM
     (what the C++ step and stack run on); for the step (`step`), also ("float32", "auto") for PyTorch's float32 linears
-    on the CPU (FloatLinear's operations, called from C++); None otherwise."""
+    on the CPU (FloatLinear's operations, called from C++; bf16's too, without AVX-512); None otherwise."""
     linear = model.ops.linear
     if isinstance(linear, Int8Linear) and linear.own_kernel:
         return "int8", linear.kernel
@@ -115,6 +115,8 @@ def native_kind(model, step: bool = False) -> tuple[str, str] | None:
         return "bf16", linear.kernel
     if isinstance(linear, F32Linear):
         return "f32", linear.kernel
+    if isinstance(linear, Bf16Linear) and linear.library is not None:  # (no AVX-512: float32 on the rounded weight)
+        linear = linear.library
     if step and type(linear) is FloatLinear and model.decoder_layers:
         weight = model.decoder_layers[0].ffn.fc1.packed.weight  # (every decoder layer has its feed-forward)
         if weight.dtype == torch.float32 and weight.device.type == "cpu":
