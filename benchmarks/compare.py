@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import AS_CPU
+from benchmarks import AS_CPU, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / ".cache"
@@ -338,7 +338,6 @@ def summarize(runs, checks, floor, args) -> dict:
                      "floor_fraction": None if peak is None else ideal / median,
                      "target_lengths": [checks[(system, case)]["min_len"], checks[(system, case)]["max_len"]],
                      "runs": secs})
-    from benchmarks import cpu_name
     machine = {"cpu": cpu_name(), "threads": args.threads, "python": platform.python_version(), "device": args.device}
     if args.as_cpu:
         machine.update(as_cpu=args.as_cpu, caps=AS_CPU[args.as_cpu])

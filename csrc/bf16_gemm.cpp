@@ -33,7 +33,6 @@
 #include <cstring>
 #include <limits>
 
-
 namespace pyengine {
 
 namespace {

@@ -25,7 +25,6 @@
 #include <tuple>
 #include <vector>
 
-
 namespace pyengine {
 
 namespace {

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import _C
 from ..errors import BackendError, OptionError
 from .f32_linear import F32Linear, f32_available
-from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear, banned_ids
+from .linear import Bf16Linear, FloatLinear, Int8Linear, LinearMethod, TritonLinear, banned_ids, onednn_usable
 
 SMALL_QUERY = 16  # query rows at or under which attention uses explicit matmuls instead of SDPA
 CPP_KV_DTYPES = (torch.float32, torch.bfloat16)  # K/V dtypes the fused C++ step attention reads
@@ -265,15 +265,6 @@ def float_linear_for(device: torch.device, dtype: torch.dtype) -> LinearMethod:
     if device.type == "cpu" and dtype == torch.float32 and f32_available():
         return F32Linear()
     return FloatLinear(onednn_usable(device, dtype))
-
-
-def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Prepacked oneDNN linears: CPU, float32, or bfloat16 where oneDNN has a native bf16 path."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _triton_kernels(device: torch.device) -> TritonKernels:

@@ -127,6 +127,15 @@ class LinearMethod:
         raise NotImplementedError
 
 
+def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Prepacked oneDNN linears: CPU, float32, or bfloat16 where oneDNN has a native bf16 path."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class FloatLinear(LinearMethod):
     """PyTorch's GEMM in the model's dtype. With `onednn`, each weight is also reordered once into oneDNN's
     blocked layout and run by `mkldnn._linear_pointwise` (activation fused), the path Inductor uses on CPU:
@@ -307,8 +316,9 @@ class Bf16Linear(LinearMethod):
             raise OptionError(f"the bf16 {self.kernel!r} kernel needs a CPU with {needs[self.kernel]}")
         self.fuses_topk = self.kernel != "library"
         self.name = f"torch-bf16-{self.kernel}"
-        # (no own kernel: float32 on the rounded weight, oneDNN's prepacked GEMM as float32 models run it)
-        self.library = FloatLinear(torch.backends.mkldnn.is_available()) if self.kernel == "library" else None
+        # (no own kernel: float32 on the rounded weight, FloatLinear as float32 models run it on the CPU)
+        self.library = FloatLinear(onednn_usable(torch.device("cpu"), torch.float32)) if self.kernel == "library" \
+            else None
 
     def pack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Weight | FloatWeight:
         bias = None if bias is None else bias.float().contiguous()
@@ -322,11 +332,13 @@ class Bf16Linear(LinearMethod):
     def with_packed(self, w: Bf16Weight, packed: torch.Tensor) -> Bf16Weight:
         return dataclasses.replace(w, packed=packed)
 
-    def apply(self, x: torch.Tensor, w: Bf16Weight, out: torch.Tensor | None = None, act: str = "none") -> torch.Tensor:
+    def apply(self, x: torch.Tensor, w: Bf16Weight | FloatWeight, out: torch.Tensor | None = None,
+              act: str = "none") -> torch.Tensor:
+        k = w.weight.shape[1] if self.library is not None else w.k  # (packed, the weight knows K only to its padding)
+        if x.shape[-1] != k:
+            raise ValueError(f"linear: input width {x.shape[-1]}, the layer takes {k}")
         if self.library is not None:
             return self.library.apply(x, w, out, act)
-        if x.shape[-1] != w.k:  # the packed weight knows K only to its padding
-            raise ValueError(f"linear: input width {x.shape[-1]}, the layer takes {w.k}")
         flat = float_rows(x)
         if act != "none" and act not in FUSED_ACTIVATIONS:  # gelu: after the GEMM
             y = activation(self.apply(x, w), act)
